@@ -1,0 +1,182 @@
+"""Which worker gets a connection: the ``Balancer`` contract and the built-in strategies.
+
+The master calls ``pick(client, workers)`` once for every accepted connection and
+hands the connection to the slot it returns. ``workers`` is a ``WorkerSet``: the
+number of slots and the slots that can take a connection right now (their
+process is running, not stopping, not backed up). A new ``WorkerSet`` object is
+passed whenever that set changes, so a strategy may cache by identity.
+
+``pick`` must return one of ``workers.alive``. A strategy that raises or returns
+anything else is logged (once per kind of fault) and the master routes that
+connection with ``IPHashBalancer`` instead: a bad strategy never loses a
+connection.
+
+IP hash is rendezvous (highest-random-weight) hashing: every (client, slot) pair
+gets a pseudo-random score and the client goes to the alive slot with the highest
+score. Removing a slot moves exactly the clients whose best slot it was (each to
+its second best); bringing the slot back returns exactly those clients. No other
+client ever moves.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import itertools
+import socket
+from typing import ClassVar, NamedTuple
+
+__all__ = [
+    "BALANCERS",
+    "Balancer",
+    "ClientInfo",
+    "IPHashBalancer",
+    "RoundRobinBalancer",
+    "WorkerSet",
+    "address_key",
+    "balancer_from",
+]
+
+_MASK64 = (1 << 64) - 1
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+# Cached picks; cleared whenever the worker set changes or the cache is full.
+IP_CACHE_SIZE = 65536
+
+
+class ClientInfo(NamedTuple):
+    """What the master knows about a new connection when it routes it."""
+
+    host: str
+    """The client's IP address as text ('' when there is none, e.g. a Unix socket)."""
+    port: int
+    """The client's port (0 when there is none)."""
+
+
+class WorkerSet(NamedTuple):
+    """The worker slots, as the balancer sees them."""
+
+    size: int
+    """How many slots the server has (slot ids are 0 .. size-1)."""
+    alive: tuple[int, ...]
+    """The slots that can take a connection now, in ascending order; never empty when passed to pick()."""
+
+
+class Balancer(abc.ABC):
+    """Base class of routing strategies. Subclass it and implement ``pick``.
+
+    A strategy runs in the master's event loop: ``pick`` must be quick and must
+    not block.
+    """
+
+    name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        """Return the slot (one of ``workers.alive``) that gets this connection."""
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64's finaliser: a fast bijective 64-bit mix with full avalanche."""
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def address_key(host: str) -> int:
+    """A 64-bit hash of a client address; IPv4-mapped IPv6 hashes like the IPv4 address.
+
+    Text that is not an IP address (a Unix socket path, '') is hashed as bytes.
+    """
+    try:
+        number = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
+    except OSError:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+        except OSError:
+            return int.from_bytes(hashlib.blake2b(host.encode(), digest_size=8).digest(), "big")
+        if packed.startswith(_V4_MAPPED_PREFIX):
+            number = int.from_bytes(packed[12:], "big")
+        else:
+            number = int.from_bytes(packed, "big")
+    return _mix64((number >> 64) ^ _mix64(number & _MASK64))
+
+
+class IPHashBalancer(Balancer):
+    """Consistent client-IP hash (rendezvous hashing); the default strategy.
+
+    Every connection from one address goes to the same slot while that slot is
+    alive. When a slot goes away only its own clients move, and they come back
+    when it returns.
+    """
+
+    name = "ip-hash"
+
+    def __init__(self) -> None:
+        self._cache: dict[str, int] = {}
+        self._cached_for: WorkerSet | None = None
+        self._seeds: list[int] = []
+
+    def _seed(self, slot: int) -> int:
+        while len(self._seeds) <= slot:
+            self._seeds.append(_mix64(len(self._seeds) * 0x9E3779B97F4A7C15 & _MASK64))
+        return self._seeds[slot]
+
+    def slot_for_key(self, key: int, alive: tuple[int, ...]) -> int:
+        """The alive slot with the highest score for ``key`` (an ``address_key``)."""
+        self._seed(alive[-1])
+        seeds = self._seeds
+        best_slot = alive[0]
+        best_score = -1
+        for slot in alive:
+            # _mix64(key ^ seed), inlined: this loop is the cost of a cache miss.
+            score = key ^ seeds[slot]
+            score = ((score ^ (score >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+            score = ((score ^ (score >> 27)) * 0x94D049BB133111EB) & _MASK64
+            score ^= score >> 31
+            if score > best_score:
+                best_slot, best_score = slot, score
+        return best_slot
+
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        if workers is not self._cached_for or len(self._cache) >= IP_CACHE_SIZE:
+            self._cache.clear()
+            self._cached_for = workers
+        slot = self._cache.get(client.host)
+        if slot is None:
+            slot = self.slot_for_key(address_key(client.host), workers.alive)
+            self._cache[client.host] = slot
+        return slot
+
+
+class RoundRobinBalancer(Balancer):
+    """Each connection to the next alive slot in turn. Not sticky: for stateless servers."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        alive = workers.alive
+        return alive[next(self._counter) % len(alive)]
+
+
+BALANCERS: dict[str, type[Balancer]] = {
+    IPHashBalancer.name: IPHashBalancer,
+    RoundRobinBalancer.name: RoundRobinBalancer,
+}
+
+
+def balancer_from(spec: Balancer | str) -> Balancer:
+    """A balancer instance from an instance or a built-in name (see ``BALANCERS``)."""
+    if isinstance(spec, Balancer):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return BALANCERS[spec]()
+        except KeyError:
+            names = ", ".join(sorted(BALANCERS))
+            raise ValueError(f"unknown balancer {spec!r}; use one of: {names}, or a Balancer instance") from None
+    raise TypeError(
+        f"balancer must be a Balancer instance or a name ({', '.join(sorted(BALANCERS))}), not {type(spec).__name__}"
+    )

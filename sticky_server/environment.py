@@ -1,0 +1,64 @@
+"""How a worker process learns that it is one: the variables the master sets when it spawns it.
+
+The master re-executes the entry script with two extra environment variables: the
+number of the inherited control-socket descriptor and the worker's slot. This
+module reads them once and removes them from ``os.environ`` so that programs the
+worker starts do not mistake themselves for workers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import NamedTuple
+
+from .errors import WrongProcessError
+
+__all__ = ["CONTROL_FD_ENV", "LAUNCH_CWD", "WORKER_SLOT_ENV", "WorkerIdentity", "worker_identity"]
+
+CONTROL_FD_ENV = "STICKY_SERVER_CONTROL_FD"
+WORKER_SLOT_ENV = "STICKY_SERVER_WORKER_SLOT"
+# Workers are started in the directory the program was started in, so that a
+# relative script path or `-m package` resolves the same way in every worker.
+LAUNCH_CWD = os.getcwd()
+
+
+class WorkerIdentity(NamedTuple):
+    """What a worker process was given by its master."""
+
+    slot: int
+    control: socket.socket
+
+
+_identity: WorkerIdentity | None = None
+_read = False
+
+
+def worker_identity() -> WorkerIdentity | None:
+    """This process's worker identity, or None in a master (or any other program)."""
+    global _identity, _read
+    if _read:
+        return _identity
+    fd_text = os.environ.pop(CONTROL_FD_ENV, None)
+    slot_text = os.environ.pop(WORKER_SLOT_ENV, None)
+    _read = True
+    if fd_text is None:
+        return None
+    not_ours = "; this process was not started by a sticky_server master (unset the variable)"
+    try:
+        fd, slot = int(fd_text), int(slot_text or "")
+    except ValueError:
+        raise WrongProcessError(
+            f"{CONTROL_FD_ENV}={fd_text!r} {WORKER_SLOT_ENV}={slot_text!r} are not numbers{not_ours}"
+        ) from None
+    try:
+        control = socket.socket(fileno=fd)
+    except OSError:
+        raise WrongProcessError(f"{CONTROL_FD_ENV}={fd} is not an open socket{not_ours}") from None
+    if control.family != socket.AF_UNIX:
+        control.detach()
+        raise WrongProcessError(f"{CONTROL_FD_ENV}={fd} is not a Unix socket{not_ours}")
+    # Keep it out of anything this worker spawns: only this process talks to the master.
+    control.set_inheritable(False)
+    _identity = WorkerIdentity(slot, control)
+    return _identity

@@ -1,0 +1,501 @@
+"""The dispatcher: the master's single-threaded event loop.
+
+Theory of operation
+-------------------
+One selector watches the listening sockets, every worker's control socket and the
+signal wake-up socket; restarts, stop deadlines and accept pauses are deadlines
+for ``select``. Nothing in the loop blocks on a client or on a worker.
+
+Rule 1 (ownership): an accepted descriptor belongs to the master until the worker
+it was sent to acknowledges it. The master sends it in a HANDOFF frame (batched:
+one frame per worker per accept burst), keeps its own copy, and closes that copy
+only when the ACK arrives. From the ACK on, the worker owns the connection.
+
+Rule 2 (no loss): when a worker's control socket closes or its process exits, the
+master first reads everything the worker still sent (its last ACKs), then routes
+every connection that worker had not acknowledged again, to the balancer's choice
+among the remaining slots. The worker acknowledges before it reads a byte, so a
+re-routed connection's stream is intact.
+
+Rule 3 (back-pressure): a worker holding ``MAX_UNACKED`` unacknowledged
+connections is full and leaves the alive set until it is back to half that; its
+clients go to their next choice meanwhile. If no slot can take a connection, the
+master stops accepting (the kernel's backlog holds new clients) and parks the
+connections it has until a slot can take them.
+
+Rule 4 (stop): close the listeners; send each worker STOP after the hand-offs
+already queued for it, so everything accepted is served; SIGKILL whatever is
+still running ``graceful_timeout`` seconds later. A second SIGTERM or SIGINT
+kills at once.
+
+Resource handling: out-of-descriptor errors from ``accept`` (EMFILE, ENFILE,
+ENOBUFS, ENOMEM) are logged once and accepting pauses for ``ACCEPT_BACKOFF``
+seconds instead of spinning; a connection aborted before ``accept`` is skipped;
+any other error propagates, and the ``finally`` of ``run`` kills every worker so
+nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .balancer import Balancer, ClientInfo, IPHashBalancer, WorkerSet
+from .errors import ProtocolError, WorkerBootError
+from .listener import format_address
+from .signals import SignalQueue
+from .supervisor import Supervisor, WorkerProcess, describe_exit
+from .wire import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
+
+__all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher"]
+
+logger = logging.getLogger("sticky_server.master")
+
+ACCEPT_BURST = 64
+ACCEPT_BACKOFF = 0.1
+MAX_UNACKED = 1024
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The client went away between the handshake and accept(): nothing to hand off.
+ABORTED_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+# How many reads of a dead worker's socket at most (each reads up to 256 KiB).
+MAX_DRAIN_READS = 64
+# How long the final clean-up waits for a SIGKILLed worker to be reaped.
+KILL_WAIT = 5.0
+
+
+@dataclass(eq=False)
+class _Link:
+    """The master's view of one running worker: its socket traffic and the connections it owes."""
+
+    worker: WorkerProcess
+    reader: FrameReader = field(default_factory=lambda: FrameReader(WORKER_SENDS))
+    outbox: Outbox = field(default_factory=Outbox)
+    # connection id -> (descriptor, client); the master owns these descriptors (rule 1).
+    unacked: dict[int, tuple[int, ClientInfo]] = field(default_factory=dict)
+    # ids routed here during this accept burst, not yet put in a frame.
+    pending: list[int] = field(default_factory=list)
+    connected: bool = True
+    full: bool = False
+    writing: bool = False
+
+
+class Dispatcher:
+    """Accepts, routes and hands off connections, and keeps the worker slots filled."""
+
+    def __init__(
+        self,
+        listeners: Sequence[socket.socket],
+        supervisor: Supervisor,
+        balancer: Balancer,
+        *,
+        graceful_timeout: float,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self._listeners = list(listeners)
+        self._supervisor = supervisor
+        self._balancer = balancer
+        self._fallback = IPHashBalancer()
+        self._graceful_timeout = graceful_timeout
+        self._on_ready = on_ready
+        self._selector = selectors.DefaultSelector()
+        self._links: dict[int, _Link] = {}
+        self._workers = WorkerSet(supervisor.size, ())
+        self._alive: frozenset[int] = frozenset()
+        self._touched: set[_Link] = set()
+        self._parked: deque[tuple[int, int, ClientInfo]] = deque()
+        self._next_id = 0
+        self._accepting = False
+        self._accept_paused_until: float | None = None
+        self._kill_at: dict[WorkerProcess, float] = {}
+        self._started = False
+        self._stopping = False
+        self._boot_error: WorkerBootError | None = None
+        self._balancer_faults: set[str] = set()
+        self._frame_handlers: dict[FrameKind, Callable[[_Link, Frame], None]] = {
+            FrameKind.ACK: self._on_ack,
+            FrameKind.READY: self._on_ready_frame,
+        }
+        self._signal_handlers: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: functools.partial(self._stop, "SIGTERM"),
+            signal.SIGINT: functools.partial(self._stop, "SIGINT"),
+            signal.SIGCHLD: self._reap,
+        }
+
+    # --- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Start the workers and serve until stopped; raises WorkerBootError if start-up fails."""
+        signals = SignalQueue(self._signal_handlers)
+        if not signals.installed:
+            signals.restore()
+            raise RuntimeError("listen() must run in the main thread: the master handles signals there")
+        self._selector.register(signals.fileno(), selectors.EVENT_READ, lambda mask: self._on_signals(signals))
+        try:
+            for slot in range(self._supervisor.size):
+                self._add_link(self._supervisor.start(slot))
+            self._workers_changed()
+            while not (self._stopping and not self._supervisor.workers):
+                for key, mask in self._selector.select(self._select_timeout()):
+                    key.data(mask)
+                self._run_timers()
+        finally:
+            self._shut_down()
+            self._selector.unregister(signals.fileno())
+            signals.restore()
+        if self._boot_error is not None:
+            raise self._boot_error
+
+    def _select_timeout(self) -> float | None:
+        deadlines = list(self._kill_at.values())
+        restart = self._supervisor.next_restart()
+        if restart is not None:
+            deadlines.append(restart)
+        if self._accept_paused_until is not None:
+            deadlines.append(self._accept_paused_until)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for slot in self._supervisor.due_restarts():
+            changed = True
+            try:
+                self._add_link(self._supervisor.start(slot))
+            except OSError as exc:
+                self._supervisor.spawn_failed(slot, exc)
+        for worker, when in list(self._kill_at.items()):
+            if when <= now:
+                del self._kill_at[worker]
+                if worker.process.poll() is None:
+                    logger.warning(
+                        "worker %d (pid %d) did not exit within %.1f s; killing it",
+                        worker.slot,
+                        worker.pid,
+                        self._graceful_timeout,
+                    )
+                    worker.process.kill()
+        if self._accept_paused_until is not None and self._accept_paused_until <= now:
+            self._accept_paused_until = None
+            changed = True
+        if changed:
+            self._workers_changed()
+
+    def _on_signals(self, signals: SignalQueue) -> None:
+        for signum in signals.drain():
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                handler()
+
+    # --- accepting and routing --------------------------------------------------
+
+    def _on_listener(self, listener: socket.socket, mask: int) -> None:
+        # socket._accept() returns the raw descriptor and address: no socket object
+        # is built for a connection the master only passes on.
+        accept = listener._accept  # type: ignore[attr-defined]
+        for _ in range(ACCEPT_BURST):
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in ABORTED_BEFORE_ACCEPT:
+                    continue
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    self._pause_accepting(exc)
+                    break
+                raise
+            if self._accept_paused_until is not None:
+                self._accept_paused_until = None
+            self._next_id += 1
+            client = ClientInfo(address[0], address[1]) if isinstance(address, tuple) else ClientInfo("", 0)
+            self._route(self._next_id, fd, client)
+            if not self._accepting:
+                break
+        self._flush_touched()
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        logger.error(
+            "accept failed: %s; pausing accepts for %.1f s (raise the descriptor limit, `ulimit -n`)",
+            os.strerror(exc.errno or 0),
+            ACCEPT_BACKOFF,
+        )
+        self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+        self._update_accepting()
+
+    def _route(self, conn_id: int, fd: int, client: ClientInfo) -> None:
+        slot = self._pick(client)
+        if slot is None:
+            self._parked.append((conn_id, fd, client))
+            self._update_accepting()
+            return
+        link = self._links[slot]
+        link.unacked[conn_id] = (fd, client)
+        link.pending.append(conn_id)
+        self._touched.add(link)
+        if len(link.unacked) >= MAX_UNACKED:
+            link.full = True
+            logger.warning(
+                "worker %d has %d connections it has not taken yet; routing its clients elsewhere until it catches up",
+                slot,
+                len(link.unacked),
+            )
+            self._workers_changed()
+
+    def _pick(self, client: ClientInfo) -> int | None:
+        workers = self._workers
+        if not workers.alive:
+            return None
+        try:
+            slot: object = self._balancer.pick(client, workers)
+        except Exception as exc:
+            fault = f"raised {type(exc).__name__}: {exc}"
+            kind = f"raised {type(exc).__name__}"
+        else:
+            if isinstance(slot, int) and not isinstance(slot, bool) and slot in self._alive:
+                return slot
+            fault = f"returned {slot!r}, which is not one of the alive slots {workers.alive}"
+            kind = f"returned {type(slot).__name__}"
+        if kind not in self._balancer_faults:
+            self._balancer_faults.add(kind)
+            logger.error(
+                "balancer %s %s; routing such connections by IP hash instead (logged once)",
+                type(self._balancer).__name__,
+                fault,
+            )
+        return self._fallback.pick(client, workers)
+
+    def _workers_changed(self) -> None:
+        """Recompute the alive set after any change of links; re-route parked connections."""
+        alive = tuple(
+            slot
+            for slot, link in sorted(self._links.items())
+            if link.connected and not link.full and not link.worker.stopping
+        )
+        if alive != self._workers.alive:
+            self._workers = WorkerSet(self._supervisor.size, alive)
+            self._alive = frozenset(alive)
+        if alive and self._parked:
+            parked, self._parked = self._parked, deque()
+            for conn_id, fd, client in parked:
+                self._route(conn_id, fd, client)
+            self._flush_touched()
+        self._update_accepting()
+
+    def _update_accepting(self) -> None:
+        should = (
+            not self._stopping and bool(self._workers.alive) and not self._parked and self._accept_paused_until is None
+        )
+        if should == self._accepting:
+            return
+        self._accepting = should
+        for listener in self._listeners:
+            if should:
+                self._selector.register(listener, selectors.EVENT_READ, functools.partial(self._on_listener, listener))
+            else:
+                self._selector.unregister(listener)
+
+    # --- worker links -----------------------------------------------------------
+
+    def _add_link(self, worker: WorkerProcess) -> None:
+        link = _Link(worker)
+        self._links[worker.slot] = link
+        self._selector.register(worker.control, selectors.EVENT_READ, functools.partial(self._on_control, link))
+        if self._stopping:
+            self._send_stop(link)
+
+    def _on_control(self, link: _Link, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self._read_link(link)
+        if link.connected and mask & selectors.EVENT_WRITE:
+            self._flush_link(link)
+
+    def _read_link(self, link: _Link) -> bool:
+        """One read from the worker; returns True if it read something and the link is still open."""
+        try:
+            frames, closed = link.reader.read_from(link.worker.control)
+            for frame in frames:
+                self._frame_handlers[frame.kind](link, frame)
+        except BlockingIOError:
+            return False
+        except ProtocolError as exc:
+            logger.error(
+                "worker %d (pid %d) sent an invalid frame (%s); killing it", link.worker.slot, link.worker.pid, exc
+            )
+            link.worker.process.kill()
+            self._disconnect(link)
+            return False
+        if closed:
+            self._disconnect(link)
+            return False
+        return True
+
+    def _on_ack(self, link: _Link, frame: Frame) -> None:
+        unacked = link.unacked
+        for conn_id in unpack_ids(frame.payload):
+            entry = unacked.pop(conn_id, None)
+            if entry is None:
+                raise ProtocolError(f"acknowledged connection {conn_id}, which it was not sent")
+            os.close(entry[0])
+        if link.full and len(unacked) <= MAX_UNACKED // 2:
+            link.full = False
+            self._workers_changed()
+
+    def _on_ready_frame(self, link: _Link, frame: Frame) -> None:
+        link.worker.ready = True
+        logger.debug("worker %d (pid %d) is ready", link.worker.slot, link.worker.pid)
+        if self._started or self._stopping:
+            return
+        size = self._supervisor.size
+        if all(slot in self._links and self._links[slot].worker.ready for slot in range(size)):
+            self._started = True
+            addresses = ", ".join(format_address(listener.getsockname()) for listener in self._listeners)
+            logger.info("listening on %s with %d workers (master pid %d)", addresses, size, os.getpid())
+            if self._on_ready is not None:
+                self._on_ready()
+
+    def _flush_touched(self) -> None:
+        for link in self._touched:
+            if not link.connected:
+                continue
+            pending = link.pending
+            for start in range(0, len(pending), MAX_FDS_PER_FRAME):
+                ids = pending[start : start + MAX_FDS_PER_FRAME]
+                link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), [link.unacked[conn_id][0] for conn_id in ids])
+            pending.clear()
+            self._flush_link(link)
+        self._touched.clear()
+
+    def _flush_link(self, link: _Link) -> None:
+        try:
+            drained = link.outbox.flush(link.worker.control)
+        except OSError:
+            # The worker is gone; reaping or the read side will tell how.
+            self._disconnect(link)
+            return
+        if drained == link.writing:
+            link.writing = not drained
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.writing else 0)
+            self._selector.modify(link.worker.control, events, functools.partial(self._on_control, link))
+
+    def _disconnect(self, link: _Link) -> None:
+        """Close the link and route the connections it had not acknowledged again (rule 2)."""
+        if not link.connected:
+            return
+        link.connected = False
+        self._selector.unregister(link.worker.control)
+        link.worker.control.close()
+        link.reader.close()
+        link.outbox.clear()
+        owed = list(link.unacked.items())
+        link.unacked.clear()
+        link.pending.clear()
+        self._workers_changed()
+        if owed and not self._stopping:
+            logger.warning(
+                "worker %d (pid %d) went away holding %d connection(s) it had not taken; routing them again",
+                link.worker.slot,
+                link.worker.pid,
+                len(owed),
+            )
+        for conn_id, (fd, client) in owed:
+            self._route(conn_id, fd, client)
+        self._flush_touched()
+        if not self._stopping and link.worker.process.poll() is None and link.worker not in self._kill_at:
+            # A worker without its control socket can do nothing useful: give it
+            # the graceful timeout to exit on its own, then kill it.
+            self._kill_at[link.worker] = time.monotonic() + self._graceful_timeout
+
+    def _reap(self) -> None:
+        for worker, returncode in self._supervisor.reap():
+            link = self._links.pop(worker.slot)
+            for _ in range(MAX_DRAIN_READS):
+                if not link.connected or not self._read_link(link):
+                    break
+            self._disconnect(link)
+            self._kill_at.pop(worker, None)
+            if not self._started and not worker.ready and not self._stopping:
+                self._boot_error = WorkerBootError(
+                    f"worker {worker.slot} (pid {worker.pid}) {describe_exit(returncode)} before it was ready, "
+                    "so the server did not start. Its own error is printed above; fix it and start again."
+                )
+                self._supervisor.schedule_restart(worker, returncode)
+                self._stop("start-up failure", quick=True)
+                continue
+            self._supervisor.schedule_restart(worker, returncode)
+        self._workers_changed()
+
+    # --- stopping ---------------------------------------------------------------
+
+    def _stop(self, why: str, quick: bool = False) -> None:
+        if self._stopping:
+            if not quick:
+                logger.warning("%s again while stopping: killing the workers now", why)
+            self._supervisor.kill_all()
+            return
+        self._stopping = True
+        self._supervisor.stop()
+        for listener in self._listeners:
+            if self._accepting:
+                self._selector.unregister(listener)
+            listener.close()
+        self._accepting = False
+        self._close_parked("the server is stopping")
+        if quick:
+            self._supervisor.kill_all()
+            return
+        logger.info(
+            "%s: stopping; waiting up to %.1f s for %d workers to finish",
+            why,
+            self._graceful_timeout,
+            len(self._supervisor.workers),
+        )
+        for link in self._links.values():
+            self._send_stop(link)
+        self._workers_changed()
+
+    def _send_stop(self, link: _Link) -> None:
+        link.worker.stopping = True
+        self._kill_at[link.worker] = time.monotonic() + self._graceful_timeout
+        if link.connected:
+            link.outbox.put(FrameKind.STOP)
+            self._flush_link(link)
+
+    def _close_parked(self, why: str) -> None:
+        if self._parked:
+            logger.warning("closing %d accepted connection(s) no worker could take: %s", len(self._parked), why)
+        while self._parked:
+            _, fd, _ = self._parked.popleft()
+            os.close(fd)
+
+    def _shut_down(self) -> None:
+        """Leave nothing behind: no worker process, no descriptor (runs on every exit of ``run``)."""
+        self._supervisor.stop()
+        self._supervisor.kill_all()
+        for worker in list(self._supervisor.workers.values()):
+            try:
+                worker.process.wait(timeout=KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                logger.error("worker %d (pid %d) survived SIGKILL for %.0f s", worker.slot, worker.pid, KILL_WAIT)
+        self._supervisor.workers.clear()
+        for link in self._links.values():
+            self._stopping = True
+            self._disconnect(link)
+        self._links.clear()
+        self._close_parked("the server stopped")
+        for listener in self._listeners:
+            if self._accepting:
+                self._selector.unregister(listener)
+            listener.close()
+        self._accepting = False

@@ -1,0 +1,218 @@
+"""Worker processes: spawn, reap, respawn with back-off, stop.
+
+Theory of operation
+-------------------
+A worker is the entry script run again (``sys.executable`` plus the interpreter's
+original arguments, so ``python app.py`` and ``python -m pkg.app`` both work), in
+the directory the program started in, in a session of its own (a terminal's
+Ctrl-C reaches the master only; the master decides how workers stop). It inherits
+exactly one descriptor beyond stdio: its end of a fresh control socketpair, whose
+number is in the environment (see ``environment``).
+
+Each slot has at most one process. When it exits, the slot is started again after
+a delay from ``RestartPolicy``: at once if the worker had been up and healthy,
+otherwise after an exponentially growing back-off, so a worker that crashes at
+start-up costs a few spawns a second at first and one every ``BACKOFF_MAX``
+seconds after that, never a fork loop.
+
+The supervisor never blocks: reaping is ``Popen.poll()`` on each live process
+when the master's loop sees SIGCHLD, and respawns are deadlines the loop waits for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .environment import CONTROL_FD_ENV, LAUNCH_CWD, WORKER_SLOT_ENV
+
+__all__ = [
+    "BACKOFF_FIRST",
+    "BACKOFF_MAX",
+    "HEALTHY_UPTIME",
+    "RestartPolicy",
+    "Supervisor",
+    "WorkerProcess",
+    "describe_exit",
+    "entry_command",
+    "spawn_worker",
+]
+
+logger = logging.getLogger("sticky_server.supervisor")
+
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+# A worker that was ready and lived this long counts as healthy: its slot restarts at once.
+HEALTHY_UPTIME = 1.0
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """One running worker process and the master's end of its control socket (owned here)."""
+
+    slot: int
+    process: subprocess.Popen[bytes]
+    control: socket.socket
+    started_at: float
+    ready: bool = False
+    stopping: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def entry_command() -> list[str]:
+    """The command that runs this program again: the interpreter, its options, the script or -m module."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def spawn_worker(slot: int, command: Sequence[str], cwd: str, now: float) -> WorkerProcess:
+    """Start one worker process for ``slot``; raises OSError if the process cannot be created."""
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = dict(os.environ)
+        env[CONTROL_FD_ENV] = str(worker_end.fileno())
+        env[WORKER_SLOT_ENV] = str(slot)
+        process = subprocess.Popen(
+            list(command), cwd=cwd, env=env, pass_fds=(worker_end.fileno(),), start_new_session=True
+        )
+    except BaseException:
+        master_end.close()
+        raise
+    finally:
+        worker_end.close()
+    master_end.setblocking(False)
+    return WorkerProcess(slot=slot, process=process, control=master_end, started_at=now)
+
+
+def describe_exit(returncode: int) -> str:
+    """'exited with code 3' or 'was killed by SIGKILL'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+@dataclass
+class RestartPolicy:
+    """When a slot starts again after its worker exited."""
+
+    first: float = BACKOFF_FIRST
+    maximum: float = BACKOFF_MAX
+    healthy_uptime: float = HEALTHY_UPTIME
+    failures: dict[int, int] = field(default_factory=dict)
+
+    def delay(self, slot: int, was_ready: bool, uptime: float) -> float:
+        """Seconds to wait before starting ``slot`` again; records the outcome."""
+        if was_ready and uptime >= self.healthy_uptime:
+            self.failures[slot] = 0
+            return 0.0
+        failures = self.failures.get(slot, 0) + 1
+        self.failures[slot] = failures
+        return float(min(self.first * 2.0 ** (failures - 1), self.maximum))
+
+
+SpawnFunction = Callable[[int, Sequence[str], str, float], WorkerProcess]
+
+
+class Supervisor:
+    """The worker slots of one master: which process runs in each, and when empty ones restart."""
+
+    def __init__(
+        self,
+        size: int,
+        command: Sequence[str] | None = None,
+        *,
+        cwd: str = LAUNCH_CWD,
+        policy: RestartPolicy | None = None,
+        spawn: SpawnFunction = spawn_worker,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.size = size
+        self.command = list(command) if command is not None else entry_command()
+        self.cwd = cwd
+        self.policy = policy or RestartPolicy()
+        self.workers: dict[int, WorkerProcess] = {}
+        self.restart_at: dict[int, float] = {}
+        self.stopping = False
+        self._spawn = spawn
+        self._clock = clock
+
+    def start(self, slot: int) -> WorkerProcess:
+        """Start a process in the empty ``slot``; raises OSError if it cannot be created."""
+        worker = self._spawn(slot, self.command, self.cwd, self._clock())
+        self.workers[slot] = worker
+        self.restart_at.pop(slot, None)
+        logger.info("worker %d started (pid %d)", slot, worker.pid)
+        return worker
+
+    def reap(self) -> list[tuple[WorkerProcess, int]]:
+        """Collect the workers that exited, with their return codes, and empty their slots."""
+        exited: list[tuple[WorkerProcess, int]] = []
+        for worker in list(self.workers.values()):
+            returncode = worker.process.poll()
+            if returncode is not None:
+                del self.workers[worker.slot]
+                exited.append((worker, returncode))
+        return exited
+
+    def schedule_restart(self, worker: WorkerProcess, returncode: int) -> None:
+        """Log the exit of ``worker`` and, unless stopping, set when its slot starts again."""
+        how = describe_exit(returncode)
+        if self.stopping:
+            logger.info("worker %d (pid %d) %s", worker.slot, worker.pid, how)
+            return
+        uptime = self._clock() - worker.started_at
+        delay = self.policy.delay(worker.slot, worker.ready, uptime)
+        self.restart_at[worker.slot] = self._clock() + delay
+        phase = "" if worker.ready else " before it was ready"
+        failures = self.policy.failures.get(worker.slot, 0)
+        streak = f" ({failures} quick failures in a row)" if failures > 1 else ""
+        logger.warning(
+            "worker %d (pid %d) %s%s after %.1f s; restarting it in %.1f s%s",
+            worker.slot,
+            worker.pid,
+            how,
+            phase,
+            uptime,
+            delay,
+            streak,
+        )
+
+    def spawn_failed(self, slot: int, error: OSError) -> None:
+        """Back off after the OS refused to create a process for ``slot``."""
+        delay = self.policy.delay(slot, False, 0.0)
+        self.restart_at[slot] = self._clock() + delay
+        logger.error("could not start worker %d (%s); trying again in %.1f s", slot, error, delay)
+
+    def next_restart(self) -> float | None:
+        """The earliest clock time at which an empty slot is due to start."""
+        return min(self.restart_at.values(), default=None)
+
+    def due_restarts(self) -> list[int]:
+        """The empty slots whose restart time has come (the caller starts them)."""
+        now = self._clock()
+        return sorted(slot for slot, when in self.restart_at.items() if when <= now)
+
+    def stop(self) -> None:
+        """No more restarts from now on."""
+        self.stopping = True
+        self.restart_at.clear()
+
+    def kill_all(self, signum: int = signal.SIGKILL) -> None:
+        """Send ``signum`` to every live worker process."""
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signum)

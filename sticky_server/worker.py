@@ -1,0 +1,212 @@
+"""The worker side: receive connections from the master and give them to the user's worker.
+
+Theory of operation
+-------------------
+``work(worker)`` checks the worker object, tells the master READY, and then loops
+on two things: the control socket and the signal wake-up socket. For every
+hand-off frame it reads, it first acknowledges the connection ids to the master
+and only then wraps each descriptor as a blocking ``socket.socket`` and calls
+``worker.add_connection(sock)``.
+
+Acknowledge-then-deliver is what makes a worker crash lose nothing: until the ACK
+arrives the master keeps its own copy of each descriptor and re-routes it if this
+worker dies; once the ACK is sent, no byte has been read yet by anyone, and from
+then on the connection belongs to this worker.
+
+It stops when the master sends STOP (graceful stop), when it gets SIGTERM or
+SIGINT, or when the control socket closes (the master is gone; the worker then
+exits within ``ORPHAN_EXIT_SECONDS`` even if the user's code would keep it alive).
+Stopping calls ``worker.stop()`` if the object has one, then ``work()`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+from typing import Any, Protocol, runtime_checkable
+
+from .errors import ProtocolError
+from .signals import SignalQueue
+from .wire import MASTER_SENDS, FrameKind, FrameReader, encode, pack_ids, unpack_ids
+
+__all__ = ["ORPHAN_EXIT_SECONDS", "ConnectionHandler", "Worker", "WorkerRuntime", "check_worker"]
+
+logger = logging.getLogger("sticky_server.worker")
+
+# A worker whose master died exits this long after noticing, whatever its own code does.
+ORPHAN_EXIT_SECONDS = 1.0
+EXIT_ORPHANED = 0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@runtime_checkable
+class ConnectionHandler(Protocol):
+    """Anything ``work()`` accepts: an object with ``add_connection(sock)``."""
+
+    def add_connection(self, sock: socket.socket) -> None: ...
+
+
+class Worker:
+    """Optional base class for worker objects; any object with ``add_connection`` works.
+
+    Subclass it, build your server in ``__init__`` (without a listening socket:
+    the master owns that), and give it each connection in ``add_connection``.
+    """
+
+    def add_connection(self, sock: socket.socket) -> None:
+        """Take ownership of a connected, blocking socket whose peer is the client.
+
+        Called on the thread that called ``work()``, once per connection routed to
+        this worker. No byte of the connection has been read. Hand the socket to
+        your server and return quickly: the next connection waits for this call.
+        If it raises, the error is logged and the socket is closed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement add_connection(sock)")
+
+    def stop(self) -> None:
+        """Called once when this worker is told to stop; finish in-flight work and return.
+
+        The master waits up to its ``graceful_timeout`` for the process to exit.
+        """
+
+
+def check_worker(worker: object) -> ConnectionHandler:
+    """Return ``worker`` if it has a callable ``add_connection``; raise TypeError naming what is missing."""
+    add_connection = getattr(worker, "add_connection", None)
+    kind = type(worker).__name__
+    if add_connection is None:
+        raise TypeError(
+            f"work() needs an object with an add_connection(sock) method; {kind} has none. "
+            "Add one, or subclass sticky_server.Worker."
+        )
+    if not callable(add_connection):
+        raise TypeError(
+            f"work() needs add_connection to be a method taking a socket; {kind}.add_connection "
+            f"is a {type(add_connection).__name__}."
+        )
+    return worker  # type: ignore[return-value]
+
+
+def _describe_peer(sock: socket.socket) -> str:
+    try:
+        peer: Any = sock.getpeername()
+    except OSError:
+        return "a client that already disconnected"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return repr(peer)
+
+
+class WorkerRuntime:
+    """Runs the worker loop of one worker process (see the module docstring)."""
+
+    def __init__(self, worker: ConnectionHandler, control: socket.socket, slot: int) -> None:
+        self._worker = worker
+        self._control = control
+        self._slot = slot
+        self._reader = FrameReader(MASTER_SENDS)
+        self._stop_reason: str | None = None
+        self._master_lost = False
+
+    def run(self) -> None:
+        """Serve hand-offs until told to stop, then call ``worker.stop()`` and return."""
+        control = self._control
+        control.setblocking(True)
+        signals = SignalQueue(_STOP_SIGNALS)
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(control, selectors.EVENT_READ)
+            selector.register(signals.fileno(), selectors.EVENT_READ)
+            control.sendall(encode(FrameKind.READY))
+            logger.debug("worker %d (pid %d) ready", self._slot, os.getpid())
+            while self._stop_reason is None:
+                for key, _ in selector.select():
+                    if key.fileobj is control:
+                        self._on_control_readable()
+                    else:
+                        for signum in signals.drain():
+                            self._stop_reason = f"got {signal.Signals(signum).name}"
+        except (BrokenPipeError, ConnectionResetError):
+            self._master_gone("the control socket broke")
+        finally:
+            selector.close()
+            signals.restore()
+        self._finish()
+
+    def _on_control_readable(self) -> None:
+        try:
+            frames, closed = self._reader.read_from(self._control)
+        except ProtocolError as exc:
+            logger.error("worker %d: the master sent an invalid frame (%s); stopping", self._slot, exc)
+            self._stop_reason = "protocol error"
+            return
+        taken: list[tuple[int, int]] = []
+        try:
+            for frame in frames:
+                if frame.kind is FrameKind.HANDOFF:
+                    ids = unpack_ids(frame.payload)
+                    if len(ids) != len(frame.fds):
+                        raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
+                    taken.extend(zip(ids, frame.fds, strict=True))
+                elif frame.kind is FrameKind.STOP:
+                    self._stop_reason = "the master asked"
+        except ProtocolError as exc:
+            for frame in frames:
+                for fd in frame.fds:
+                    os.close(fd)
+            logger.error("worker %d: the master sent an invalid frame (%s); stopping", self._slot, exc)
+            self._stop_reason = "protocol error"
+            return
+        if taken:
+            self._control.sendall(encode(FrameKind.ACK, pack_ids([conn_id for conn_id, _ in taken])))
+            for _, fd in taken:
+                self._deliver(fd)
+        if closed:
+            self._master_gone("the control socket closed")
+
+    def _deliver(self, fd: int) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            logger.error("worker %d: a handed-off descriptor is not a socket (%s); closed it", self._slot, exc)
+            return
+        # The accepted socket may carry O_NONBLOCK from the master (it does on macOS).
+        sock.setblocking(True)
+        try:
+            self._worker.add_connection(sock)
+        except Exception:
+            logger.exception(
+                "worker %d: add_connection raised; closed the connection from %s", self._slot, _describe_peer(sock)
+            )
+            sock.close()
+
+    def _master_gone(self, why: str) -> None:
+        self._master_lost = True
+        self._stop_reason = why
+        logger.warning(
+            "worker %d (pid %d): the master is gone (%s); exiting within %.1f s",
+            self._slot,
+            os.getpid(),
+            why,
+            ORPHAN_EXIT_SECONDS,
+        )
+        timer = threading.Timer(ORPHAN_EXIT_SECONDS, os._exit, args=(EXIT_ORPHANED,))
+        timer.daemon = True
+        timer.start()
+
+    def _finish(self) -> None:
+        logger.debug("worker %d stopping: %s", self._slot, self._stop_reason)
+        self._reader.close()
+        stop = getattr(self._worker, "stop", None)
+        if callable(stop):
+            try:
+                stop()
+            except Exception:
+                logger.exception("worker %d: stop() raised", self._slot)
+        if not self._master_lost:
+            self._control.close()
