@@ -47,12 +47,12 @@ def _bind_error(where: str, exc: OSError) -> BindError:
 def bind_listener(port: int, host: str | None = None, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
     """A bound, listening, non-blocking TCP socket; raises BindError with the reason and the fix.
 
-    ``host=None`` listens on every interface, IPv6 and IPv4 on one socket where the
-    system can, IPv4 only where it cannot.
+    ``host=None`` (or ``""``) listens on every interface, IPv6 and IPv4 on one
+    socket where the system can, IPv4 only where it cannot.
     """
     validate_port(port)
     address: tuple[Any, ...]
-    if host is None:
+    if host is None or host == "":
         if socket.has_dualstack_ipv6():
             family, address, dualstack = socket.AF_INET6, ("::", port, 0, 0), True
         else:

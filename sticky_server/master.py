@@ -201,6 +201,8 @@ class Dispatcher:
     # --- accepting and routing --------------------------------------------------
 
     def _on_listener(self, listener: socket.socket, mask: int) -> None:
+        if not self._accepting:
+            return
         # socket._accept() returns the raw descriptor and address: no socket object
         # is built for a connection the master only passes on.
         accept = listener._accept  # type: ignore[attr-defined]
@@ -316,6 +318,9 @@ class Dispatcher:
             self._send_stop(link)
 
     def _on_control(self, link: _Link, mask: int) -> None:
+        # One select() batch can hold an event for a link an earlier callback closed.
+        if not link.connected:
+            return
         if mask & selectors.EVENT_READ:
             self._read_link(link)
         if link.connected and mask & selectors.EVENT_WRITE:
@@ -366,16 +371,19 @@ class Dispatcher:
                 self._on_ready()
 
     def _flush_touched(self) -> None:
-        for link in self._touched:
-            if not link.connected:
-                continue
-            pending = link.pending
-            for start in range(0, len(pending), MAX_FDS_PER_FRAME):
-                ids = pending[start : start + MAX_FDS_PER_FRAME]
-                link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), [link.unacked[conn_id][0] for conn_id in ids])
-            pending.clear()
-            self._flush_link(link)
-        self._touched.clear()
+        # A flush can find a worker gone; re-routing its connections touches other
+        # links, so take the set first and go round until nothing new is touched.
+        while self._touched:
+            touched, self._touched = self._touched, set()
+            for link in touched:
+                if not link.connected:
+                    continue
+                pending = link.pending
+                for start in range(0, len(pending), MAX_FDS_PER_FRAME):
+                    ids = pending[start : start + MAX_FDS_PER_FRAME]
+                    link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), [link.unacked[conn_id][0] for conn_id in ids])
+                pending.clear()
+                self._flush_link(link)
 
     def _flush_link(self, link: _Link) -> None:
         try:

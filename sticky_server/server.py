@@ -91,7 +91,7 @@ class StickyServer:
     def listen(self, port: int, host: str | None = None) -> None:
         """Master only: listen on ``port`` and serve until SIGTERM or SIGINT.
 
-        ``port`` 0 picks a free port (see ``address``). ``host`` None listens on
+        ``port`` 0 picks a free port (see ``address``). ``host`` None (or "") listens on
         every interface, IPv4 and IPv6. Raises ``BindError`` if the address
         cannot be used and ``WorkerBootError`` if a worker dies while starting;
         in every case no worker process is left behind.

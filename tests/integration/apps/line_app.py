@@ -1,0 +1,106 @@
+"""A test application: one entry script, behaviour chosen by APP_* environment variables.
+
+Each worker answers a connection by reading one line and replying with one JSON
+line saying what it saw (its slot and pid, the peer, the socket's family and
+blocking mode, and the line it read). Every process records its pid in
+APP_PID_DIR so tests can check that none is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sticky_server import Balancer, ClientInfo, StickyServer, Worker, WorkerSet
+
+
+class GarbageBalancer(Balancer):
+    """Returns a slot that does not exist."""
+
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        return 99
+
+
+class RaisingBalancer(Balancer):
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        raise RuntimeError("balancer bug")
+
+
+class LineWorker(Worker):
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.raise_for = os.environ.get("APP_RAISE_FOR", "")
+        self.stop_delay = float(os.environ.get("APP_STOP_DELAY", "0"))
+
+    def add_connection(self, sock: socket.socket) -> None:
+        peer = sock.getpeername()
+        if peer[0] == self.raise_for:
+            raise RuntimeError(f"add_connection refuses {peer[0]} on purpose")
+        threading.Thread(target=self.serve, args=(sock, peer), daemon=True).start()
+
+    def serve(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        with sock:
+            blocking = sock.getblocking()
+            sock.settimeout(10)
+            line = sock.makefile("rb").readline().decode().strip()
+            reply = {
+                "slot": self.slot,
+                "pid": os.getpid(),
+                "peer": list(peer[:2]),
+                "family": sock.family.name,
+                "blocking": blocking,
+                "line": line,
+            }
+            sock.sendall(json.dumps(reply).encode() + b"\n")
+
+    def stop(self) -> None:
+        time.sleep(self.stop_delay)
+
+
+def record_pid(role: str) -> None:
+    pid_dir = os.environ.get("APP_PID_DIR")
+    if pid_dir:
+        Path(pid_dir, f"{role}-{os.getpid()}").touch()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
+    balancers = {"garbage": GarbageBalancer(), "raises": RaisingBalancer()}
+    balancer_name = os.environ.get("APP_BALANCER", "ip-hash")
+    sticky = StickyServer(
+        workers=int(os.environ.get("APP_WORKERS", "3")),
+        balancer=balancers.get(balancer_name, balancer_name),
+        graceful_timeout=float(os.environ.get("APP_GRACEFUL", "10")),
+    )
+    mode = os.environ.get("APP_MODE", "normal")
+    if sticky.is_master:
+        record_pid("master")
+        if mode == "work_in_master":
+            sticky.work(LineWorker(0))
+        sticky.on_listening(lambda address: print(f"LISTENING {address[0]} {address[1]}", flush=True))
+        port_text = os.environ.get("APP_PORT", "0")
+        sticky.listen(int(port_text), host=os.environ.get("APP_HOST", "127.0.0.1") or None)
+        return
+    record_pid(f"worker{sticky.worker_id}")
+    fail_file = os.environ.get("APP_FAIL_BOOT_FILE")
+    if fail_file and os.path.exists(fail_file):
+        sys.exit(3)
+    stall_file = os.environ.get("APP_STALL_BOOT_FILE")
+    if stall_file and os.path.exists(stall_file):
+        print(f"STALLED {sticky.worker_id} {os.getpid()}", flush=True)
+        time.sleep(60)
+    if mode == "listen_in_worker":
+        sticky.listen(0)
+    if mode == "no_add_connection":
+        sticky.work(object())
+    sticky.work(LineWorker(sticky.worker_id or 0))
+
+
+if __name__ == "__main__":
+    main()

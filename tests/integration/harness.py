@@ -1,0 +1,216 @@
+"""Start test servers as real processes, talk to them from real sockets, and leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+LINE_APP = HERE / "apps" / "line_app.py"
+
+# Distinct client addresses on the loopback network (Linux routes all of 127/8 to lo).
+CLIENT_IPS = [f"127.0.0.{n}" for n in range(2, 26)]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has exited: it only waits to be reaped)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.exists() and Path("/proc/self").exists():
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return state != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def request(
+    address: tuple[str, int], source: str | None = None, line: str = "hello", timeout: float = 15.0
+) -> dict[str, Any]:
+    """One connection to a line-app server: send a line, return the worker's JSON reply."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        if source is not None:
+            sock.bind((source, 0))
+        sock.connect(address)
+        sock.sendall(line.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError(f"connection closed after {data!r}")
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+class ServerProcess:
+    """One master process started from a test, its output, and the pids of every process it made."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        pid_dir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+        marker: str = "",
+        user: int | None = None,
+    ) -> None:
+        self.pid_dir = pid_dir
+        self.marker = marker or str(command[-1])
+        full_env = dict(os.environ)
+        full_env.update({"APP_PID_DIR": str(pid_dir), "PYTHONUNBUFFERED": "1"})
+        full_env.update(env or {})
+        self.lines: list[str] = []
+        self.output_closed = False
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            user=user,
+        )
+        self.known_pids: set[int] = {self.process.pid}
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.output_closed = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        """The first output line (from index ``start``) matching ``pattern``; fails after ``timeout``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[start:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.output_closed:
+                    why = "before the output closed" if self.output_closed else f"in {timeout} s"
+                    raise AssertionError(f"no output line matched {pattern!r} {why}:\n{self.output_tail()}")
+                self._changed.wait(remaining)
+
+    def count(self, pattern: str) -> int:
+        regex = re.compile(pattern)
+        with self._changed:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def output_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.lines[-lines:])
+
+    def wait_listening(self, timeout: float = 30.0) -> tuple[str, int]:
+        match = self.wait_for(r"^LISTENING (\S+) (\d+)$", timeout)
+        return match.group(1), int(match.group(2))
+
+    def recorded_pids(self, role: str = "") -> list[int]:
+        pids = []
+        for entry in self.pid_dir.iterdir():
+            name, _, pid = entry.name.rpartition("-")
+            if name.startswith(role):
+                pids.append(int(pid))
+        self.known_pids.update(pids)
+        return pids
+
+    def worker_pids(self) -> list[int]:
+        """Live worker processes now (children of the master)."""
+        pids = children_of(self.process.pid)
+        self.known_pids.update(pids)
+        return pids
+
+    def send_signal(self, signum: int) -> None:
+        self.worker_pids()
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def leftovers(self) -> list[int]:
+        """Known pids still running after a bounded wait."""
+        if self.pid_dir.exists():
+            self.recorded_pids()
+        wait_until(lambda: not any(pid_alive(pid) for pid in self.known_pids), timeout=5.0)
+        return sorted(pid for pid in self.known_pids if pid_alive(pid))
+
+    def kill_leftovers(self, pids: list[int]) -> None:
+        """SIGKILL pids this test started (checked by command line, never by name alone)."""
+        for pid in pids:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if self.marker in cmdline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def line_app_command(module: bool = False) -> list[str]:
+    if module:
+        return [sys.executable, "-m", "apps.line_app"]
+    return [sys.executable, str(LINE_APP)]
