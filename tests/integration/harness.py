@@ -97,7 +97,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         cwd: Path = REPO,
         marker: str = "",
-        user: int | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.pid_dir = pid_dir
         self.marker = marker or str(command[-1])
@@ -114,7 +114,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            user=user,
+            preexec_fn=preexec_fn,
         )
         self.known_pids: set[int] = {self.process.pid}
         threading.Thread(target=self._collect, daemon=True).start()

@@ -1,0 +1,43 @@
+"""The README's example, run as a user runs it: python example/server.py, then HTTP clients."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import sys
+from pathlib import Path
+
+from .harness import CLIENT_IPS, REPO, ServerProcess, wait_until, pid_alive
+
+
+def get(port: int, source: str) -> str:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15, source_address=(source, 0))
+    try:
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        assert response.status == 200
+        return response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_example_server_is_sticky_and_stops_cleanly(tmp_path: Path) -> None:
+    server = ServerProcess([sys.executable, "example/server.py", "0"], pid_dir=tmp_path, cwd=REPO, marker="example/server.py")
+    try:
+        port = int(server.wait_for(r"listening on \[::\]:(\d+) with 4 workers").group(1))
+        bodies = {ip: {get(port, ip) for _ in range(3)} for ip in CLIENT_IPS}
+        assert all(len(seen) == 1 for seen in bodies.values()), bodies
+        answers = {next(iter(seen)) for seen in bodies.values()}
+        assert all(re.fullmatch(r"worker [0-3] pid \d+\n", answer) for answer in answers), answers
+        assert len(answers) > 1
+        workers = server.worker_pids()
+        assert len(workers) == 4
+        assert server.stop(timeout=40) == 0
+        assert wait_until(lambda: not any(pid_alive(pid) for pid in workers), timeout=5)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
+        left = server.leftovers()
+        server.kill_leftovers(left)
+        assert not left
