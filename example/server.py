@@ -1,7 +1,7 @@
 """The entry script: the master runs the `is_master` branch, every worker the other one.
 
-    python example/server.py [PORT]      (default 3000; 0 picks a free port)
-    curl http://127.0.0.1:3000/          -> worker 2 pid 12345
+python example/server.py [PORT]      (default 3000; 0 picks a free port)
+curl http://127.0.0.1:3000/          -> worker 2 pid 12345
 """
 
 from __future__ import annotations

@@ -114,7 +114,10 @@ class StickyServer:
             graceful_timeout=self.graceful_timeout,
             on_ready=self._notify_listening,
         )
-        dispatcher.run()
+        try:
+            dispatcher.run()
+        finally:
+            listener.close()
         logger.info("stopped")
 
     def _notify_listening(self) -> None:

@@ -91,6 +91,13 @@ def check_worker(worker: object) -> ConnectionHandler:
     return worker  # type: ignore[return-value]
 
 
+def exit_soon(seconds: float) -> None:
+    """End this process ``seconds`` from now, whatever its threads are doing."""
+    timer = threading.Timer(seconds, os._exit, args=(EXIT_ORPHANED,))
+    timer.daemon = True
+    timer.start()
+
+
 def _describe_peer(sock: socket.socket) -> str:
     try:
         peer: Any = sock.getpeername()
@@ -195,9 +202,7 @@ class WorkerRuntime:
             why,
             ORPHAN_EXIT_SECONDS,
         )
-        timer = threading.Timer(ORPHAN_EXIT_SECONDS, os._exit, args=(EXIT_ORPHANED,))
-        timer.daemon = True
-        timer.start()
+        exit_soon(ORPHAN_EXIT_SECONDS)
 
     def _finish(self) -> None:
         logger.debug("worker %d stopping: %s", self._slot, self._stop_reason)

@@ -24,9 +24,7 @@ def start_app(tmp_path: Path) -> Iterator[StartApp]:
         pid_dir = tmp_path / f"pids{len(started)}"
         pid_dir.mkdir()
         cwd = HERE if module else kwargs.pop("cwd", HERE.parent.parent)
-        server = ServerProcess(
-            line_app_command(module), pid_dir=pid_dir, env=env, cwd=cwd, marker="line_app", **kwargs
-        )
+        server = ServerProcess(line_app_command(module), pid_dir=pid_dir, env=env, cwd=cwd, marker="line_app", **kwargs)
         started.append(server)
         return server
 

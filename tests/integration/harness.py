@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -204,10 +205,8 @@ class ServerProcess:
             except OSError:
                 continue
             if self.marker in cmdline:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 def line_app_command(module: bool = False) -> list[str]:

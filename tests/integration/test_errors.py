@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +26,10 @@ def test_port_in_use_is_a_clear_error_and_starts_no_worker(start_app: StartApp) 
 
 @pytest.mark.parametrize(
     ("port", "message"),
-    [("70000", "ValueError: port must be from 0 to 65535 (0 picks a free port), got 70000"),
-     ("-1", "ValueError: port must be from 0 to 65535 (0 picks a free port), got -1")],
+    [
+        ("70000", "ValueError: port must be from 0 to 65535 (0 picks a free port), got 70000"),
+        ("-1", "ValueError: port must be from 0 to 65535 (0 picks a free port), got -1"),
+    ],
 )
 def test_bad_port_is_a_clear_error(start_app: StartApp, port: str, message: str) -> None:
     server = start_app({"APP_PORT": port})
@@ -48,7 +51,7 @@ CAP_NET_BIND_SERVICE = 10
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop the capability to bind low ports")
 def test_privileged_port_without_the_capability_is_a_clear_error(start_app: StartApp) -> None:
-    unprivileged_start = int(open("/proc/sys/net/ipv4/ip_unprivileged_port_start").read())
+    unprivileged_start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
     if unprivileged_start <= 80:
         pytest.skip("this system lets everyone bind port 80")
     server = start_app({"APP_PORT": "80"}, preexec_fn=drop_bind_capability)
@@ -99,9 +102,7 @@ def test_add_connection_raising_closes_that_socket_and_the_worker_keeps_serving(
 
 
 @pytest.mark.parametrize(("balancer", "fault"), [("garbage", "returned 99"), ("raises", "raised RuntimeError")])
-def test_a_bad_balancer_is_logged_once_and_loses_no_connection(
-    start_app: StartApp, balancer: str, fault: str
-) -> None:
+def test_a_bad_balancer_is_logged_once_and_loses_no_connection(start_app: StartApp, balancer: str, fault: str) -> None:
     server = start_app({"APP_BALANCER": balancer})
     address = server.wait_listening()
     replies = [request(address, source=ip) for ip in CLIENT_IPS for _ in range(2)]

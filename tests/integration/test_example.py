@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from .harness import CLIENT_IPS, REPO, ServerProcess, wait_until, pid_alive
+from .harness import CLIENT_IPS, REPO, ServerProcess, pid_alive, wait_until
 
 
 def get(port: int, source: str) -> str:
@@ -22,7 +22,9 @@ def get(port: int, source: str) -> str:
 
 
 def test_example_server_is_sticky_and_stops_cleanly(tmp_path: Path) -> None:
-    server = ServerProcess([sys.executable, "example/server.py", "0"], pid_dir=tmp_path, cwd=REPO, marker="example/server.py")
+    server = ServerProcess(
+        [sys.executable, "example/server.py", "0"], pid_dir=tmp_path, cwd=REPO, marker="example/server.py"
+    )
     try:
         port = int(server.wait_for(r"listening on \[::\]:(\d+) with 4 workers").group(1))
         bodies = {ip: {get(port, ip) for _ in range(3)} for ip in CLIENT_IPS}

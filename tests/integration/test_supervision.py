@@ -36,7 +36,7 @@ def test_crashed_worker_is_respawned_into_its_slot(start_app: StartApp) -> None:
 
     def back_in_its_slot() -> bool:
         reply = request(address, source=ip)
-        return reply["slot"] == first["slot"] and reply["pid"] != first["pid"]
+        return bool(reply["slot"] == first["slot"] and reply["pid"] != first["pid"])
 
     assert wait_until(back_in_its_slot, timeout=20, interval=0.05)
     # Its neighbours never moved.
@@ -146,6 +146,8 @@ def test_connections_a_dying_worker_had_not_taken_go_to_another_worker(start_app
         os.kill(stalled, signal.SIGKILL)
         replies = [future.result(timeout=30) for future in waiting]
 
-    server.wait_for(rf"worker {victim['slot']} \(pid {stalled}\) went away holding {len(victims)} connection", timeout=10)
+    server.wait_for(
+        rf"worker {victim['slot']} \(pid {stalled}\) went away holding {len(victims)} connection", timeout=10
+    )
     assert [reply["line"] for reply in replies] == [f"owed-{ip}" for ip in victims]
     assert all(reply["slot"] != victim["slot"] for reply in replies)

@@ -1,0 +1,209 @@
+"""The frame format: round trips, partial reads, fd passing on a real socketpair, and hostile bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sticky_server.errors import ProtocolError
+from sticky_server.wire import (
+    HEADER,
+    MASTER_SENDS,
+    MAX_FDS_PER_FRAME,
+    MAX_PAYLOAD,
+    WORKER_SENDS,
+    Frame,
+    FrameKind,
+    FrameReader,
+    Outbox,
+    encode,
+    pack_ids,
+    unpack_ids,
+)
+
+
+def test_frames_round_trip_whole_and_byte_by_byte() -> None:
+    data = encode(FrameKind.ACK, pack_ids([1, 2**64 - 1])) + encode(FrameKind.READY)
+    assert FrameReader(WORKER_SENDS).feed(data) == [
+        Frame(FrameKind.ACK, pack_ids([1, 2**64 - 1])),
+        Frame(FrameKind.READY),
+    ]
+    reader = FrameReader(WORKER_SENDS)
+    frames = [frame for byte in data for frame in reader.feed(bytes([byte]))]
+    assert [frame.kind for frame in frames] == [FrameKind.ACK, FrameKind.READY]
+    assert unpack_ids(frames[0].payload) == (1, 2**64 - 1)
+    assert reader.pending_bytes == 0
+
+
+def test_descriptors_are_claimed_in_order_by_the_frames_that_declare_them() -> None:
+    reader = FrameReader(MASTER_SENDS)
+    # Descriptors may arrive before the bytes of their frame (rule 1), never after.
+    frames = reader.feed(encode(FrameKind.HANDOFF, pack_ids([7]), 1), fds=[100])
+    frames += reader.feed(encode(FrameKind.HANDOFF, pack_ids([8, 9]), 2)[:5], fds=[101, 102])
+    assert frames == [Frame(FrameKind.HANDOFF, pack_ids([7]), (100,))]
+    frames = reader.feed(encode(FrameKind.HANDOFF, pack_ids([8, 9]), 2)[5:])
+    assert frames == [Frame(FrameKind.HANDOFF, pack_ids([8, 9]), (101, 102))]
+
+
+@pytest.mark.parametrize(
+    ("data", "fds", "message"),
+    [
+        (HEADER.pack(99, 0, 0, 0), [], "unknown frame kind 99"),
+        (encode(FrameKind.HANDOFF), [], "HANDOFF is not allowed"),
+        (HEADER.pack(FrameKind.ACK, 1, 0, 0), [], "flags must be 0"),
+        (HEADER.pack(FrameKind.ACK, 0, MAX_FDS_PER_FRAME + 1, 0), [], "declares 65 descriptors"),
+        (HEADER.pack(FrameKind.ACK, 0, 0, MAX_PAYLOAD + 1), [], "byte payload"),
+        (encode(FrameKind.ACK, b"", 2), [5], "declares 2 descriptors but 1 arrived"),
+    ],
+)
+def test_invalid_frames_are_protocol_errors(data: bytes, fds: list[int], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        FrameReader(WORKER_SENDS).feed(data, fds)
+
+
+def test_id_lists_must_be_whole_u64s() -> None:
+    with pytest.raises(ProtocolError, match="not a multiple of 8"):
+        unpack_ids(b"\x00" * 9)
+
+
+def test_encode_refuses_what_no_reader_would_accept() -> None:
+    with pytest.raises(ValueError, match="0 to 64 descriptors"):
+        encode(FrameKind.HANDOFF, b"", MAX_FDS_PER_FRAME + 1)
+    with pytest.raises(ValueError, match="over the"):
+        encode(FrameKind.ACK, bytes(MAX_PAYLOAD + 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=8), st.integers(min_value=0, max_value=4))
+def test_arbitrary_bytes_never_raise_anything_but_protocol_error(chunks: list[bytes], n_fds: int) -> None:
+    reader = FrameReader(WORKER_SENDS)
+    fds = list(range(10_000, 10_000 + n_fds))
+    try:
+        for index, chunk in enumerate(chunks):
+            for frame in reader.feed(chunk, fds if index == 0 else ()):
+                assert frame.kind in WORKER_SENDS
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(WORKER_SENDS)), st.binary(max_size=40)), max_size=6), st.data())
+def test_any_split_of_valid_frames_decodes_to_the_same_frames(
+    frames: list[tuple[FrameKind, bytes]], data: st.DataObject
+) -> None:
+    stream = b"".join(encode(kind, payload) for kind, payload in frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=5)))
+    reader = FrameReader(WORKER_SENDS)
+    decoded: list[Frame] = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        decoded += reader.feed(stream[start:end])
+    assert decoded == [Frame(kind, payload) for kind, payload in frames]
+
+
+class StingySocket:
+    """A real socket whose sendmsg writes at most ``limit`` bytes per call, as a full buffer would."""
+
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self.sock = sock
+        self.limit = limit
+        self.calls_with_fds = 0
+        self.calls = 0
+
+    def sendmsg(self, buffers: list[memoryview], ancillary: list[tuple[int, int, bytes]]) -> int:
+        self.calls += 1
+        self.calls_with_fds += bool(ancillary)
+        return self.sock.sendmsg([bytes(buffers[0])[: self.limit]], ancillary)
+
+
+def test_descriptors_pass_over_a_real_socketpair_when_every_send_is_partial() -> None:
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pipes = [os.pipe() for _ in range(120)]
+    try:
+        stingy = StingySocket(master, limit=7)
+        outbox = Outbox()
+        for start in range(0, 120, 10):
+            ids = list(range(start, start + 10))
+            outbox.put(FrameKind.HANDOFF, pack_ids(ids), [pipes[n][1] for n in ids])
+            outbox.put(FrameKind.STOP)
+        reader = FrameReader(MASTER_SENDS)
+        received: list[Frame] = []
+        while not outbox.flush(stingy):  # type: ignore[arg-type]
+            frames, _closed = reader.read_from(worker)
+            received += frames
+        while len(received) < 24:
+            received += reader.read_from(worker)[0]
+
+        assert stingy.calls > 24 and stingy.calls_with_fds == 12  # fds ride on each frame's first piece only
+        handoffs = [frame for frame in received if frame.kind is FrameKind.HANDOFF]
+        assert [unpack_ids(frame.payload) for frame in handoffs] == [
+            tuple(range(start, start + 10)) for start in range(0, 120, 10)
+        ]
+        # Each received descriptor is the write end of the pipe with the same id.
+        for frame in handoffs:
+            for conn_id, fd in zip(unpack_ids(frame.payload), frame.fds, strict=True):
+                os.write(fd, struct.pack(">I", conn_id))
+                os.close(fd)
+                assert struct.unpack(">I", os.read(pipes[conn_id][0], 4)) == (conn_id,)
+    finally:
+        master.close()
+        worker.close()
+        for read_end, write_end in pipes:
+            os.close(read_end)
+            os.close(write_end)
+
+
+def test_a_full_socket_buffer_keeps_frames_queued_until_it_drains() -> None:
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        master.setblocking(False)
+        outbox = Outbox()
+        for _ in range(64):
+            outbox.put(FrameKind.STOP, bytes(64 * 1024))
+        assert outbox.flush(master) is False  # the master never blocks on a worker
+        assert len(outbox) > 0
+        reader = FrameReader(MASTER_SENDS)
+        worker.setblocking(False)
+        received = 0
+        while received < 64:
+            outbox.flush(master)
+            with contextlib.suppress(BlockingIOError):
+                received += len(reader.read_from(worker)[0])
+        assert outbox.flush(master) is True
+    finally:
+        master.close()
+        worker.close()
+
+
+def test_unclaimed_descriptors_are_closed_by_the_reader() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        reader = FrameReader(MASTER_SENDS)
+        reader.feed(encode(FrameKind.HANDOFF, pack_ids([1]), 1)[:3], fds=[write_end])
+        reader.close()
+        with pytest.raises(OSError):
+            os.fstat(write_end)
+    finally:
+        os.close(read_end)
+
+
+def test_peer_closing_is_reported() -> None:
+    left, right = socket.socketpair()
+    right.close()
+    assert FrameReader(WORKER_SENDS).read_from(left) == ([], True)
+    left.close()
+
+
+def test_flush_to_a_closed_peer_raises() -> None:
+    left, right = socket.socketpair()
+    right.close()
+    outbox = Outbox()
+    outbox.put(FrameKind.STOP)
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        outbox.flush(left)
+    left.close()

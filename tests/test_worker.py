@@ -1,0 +1,184 @@
+"""The worker runtime in-process, on real sockets: ack-then-deliver, errors, stopping."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from pytest_mock import MockerFixture
+
+from sticky_server import Worker
+from sticky_server.wire import WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
+from sticky_server.worker import ORPHAN_EXIT_SECONDS, WorkerRuntime, check_worker
+
+
+class Recorder(Worker):
+    def __init__(self, refuse_first: int = 0) -> None:
+        self.sockets: list[socket.socket] = []
+        self.refuse_first = refuse_first
+        self.stopped = threading.Event()
+
+    def add_connection(self, sock: socket.socket) -> None:
+        if self.refuse_first:
+            self.refuse_first -= 1
+            raise RuntimeError("refused on purpose")
+        self.sockets.append(sock)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class Master:
+    """The master's end of a control socketpair, driven by hand."""
+
+    def __init__(self) -> None:
+        self.sock, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.reader = FrameReader(WORKER_SENDS)
+        self.frames: list[Frame] = []
+
+    def send(self, kind: FrameKind, payload: bytes = b"", fds: list[int] | None = None) -> None:
+        outbox = Outbox()
+        outbox.put(kind, payload, fds or [])
+        assert outbox.flush(self.sock)
+
+    def next_frame(self) -> Frame:
+        while not self.frames:
+            frames, closed = self.reader.read_from(self.sock)
+            assert not closed, "the worker closed its control socket"
+            self.frames += frames
+        return self.frames.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.worker_end.close()
+
+
+@pytest.fixture
+def master() -> Iterator[Master]:
+    control = Master()
+    yield control
+    control.close()
+
+
+def tcp_pair(source: str = "127.0.0.5") -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10, source_address=(source, 0))
+        accepted, _ = listener.accept()
+    return client, accepted
+
+
+def start(runtime: WorkerRuntime) -> threading.Thread:
+    thread = threading.Thread(target=runtime.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ready_then_ack_then_an_unread_blocking_socket_of_the_client(master: Master) -> None:
+    worker = Recorder()
+    thread = start(WorkerRuntime(worker, master.worker_end, slot=3))
+    assert master.next_frame().kind is FrameKind.READY
+    client, accepted = tcp_pair()
+    client.sendall(b"intact")
+    accepted.setblocking(False)  # as the master's sockets are
+
+    master.send(FrameKind.HANDOFF, pack_ids([42]), [accepted.fileno()])
+    ack = master.next_frame()
+    accepted.close()  # the master closes its copy only after the ACK
+
+    assert ack.kind is FrameKind.ACK and unpack_ids(ack.payload) == (42,)
+    master.send(FrameKind.STOP)
+    thread.join(10)
+    assert not thread.is_alive() and worker.stopped.is_set()
+    (sock,) = worker.sockets
+    with sock, client:
+        assert sock.getpeername() == client.getsockname()
+        assert sock.family == socket.AF_INET and sock.getblocking()
+        assert sock.recv(6) == b"intact"
+
+
+def test_add_connection_raising_is_logged_and_that_socket_closed(
+    master: Master, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = Recorder(refuse_first=1)
+    thread = start(WorkerRuntime(worker, master.worker_end, slot=0))
+    master.next_frame()
+    (client1, accepted1), (client2, accepted2) = tcp_pair("127.0.0.8"), tcp_pair("127.0.0.9")
+    with caplog.at_level(logging.ERROR, logger="sticky_server"):
+        master.send(FrameKind.HANDOFF, pack_ids([1, 2]), [accepted1.fileno(), accepted2.fileno()])
+        assert unpack_ids(master.next_frame().payload) == (1, 2)
+        accepted1.close()
+        accepted2.close()
+        assert client1.recv(10) == b""  # closed by the worker
+        master.send(FrameKind.STOP)
+        thread.join(10)
+    record = next(r for r in caplog.records if "add_connection raised" in r.getMessage())
+    assert f"closed the connection from 127.0.0.8:{client1.getsockname()[1]}" in record.getMessage()
+    assert record.exc_info is not None and "refused on purpose" in str(record.exc_info[1])
+    assert [s.getpeername()[0] for s in worker.sockets] == ["127.0.0.9"]  # the worker kept serving
+    for sock in (client1, client2, *worker.sockets):
+        sock.close()
+
+
+def test_master_gone_stops_the_worker_and_arms_the_exit_timer(master: Master, mocker: MockerFixture) -> None:
+    exit_soon = mocker.patch("sticky_server.worker.exit_soon")
+    worker = Recorder()
+    thread = start(WorkerRuntime(worker, master.worker_end, slot=1))
+    master.next_frame()
+    master.sock.close()
+    thread.join(10)
+    assert not thread.is_alive() and worker.stopped.is_set()
+    exit_soon.assert_called_once_with(ORPHAN_EXIT_SECONDS)
+
+
+def test_invalid_frame_from_the_master_stops_the_worker(master: Master, caplog: pytest.LogCaptureFixture) -> None:
+    worker = Recorder()
+    thread = start(WorkerRuntime(worker, master.worker_end, slot=1))
+    master.next_frame()
+    master.sock.sendall(b"\xff" * 8)
+    thread.join(10)
+    assert not thread.is_alive() and worker.stopped.is_set()
+    assert "the master sent an invalid frame (unknown frame kind 255)" in caplog.text
+
+
+def test_sigterm_stops_the_worker_gracefully(master: Master) -> None:
+    worker = Recorder()
+    runtime = WorkerRuntime(worker, master.worker_end, slot=0)
+
+    def send_sigterm_when_ready() -> None:
+        master.next_frame()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    helper = threading.Thread(target=send_sigterm_when_ready)
+    helper.start()
+    previous = signal.getsignal(signal.SIGTERM)
+    runtime.run()  # in the main thread, where it installs its handlers
+    helper.join(10)
+    assert worker.stopped.is_set()
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_check_worker_names_what_is_missing() -> None:
+    class NoMethod:
+        pass
+
+    class NotCallable:
+        add_connection = 3
+
+    expected = r"add_connection\(sock\) method; NoMethod has none.*subclass sticky_server\.Worker"
+    with pytest.raises(TypeError, match=expected):
+        check_worker(NoMethod())
+    with pytest.raises(TypeError, match=r"NotCallable\.add_connection is a int"):
+        check_worker(NotCallable())
+    duck = type("Duck", (), {"add_connection": lambda self, sock: None})()
+    assert check_worker(duck) is duck
+
+
+def test_worker_base_class_requires_add_connection() -> None:
+    with pytest.raises(NotImplementedError, match="Worker must implement add_connection"), socket.socket() as sock:
+        Worker().add_connection(sock)
