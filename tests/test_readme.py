@@ -1,0 +1,43 @@
+"""The README's promises that code can check: its balancer example works and CI runs its test command."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sticky_server import Balancer, ClientInfo, WorkerSet, environment
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+
+
+def code_block_after(marker: str) -> str:
+    match = re.search(re.escape(marker) + r"\s*```python\n(.*?)```", README, re.S)
+    assert match, f"no python block after {marker}"
+    return match.group(1)
+
+
+def test_custom_balancer_example_runs_and_does_what_it_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(environment, "_read", False)
+    code = code_block_after("<!-- readme-balancer-example -->")
+    assert len([line for line in code.splitlines() if line.strip()]) <= 15
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    balancer = namespace["sticky"].balancer
+    assert isinstance(balancer, Balancer)
+    everyone = WorkerSet(4, (0, 1, 2, 3))
+    assert {balancer.pick(ClientInfo(f"10.1.{n}.9", 1), everyone) for n in range(50)} == {0}
+    others = {balancer.pick(ClientInfo(f"192.0.2.{n}", 1), everyone) for n in range(50)}
+    assert len(others) > 1
+    assert balancer.pick(ClientInfo("10.1.0.1", 1), WorkerSet(4, (1, 2, 3))) in (1, 2, 3)
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    commands = re.findall(r"```sh\n(.*?)\n```", README, re.S)
+    test_command = next(command for command in commands if "pytest" in command)
+    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci_lines
+    assert any("example/server.py" in command and "pip install -e ." in command for command in commands)
