@@ -53,8 +53,7 @@ def test_master_closes_its_copy_of_every_connection(start_app: StartApp) -> None
     server = start_app({"APP_WORKERS": "2"})
     address = server.wait_listening()
     master = server.process.pid
-    request(address)
-    baseline = open_fds(master)
+    baseline = open_fds(master)  # before any connection: every fd one adds must go again
 
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda n: request(address, source=CLIENT_IPS[n % 16]), range(400)))

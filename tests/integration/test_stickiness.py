@@ -64,7 +64,6 @@ def test_a_dead_slots_clients_move_and_come_back_and_nobody_else_moves(start_app
 
     # The slot's worker starts again: exactly its old clients come back to it.
     fail_boot.unlink()
-    server.wait_for(rf"worker {victim_slot} started", timeout=30, start=len(server.lines))
 
     def victims_back() -> bool:
         return all(request(address, source=ip)["slot"] == victim_slot for ip in victims)
