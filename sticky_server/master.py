@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 One selector watches the listening sockets, every worker's control socket and the
-signal wake-up socket; restarts, stop deadlines and accept pauses are deadlines
-for ``select``. Nothing in the loop blocks on a client or on a worker.
+signal wake-up socket; restarts, heartbeats, kill deadlines and accept pauses are
+deadlines for ``select``. Nothing in the loop blocks on a client or on a worker.
 
 Rule 1 (ownership): an accepted descriptor belongs to the master until the worker
 it was sent to acknowledges it. The master sends it in a HANDOFF frame (batched:
@@ -21,26 +21,34 @@ Rule 3 (back-pressure): a worker holding ``MAX_UNACKED`` unacknowledged
 connections is full and leaves the alive set until it is back to half that; its
 clients go to their next choice meanwhile. If no slot can take a connection, the
 master stops accepting (the kernel's backlog holds new clients) and parks the
-connections it has until a slot can take them.
+connections it has until a slot can take them. Nothing is closed for lack of room.
 
-Rule 4 (stop): close the listeners; send each worker STOP after the hand-offs
-already queued for it, so everything accepted is served; SIGKILL whatever is
-still running ``graceful_timeout`` seconds later. A second SIGTERM or SIGINT
-kills at once.
+Rule 4 (one current worker per slot): routing only ever uses a slot's *current*
+worker. A reload or a recycle starts a replacement beside it, makes it current
+when it is ready, and only then sends the old one STOP (after every hand-off
+already queued for it), so the slot never stops serving and keeps its clients.
+
+Rule 5 (stop): graceful (SIGTERM) closes the listeners and sends each worker
+STOP after the hand-offs queued for it, so everything accepted is served, then
+SIGKILLs what is left ``graceful_timeout`` seconds later. Quick (SIGINT,
+SIGQUIT) sends the workers SIGQUIT and kills them ``QUICK_STOP_SECONDS`` later.
+Any further stop signal kills at once.
 
 Resource handling: out-of-descriptor errors from ``accept`` (EMFILE, ENFILE,
-ENOBUFS, ENOMEM) are logged once and accepting pauses for ``ACCEPT_BACKOFF``
-seconds instead of spinning; a connection aborted before ``accept`` is skipped;
-any other error propagates, and the ``finally`` of ``run`` kills every worker so
-nothing is left behind.
+ENOBUFS, ENOMEM) are logged and accepting pauses for ``ACCEPT_BACKOFF`` seconds
+instead of spinning; a connection aborted before ``accept`` is skipped; any other
+error propagates, and the ``finally`` of ``run`` kills every worker so nothing is
+left behind.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import functools
 import logging
 import os
+import random
 import selectors
 import signal
 import socket
@@ -54,10 +62,10 @@ from .balancer import Balancer, ClientInfo, IPHashBalancer, WorkerSet
 from .errors import ProtocolError, WorkerBootError
 from .listener import format_address
 from .signals import SignalQueue
-from .supervisor import Supervisor, WorkerProcess, describe_exit
+from .supervisor import MAX_BOOT_FAILURES, Supervisor, WorkerProcess, describe_exit
 from .wire import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
 
-__all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher"]
+__all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher", "StopMode"]
 
 logger = logging.getLogger("sticky_server.master")
 
@@ -71,22 +79,43 @@ ABORTED_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM
 MAX_DRAIN_READS = 64
 # How long the final clean-up waits for a SIGKILLed worker to be reaped.
 KILL_WAIT = 5.0
+# A quick stop kills workers still running this long after their SIGQUIT.
+QUICK_STOP_SECONDS = 2.0
+# Heartbeats per `timeout`; a hung worker gets this long after SIGABRT before SIGKILL.
+HEARTBEATS_PER_TIMEOUT = 3
+ABORT_GRACE = 1.0
+# max_connections_per_worker is raised by up to this fraction, per worker, at random,
+# so that workers started together are not all recycled at once.
+RECYCLE_JITTER = 0.1
+
+
+class StopMode(enum.Enum):
+    """How the server stops (rule 5)."""
+
+    GRACEFUL = "graceful"
+    QUICK = "quick"
+    KILL = "kill"
 
 
 @dataclass(eq=False)
 class _Link:
-    """The master's view of one running worker: its socket traffic and the connections it owes."""
+    """The master's view of one worker process: its socket traffic and the connections it owes."""
 
     worker: WorkerProcess
+    last_heard: float
+    recycle_after: int | None = None
     reader: FrameReader = field(default_factory=lambda: FrameReader(WORKER_SENDS))
     outbox: Outbox = field(default_factory=Outbox)
     # connection id -> (descriptor, client); the master owns these descriptors (rule 1).
     unacked: dict[int, tuple[int, ClientInfo]] = field(default_factory=dict)
     # ids routed here during this accept burst, not yet put in a frame.
     pending: list[int] = field(default_factory=list)
+    taken: int = 0
     connected: bool = True
     full: bool = False
     writing: bool = False
+    hung: bool = False
+    recycling: bool = False
 
 
 class Dispatcher:
@@ -99,6 +128,8 @@ class Dispatcher:
         balancer: Balancer,
         *,
         graceful_timeout: float,
+        timeout: float | None = None,
+        max_connections_per_worker: int | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._listeners = list(listeners)
@@ -106,9 +137,14 @@ class Dispatcher:
         self._balancer = balancer
         self._fallback = IPHashBalancer()
         self._graceful_timeout = graceful_timeout
+        self._timeout = timeout
+        self._max_connections = max_connections_per_worker
         self._on_ready = on_ready
         self._selector = selectors.DefaultSelector()
-        self._links: dict[int, _Link] = {}
+        self._links: dict[int, _Link] = {}  # the current worker of each slot
+        self._incoming: dict[int, _Link] = {}  # replacements that are starting
+        self._by_worker: dict[WorkerProcess, _Link] = {}  # every live link
+        self._replace_queue: deque[int] = deque()
         self._workers = WorkerSet(supervisor.size, ())
         self._alive: frozenset[int] = frozenset()
         self._touched: set[_Link] = set()
@@ -116,7 +152,8 @@ class Dispatcher:
         self._next_id = 0
         self._accepting = False
         self._accept_paused_until: float | None = None
-        self._kill_at: dict[WorkerProcess, float] = {}
+        self._kill_at: dict[WorkerProcess, tuple[float, str]] = {}
+        self._next_heartbeat: float | None = None
         self._started = False
         self._stopping = False
         self._boot_error: WorkerBootError | None = None
@@ -124,17 +161,22 @@ class Dispatcher:
         self._frame_handlers: dict[FrameKind, Callable[[_Link, Frame], None]] = {
             FrameKind.ACK: self._on_ack,
             FrameKind.READY: self._on_ready_frame,
+            FrameKind.PONG: lambda link, frame: None,  # any frame counts as a heartbeat
         }
         self._signal_handlers: dict[int, Callable[[], None]] = {
-            signal.SIGTERM: functools.partial(self._stop, "SIGTERM"),
-            signal.SIGINT: functools.partial(self._stop, "SIGINT"),
+            signal.SIGTERM: functools.partial(self._stop, "SIGTERM", StopMode.GRACEFUL),
+            signal.SIGINT: functools.partial(self._stop, "SIGINT", StopMode.QUICK),
+            signal.SIGQUIT: functools.partial(self._stop, "SIGQUIT", StopMode.QUICK),
+            signal.SIGHUP: self._reload,
+            signal.SIGTTIN: self._grow,
+            signal.SIGTTOU: self._shrink,
             signal.SIGCHLD: self._reap,
         }
 
     # --- the loop -------------------------------------------------------------
 
     def run(self) -> None:
-        """Start the workers and serve until stopped; raises WorkerBootError if start-up fails."""
+        """Start the workers and serve until stopped; raises WorkerBootError if workers cannot start."""
         signals = SignalQueue(self._signal_handlers)
         if not signals.installed:
             signals.restore()
@@ -144,7 +186,9 @@ class Dispatcher:
             for slot in range(self._supervisor.size):
                 self._add_link(self._supervisor.start(slot))
             self._workers_changed()
-            while not (self._stopping and not self._supervisor.workers):
+            if self._timeout:
+                self._next_heartbeat = time.monotonic() + self._timeout / HEARTBEATS_PER_TIMEOUT
+            while not (self._stopping and not self._supervisor.processes):
                 for key, mask in self._selector.select(self._select_timeout()):
                     key.data(mask)
                 self._run_timers()
@@ -156,12 +200,10 @@ class Dispatcher:
             raise self._boot_error
 
     def _select_timeout(self) -> float | None:
-        deadlines = list(self._kill_at.values())
-        restart = self._supervisor.next_restart()
-        if restart is not None:
-            deadlines.append(restart)
-        if self._accept_paused_until is not None:
-            deadlines.append(self._accept_paused_until)
+        deadlines = [when for when, _ in self._kill_at.values()]
+        for deadline in (self._supervisor.next_restart(), self._accept_paused_until, self._next_heartbeat):
+            if deadline is not None:
+                deadlines.append(deadline)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -175,20 +217,17 @@ class Dispatcher:
                 self._add_link(self._supervisor.start(slot))
             except OSError as exc:
                 self._supervisor.spawn_failed(slot, exc)
-        for worker, when in list(self._kill_at.items()):
+        for worker, (when, why) in list(self._kill_at.items()):
             if when <= now:
                 del self._kill_at[worker]
                 if worker.process.poll() is None:
-                    logger.warning(
-                        "worker %d (pid %d) did not exit within %.1f s; killing it",
-                        worker.slot,
-                        worker.pid,
-                        self._graceful_timeout,
-                    )
+                    logger.warning("worker %d (pid %d) %s; killing it", worker.slot, worker.pid, why)
                     worker.process.kill()
         if self._accept_paused_until is not None and self._accept_paused_until <= now:
             self._accept_paused_until = None
             changed = True
+        if self._next_heartbeat is not None and self._next_heartbeat <= now:
+            changed |= self._heartbeat(now)
         if changed:
             self._workers_changed()
 
@@ -218,8 +257,6 @@ class Dispatcher:
                     self._pause_accepting(exc)
                     break
                 raise
-            if self._accept_paused_until is not None:
-                self._accept_paused_until = None
             self._next_id += 1
             client = ClientInfo(address[0], address[1]) if isinstance(address, tuple) else ClientInfo("", 0)
             self._route(self._next_id, fd, client)
@@ -283,9 +320,9 @@ class Dispatcher:
         alive = tuple(
             slot
             for slot, link in sorted(self._links.items())
-            if link.connected and not link.full and not link.worker.stopping
+            if link.connected and not link.full and not link.hung and not link.worker.stopping
         )
-        if alive != self._workers.alive:
+        if alive != self._workers.alive or self._supervisor.size != self._workers.size:
             self._workers = WorkerSet(self._supervisor.size, alive)
             self._alive = frozenset(alive)
         if alive and self._parked:
@@ -310,9 +347,13 @@ class Dispatcher:
 
     # --- worker links -----------------------------------------------------------
 
-    def _add_link(self, worker: WorkerProcess) -> None:
-        link = _Link(worker)
-        self._links[worker.slot] = link
+    def _add_link(self, worker: WorkerProcess, incoming: bool = False) -> None:
+        recycle_after = None
+        if self._max_connections:
+            recycle_after = self._max_connections + random.randint(0, int(self._max_connections * RECYCLE_JITTER))
+        link = _Link(worker, last_heard=time.monotonic(), recycle_after=recycle_after)
+        self._by_worker[worker] = link
+        (self._incoming if incoming else self._links)[worker.slot] = link
         self._selector.register(worker.control, selectors.EVENT_READ, functools.partial(self._on_control, link))
         if self._stopping:
             self._send_stop(link)
@@ -330,6 +371,8 @@ class Dispatcher:
         """One read from the worker; returns True if it read something and the link is still open."""
         try:
             frames, closed = link.reader.read_from(link.worker.control)
+            if frames:
+                link.last_heard = time.monotonic()
             for frame in frames:
                 self._frame_handlers[frame.kind](link, frame)
         except BlockingIOError:
@@ -348,22 +391,31 @@ class Dispatcher:
 
     def _on_ack(self, link: _Link, frame: Frame) -> None:
         unacked = link.unacked
-        for conn_id in unpack_ids(frame.payload):
+        ids = unpack_ids(frame.payload)
+        for conn_id in ids:
             entry = unacked.pop(conn_id, None)
             if entry is None:
                 raise ProtocolError(f"acknowledged connection {conn_id}, which it was not sent")
             os.close(entry[0])
+        link.taken += len(ids)
         if link.full and len(unacked) <= MAX_UNACKED // 2:
             link.full = False
             self._workers_changed()
+        if link.recycle_after is not None and link.taken >= link.recycle_after and not link.recycling:
+            link.recycling = True
+            self._replace(link.worker.slot, f"it took {link.taken} connections (max_connections_per_worker)")
 
     def _on_ready_frame(self, link: _Link, frame: Frame) -> None:
-        link.worker.ready = True
-        logger.debug("worker %d (pid %d) is ready", link.worker.slot, link.worker.pid)
-        if self._started or self._stopping:
+        worker = link.worker
+        self._supervisor.note_ready(worker)
+        logger.debug("worker %d (pid %d) is ready", worker.slot, worker.pid)
+        if self._stopping:
+            return
+        if self._incoming.get(worker.slot) is link:
+            self._promote(link)
             return
         size = self._supervisor.size
-        if all(slot in self._links and self._links[slot].worker.ready for slot in range(size)):
+        if not self._started and all(slot in self._links and self._links[slot].worker.ready for slot in range(size)):
             self._started = True
             addresses = ", ".join(format_address(listener.getsockname()) for listener in self._listeners)
             logger.info("listening on %s with %d workers (master pid %d)", addresses, size, os.getpid())
@@ -423,59 +475,190 @@ class Dispatcher:
         if not self._stopping and link.worker.process.poll() is None and link.worker not in self._kill_at:
             # A worker without its control socket can do nothing useful: give it
             # the graceful timeout to exit on its own, then kill it.
-            self._kill_at[link.worker] = time.monotonic() + self._graceful_timeout
+            deadline = time.monotonic() + self._graceful_timeout
+            self._kill_at[link.worker] = (deadline, "lost its control socket and did not exit")
 
     def _reap(self) -> None:
         for worker, returncode in self._supervisor.reap():
-            link = self._links.pop(worker.slot)
+            link = self._by_worker.pop(worker)
             for _ in range(MAX_DRAIN_READS):
                 if not link.connected or not self._read_link(link):
                     break
             self._disconnect(link)
             self._kill_at.pop(worker, None)
+            slot = worker.slot
+            if self._incoming.get(slot) is link:
+                del self._incoming[slot]
+                self._replace_queue.clear()
+                logger.error(
+                    "the new worker for slot %d (pid %d) %s before it was ready; keeping the running worker "
+                    "and abandoning the reload (its error is printed above)",
+                    slot,
+                    worker.pid,
+                    describe_exit(returncode),
+                )
+                continue
+            if self._links.get(slot) is link:
+                del self._links[slot]
             if not self._started and not worker.ready and not self._stopping:
-                self._boot_error = WorkerBootError(
-                    f"worker {worker.slot} (pid {worker.pid}) {describe_exit(returncode)} before it was ready, "
+                self._supervisor.schedule_restart(worker, returncode)
+                self._fail_to_start(
+                    f"worker {slot} (pid {worker.pid}) {describe_exit(returncode)} before it was ready, "
                     "so the server did not start. Its own error is printed above; fix it and start again."
                 )
-                self._supervisor.schedule_restart(worker, returncode)
-                self._stop("start-up failure", quick=True)
                 continue
-            self._supervisor.schedule_restart(worker, returncode)
+            if not self._supervisor.schedule_restart(worker, returncode):
+                self._fail_to_start(
+                    f"the workers of slot {slot} failed to start {MAX_BOOT_FAILURES} times in a row "
+                    f"(the last {describe_exit(returncode)}), so the server stopped. "
+                    "Their error is printed above; fix it and start again."
+                )
+        self._workers_changed()
+        self._next_replacement()
+
+    def _fail_to_start(self, message: str) -> None:
+        if self._boot_error is None:
+            self._boot_error = WorkerBootError(message)
+        self._stop("workers cannot start", StopMode.KILL)
+
+    # --- heartbeat --------------------------------------------------------------
+
+    def _heartbeat(self, now: float) -> bool:
+        """Ping every ready worker; abort those silent for ``timeout``. Returns True if one was aborted."""
+        assert self._timeout is not None
+        self._next_heartbeat = now + self._timeout / HEARTBEATS_PER_TIMEOUT
+        aborted = False
+        for link in list(self._links.values()):
+            worker = link.worker
+            if not link.connected or link.hung or worker.stopping or not worker.ready:
+                continue
+            if now - link.last_heard > self._timeout:
+                link.hung = aborted = True
+                logger.error(
+                    "worker %d (pid %d) has not answered for %.1f s; killing it (SIGABRT, then SIGKILL)",
+                    worker.slot,
+                    worker.pid,
+                    now - link.last_heard,
+                )
+                worker.process.send_signal(signal.SIGABRT)
+                self._kill_at[worker] = (now + ABORT_GRACE, "did not exit on SIGABRT")
+                continue
+            link.outbox.put(FrameKind.PING)
+            self._flush_link(link)
+        return aborted
+
+    # --- reload, resize, recycle ------------------------------------------------
+
+    def _reload(self) -> None:
+        if self._stopping:
+            return
+        logger.info("SIGHUP: replacing %d workers one by one", len(self._links))
+        for slot in sorted(self._links):
+            self._replace(slot, "reload")
+
+    def _replace(self, slot: int, why: str) -> None:
+        """Queue ``slot`` for a replacement worker (rule 4)."""
+        if slot in self._replace_queue or slot in self._incoming:
+            return
+        logger.info("replacing worker %d: %s", slot, why)
+        self._replace_queue.append(slot)
+        self._next_replacement()
+
+    def _next_replacement(self) -> None:
+        if self._incoming or self._stopping:
+            return
+        while self._replace_queue:
+            slot = self._replace_queue.popleft()
+            if slot >= self._supervisor.size or slot not in self._links:
+                continue  # gone, or restarting anyway: its next worker runs the new code
+            try:
+                self._add_link(self._supervisor.spawn(slot), incoming=True)
+            except OSError as exc:
+                logger.error("could not start a replacement for worker %d (%s); keeping the running one", slot, exc)
+                continue
+            return
+
+    def _promote(self, link: _Link) -> None:
+        slot = link.worker.slot
+        del self._incoming[slot]
+        previous = self._links.get(slot)
+        self._supervisor.promote(link.worker)
+        self._links[slot] = link
+        if previous is not None:
+            logger.info("worker %d replaced: pid %d now, pid %d finishing", slot, link.worker.pid, previous.worker.pid)
+            self._send_stop(previous)
+        self._workers_changed()
+        self._next_replacement()
+
+    def _grow(self) -> None:
+        if self._stopping:
+            return
+        slot = self._supervisor.size
+        self._supervisor.resize(slot + 1)
+        logger.info("SIGTTIN: %d workers now", slot + 1)
+        try:
+            self._add_link(self._supervisor.start(slot))
+        except OSError as exc:
+            self._supervisor.spawn_failed(slot, exc)
+        self._workers_changed()
+
+    def _shrink(self) -> None:
+        if self._stopping:
+            return
+        if self._supervisor.size == 1:
+            logger.warning("SIGTTOU: already down to one worker; keeping it")
+            return
+        slot = self._supervisor.size - 1
+        self._supervisor.resize(slot)
+        logger.info("SIGTTOU: %d workers now; stopping worker %d", slot, slot)
+        for links in (self._links, self._incoming):
+            link = links.pop(slot, None)
+            if link is not None:
+                self._send_stop(link)
         self._workers_changed()
 
     # --- stopping ---------------------------------------------------------------
 
-    def _stop(self, why: str, quick: bool = False) -> None:
+    def _stop(self, why: str, mode: StopMode) -> None:
         if self._stopping:
-            if not quick:
-                logger.warning("%s again while stopping: killing the workers now", why)
+            logger.warning("%s while stopping: killing the workers now", why)
             self._supervisor.kill_all()
             return
         self._stopping = True
         self._supervisor.stop()
+        self._replace_queue.clear()
         for listener in self._listeners:
             if self._accepting:
                 self._selector.unregister(listener)
             listener.close()
         self._accepting = False
         self._close_parked("the server is stopping")
-        if quick:
+        if mode is StopMode.KILL:
             self._supervisor.kill_all()
             return
-        logger.info(
-            "%s: stopping; waiting up to %.1f s for %d workers to finish",
-            why,
-            self._graceful_timeout,
-            len(self._supervisor.workers),
-        )
-        for link in self._links.values():
-            self._send_stop(link)
+        if mode is StopMode.QUICK:
+            logger.info("%s: quick stop", why)
+            deadline = time.monotonic() + min(QUICK_STOP_SECONDS, self._graceful_timeout)
+            for worker in self._supervisor.processes:
+                worker.stopping = True
+                self._kill_at[worker] = (deadline, f"did not exit within {QUICK_STOP_SECONDS:.1f} s of SIGQUIT")
+            self._supervisor.kill_all(signal.SIGQUIT)
+        else:
+            logger.info(
+                "%s: stopping; waiting up to %.1f s for %d workers to finish",
+                why,
+                self._graceful_timeout,
+                len(self._supervisor.processes),
+            )
+            for link in list(self._by_worker.values()):
+                if not link.worker.stopping:
+                    self._send_stop(link)
         self._workers_changed()
 
     def _send_stop(self, link: _Link) -> None:
         link.worker.stopping = True
-        self._kill_at[link.worker] = time.monotonic() + self._graceful_timeout
+        deadline = time.monotonic() + self._graceful_timeout
+        self._kill_at[link.worker] = (deadline, f"did not exit within {self._graceful_timeout:.1f} s")
         if link.connected:
             link.outbox.put(FrameKind.STOP)
             self._flush_link(link)
@@ -489,18 +672,21 @@ class Dispatcher:
 
     def _shut_down(self) -> None:
         """Leave nothing behind: no worker process, no descriptor (runs on every exit of ``run``)."""
+        self._stopping = True
         self._supervisor.stop()
         self._supervisor.kill_all()
-        for worker in list(self._supervisor.workers.values()):
+        for worker in list(self._supervisor.processes):
             try:
                 worker.process.wait(timeout=KILL_WAIT)
             except subprocess.TimeoutExpired:
                 logger.error("worker %d (pid %d) survived SIGKILL for %.0f s", worker.slot, worker.pid, KILL_WAIT)
+        self._supervisor.processes.clear()
         self._supervisor.workers.clear()
-        for link in self._links.values():
-            self._stopping = True
+        for link in list(self._by_worker.values()):
             self._disconnect(link)
+        self._by_worker.clear()
         self._links.clear()
+        self._incoming.clear()
         self._close_parked("the server stopped")
         for listener in self._listeners:
             if self._accepting:

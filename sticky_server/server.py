@@ -8,8 +8,10 @@ master), ``is_master`` is False and ``work(worker)`` serves what the master send
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import pwd
 from collections.abc import Callable
 from typing import Any
 
@@ -19,16 +21,48 @@ from .errors import WrongProcessError
 from .listener import DEFAULT_BACKLOG, bind_listener, validate_port
 from .master import Dispatcher
 from .supervisor import Supervisor
-from .worker import WorkerRuntime, check_worker
+from .worker import WorkerRuntime, check_worker, exit_on_boot_failure
 
-__all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "StickyServer"]
+__all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "group_id", "user_id"]
 
 logger = logging.getLogger("sticky_server")
 
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 30.0
 _USAGE = "`if sticky.is_master: sticky.listen(port) else: sticky.work(worker)`"
 
 ListeningCallback = Callable[[tuple[str, int]], Any]
+
+
+def user_id(user: str | int | None) -> int | None:
+    """The numeric id of a user name or id; ValueError naming the fix if there is no such user."""
+    if user is None or (isinstance(user, int) and not isinstance(user, bool)):
+        return user
+    if not isinstance(user, str):
+        raise TypeError(f"user must be a name, a numeric id or None, not {user!r}")
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ValueError(f"user {user!r} does not exist on this machine; create it or name another") from None
+
+
+def group_id(group: str | int | None, user: int | None) -> int | None:
+    """The numeric id of a group name or id; by default the primary group of ``user``."""
+    if group is None:
+        if user is None:
+            return None
+        try:
+            return pwd.getpwuid(user).pw_gid
+        except KeyError:
+            return None  # a bare uid with no passwd entry: leave the group as it is
+    if isinstance(group, int) and not isinstance(group, bool):
+        return group
+    if not isinstance(group, str):
+        raise TypeError(f"group must be a name, a numeric id or None, not {group!r}")
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"group {group!r} does not exist on this machine; create it or name another") from None
 
 
 class StickyServer:
@@ -37,6 +71,12 @@ class StickyServer:
     ``workers``: how many worker processes (default: the number of CPUs).
     ``balancer``: a ``Balancer`` instance or a built-in name (default ``"ip-hash"``).
     ``graceful_timeout``: seconds workers get to finish when stopping before they are killed.
+    ``timeout``: seconds a ready worker may leave the master's heartbeat unanswered before it
+    is killed and replaced (None: no heartbeat).
+    ``max_connections_per_worker``: replace a worker after it took about this many
+    connections (plus up to 10% at random per worker); None: never.
+    ``user`` / ``group``: run the workers as this user / group (name or id); the
+    master keeps its own (e.g. root, to bind port 80).
     ``backlog``: the listen backlog (the kernel caps it at its own maximum).
     """
 
@@ -46,6 +86,10 @@ class StickyServer:
         *,
         balancer: Balancer | str = "ip-hash",
         graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_connections_per_worker: int | None = None,
+        user: str | int | None = None,
+        group: str | int | None = None,
         backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         if workers is None:
@@ -54,13 +98,29 @@ class StickyServer:
             raise ValueError(f"workers must be a whole number of processes, 1 or more; got {workers!r}")
         if isinstance(graceful_timeout, bool) or not isinstance(graceful_timeout, (int, float)) or graceful_timeout < 0:
             raise ValueError(f"graceful_timeout must be a number of seconds, 0 or more; got {graceful_timeout!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a number of seconds above 0, or None for no heartbeat; got {timeout!r}")
+        if max_connections_per_worker is not None and (
+            isinstance(max_connections_per_worker, bool)
+            or not isinstance(max_connections_per_worker, int)
+            or max_connections_per_worker < 1
+        ):
+            raise ValueError(
+                f"max_connections_per_worker must be a positive int, or None; got {max_connections_per_worker!r}"
+            )
         if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
             raise ValueError(f"backlog must be a positive int; got {backlog!r}")
+        self.user = user_id(user)
+        self.group = group_id(group, self.user)
         self.workers = workers
         self.balancer = balancer_from(balancer)
         self.graceful_timeout = float(graceful_timeout)
+        self.timeout = None if timeout is None else float(timeout)
+        self.max_connections_per_worker = max_connections_per_worker
         self.backlog = backlog
         self._identity = worker_identity()
+        # In a worker, an error before work() is ready is a boot failure (see worker.py).
+        self._disarm_boot_hook = exit_on_boot_failure() if self._identity is not None else None
         self._address: tuple[str, int] | None = None
         self._listening_callbacks: list[ListeningCallback] = []
         self._listen_called = False
@@ -103,15 +163,21 @@ class StickyServer:
         if self._listen_called:
             raise RuntimeError("listen() was already called on this StickyServer; create one per program")
         validate_port(port)
+        if (self.user is not None or self.group is not None) and os.geteuid() != 0:
+            raise PermissionError(
+                f"user/group ({self.user}/{self.group}) need the master to run as root; run it as root or drop them"
+            )
         self._listen_called = True
         listener = bind_listener(port, host, self.backlog)
         self._address = listener.getsockname()[:2]
-        supervisor = Supervisor(self.workers)
+        supervisor = Supervisor(self.workers, user=self.user, group=self.group)
         dispatcher = Dispatcher(
             [listener],
             supervisor,
             self.balancer,
             graceful_timeout=self.graceful_timeout,
+            timeout=self.timeout,
+            max_connections_per_worker=self.max_connections_per_worker,
             on_ready=self._notify_listening,
         )
         try:
@@ -135,4 +201,4 @@ class StickyServer:
         if self._identity is None:
             raise WrongProcessError(f"work() was called in the master process; only workers work. Use {_USAGE}")
         handler = check_worker(worker)
-        WorkerRuntime(handler, self._identity.control, self._identity.slot).run()
+        WorkerRuntime(handler, self._identity.control, self._identity.slot, on_ready=self._disarm_boot_hook).run()

@@ -9,11 +9,14 @@ Ctrl-C reaches the master only; the master decides how workers stop). It inherit
 exactly one descriptor beyond stdio: its end of a fresh control socketpair, whose
 number is in the environment (see ``environment``).
 
-Each slot has at most one process. When it exits, the slot is started again after
-a delay from ``RestartPolicy``: at once if the worker had been up and healthy,
-otherwise after an exponentially growing back-off, so a worker that crashes at
-start-up costs a few spawns a second at first and one every ``BACKOFF_MAX``
-seconds after that, never a fork loop.
+Each slot has one *current* process; during a reload or a recycle it also has a
+replacement that is starting (it becomes current once ready) and may have old
+processes that are finishing. When the current process exits, the slot is
+started again after a delay from ``RestartPolicy``: at once if the worker had
+been up and healthy, otherwise after an exponentially growing back-off, so a
+worker that crashes at start-up costs a few spawns a second at first and one
+every ``BACKOFF_MAX`` seconds after that, never a fork loop. A slot whose workers
+fail to start ``MAX_BOOT_FAILURES`` times in a row stops the server.
 
 The supervisor never blocks: reaping is ``Popen.poll()`` on each live process
 when the master's loop sees SIGCHLD, and respawns are deadlines the loop waits for.
@@ -31,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .environment import CONTROL_FD_ENV, LAUNCH_CWD, WORKER_SLOT_ENV
 
@@ -38,6 +42,7 @@ __all__ = [
     "BACKOFF_FIRST",
     "BACKOFF_MAX",
     "HEALTHY_UPTIME",
+    "MAX_BOOT_FAILURES",
     "RestartPolicy",
     "Supervisor",
     "WorkerProcess",
@@ -52,6 +57,8 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 # A worker that was ready and lived this long counts as healthy: its slot restarts at once.
 HEALTHY_UPTIME = 1.0
+# Workers of one slot that die before they are ready this many times in a row stop the server.
+MAX_BOOT_FAILURES = 5
 
 
 @dataclass(eq=False)
@@ -75,15 +82,31 @@ def entry_command() -> list[str]:
     return [sys.executable, *sys.orig_argv[1:]]
 
 
-def spawn_worker(slot: int, command: Sequence[str], cwd: str, now: float) -> WorkerProcess:
-    """Start one worker process for ``slot``; raises OSError if the process cannot be created."""
+def spawn_worker(
+    slot: int, command: Sequence[str], cwd: str, now: float, *, user: int | None = None, group: int | None = None
+) -> WorkerProcess:
+    """Start one worker process for ``slot``; raises OSError if the process cannot be created.
+
+    With ``user``/``group`` (numeric ids) the worker runs with those ids and no
+    supplementary groups: the master may bind a privileged port, workers may not.
+    """
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ)
         env[CONTROL_FD_ENV] = str(worker_end.fileno())
         env[WORKER_SLOT_ENV] = str(slot)
+        credentials: dict[str, Any] = {}
+        if group is not None:
+            credentials.update(group=group, extra_groups=[])
+        if user is not None:
+            credentials["user"] = user
         process = subprocess.Popen(
-            list(command), cwd=cwd, env=env, pass_fds=(worker_end.fileno(),), start_new_session=True
+            list(command),
+            cwd=cwd,
+            env=env,
+            pass_fds=(worker_end.fileno(),),
+            start_new_session=True,
+            **credentials,
         )
     except BaseException:
         master_end.close()
@@ -124,7 +147,7 @@ class RestartPolicy:
         return float(min(self.first * 2.0 ** (failures - 1), self.maximum))
 
 
-SpawnFunction = Callable[[int, Sequence[str], str, float], WorkerProcess]
+SpawnFunction = Callable[..., WorkerProcess]
 
 
 class Supervisor:
@@ -139,47 +162,90 @@ class Supervisor:
         policy: RestartPolicy | None = None,
         spawn: SpawnFunction = spawn_worker,
         clock: Callable[[], float] = time.monotonic,
+        user: int | None = None,
+        group: int | None = None,
     ) -> None:
         self.size = size
         self.command = list(command) if command is not None else entry_command()
         self.cwd = cwd
         self.policy = policy or RestartPolicy()
-        self.workers: dict[int, WorkerProcess] = {}
+        self.workers: dict[int, WorkerProcess] = {}  # the current process of each slot
+        self.processes: set[WorkerProcess] = set()  # every live process: current, starting, finishing
         self.restart_at: dict[int, float] = {}
+        self.boot_failures: dict[int, int] = {}
         self.stopping = False
         self._spawn = spawn
         self._clock = clock
+        self._credentials = {name: value for name, value in (("user", user), ("group", group)) if value is not None}
 
-    def start(self, slot: int) -> WorkerProcess:
-        """Start a process in the empty ``slot``; raises OSError if it cannot be created."""
-        worker = self._spawn(slot, self.command, self.cwd, self._clock())
-        self.workers[slot] = worker
-        self.restart_at.pop(slot, None)
+    def spawn(self, slot: int) -> WorkerProcess:
+        """Start a process for ``slot`` without making it current; raises OSError if it cannot."""
+        worker = self._spawn(slot, self.command, self.cwd, self._clock(), **self._credentials)
+        self.processes.add(worker)
         logger.info("worker %d started (pid %d)", slot, worker.pid)
         return worker
 
+    def start(self, slot: int) -> WorkerProcess:
+        """Start the current process of the empty ``slot``; raises OSError if it cannot."""
+        worker = self.spawn(slot)
+        self.workers[slot] = worker
+        self.restart_at.pop(slot, None)
+        return worker
+
+    def promote(self, worker: WorkerProcess) -> WorkerProcess | None:
+        """Make ``worker`` its slot's current process; return the one it replaces."""
+        previous = self.workers.get(worker.slot)
+        self.workers[worker.slot] = worker
+        return previous
+
+    def note_ready(self, worker: WorkerProcess) -> None:
+        """``worker`` said it is ready: its slot's boot-failure streak ends."""
+        worker.ready = True
+        self.boot_failures[worker.slot] = 0
+
+    def is_current(self, worker: WorkerProcess) -> bool:
+        return self.workers.get(worker.slot) is worker
+
     def reap(self) -> list[tuple[WorkerProcess, int]]:
-        """Collect the workers that exited, with their return codes, and empty their slots."""
+        """Collect the processes that exited, with their return codes; empty the slots they held."""
         exited: list[tuple[WorkerProcess, int]] = []
-        for worker in list(self.workers.values()):
+        for worker in list(self.processes):
             returncode = worker.process.poll()
             if returncode is not None:
-                del self.workers[worker.slot]
+                self.processes.discard(worker)
                 exited.append((worker, returncode))
         return exited
 
-    def schedule_restart(self, worker: WorkerProcess, returncode: int) -> None:
-        """Log the exit of ``worker`` and, unless stopping, set when its slot starts again."""
+    def schedule_restart(self, worker: WorkerProcess, returncode: int) -> bool:
+        """Log the exit of ``worker`` and, if it was a slot's current process, set when the slot restarts.
+
+        Returns False when the slot failed to start ``MAX_BOOT_FAILURES`` times in a row.
+        """
         how = describe_exit(returncode)
-        if self.stopping:
+        current = self.is_current(worker)
+        if current:
+            del self.workers[worker.slot]
+        if self.stopping or not current or worker.slot >= self.size:
             logger.info("worker %d (pid %d) %s", worker.slot, worker.pid, how)
-            return
+            return True
+        if not worker.ready:
+            self.boot_failures[worker.slot] = self.boot_failures.get(worker.slot, 0) + 1
         uptime = self._clock() - worker.started_at
         delay = self.policy.delay(worker.slot, worker.ready, uptime)
-        self.restart_at[worker.slot] = self._clock() + delay
         phase = "" if worker.ready else " before it was ready"
         failures = self.policy.failures.get(worker.slot, 0)
         streak = f" ({failures} quick failures in a row)" if failures > 1 else ""
+        if self.boot_failures.get(worker.slot, 0) >= MAX_BOOT_FAILURES:
+            logger.error(
+                "worker %d (pid %d) %s%s: %d failed starts in a row",
+                worker.slot,
+                worker.pid,
+                how,
+                phase,
+                MAX_BOOT_FAILURES,
+            )
+            return False
+        self.restart_at[worker.slot] = self._clock() + delay
         logger.warning(
             "worker %d (pid %d) %s%s after %.1f s; restarting it in %.1f s%s",
             worker.slot,
@@ -190,6 +256,7 @@ class Supervisor:
             delay,
             streak,
         )
+        return True
 
     def spawn_failed(self, slot: int, error: OSError) -> None:
         """Back off after the OS refused to create a process for ``slot``."""
@@ -206,6 +273,12 @@ class Supervisor:
         now = self._clock()
         return sorted(slot for slot, when in self.restart_at.items() if when <= now)
 
+    def resize(self, size: int) -> None:
+        """Change the number of slots; slots at or above ``size`` are no longer restarted."""
+        self.size = size
+        for slot in [slot for slot in self.restart_at if slot >= size]:
+            del self.restart_at[slot]
+
     def stop(self) -> None:
         """No more restarts from now on."""
         self.stopping = True
@@ -213,6 +286,6 @@ class Supervisor:
 
     def kill_all(self, signum: int = signal.SIGKILL) -> None:
         """Send ``signum`` to every live worker process."""
-        for worker in self.workers.values():
+        for worker in self.processes:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signum)

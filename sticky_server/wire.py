@@ -75,10 +75,12 @@ class FrameKind(enum.IntEnum):
     ACK = 2  # worker -> master: payload: u64 ids of connections the worker now owns
     READY = 3  # worker -> master: work() validated the worker; hand-offs are read now
     STOP = 4  # master -> worker: finish what you have and exit
+    PING = 5  # master -> worker: heartbeat; answer with PONG
+    PONG = 6  # worker -> master: heartbeat answer
 
 
-MASTER_SENDS = frozenset({FrameKind.HANDOFF, FrameKind.STOP})
-WORKER_SENDS = frozenset({FrameKind.ACK, FrameKind.READY})
+MASTER_SENDS = frozenset({FrameKind.HANDOFF, FrameKind.STOP, FrameKind.PING})
+WORKER_SENDS = frozenset({FrameKind.ACK, FrameKind.READY, FrameKind.PONG})
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,10 +13,19 @@ arrives the master keeps its own copy of each descriptor and re-routes it if thi
 worker dies; once the ACK is sent, no byte has been read yet by anyone, and from
 then on the connection belongs to this worker.
 
+It answers every PING from the master's heartbeat with a PONG, from the same
+loop: a worker whose loop is stuck (in ``add_connection``, or SIGSTOPped) stops
+answering and the master replaces it.
+
 It stops when the master sends STOP (graceful stop), when it gets SIGTERM or
-SIGINT, or when the control socket closes (the master is gone; the worker then
-exits within ``ORPHAN_EXIT_SECONDS`` even if the user's code would keep it alive).
-Stopping calls ``worker.stop()`` if the object has one, then ``work()`` returns.
+SIGINT (graceful) or SIGQUIT (quick: ``worker.stop()`` is not called), or when
+the control socket closes (the master is gone; the worker then exits within
+``ORPHAN_EXIT_SECONDS`` even if the user's code would keep it alive). A graceful
+stop calls ``worker.stop()`` if the object has one; then ``work()`` returns.
+
+Until it has told the master it is ready, an uncaught exception ends the worker
+process with ``EXIT_BOOT_FAILURE``, so the master can tell a worker that cannot
+start from one that crashed while serving.
 """
 
 from __future__ import annotations
@@ -26,21 +35,53 @@ import os
 import selectors
 import signal
 import socket
+import sys
 import threading
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from .errors import ProtocolError
 from .signals import SignalQueue
 from .wire import MASTER_SENDS, FrameKind, FrameReader, encode, pack_ids, unpack_ids
 
-__all__ = ["ORPHAN_EXIT_SECONDS", "ConnectionHandler", "Worker", "WorkerRuntime", "check_worker"]
+__all__ = [
+    "EXIT_BOOT_FAILURE",
+    "ORPHAN_EXIT_SECONDS",
+    "ConnectionHandler",
+    "Worker",
+    "WorkerRuntime",
+    "check_worker",
+    "exit_on_boot_failure",
+]
 
 logger = logging.getLogger("sticky_server.worker")
 
 # A worker whose master died exits this long after noticing, whatever its own code does.
 ORPHAN_EXIT_SECONDS = 1.0
 EXIT_ORPHANED = 0
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The exit code of a worker that failed before it was ready (gunicorn uses 3 too).
+EXIT_BOOT_FAILURE = 3
+_GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+_QUICK_SIGNALS = frozenset({signal.SIGQUIT})
+
+
+def exit_on_boot_failure() -> Callable[[], None]:
+    """Until the returned function is called, an uncaught exception exits with EXIT_BOOT_FAILURE."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+        previous(kind, value, traceback)
+        sys.stderr.flush()
+        os._exit(EXIT_BOOT_FAILURE)
+
+    sys.excepthook = hook
+
+    def disarm() -> None:
+        if sys.excepthook is hook:
+            sys.excepthook = previous
+
+    return disarm
 
 
 @runtime_checkable
@@ -111,24 +152,34 @@ def _describe_peer(sock: socket.socket) -> str:
 class WorkerRuntime:
     """Runs the worker loop of one worker process (see the module docstring)."""
 
-    def __init__(self, worker: ConnectionHandler, control: socket.socket, slot: int) -> None:
+    def __init__(
+        self,
+        worker: ConnectionHandler,
+        control: socket.socket,
+        slot: int,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self._worker = worker
         self._control = control
         self._slot = slot
+        self._on_ready = on_ready
         self._reader = FrameReader(MASTER_SENDS)
         self._stop_reason: str | None = None
+        self._quick = False
         self._master_lost = False
 
     def run(self) -> None:
         """Serve hand-offs until told to stop, then call ``worker.stop()`` and return."""
         control = self._control
         control.setblocking(True)
-        signals = SignalQueue(_STOP_SIGNALS)
+        signals = SignalQueue(_GRACEFUL_SIGNALS | _QUICK_SIGNALS)
         selector = selectors.DefaultSelector()
         try:
             selector.register(control, selectors.EVENT_READ)
             selector.register(signals.fileno(), selectors.EVENT_READ)
             control.sendall(encode(FrameKind.READY))
+            if self._on_ready is not None:
+                self._on_ready()
             logger.debug("worker %d (pid %d) ready", self._slot, os.getpid())
             while self._stop_reason is None:
                 for key, _ in selector.select():
@@ -137,6 +188,7 @@ class WorkerRuntime:
                     else:
                         for signum in signals.drain():
                             self._stop_reason = f"got {signal.Signals(signum).name}"
+                            self._quick = self._quick or signum in _QUICK_SIGNALS
         except (BrokenPipeError, ConnectionResetError):
             self._master_gone("the control socket broke")
         finally:
@@ -152,9 +204,12 @@ class WorkerRuntime:
             self._stop_reason = "protocol error"
             return
         taken: list[tuple[int, int]] = []
+        pinged = False
         try:
             for frame in frames:
-                if frame.kind is FrameKind.HANDOFF:
+                if frame.kind is FrameKind.PING:
+                    pinged = True
+                elif frame.kind is FrameKind.HANDOFF:
                     ids = unpack_ids(frame.payload)
                     if len(ids) != len(frame.fds):
                         raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
@@ -172,6 +227,8 @@ class WorkerRuntime:
             self._control.sendall(encode(FrameKind.ACK, pack_ids([conn_id for conn_id, _ in taken])))
             for _, fd in taken:
                 self._deliver(fd)
+        if pinged:
+            self._control.sendall(encode(FrameKind.PONG))
         if closed:
             self._master_gone("the control socket closed")
 
@@ -207,7 +264,7 @@ class WorkerRuntime:
     def _finish(self) -> None:
         logger.debug("worker %d stopping: %s", self._slot, self._stop_reason)
         self._reader.close()
-        stop = getattr(self._worker, "stop", None)
+        stop = None if self._quick else getattr(self._worker, "stop", None)
         if callable(stop):
             try:
                 stop()

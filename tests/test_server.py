@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ def fresh_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def as_worker(fresh_identity: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
     """This process looks like worker 2 of a master; yields the master's end of the control socket."""
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # a worker's StickyServer replaces it
     monkeypatch.setenv(CONTROL_FD_ENV, str(worker_end.detach()))
     monkeypatch.setenv(WORKER_SLOT_ENV, "2")
     yield master_end

@@ -14,6 +14,7 @@ from pytest_mock import MockerFixture
 from sticky_server.supervisor import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
+    MAX_BOOT_FAILURES,
     RestartPolicy,
     Supervisor,
     WorkerProcess,
@@ -89,8 +90,9 @@ def test_reap_collects_exited_workers_and_schedules_their_slot(supervisor: Super
     clock.now += 30
 
     assert supervisor.reap() == [(workers[1], -signal.SIGKILL)]
+    assert workers[1] not in supervisor.processes
+    assert supervisor.schedule_restart(workers[1], -signal.SIGKILL)
     assert sorted(supervisor.workers) == [0, 2]
-    supervisor.schedule_restart(workers[1], -signal.SIGKILL)
     assert supervisor.next_restart() == clock.now
     assert supervisor.due_restarts() == [1]
     supervisor.start(1)
@@ -135,3 +137,55 @@ def test_describe_exit() -> None:
 def test_entry_command_reruns_the_interpreter_with_its_original_arguments(mocker: MockerFixture) -> None:
     mocker.patch.object(sys, "orig_argv", ["python3", "-X", "dev", "-m", "myapp.server", "--port", "80"])
     assert entry_command() == [sys.executable, "-X", "dev", "-m", "myapp.server", "--port", "80"]
+
+
+def test_a_slot_that_never_starts_stops_the_server_after_max_boot_failures(
+    supervisor: Supervisor, clock: FakeClock
+) -> None:
+    results = []
+    for _ in range(MAX_BOOT_FAILURES):
+        worker = supervisor.start(0)
+        clock.now += 0.5
+        results.append(supervisor.schedule_restart(worker, 3))
+    assert results == [True] * (MAX_BOOT_FAILURES - 1) + [False]
+
+
+def test_a_ready_worker_ends_the_boot_failure_streak(supervisor: Supervisor, clock: FakeClock) -> None:
+    for _ in range(MAX_BOOT_FAILURES - 1):
+        supervisor.schedule_restart(supervisor.start(0), 3)
+    worker = supervisor.start(0)
+    supervisor.note_ready(worker)
+    assert supervisor.schedule_restart(worker, -9)
+    assert supervisor.schedule_restart(supervisor.start(0), 3)
+
+
+def test_a_replacement_is_not_current_until_promoted(supervisor: Supervisor) -> None:
+    old = supervisor.start(1)
+    new = supervisor.spawn(1)
+    assert supervisor.workers[1] is old and {old, new} <= supervisor.processes
+    assert supervisor.promote(new) is old
+    assert supervisor.is_current(new) and not supervisor.is_current(old)
+    # The old one finishing does not restart the slot.
+    old.process.poll.return_value = 0  # type: ignore[attr-defined]
+    assert supervisor.reap() == [(old, 0)]
+    assert supervisor.schedule_restart(old, 0)
+    assert supervisor.workers[1] is new and supervisor.next_restart() is None
+
+
+def test_shrinking_cancels_restarts_of_the_removed_slots(supervisor: Supervisor) -> None:
+    worker = supervisor.start(2)
+    supervisor.resize(2)
+    assert supervisor.schedule_restart(worker, -9)
+    assert supervisor.next_restart() is None and 2 not in supervisor.workers
+
+
+def test_spawn_passes_user_and_group(clock: FakeClock) -> None:
+    seen: list[dict[str, object]] = []
+
+    def spawn(slot: int, command: Sequence[str], cwd: str, now: float, **credentials: object) -> WorkerProcess:
+        seen.append(credentials)
+        return WorkerProcess(slot=slot, process=Mock(pid=1), control=Mock(), started_at=now)
+
+    Supervisor(1, ["x"], spawn=spawn, clock=clock, user=65534, group=65534).start(0)
+    Supervisor(1, ["x"], spawn=spawn, clock=clock).start(0)
+    assert seen == [{"user": 65534, "group": 65534}, {}]
