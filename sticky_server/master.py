@@ -35,7 +35,8 @@ SIGQUIT) sends the workers SIGQUIT and kills them ``QUICK_STOP_SECONDS`` later.
 Any further stop signal kills at once.
 
 Resource handling: out-of-descriptor errors from ``accept`` (EMFILE, ENFILE,
-ENOBUFS, ENOMEM) are logged and accepting pauses for ``ACCEPT_BACKOFF`` seconds
+ENOBUFS, ENOMEM) are logged (at most every ``ACCEPT_ERROR_LOG_INTERVAL``
+seconds) and accepting pauses for ``ACCEPT_BACKOFF`` seconds
 instead of spinning; a connection aborted before ``accept`` is skipped; any other
 error propagates, and the ``finally`` of ``run`` kills every worker so nothing is
 left behind.
@@ -71,6 +72,8 @@ logger = logging.getLogger("sticky_server.master")
 
 ACCEPT_BURST = 64
 ACCEPT_BACKOFF = 0.1
+# Running out of descriptors is logged at most once per this many seconds.
+ACCEPT_ERROR_LOG_INTERVAL = 10.0
 MAX_UNACKED = 1024
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The client went away between the handshake and accept(): nothing to hand off.
@@ -152,6 +155,8 @@ class Dispatcher:
         self._next_id = 0
         self._accepting = False
         self._accept_paused_until: float | None = None
+        self._accept_pauses = 0
+        self._accept_pause_logged_at = -ACCEPT_ERROR_LOG_INTERVAL
         self._kill_at: dict[WorkerProcess, tuple[float, str]] = {}
         self._next_heartbeat: float | None = None
         self._started = False
@@ -265,12 +270,19 @@ class Dispatcher:
         self._flush_touched()
 
     def _pause_accepting(self, exc: OSError) -> None:
-        logger.error(
-            "accept failed: %s; pausing accepts for %.1f s (raise the descriptor limit, `ulimit -n`)",
-            os.strerror(exc.errno or 0),
-            ACCEPT_BACKOFF,
-        )
-        self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+        now = time.monotonic()
+        self._accept_pauses += 1
+        if now - self._accept_pause_logged_at >= ACCEPT_ERROR_LOG_INTERVAL:
+            logger.error(
+                "accept failed: %s; pausing accepts for %.1f s each time (%d time(s) since the last such line); "
+                "raise the descriptor limit (`ulimit -n`)",
+                os.strerror(exc.errno or 0),
+                ACCEPT_BACKOFF,
+                self._accept_pauses,
+            )
+            self._accept_pause_logged_at = now
+            self._accept_pauses = 0
+        self._accept_paused_until = now + ACCEPT_BACKOFF
         self._update_accepting()
 
     def _route(self, conn_id: int, fd: int, client: ClientInfo) -> None:

@@ -20,11 +20,19 @@ def start_app(tmp_path: Path) -> Iterator[StartApp]:
     """Start line-app servers; afterwards stop them and fail if any of their processes is left."""
     started: list[ServerProcess] = []
 
-    def start(env: dict[str, str] | None = None, module: bool = False, **kwargs: Any) -> ServerProcess:
-        pid_dir = tmp_path / f"pids{len(started)}"
-        pid_dir.mkdir()
+    def start(
+        env: dict[str, str] | None = None,
+        module: bool = False,
+        python: str = sys.executable,
+        pid_dir: Path | None = None,
+        **kwargs: Any,
+    ) -> ServerProcess:
+        if pid_dir is None:
+            pid_dir = tmp_path / f"pids{len(started)}"
+            pid_dir.mkdir()
         cwd = HERE if module else kwargs.pop("cwd", HERE.parent.parent)
-        server = ServerProcess(line_app_command(module), pid_dir=pid_dir, env=env, cwd=cwd, marker="line_app", **kwargs)
+        command = line_app_command(module, python)
+        server = ServerProcess(command, pid_dir=pid_dir, env=env, cwd=cwd, marker="line_app", **kwargs)
         started.append(server)
         return server
 

@@ -209,7 +209,74 @@ class ServerProcess:
                     os.kill(pid, signal.SIGKILL)
 
 
-def line_app_command(module: bool = False) -> list[str]:
+def line_app_command(module: bool = False, python: str = sys.executable) -> list[str]:
     if module:
-        return [sys.executable, "-m", "apps.line_app"]
-    return [sys.executable, str(LINE_APP)]
+        return [python, "-m", "apps.line_app"]
+    return [python, str(LINE_APP)]
+
+
+class LoadGenerator:
+    """Client threads making new connections from distinct addresses until stopped.
+
+    Every failure is classified: refused (never acceptable), died with its worker
+    (reset or closed while a disruption recorded by ``disrupted()`` happened during
+    the connection's life), or unexplained (a lost connection).
+    """
+
+    def __init__(self, address: tuple[str, int], clients: int = 6, ips: Sequence[str] = CLIENT_IPS) -> None:
+        self.address = address
+        self.ips = list(ips)
+        self.stopping = threading.Event()
+        self.served: list[dict[str, Any]] = []
+        self.refused: list[str] = []
+        self.died_with_worker: list[str] = []
+        self.unexplained: list[str] = []
+        self.disruptions: list[float] = []
+        self._threads = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(clients)]
+
+    def __enter__(self) -> LoadGenerator:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in self._threads), "a client thread hung"
+
+    def disrupted(self) -> None:
+        """Record that a worker is being killed or replaced now."""
+        self.disruptions.append(time.monotonic())
+
+    def _client(self, n: int) -> None:
+        ip = self.ips[n % len(self.ips)]
+        while not self.stopping.is_set():
+            began = time.monotonic()
+            try:
+                reply = request(self.address, source=ip, line=f"c{n}")
+            except ConnectionRefusedError as exc:
+                self.refused.append(f"{ip}: {exc!r}")
+                continue
+            except OSError as exc:
+                ended = time.monotonic()
+                overlapping = any(began <= moment <= ended for moment in self.disruptions)
+                (self.died_with_worker if overlapping else self.unexplained).append(f"{ip}: {exc!r}")
+                continue
+            assert reply["line"] == f"c{n}", reply
+            self.served.append(reply)
+
+    def report(self) -> str:
+        return (
+            f"served {len(self.served)}, died with their worker {len(self.died_with_worker)}, "
+            f"refused {len(self.refused)}, unexplained {len(self.unexplained)}"
+        )
+
+    def assert_nothing_lost(self, minimum_served: int = 100) -> None:
+        print(self.report())
+        assert len(self.served) >= minimum_served, self.report()
+        assert not self.refused, self.refused[:10]
+        assert not self.unexplained, self.unexplained[:10]

@@ -6,13 +6,12 @@ import itertools
 import os
 import re
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .conftest import StartApp
-from .harness import CLIENT_IPS, pid_alive, request, wait_until
+from .harness import CLIENT_IPS, LoadGenerator, pid_alive, request, wait_until
 
 
 def test_python_dash_m_entry_point_works(start_app: StartApp) -> None:
@@ -73,50 +72,15 @@ def test_worker_crashing_at_start_up_backs_off_instead_of_looping(start_app: Sta
 def test_sigkill_under_load_refuses_and_loses_no_connection(start_app: StartApp) -> None:
     server = start_app({"APP_WORKERS": "3"})
     address = server.wait_listening()
-    stop = threading.Event()
-    served: list[int] = []
-    refused: list[str] = []
-    died_with_worker: list[str] = []
-    unexplained: list[str] = []
-    kill_times: list[float] = []
-
-    def client(n: int) -> None:
-        ip = CLIENT_IPS[n % len(CLIENT_IPS)]
-        while not stop.is_set():
-            began = time.monotonic()
-            try:
-                reply = request(address, source=ip, line=f"c{n}")
-            except ConnectionRefusedError as exc:
-                refused.append(f"{ip}: {exc!r}")
-                continue
-            except OSError as exc:
-                ended = time.monotonic()
-                # Reset or closed: fine only if a worker was killed while this connection lived.
-                overlapping = any(began <= killed_at <= ended for killed_at in kill_times)
-                (died_with_worker if overlapping else unexplained).append(f"{ip}: {exc!r}")
-                continue
-            assert reply["line"] == f"c{n}"
-            served.append(reply["pid"])
-
-    with ThreadPoolExecutor(6) as pool:
-        try:
-            futures = [pool.submit(client, n) for n in range(6)]
-            for round_number in range(4):
-                time.sleep(0.5)
-                workers = sorted(pid for pid in server.worker_pids() if pid_alive(pid))
-                assert workers, f"no live worker:\n{server.output_tail()}"
-                kill_times.append(time.monotonic())
-                os.kill(workers[round_number % len(workers)], signal.SIGKILL)
+    with LoadGenerator(address) as load:
+        for round_number in range(4):
             time.sleep(0.5)
-        finally:
-            stop.set()
-    for future in futures:
-        future.result()
-
-    print(f"served {len(served)}, died with their killed worker {len(died_with_worker)}, refused {len(refused)}")
-    assert len(served) > 100
-    assert not refused, refused
-    assert not unexplained, unexplained
+            workers = sorted(pid for pid in server.worker_pids() if pid_alive(pid))
+            assert workers, f"no live worker:\n{server.output_tail()}"
+            load.disrupted()
+            os.kill(workers[round_number % len(workers)], signal.SIGKILL)
+        time.sleep(0.5)
+    load.assert_nothing_lost()
     assert server.process.poll() is None
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import resource
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from sticky_server import Balancer, ClientInfo, StickyServer, Worker, WorkerSet
+from sticky_server import Balancer, ClientInfo, StickyServer, Worker, WorkerSet, environment
 
 
 class GarbageBalancer(Balancer):
@@ -33,15 +35,27 @@ class RaisingBalancer(Balancer):
 
 
 class LineWorker(Worker):
-    def __init__(self, slot: int) -> None:
+    def __init__(self, slot: int, control: socket.socket | None = None) -> None:
         self.slot = slot
+        self.control = control
         self.raise_for = os.environ.get("APP_RAISE_FOR", "")
         self.stop_delay = float(os.environ.get("APP_STOP_DELAY", "0"))
+        self.blocked = os.environ.get("APP_BLOCK_SLOT") == str(slot)
+        self.garbage = os.environ.get("APP_GARBAGE_SLOT") == str(slot)
+        self.close_at_once = os.environ.get("APP_MODE") == "close"
 
     def add_connection(self, sock: socket.socket) -> None:
+        if self.close_at_once:
+            sock.close()
+            return
         peer = sock.getpeername()
         if peer[0] == self.raise_for:
             raise RuntimeError(f"add_connection refuses {peer[0]} on purpose")
+        if self.blocked:
+            time.sleep(3600)  # a worker stuck in user code: it reads its control socket no more
+        if self.garbage and self.control is not None:
+            # A worker gone mad writes bytes that are no frame to the master.
+            self.control.sendall(random.Random(peer[1]).randbytes(64))
         threading.Thread(target=self.serve, args=(sock, peer), daemon=True).start()
 
     def serve(self, sock: socket.socket, peer: tuple[str, int]) -> None:
@@ -73,10 +87,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
     balancers = {"garbage": GarbageBalancer(), "raises": RaisingBalancer()}
     balancer_name = os.environ.get("APP_BALANCER", "ip-hash")
+    timeout = float(os.environ.get("APP_TIMEOUT", "30"))
+    max_connections = int(os.environ.get("APP_MAX_CONNECTIONS", "0"))
     sticky = StickyServer(
         workers=int(os.environ.get("APP_WORKERS", "3")),
         balancer=balancers.get(balancer_name, balancer_name),
         graceful_timeout=float(os.environ.get("APP_GRACEFUL", "10")),
+        timeout=timeout or None,
+        max_connections_per_worker=max_connections or None,
+        user=os.environ.get("APP_USER") or None,
     )
     mode = os.environ.get("APP_MODE", "normal")
     if sticky.is_master:
@@ -84,10 +103,16 @@ def main() -> None:
         if mode == "work_in_master":
             sticky.work(LineWorker(0))
         sticky.on_listening(lambda address: print(f"LISTENING {address[0]} {address[1]}", flush=True))
+        nofile = os.environ.get("APP_MASTER_NOFILE")
+        if nofile:
+            # Only the master's soft limit is lowered; workers put theirs back (below).
+            resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         port_text = os.environ.get("APP_PORT", "0")
         sticky.listen(int(port_text), host=os.environ.get("APP_HOST", "127.0.0.1") or None)
         return
     record_pid(f"worker{sticky.worker_id}")
+    hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
     fail_file = os.environ.get("APP_FAIL_BOOT_FILE")
     if fail_file and os.path.exists(fail_file):
         sys.exit(3)
@@ -99,7 +124,8 @@ def main() -> None:
         sticky.listen(0)
     if mode == "no_add_connection":
         sticky.work(object())
-    sticky.work(LineWorker(sticky.worker_id or 0))
+    identity = environment.worker_identity()
+    sticky.work(LineWorker(sticky.worker_id or 0, identity.control if identity else None))
 
 
 if __name__ == "__main__":
