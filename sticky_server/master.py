@@ -424,8 +424,7 @@ class Dispatcher:
         if self._stopping:
             return
         if self._incoming.get(worker.slot) is link:
-            self._promote(link)
-            return
+            self._promote(link)  # (a reload can finish before the server has started)
         size = self._supervisor.size
         if not self._started and all(slot in self._links and self._links[slot].worker.ready for slot in range(size)):
             self._started = True
@@ -694,6 +693,8 @@ class Dispatcher:
                 logger.error("worker %d (pid %d) survived SIGKILL for %.0f s", worker.slot, worker.pid, KILL_WAIT)
         self._supervisor.processes.clear()
         self._supervisor.workers.clear()
+        for link in self._by_worker.values():
+            link.worker.stopping = True  # so nothing is routed to a link about to close
         for link in list(self._by_worker.values()):
             self._disconnect(link)
         self._by_worker.clear()

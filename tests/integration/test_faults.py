@@ -114,6 +114,21 @@ def test_sighup_under_load_replaces_every_worker_and_loses_nothing(start_app: St
     assert not {reply["pid"] for reply in after.values()} & old_pids
 
 
+def test_sighup_while_starting_still_starts(start_app: StartApp, tmp_path: Path) -> None:
+    slow = tmp_path / "slow-boot"
+    slow.touch()
+    server = start_app({"APP_WORKERS": "2", "APP_SLOW_BOOT_FILE": str(slow)})
+    server.wait_for(r"SLOW BOOT 0")
+    server.wait_for(r"SLOW BOOT 1")
+    server.send_signal(signal.SIGHUP)
+    slow.unlink()  # the replacements start fast and are ready long before the first workers (10 s)
+    address = server.wait_listening(timeout=8)
+    assert request(address)["line"] == "hello"
+    for slot in range(2):
+        old_pid = int(server.wait_for(rf"worker {slot} replaced: pid \d+ now, pid (\d+) finishing").group(1))
+        os.kill(old_pid, signal.SIGKILL)  # still asleep in its slow start; no need to wait for it
+
+
 def test_sigttin_and_sigttou_move_only_the_clients_that_must_move(start_app: StartApp) -> None:
     server = start_app({"APP_WORKERS": "3"})
     address = server.wait_listening()

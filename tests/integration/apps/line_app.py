@@ -116,6 +116,10 @@ def main() -> None:
     fail_file = os.environ.get("APP_FAIL_BOOT_FILE")
     if fail_file and os.path.exists(fail_file):
         sys.exit(3)
+    slow_file = os.environ.get("APP_SLOW_BOOT_FILE")
+    if slow_file and os.path.exists(slow_file):
+        print(f"SLOW BOOT {sticky.worker_id}", flush=True)
+        time.sleep(10)
     stall_file = os.environ.get("APP_STALL_BOOT_FILE")
     if stall_file and os.path.exists(stall_file):
         print(f"STALLED {sticky.worker_id} {os.getpid()}", flush=True)
