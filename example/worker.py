@@ -26,6 +26,9 @@ class HelloHandler(BaseHTTPRequestHandler):
 
 class WorkerHTTPServer(ThreadingHTTPServer):
     worker_id: int | None = None
+    # Non-daemon request threads, so that server_close() in stop() waits for them:
+    # a stopping worker finishes the requests it has.
+    daemon_threads = False
 
 
 class HttpWorker(Worker):

@@ -44,6 +44,7 @@ left behind.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -54,19 +55,23 @@ import selectors
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .balancer import Balancer, ClientInfo, IPHashBalancer, WorkerSet
+from .channel import MAX_QUEUED_MESSAGE_BYTES, pack_delivery, unpack_publish
+from .channel import decode as decode_message
 from .errors import ProtocolError, WorkerBootError
 from .listener import format_address
 from .signals import SignalQueue
 from .supervisor import MAX_BOOT_FAILURES, Supervisor, WorkerProcess, describe_exit
 from .wire import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
 
-__all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher", "StopMode"]
+__all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher", "Hooks", "StopMode"]
 
 logger = logging.getLogger("sticky_server.master")
 
@@ -90,6 +95,25 @@ ABORT_GRACE = 1.0
 # max_connections_per_worker is raised by up to this fraction, per worker, at random,
 # so that workers started together are not all recycled at once.
 RECYCLE_JITTER = 0.1
+# Messages dropped for slow workers are logged at most once per this many seconds.
+MESSAGE_DROP_LOG_INTERVAL = 10.0
+
+
+@dataclass
+class Hooks:
+    """The user's callbacks in the master; each runs in the master's loop, errors logged."""
+
+    message: list[Callable[[int, Any], None]] = field(default_factory=list)
+    worker_start: list[Callable[[int], None]] = field(default_factory=list)
+    worker_exit: list[Callable[[int, int], None]] = field(default_factory=list)
+
+
+def _run_hooks(hooks: Sequence[Callable[..., None]], *args: Any) -> None:
+    for hook in hooks:
+        try:
+            hook(*args)
+        except Exception:
+            logger.exception("%s raised", getattr(hook, "__qualname__", hook))
 
 
 class StopMode(enum.Enum):
@@ -134,6 +158,7 @@ class Dispatcher:
         timeout: float | None = None,
         max_connections_per_worker: int | None = None,
         on_ready: Callable[[], None] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self._listeners = list(listeners)
         self._supervisor = supervisor
@@ -143,6 +168,12 @@ class Dispatcher:
         self._timeout = timeout
         self._max_connections = max_connections_per_worker
         self._on_ready = on_ready
+        self._hooks = hooks or Hooks()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._waker, self._wakeup = socket.socketpair()
+        self._loop_thread: int | None = None
+        self._dropped_messages = 0
+        self._dropped_logged_at = -MESSAGE_DROP_LOG_INTERVAL
         self._selector = selectors.DefaultSelector()
         self._links: dict[int, _Link] = {}  # the current worker of each slot
         self._incoming: dict[int, _Link] = {}  # replacements that are starting
@@ -167,6 +198,8 @@ class Dispatcher:
             FrameKind.ACK: self._on_ack,
             FrameKind.READY: self._on_ready_frame,
             FrameKind.PONG: lambda link, frame: None,  # any frame counts as a heartbeat
+            FrameKind.SEND: self._on_send,
+            FrameKind.PUBLISH: self._on_publish,
         }
         self._signal_handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: functools.partial(self._stop, "SIGTERM", StopMode.GRACEFUL),
@@ -187,6 +220,10 @@ class Dispatcher:
             signals.restore()
             raise RuntimeError("listen() must run in the main thread: the master handles signals there")
         self._selector.register(signals.fileno(), selectors.EVENT_READ, lambda mask: self._on_signals(signals))
+        self._wakeup.setblocking(False)
+        self._waker.setblocking(False)
+        self._selector.register(self._wakeup, selectors.EVENT_READ, self._run_calls)
+        self._loop_thread = threading.get_ident()
         try:
             for slot in range(self._supervisor.size):
                 self._add_link(self._supervisor.start(slot))
@@ -198,8 +235,12 @@ class Dispatcher:
                     key.data(mask)
                 self._run_timers()
         finally:
+            self._loop_thread = None
             self._shut_down()
             self._selector.unregister(signals.fileno())
+            self._selector.unregister(self._wakeup)
+            self._wakeup.close()
+            self._waker.close()
             signals.restore()
         if self._boot_error is not None:
             raise self._boot_error
@@ -235,6 +276,63 @@ class Dispatcher:
             changed |= self._heartbeat(now)
         if changed:
             self._workers_changed()
+
+    # --- the channel (see channel.py) -------------------------------------------
+
+    def call_soon_threadsafe(self, call: Callable[[], None]) -> None:
+        """Run ``call`` in the master's loop: now if this is the loop's thread, else soon."""
+        if self._loop_thread == threading.get_ident():
+            call()
+            return
+        if self._loop_thread is None:
+            raise RuntimeError("the master is not serving: send messages once listen() runs (e.g. from on_listening)")
+        self._calls.append(call)
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._waker.send(b"\0")
+
+    def _run_calls(self, mask: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wakeup.recv(4096):
+                pass
+        while self._calls:
+            self._calls.popleft()()
+
+    def send_message(self, slot: int, body: bytes, sender: int | None = None) -> bool:
+        """Queue an encoded message for the current worker of ``slot``; False if the slot has none now."""
+        link = self._links.get(slot)
+        if link is None or not link.connected:
+            return False
+        dropped = link.outbox.put_message(FrameKind.MESSAGE, pack_delivery(sender, body), MAX_QUEUED_MESSAGE_BYTES)
+        if dropped:
+            self._note_dropped(slot, dropped)
+        self._flush_link(link)
+        return True
+
+    def broadcast_message(self, body: bytes, sender: int | None = None, skip: int | None = None) -> None:
+        """Queue an encoded message for the current worker of every slot but ``skip``."""
+        for slot in list(self._links):
+            if slot != skip:
+                self.send_message(slot, body, sender)
+
+    def _note_dropped(self, slot: int, count: int) -> None:
+        self._dropped_messages += count
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= MESSAGE_DROP_LOG_INTERVAL:
+            logger.warning(
+                "dropped %d oldest message(s) queued for slow workers (latest: worker %d, over %d bytes waiting)",
+                self._dropped_messages,
+                slot,
+                MAX_QUEUED_MESSAGE_BYTES,
+            )
+            self._dropped_messages, self._dropped_logged_at = 0, now
+
+    def _on_send(self, link: _Link, frame: Frame) -> None:
+        _run_hooks(self._hooks.message, link.worker.slot, decode_message(frame.payload))
+
+    def _on_publish(self, link: _Link, frame: Frame) -> None:
+        include_sender, body = unpack_publish(frame.payload)
+        slot = link.worker.slot
+        self.broadcast_message(body, sender=slot, skip=None if include_sender else slot)
 
     def _on_signals(self, signals: SignalQueue) -> None:
         for signum in signals.drain():
@@ -423,6 +521,7 @@ class Dispatcher:
         logger.debug("worker %d (pid %d) is ready", worker.slot, worker.pid)
         if self._stopping:
             return
+        _run_hooks(self._hooks.worker_start, worker.slot)
         if self._incoming.get(worker.slot) is link:
             self._promote(link)  # (a reload can finish before the server has started)
         size = self._supervisor.size
@@ -498,6 +597,7 @@ class Dispatcher:
             self._disconnect(link)
             self._kill_at.pop(worker, None)
             slot = worker.slot
+            _run_hooks(self._hooks.worker_exit, slot, returncode)
             if self._incoming.get(slot) is link:
                 del self._incoming[slot]
                 self._replace_queue.clear()

@@ -8,6 +8,7 @@ master), ``is_master`` is False and ``work(worker)`` serves what the master send
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import logging
 import os
@@ -15,13 +16,16 @@ import pwd
 from collections.abc import Callable
 from typing import Any
 
+from . import channel
 from .balancer import Balancer, balancer_from
+from .channel import DEFAULT_MAX_MESSAGE_SIZE
 from .environment import worker_identity
 from .errors import WrongProcessError
 from .listener import DEFAULT_BACKLOG, bind_listener, validate_port
-from .master import Dispatcher
+from .master import Dispatcher, Hooks
 from .supervisor import Supervisor
-from .worker import WorkerRuntime, check_worker, exit_on_boot_failure
+from .wire import MAX_PAYLOAD, FrameKind
+from .worker import WorkerChannel, WorkerRuntime, check_worker, exit_on_boot_failure
 
 __all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "group_id", "user_id"]
 
@@ -77,6 +81,7 @@ class StickyServer:
     connections (plus up to 10% at random per worker); None: never.
     ``user`` / ``group``: run the workers as this user / group (name or id); the
     master keeps its own (e.g. root, to bind port 80).
+    ``max_message_size``: the largest channel message, in bytes of JSON (default 1 MiB).
     ``backlog``: the listen backlog (the kernel caps it at its own maximum).
     """
 
@@ -90,6 +95,7 @@ class StickyServer:
         max_connections_per_worker: int | None = None,
         user: str | int | None = None,
         group: str | int | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         if workers is None:
@@ -110,6 +116,8 @@ class StickyServer:
             )
         if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
             raise ValueError(f"backlog must be a positive int; got {backlog!r}")
+        if not isinstance(max_message_size, int) or not 1 <= max_message_size <= MAX_PAYLOAD - 2:
+            raise ValueError(f"max_message_size must be from 1 to {MAX_PAYLOAD - 2} bytes; got {max_message_size!r}")
         self.user = user_id(user)
         self.group = group_id(group, self.user)
         self.workers = workers
@@ -117,10 +125,14 @@ class StickyServer:
         self.graceful_timeout = float(graceful_timeout)
         self.timeout = None if timeout is None else float(timeout)
         self.max_connections_per_worker = max_connections_per_worker
+        self.max_message_size = max_message_size
         self.backlog = backlog
+        self._hooks = Hooks()
+        self._dispatcher: Dispatcher | None = None
         self._identity = worker_identity()
         # In a worker, an error before work() is ready is a boot failure (see worker.py).
         self._disarm_boot_hook = exit_on_boot_failure() if self._identity is not None else None
+        self._channel = WorkerChannel(self._identity.control, max_message_size) if self._identity is not None else None
         self._address: tuple[str, int] | None = None
         self._listening_callbacks: list[ListeningCallback] = []
         self._listen_called = False
@@ -179,10 +191,13 @@ class StickyServer:
             timeout=self.timeout,
             max_connections_per_worker=self.max_connections_per_worker,
             on_ready=self._notify_listening,
+            hooks=self._hooks,
         )
+        self._dispatcher = dispatcher
         try:
             dispatcher.run()
         finally:
+            self._dispatcher = None
             listener.close()
         logger.info("stopped")
 
@@ -201,4 +216,87 @@ class StickyServer:
         if self._identity is None:
             raise WrongProcessError(f"work() was called in the master process; only workers work. Use {_USAGE}")
         handler = check_worker(worker)
-        WorkerRuntime(handler, self._identity.control, self._identity.slot, on_ready=self._disarm_boot_hook).run()
+        assert self._channel is not None
+        WorkerRuntime(handler, self._channel, self._identity.slot, on_ready=self._disarm_boot_hook).run()
+
+    # --- the channel --------------------------------------------------------------
+
+    def on_message(self, handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """Call ``handler(sender, message)`` for every message this process receives.
+
+        In the master, ``sender`` is the worker's slot. In a worker, it is None for a
+        message from the master, or the slot of the worker that published it.
+        Handlers run on the master's loop / the thread that called ``work()``: keep
+        them short. Returns ``handler``, so it can be used as a decorator.
+        """
+        if self._channel is not None:
+            self._channel.handlers.append(handler)
+        else:
+            self._hooks.message.append(handler)
+        return handler
+
+    def on_worker_start(self, handler: Callable[[int], Any]) -> Callable[[int], Any]:
+        """Master: call ``handler(worker_id)`` whenever a worker becomes ready (never called in workers)."""
+        self._hooks.worker_start.append(handler)
+        return handler
+
+    def on_worker_exit(self, handler: Callable[[int, int], Any]) -> Callable[[int, int], Any]:
+        """Master: call ``handler(worker_id, returncode)`` when a worker exits (negative: killed by that signal)."""
+        self._hooks.worker_exit.append(handler)
+        return handler
+
+    def send(self, message: Any, to: int | None = None) -> None:
+        """Send a JSON ``message``: from a worker to the master; from the master ``to`` one worker.
+
+        Raises TypeError if it is not JSON, ValueError if it is over
+        ``max_message_size``. Never blocks: if the receiver falls behind by more
+        than 16 MiB, its oldest queued messages are dropped (logged). In the master,
+        a message for a slot that has no worker right now is dropped (logged).
+        """
+        if self._channel is not None:
+            if to is not None:
+                raise TypeError("in a worker, send() goes to the master; use publish() to reach the other workers")
+            self._channel.put_message(FrameKind.SEND, channel.encode(message, self.max_message_size))
+            return
+        if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < self.workers:
+            raise ValueError(f"send(message, to=...) needs a worker id from 0 to {self.workers - 1}; got {to!r}")
+        body = channel.encode(message, self.max_message_size)
+
+        def deliver() -> None:
+            if not self._running().send_message(to, body):
+                logger.warning("message for worker %d dropped: that slot has no worker right now", to)
+
+        self._running().call_soon_threadsafe(deliver)
+
+    def broadcast(self, message: Any) -> None:
+        """Master only: send a JSON ``message`` to every worker (see ``send`` for errors and limits)."""
+        if self._channel is not None:
+            raise WrongProcessError("broadcast() is for the master; a worker reaches all workers with publish()")
+        body = channel.encode(message, self.max_message_size)
+        self._running().call_soon_threadsafe(lambda: self._running().broadcast_message(body))
+
+    def publish(self, message: Any, include_self: bool = False) -> None:
+        """Worker only: send a JSON ``message`` to every other worker (and this one, with ``include_self``).
+
+        The master relays it; each receiver's handlers get ``(this worker's id, message)``.
+        """
+        if self._channel is None:
+            raise WrongProcessError("publish() is for workers; the master reaches all workers with broadcast()")
+        body = channel.encode(message, self.max_message_size)
+        self._channel.put_message(FrameKind.PUBLISH, channel.pack_publish(include_self, body))
+
+    def message_queue(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Queue[tuple[Any, Any]]:
+        """An asyncio queue of ``(sender, message)`` for every message from now on: ``await queue.get()``.
+
+        For asyncio code on ``loop`` (default: the running loop); the messages are
+        put on it thread-safely.
+        """
+        target = loop or asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue()
+        self.on_message(lambda sender, message: target.call_soon_threadsafe(queue.put_nowait, (sender, message)))
+        return queue
+
+    def _running(self) -> Dispatcher:
+        if self._dispatcher is None:
+            raise RuntimeError("the master is not serving: send messages once listen() runs (e.g. from on_listening)")
+        return self._dispatcher

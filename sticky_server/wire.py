@@ -63,6 +63,9 @@ HEADER = struct.Struct(">BBHI")
 MAX_FDS_PER_FRAME = 64
 MAX_PAYLOAD = 16 * 1024 * 1024
 RECV_BYTES = 256 * 1024
+# One sendmsg gathers up to this much, in up to this many frames.
+GATHER_BYTES = 256 * 1024
+GATHER_FRAMES = 64
 # Room for several frames' descriptors in one recvmsg (see rule 3).
 ANCILLARY_BYTES = socket.CMSG_SPACE(4 * MAX_FDS_PER_FRAME * array.array("i").itemsize)
 _ID = struct.Struct(">Q")
@@ -77,10 +80,13 @@ class FrameKind(enum.IntEnum):
     STOP = 4  # master -> worker: finish what you have and exit
     PING = 5  # master -> worker: heartbeat; answer with PONG
     PONG = 6  # worker -> master: heartbeat answer
+    MESSAGE = 7  # master -> worker: a channel message (see channel.py for envelopes)
+    SEND = 8  # worker -> master: a channel message for the master
+    PUBLISH = 9  # worker -> master: a channel message to relay to every worker
 
 
-MASTER_SENDS = frozenset({FrameKind.HANDOFF, FrameKind.STOP, FrameKind.PING})
-WORKER_SENDS = frozenset({FrameKind.ACK, FrameKind.READY, FrameKind.PONG})
+MASTER_SENDS = frozenset({FrameKind.HANDOFF, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE})
+WORKER_SENDS = frozenset({FrameKind.ACK, FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH})
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,55 +212,129 @@ def _fds_from_ancillary(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 class Outbox:
-    """Frames waiting to be written to one non-blocking control socket.
+    """Frames waiting to be written to one non-blocking control socket, in two queues.
+
+    Control frames (hand-offs, acknowledgements, heartbeats, STOP) always go
+    before messages, so messages never delay a hand-off by more than the one
+    message being written. Messages are bounded: ``put_message`` drops the oldest
+    queued ones beyond ``max_bytes`` and says how many. Order within each queue is
+    kept. Consecutive frames go out in one ``sendmsg``; a frame's descriptors ride
+    with the call that sends its first byte (rule 1).
 
     Descriptors queued here are borrowed, not owned: the caller keeps them open
     until the peer acknowledges them (the kernel duplicates them at ``sendmsg``).
-    A frame is sent in one or more pieces; its descriptors go with the first.
     """
 
     def __init__(self) -> None:
-        self._frames: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
-        self._sent = 0  # bytes of the first frame already written
+        self._control: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
+        self._messages: collections.deque[bytes] = collections.deque()
+        self._message_bytes = 0
+        self._current: memoryview | None = None  # the rest of a frame partly written
+        self._current_is_message = False
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._control) + len(self._messages) + (self._current is not None)
+
+    def control_pending(self) -> bool:
+        """True while a control frame is queued or partly written."""
+        return bool(self._control) or (self._current is not None and not self._current_is_message)
 
     def put(self, kind: FrameKind, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
-        """Queue one frame."""
-        self._frames.append((encode(kind, payload, len(fds)), tuple(fds)))
+        """Queue one control frame."""
+        self._control.append((encode(kind, payload, len(fds)), tuple(fds)))
+
+    def put_message(self, kind: FrameKind, payload: bytes, max_bytes: int) -> int:
+        """Queue one message frame; return how many older messages were dropped to stay under ``max_bytes``."""
+        frame = encode(kind, payload)
+        self._messages.append(frame)
+        self._message_bytes += len(frame)
+        dropped = 0
+        while self._message_bytes > max_bytes and len(self._messages) > 1:
+            self._message_bytes -= len(self._messages.popleft())
+            dropped += 1
+        return dropped
 
     def clear(self) -> None:
         """Forget every queued frame (their descriptors stay with their owner)."""
-        self._frames.clear()
-        self._sent = 0
+        self._control.clear()
+        self._messages.clear()
+        self._message_bytes = 0
+        self._current = None
+
+    def _next_batch(self) -> tuple[list[memoryview], list[bool], tuple[int, ...]]:
+        """Buffers for one sendmsg, which of them are messages, and the first one's descriptors."""
+        buffers: list[memoryview] = []
+        kinds: list[bool] = []
+        fds: tuple[int, ...] = ()
+        size = 0
+        if self._current is not None:
+            buffers.append(self._current)
+            kinds.append(self._current_is_message)
+            size = len(self._current)
+            self._current = None
+        elif self._control:
+            data, fds = self._control.popleft()
+            buffers.append(memoryview(data))
+            kinds.append(False)
+            size = len(data)
+        # Gather what follows: control frames without descriptors first, then messages.
+        while self._control and not self._control[0][1] and size < GATHER_BYTES and len(buffers) < GATHER_FRAMES:
+            data, _ = self._control.popleft()
+            buffers.append(memoryview(data))
+            kinds.append(False)
+            size += len(data)
+        if self._control and buffers:
+            return buffers, kinds, fds  # a hand-off is next: it starts the next call
+        while self._messages and size < GATHER_BYTES and len(buffers) < GATHER_FRAMES:
+            data = self._messages.popleft()
+            self._message_bytes -= len(data)
+            buffers.append(memoryview(data))
+            kinds.append(True)
+            size += len(data)
+        return buffers, kinds, fds
+
+    def _put_back(self, buffers: list[memoryview], kinds: list[bool], fds: tuple[int, ...]) -> None:
+        """Return unwritten whole frames to the front of their queues, in order."""
+        for index in range(len(buffers) - 1, -1, -1):
+            data = bytes(buffers[index])
+            if kinds[index]:
+                self._messages.appendleft(data)
+                self._message_bytes += len(data)
+            else:
+                self._control.appendleft((data, fds if index == 0 else ()))
 
     def flush(self, sock: socket.socket) -> bool:
         """Write as much as the socket takes; return True when nothing is left.
 
         Raises ``BrokenPipeError``/``ConnectionResetError`` when the peer is gone.
         """
-        frames = self._frames
-        while frames:
-            data, fds = frames[0]
-            if self._sent:
-                ancillary = []
-                view = memoryview(data)[self._sent :]
-            else:
-                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-                view = memoryview(data)
+        while self._current is not None or self._control or self._messages:
+            resuming = self._current is not None
+            buffers, kinds, fds = self._next_batch()
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             try:
-                sent = sock.sendmsg([view], ancillary)
+                sent = sock.sendmsg(buffers, ancillary)
             except (BlockingIOError, InterruptedError):
-                return False
+                sent = 0
             except OSError as exc:
                 # macOS reports a full socket buffer during fd passing as ENOBUFS.
-                if exc.errno == errno.ENOBUFS:
-                    return False
-                raise
-            if sent < len(view):
-                self._sent += sent
+                if exc.errno != errno.ENOBUFS:
+                    self._put_back(buffers, kinds, fds)
+                    raise
+                sent = 0
+            if sent == 0:
+                if resuming:
+                    self._current, self._current_is_message = buffers[0], kinds[0]
+                    buffers, kinds = buffers[1:], kinds[1:]
+                self._put_back(buffers, kinds, fds)
                 return False
-            frames.popleft()
-            self._sent = 0
+            for index, buffer in enumerate(buffers):
+                if sent >= len(buffer):
+                    sent -= len(buffer)
+                    continue
+                # Partly written: keep its rest for the next call (its descriptors went
+                # with its first byte); the frames after it are whole and go back.
+                self._current, self._current_is_message = buffer[sent:], kinds[index]
+                self._put_back(buffers[index + 1 :], kinds[index + 1 :], ())
+                return False
         return True

@@ -30,26 +30,32 @@ start from one that crashed while serving.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
+from . import channel as channel_codec
+from .channel import MAX_QUEUED_MESSAGE_BYTES
 from .errors import ProtocolError
 from .signals import SignalQueue
-from .wire import MASTER_SENDS, FrameKind, FrameReader, encode, pack_ids, unpack_ids
+from .wire import MASTER_SENDS, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
 
 __all__ = [
     "EXIT_BOOT_FAILURE",
     "ORPHAN_EXIT_SECONDS",
     "ConnectionHandler",
     "Worker",
+    "WorkerChannel",
     "WorkerRuntime",
     "check_worker",
     "exit_on_boot_failure",
@@ -62,6 +68,8 @@ ORPHAN_EXIT_SECONDS = 1.0
 EXIT_ORPHANED = 0
 # The exit code of a worker that failed before it was ready (gunicorn uses 3 too).
 EXIT_BOOT_FAILURE = 3
+# Dropped messages are logged at most once per this many seconds.
+DROP_LOG_INTERVAL = 10.0
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 
@@ -149,18 +157,95 @@ def _describe_peer(sock: socket.socket) -> str:
     return repr(peer)
 
 
+MessageHandler = Callable[[int | None, Any], None]
+
+
+class WorkerChannel:
+    """The worker's side of its control socket: every write goes through here, from any thread.
+
+    Writes are queued (control frames before messages, see ``Outbox``) and written
+    by the worker loop; another thread that queues a message wakes the loop. So
+    ``send``/``publish`` never block the caller and never interleave bytes.
+    """
+
+    def __init__(self, control: socket.socket, max_message_size: int) -> None:
+        control.setblocking(False)
+        self.control = control
+        self.max_message_size = max_message_size
+        self.handlers: list[MessageHandler] = []
+        self.closed = False
+        self._outbox = Outbox()
+        self._lock = threading.Lock()
+        self._waker, self.wakeup = socket.socketpair()
+        self._waker.setblocking(False)
+        self.wakeup.setblocking(False)
+        self._dropped = 0
+        self._dropped_logged_at = -DROP_LOG_INTERVAL
+
+    def put_control(self, kind: FrameKind, payload: bytes = b"") -> None:
+        with self._lock:
+            self._outbox.put(kind, payload)
+
+    def put_message(self, kind: FrameKind, payload: bytes) -> None:
+        """Queue a message frame for the master and wake the loop."""
+        if self.closed:
+            raise RuntimeError("this worker has stopped: it can no longer send messages")
+        with self._lock:
+            dropped = self._outbox.put_message(kind, payload, MAX_QUEUED_MESSAGE_BYTES)
+        if dropped:
+            self._note_dropped(dropped)
+        with contextlib.suppress(BlockingIOError):  # a wake-up already pending is enough
+            self._waker.send(b"\0")
+
+    def _note_dropped(self, count: int) -> None:
+        self._dropped += count
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= DROP_LOG_INTERVAL:
+            logger.warning(
+                "dropped %d oldest message(s) for the master: over %d bytes were waiting (is the master stuck?)",
+                self._dropped,
+                MAX_QUEUED_MESSAGE_BYTES,
+            )
+            self._dropped, self._dropped_logged_at = 0, now
+
+    def flush(self) -> bool:
+        """Write what the socket takes; True when nothing is left. Raises when the master is gone."""
+        with self._lock:
+            return self._outbox.flush(self.control)
+
+    def flush_control(self) -> None:
+        """Write every queued control frame, waiting for the socket if it must. Raises when the master is gone."""
+        while True:
+            with self._lock:
+                self._outbox.flush(self.control)
+                if not self._outbox.control_pending():
+                    return
+            select.select([], [self.control], [], 1.0)
+
+    def drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self.wakeup.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        self._waker.close()
+        self.wakeup.close()
+
+
 class WorkerRuntime:
     """Runs the worker loop of one worker process (see the module docstring)."""
 
     def __init__(
         self,
         worker: ConnectionHandler,
-        control: socket.socket,
+        channel: WorkerChannel,
         slot: int,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._worker = worker
-        self._control = control
+        self._channel = channel
+        self._control = channel.control
         self._slot = slot
         self._on_ready = on_ready
         self._reader = FrameReader(MASTER_SENDS)
@@ -170,25 +255,34 @@ class WorkerRuntime:
 
     def run(self) -> None:
         """Serve hand-offs until told to stop, then call ``worker.stop()`` and return."""
-        control = self._control
-        control.setblocking(True)
+        control, channel = self._control, self._channel
         signals = SignalQueue(_GRACEFUL_SIGNALS | _QUICK_SIGNALS)
         selector = selectors.DefaultSelector()
+        writing = False
         try:
             selector.register(control, selectors.EVENT_READ)
             selector.register(signals.fileno(), selectors.EVENT_READ)
-            control.sendall(encode(FrameKind.READY))
+            selector.register(channel.wakeup, selectors.EVENT_READ)
+            channel.put_control(FrameKind.READY)
             if self._on_ready is not None:
                 self._on_ready()
             logger.debug("worker %d (pid %d) ready", self._slot, os.getpid())
             while self._stop_reason is None:
-                for key, _ in selector.select():
+                if channel.flush() == writing:
+                    writing = not writing
+                    selector.modify(control, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0))
+                for key, mask in selector.select():
                     if key.fileobj is control:
-                        self._on_control_readable()
+                        if mask & selectors.EVENT_READ:
+                            self._on_control_readable()
+                    elif key.fileobj is channel.wakeup:
+                        channel.drain_wakeups()
                     else:
                         for signum in signals.drain():
                             self._stop_reason = f"got {signal.Signals(signum).name}"
                             self._quick = self._quick or signum in _QUICK_SIGNALS
+            if not self._master_lost:
+                channel.flush()  # a last try for what the worker sent while stopping
         except (BrokenPipeError, ConnectionResetError):
             self._master_gone("the control socket broke")
         finally:
@@ -199,11 +293,14 @@ class WorkerRuntime:
     def _on_control_readable(self) -> None:
         try:
             frames, closed = self._reader.read_from(self._control)
+        except BlockingIOError:
+            return
         except ProtocolError as exc:
             logger.error("worker %d: the master sent an invalid frame (%s); stopping", self._slot, exc)
             self._stop_reason = "protocol error"
             return
         taken: list[tuple[int, int]] = []
+        messages: list[tuple[int | None, Any]] = []
         pinged = False
         try:
             for frame in frames:
@@ -214,6 +311,8 @@ class WorkerRuntime:
                     if len(ids) != len(frame.fds):
                         raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
                     taken.extend(zip(ids, frame.fds, strict=True))
+                elif frame.kind is FrameKind.MESSAGE:
+                    messages.append(channel_codec.unpack_delivery(frame.payload))
                 elif frame.kind is FrameKind.STOP:
                     self._stop_reason = "the master asked"
         except ProtocolError as exc:
@@ -224,13 +323,24 @@ class WorkerRuntime:
             self._stop_reason = "protocol error"
             return
         if taken:
-            self._control.sendall(encode(FrameKind.ACK, pack_ids([conn_id for conn_id, _ in taken])))
+            self._channel.put_control(FrameKind.ACK, pack_ids([conn_id for conn_id, _ in taken]))
+            # The ACK is on its way before anything reads the connections (module docstring).
+            self._channel.flush_control()
             for _, fd in taken:
                 self._deliver(fd)
+        for sender, message in messages:
+            self._dispatch_message(sender, message)
         if pinged:
-            self._control.sendall(encode(FrameKind.PONG))
+            self._channel.put_control(FrameKind.PONG)
         if closed:
             self._master_gone("the control socket closed")
+
+    def _dispatch_message(self, sender: int | None, message: Any) -> None:
+        for handler in self._channel.handlers:
+            try:
+                handler(sender, message)
+            except Exception:
+                logger.exception("worker %d: a message handler raised", self._slot)
 
     def _deliver(self, fd: int) -> None:
         try:
@@ -264,6 +374,7 @@ class WorkerRuntime:
     def _finish(self) -> None:
         logger.debug("worker %d stopping: %s", self._slot, self._stop_reason)
         self._reader.close()
+        self._channel.close()
         stop = None if self._quick else getattr(self._worker, "stop", None)
         if callable(stop):
             try:

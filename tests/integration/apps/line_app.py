@@ -43,6 +43,8 @@ class LineWorker(Worker):
         self.blocked = os.environ.get("APP_BLOCK_SLOT") == str(slot)
         self.garbage = os.environ.get("APP_GARBAGE_SLOT") == str(slot)
         self.close_at_once = os.environ.get("APP_MODE") == "close"
+        self.serving: set[threading.Thread] = set()
+        self.serving_lock = threading.Lock()
 
     def add_connection(self, sock: socket.socket) -> None:
         if self.close_at_once:
@@ -56,9 +58,19 @@ class LineWorker(Worker):
         if self.garbage and self.control is not None:
             # A worker gone mad writes bytes that are no frame to the master.
             self.control.sendall(random.Random(peer[1]).randbytes(64))
-        threading.Thread(target=self.serve, args=(sock, peer), daemon=True).start()
+        thread = threading.Thread(target=self.serve, args=(sock, peer), daemon=True)
+        with self.serving_lock:
+            self.serving.add(thread)
+        thread.start()
 
     def serve(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            self.answer(sock, peer)
+        finally:
+            with self.serving_lock:
+                self.serving.discard(threading.current_thread())
+
+    def answer(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         with sock:
             blocking = sock.getblocking()
             sock.settimeout(10)
@@ -74,7 +86,12 @@ class LineWorker(Worker):
             sock.sendall(json.dumps(reply).encode() + b"\n")
 
     def stop(self) -> None:
+        """Graceful: finish every connection in flight (the master kills us after graceful_timeout)."""
         time.sleep(self.stop_delay)
+        with self.serving_lock:
+            in_flight = list(self.serving)
+        for thread in in_flight:
+            thread.join()
 
 
 def record_pid(role: str) -> None:

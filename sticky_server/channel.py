@@ -1,0 +1,89 @@
+"""Messages between the master and its workers: encoding, size limits, envelopes.
+
+Messages are JSON values (dicts, lists, str, int, float, bool, None), never
+pickles: a worker must not be able to make the master run code. A value that
+cannot be encoded raises TypeError in the caller; one over ``max_message_size``
+raises ValueError. Bytes that are not a valid message, from a worker, are a
+protocol error (the master restarts that worker).
+
+Envelopes (the payload of the frames in ``wire``):
+  SEND     worker -> master   the JSON text
+  PUBLISH  worker -> master   u8 include-sender flag, then the JSON text; the
+                              master checks it and relays the text unchanged
+  MESSAGE  master -> worker   u16 sender (``FROM_MASTER`` or a worker slot), then the JSON text
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from .errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "FROM_MASTER",
+    "MAX_QUEUED_MESSAGE_BYTES",
+    "decode",
+    "encode",
+    "pack_delivery",
+    "pack_publish",
+    "unpack_delivery",
+    "unpack_publish",
+]
+
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+# Messages queued for one receiver beyond this many bytes push out the oldest ones.
+MAX_QUEUED_MESSAGE_BYTES = 16 * 1024 * 1024
+FROM_MASTER = 0xFFFF
+_SENDER = struct.Struct(">H")
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=True)
+
+
+def encode(message: Any, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
+    """The JSON bytes of ``message``; TypeError if it is not JSON, ValueError if it is too big."""
+    try:
+        data = _encoder.encode(message).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"message cannot be sent: {exc}. Send JSON values: dict (str keys), list, str, int, float, bool, None"
+        ) from None
+    if len(data) > max_size:
+        raise ValueError(
+            f"message is {len(data)} bytes as JSON, over the {max_size} byte limit; "
+            "send less, or raise StickyServer(max_message_size=...)"
+        )
+    return data
+
+
+def decode(data: bytes) -> Any:
+    """The value of a message's JSON bytes; ProtocolError if they are not JSON."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"message is not valid JSON ({exc})") from None
+
+
+def pack_delivery(sender: int | None, body: bytes) -> bytes:
+    return _SENDER.pack(FROM_MASTER if sender is None else sender) + body
+
+
+def unpack_delivery(payload: bytes) -> tuple[int | None, Any]:
+    if len(payload) < _SENDER.size:
+        raise ProtocolError("message frame too short for its sender")
+    (sender,) = _SENDER.unpack_from(payload)
+    return (None if sender == FROM_MASTER else sender), decode(payload[_SENDER.size :])
+
+
+def pack_publish(include_sender: bool, body: bytes) -> bytes:
+    return bytes([include_sender]) + body
+
+
+def unpack_publish(payload: bytes) -> tuple[bool, bytes]:
+    """The include-sender flag and the JSON text, checked to be a valid message."""
+    if not payload or payload[0] > 1:
+        raise ProtocolError("publish frame without a valid include-sender flag")
+    body = payload[1:]
+    decode(body)
+    return bool(payload[0]), body
