@@ -207,3 +207,103 @@ def test_flush_to_a_closed_peer_raises() -> None:
     with pytest.raises((BrokenPipeError, ConnectionResetError)):
         outbox.flush(left)
     left.close()
+
+
+def drain(outbox: Outbox, sock: socket.socket, peer: socket.socket) -> list[Frame]:
+    """Flush ``outbox`` into ``sock`` and read everything on ``peer``."""
+    reader = FrameReader(MASTER_SENDS)
+    frames: list[Frame] = []
+    peer.setblocking(False)
+    while True:
+        flushed = outbox.flush(sock)
+        try:
+            frames += reader.read_from(peer)[0]
+        except BlockingIOError:
+            if flushed:
+                return frames
+
+
+def test_control_frames_overtake_queued_messages() -> None:
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with master, worker:
+        master.setblocking(False)
+        outbox = Outbox()
+        for n in range(3):
+            outbox.put_message(FrameKind.MESSAGE, bytes([n]), max_bytes=1 << 20)
+        outbox.put(FrameKind.PING)
+        outbox.put(FrameKind.STOP)
+        kinds = [frame.kind for frame in drain(outbox, master, worker)]
+    assert kinds == [FrameKind.PING, FrameKind.STOP, FrameKind.MESSAGE, FrameKind.MESSAGE, FrameKind.MESSAGE]
+
+
+def test_message_queue_is_bounded_by_dropping_the_oldest() -> None:
+    outbox = Outbox()
+    dropped = [outbox.put_message(FrameKind.MESSAGE, bytes([n]) * 100, max_bytes=350) for n in range(6)]
+    assert dropped == [0, 0, 0, 1, 1, 1]
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with master, worker:
+        master.setblocking(False)
+        payloads = [frame.payload[0] for frame in drain(outbox, master, worker)]
+    assert payloads == [3, 4, 5]  # the newest survive, in order
+
+
+def test_many_small_frames_go_out_in_few_sendmsg_calls() -> None:
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with master, worker:
+
+        class Counting:
+            calls = 0
+
+            def sendmsg(self, buffers: list[memoryview], ancillary: list[tuple[int, int, bytes]]) -> int:
+                self.calls += 1
+                return master.sendmsg(buffers, ancillary)
+
+        counting = Counting()
+        outbox = Outbox()
+        for n in range(640):
+            outbox.put_message(FrameKind.MESSAGE, n.to_bytes(2, "big"), max_bytes=1 << 20)
+        assert outbox.flush(counting)  # type: ignore[arg-type]
+        assert counting.calls == 10  # 64 frames per call
+        reader = FrameReader(MASTER_SENDS)
+        frames: list[Frame] = []
+        while len(frames) < 640:
+            frames += reader.read_from(worker)[0]
+    assert [int.from_bytes(frame.payload, "big") for frame in frames] == list(range(640))
+
+
+def test_a_partial_write_in_the_middle_of_a_batch_keeps_every_frame_in_order() -> None:
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with master, worker:
+
+        class Trickle:
+            """Writes at most 13 bytes of the gathered buffers per call."""
+
+            def sendmsg(self, buffers: list[memoryview], ancillary: list[tuple[int, int, bytes]]) -> int:
+                return master.sendmsg([b"".join(bytes(b) for b in buffers)[:13]], ancillary)
+
+        outbox = Outbox()
+        read_end, write_end = os.pipe()
+        try:
+            for n in range(20):
+                outbox.put_message(FrameKind.MESSAGE, bytes([n]) * 5, max_bytes=1 << 20)
+                if n % 5 == 0:
+                    outbox.put(FrameKind.HANDOFF, pack_ids([n]), [write_end])
+            reader = FrameReader(MASTER_SENDS)
+            frames: list[Frame] = []
+            worker.setblocking(False)
+            for _ in range(10_000):
+                done = outbox.flush(Trickle())  # type: ignore[arg-type]
+                with contextlib.suppress(BlockingIOError):
+                    frames += reader.read_from(worker)[0]
+                if done and len(frames) == 24:
+                    break
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+    handoffs = [frame for frame in frames if frame.kind is FrameKind.HANDOFF]
+    messages = [frame.payload[0] for frame in frames if frame.kind is FrameKind.MESSAGE]
+    assert [unpack_ids(frame.payload) for frame in handoffs] == [(0,), (5,), (10,), (15,)]
+    assert all(len(frame.fds) == 1 for frame in handoffs)
+    for frame in handoffs:
+        os.close(frame.fds[0])
+    assert messages == list(range(20))

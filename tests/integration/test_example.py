@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import sys
 from pathlib import Path
@@ -27,11 +28,21 @@ def test_example_server_is_sticky_and_stops_cleanly(tmp_path: Path) -> None:
     )
     try:
         port = int(server.wait_for(r"listening on \[::\]:(\d+) with 4 workers").group(1))
-        bodies = {ip: {get(port, ip) for _ in range(3)} for ip in CLIENT_IPS}
-        assert all(len(seen) == 1 for seen in bodies.values()), bodies
-        answers = {next(iter(seen)) for seen in bodies.values()}
-        assert all(re.fullmatch(r"worker [0-3] pid \d+\n", answer) for answer in answers), answers
+        pages = {ip: [get(port, ip) for _ in range(3)] for ip in CLIENT_IPS}
+        first_lines = {ip: {page.splitlines()[0] for page in seen} for ip, seen in pages.items()}
+        assert all(len(lines) == 1 for lines in first_lines.values()), first_lines
+        answers = {next(iter(lines)) for lines in first_lines.values()}
+        assert all(re.fullmatch(r"worker [0-3] pid \d+", answer) for answer in answers), answers
         assert len(answers) > 1
+
+        # The channel: every worker reports its connections, the master broadcasts the totals.
+        def totals() -> dict[str, int]:
+            page = get(port, CLIENT_IPS[0])
+            return dict(json.loads(page.splitlines()[1].removeprefix("connections per worker: ")))
+
+        made = 3 * len(CLIENT_IPS)
+        assert wait_until(lambda: sum(totals().values()) >= made, timeout=15, interval=0.05)
+        assert set(totals()) == {line.split()[1] for line in answers}
         workers = server.worker_pids()
         assert len(workers) == 4
         assert server.stop(timeout=40) == 0

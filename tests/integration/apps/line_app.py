@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from sticky_server import Balancer, ClientInfo, StickyServer, Worker, WorkerSet, environment
 
@@ -35,9 +36,13 @@ class RaisingBalancer(Balancer):
 
 
 class LineWorker(Worker):
-    def __init__(self, slot: int, control: socket.socket | None = None) -> None:
+    def __init__(self, slot: int, control: socket.socket | None = None, sticky: StickyServer | None = None) -> None:
         self.slot = slot
         self.control = control
+        self.sticky = sticky
+        self.inbox: list[list[Any]] = []
+        if sticky is not None:
+            sticky.on_message(lambda sender, message: self.inbox.append([sender, message]))
         self.raise_for = os.environ.get("APP_RAISE_FOR", "")
         self.stop_delay = float(os.environ.get("APP_STOP_DELAY", "0"))
         self.blocked = os.environ.get("APP_BLOCK_SLOT") == str(slot)
@@ -75,7 +80,9 @@ class LineWorker(Worker):
             blocking = sock.getblocking()
             sock.settimeout(10)
             line = sock.makefile("rb").readline().decode().strip()
+            result = self.command(line[4:]) if line.startswith("cmd ") else None
             reply = {
+                "result": result,
                 "slot": self.slot,
                 "pid": os.getpid(),
                 "peer": list(peer[:2]),
@@ -85,6 +92,32 @@ class LineWorker(Worker):
             }
             sock.sendall(json.dumps(reply).encode() + b"\n")
 
+    def command(self, text: str) -> Any:
+        """Channel commands for the tests: send, publish, flood, inbox, and bad messages."""
+        assert self.sticky is not None
+        verb, _, argument = text.partition(" ")
+        try:
+            if verb == "send":
+                self.sticky.send(json.loads(argument))
+            elif verb == "send-many":
+                for n in range(int(argument)):
+                    self.sticky.send({"n": n})
+            elif verb == "publish":
+                self.sticky.publish(json.loads(argument))
+            elif verb == "publish-self":
+                self.sticky.publish(json.loads(argument), include_self=True)
+            elif verb == "inbox":
+                return self.inbox
+            elif verb == "inbox-count":
+                return len(self.inbox)
+            elif verb == "send-set":
+                self.sticky.send({1, 2})
+            elif verb == "send-huge":
+                self.sticky.send("x" * (2 * 1024 * 1024))
+        except (TypeError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "ok"
+
     def stop(self) -> None:
         """Graceful: finish every connection in flight (the master kills us after graceful_timeout)."""
         time.sleep(self.stop_delay)
@@ -92,6 +125,26 @@ class LineWorker(Worker):
             in_flight = list(self.serving)
         for thread in in_flight:
             thread.join()
+
+
+def serve_channel(sticky: StickyServer) -> None:
+    """The master's side of the channel tests: print what arrives, relay on request."""
+
+    @sticky.on_message
+    def relay(worker_id: int, message: Any) -> None:
+        print(f"FROM {worker_id} {json.dumps(message)}", flush=True)
+        if isinstance(message, dict):
+            if "broadcast" in message:
+                sticky.broadcast(message["broadcast"])
+            if "to" in message:
+                sticky.send(message["data"], to=message["to"])
+            if "flood" in message:
+                count, size = message["flood"]
+                for n in range(count):
+                    sticky.broadcast({"flood": n, "pad": "x" * size})
+
+    sticky.on_worker_start(lambda worker_id: print(f"START {worker_id}", flush=True))
+    sticky.on_worker_exit(lambda worker_id, returncode: print(f"EXIT {worker_id} {returncode}", flush=True))
 
 
 def record_pid(role: str) -> None:
@@ -120,6 +173,8 @@ def main() -> None:
         if mode == "work_in_master":
             sticky.work(LineWorker(0))
         sticky.on_listening(lambda address: print(f"LISTENING {address[0]} {address[1]}", flush=True))
+        if os.environ.get("APP_CHANNEL"):
+            serve_channel(sticky)
         nofile = os.environ.get("APP_MASTER_NOFILE")
         if nofile:
             # Only the master's soft limit is lowered; workers put theirs back (below).
@@ -146,7 +201,7 @@ def main() -> None:
     if mode == "no_add_connection":
         sticky.work(object())
     identity = environment.worker_identity()
-    sticky.work(LineWorker(sticky.worker_id or 0, identity.control if identity else None))
+    sticky.work(LineWorker(sticky.worker_id or 0, identity.control if identity else None, sticky))
 
 
 if __name__ == "__main__":
