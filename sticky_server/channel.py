@@ -39,6 +39,7 @@ MAX_QUEUED_MESSAGE_BYTES = 16 * 1024 * 1024
 FROM_MASTER = 0xFFFF
 _SENDER = struct.Struct(">H")
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=True)
+_decoder = json.JSONDecoder()
 
 
 def encode(message: Any, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
@@ -60,7 +61,7 @@ def encode(message: Any, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
 def decode(data: bytes) -> Any:
     """The value of a message's JSON bytes; ProtocolError if they are not JSON."""
     try:
-        return json.loads(data)
+        return _decoder.decode(data.decode())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError(f"message is not valid JSON ({exc})") from None
 

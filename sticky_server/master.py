@@ -69,6 +69,7 @@ from .errors import ProtocolError, WorkerBootError
 from .listener import format_address
 from .signals import SignalQueue
 from .supervisor import MAX_BOOT_FAILURES, Supervisor, WorkerProcess, describe_exit
+from .throttle import ThrottledLog
 from .wire import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
 
 __all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher", "Hooks", "StopMode"]
@@ -170,10 +171,23 @@ class Dispatcher:
         self._on_ready = on_ready
         self._hooks = hooks or Hooks()
         self._calls: deque[Callable[[], None]] = deque()
+        self._calls_lock = threading.Lock()
+        self._wake_pending = False
         self._waker, self._wakeup = socket.socketpair()
         self._loop_thread: int | None = None
-        self._dropped_messages = 0
-        self._dropped_logged_at = -MESSAGE_DROP_LOG_INTERVAL
+        self._dropped_log = ThrottledLog(
+            logger,
+            logging.WARNING,
+            "dropped %d oldest message(s) queued for slow workers (latest: worker %d, over %d bytes waiting)",
+            MESSAGE_DROP_LOG_INTERVAL,
+        )
+        self._accept_error_log = ThrottledLog(
+            logger,
+            logging.ERROR,
+            "accept failed %d time(s): %s; pausing accepts for %.1f s each time; "
+            "raise the descriptor limit (`ulimit -n`)",
+            ACCEPT_ERROR_LOG_INTERVAL,
+        )
         self._selector = selectors.DefaultSelector()
         self._links: dict[int, _Link] = {}  # the current worker of each slot
         self._incoming: dict[int, _Link] = {}  # replacements that are starting
@@ -186,8 +200,6 @@ class Dispatcher:
         self._next_id = 0
         self._accepting = False
         self._accept_paused_until: float | None = None
-        self._accept_pauses = 0
-        self._accept_pause_logged_at = -ACCEPT_ERROR_LOG_INTERVAL
         self._kill_at: dict[WorkerProcess, tuple[float, str]] = {}
         self._next_heartbeat: float | None = None
         self._started = False
@@ -233,6 +245,7 @@ class Dispatcher:
             while not (self._stopping and not self._supervisor.processes):
                 for key, mask in self._selector.select(self._select_timeout()):
                     key.data(mask)
+                self._flush_touched()
                 self._run_timers()
         finally:
             self._loop_thread = None
@@ -286,16 +299,22 @@ class Dispatcher:
             return
         if self._loop_thread is None:
             raise RuntimeError("the master is not serving: send messages once listen() runs (e.g. from on_listening)")
-        self._calls.append(call)
-        with contextlib.suppress(BlockingIOError, OSError):
-            self._waker.send(b"\0")
+        with self._calls_lock:
+            self._calls.append(call)
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:  # one wake-up byte per batch of calls, not per call
+            with contextlib.suppress(BlockingIOError, OSError):
+                self._waker.send(b"\0")
 
     def _run_calls(self, mask: int) -> None:
         with contextlib.suppress(BlockingIOError):
             while self._wakeup.recv(4096):
                 pass
-        while self._calls:
-            self._calls.popleft()()
+        with self._calls_lock:
+            calls, self._calls = self._calls, deque()
+            self._wake_pending = False
+        for call in calls:
+            call()
 
     def send_message(self, slot: int, body: bytes, sender: int | None = None) -> bool:
         """Queue an encoded message for the current worker of ``slot``; False if the slot has none now."""
@@ -304,8 +323,8 @@ class Dispatcher:
             return False
         dropped = link.outbox.put_message(FrameKind.MESSAGE, pack_delivery(sender, body), MAX_QUEUED_MESSAGE_BYTES)
         if dropped:
-            self._note_dropped(slot, dropped)
-        self._flush_link(link)
+            self._dropped_log.note(dropped, slot, MAX_QUEUED_MESSAGE_BYTES)
+        self._touched.add(link)  # written once per loop pass, many messages per sendmsg
         return True
 
     def broadcast_message(self, body: bytes, sender: int | None = None, skip: int | None = None) -> None:
@@ -313,18 +332,6 @@ class Dispatcher:
         for slot in list(self._links):
             if slot != skip:
                 self.send_message(slot, body, sender)
-
-    def _note_dropped(self, slot: int, count: int) -> None:
-        self._dropped_messages += count
-        now = time.monotonic()
-        if now - self._dropped_logged_at >= MESSAGE_DROP_LOG_INTERVAL:
-            logger.warning(
-                "dropped %d oldest message(s) queued for slow workers (latest: worker %d, over %d bytes waiting)",
-                self._dropped_messages,
-                slot,
-                MAX_QUEUED_MESSAGE_BYTES,
-            )
-            self._dropped_messages, self._dropped_logged_at = 0, now
 
     def _on_send(self, link: _Link, frame: Frame) -> None:
         _run_hooks(self._hooks.message, link.worker.slot, decode_message(frame.payload))
@@ -368,19 +375,8 @@ class Dispatcher:
         self._flush_touched()
 
     def _pause_accepting(self, exc: OSError) -> None:
-        now = time.monotonic()
-        self._accept_pauses += 1
-        if now - self._accept_pause_logged_at >= ACCEPT_ERROR_LOG_INTERVAL:
-            logger.error(
-                "accept failed: %s; pausing accepts for %.1f s each time (%d time(s) since the last such line); "
-                "raise the descriptor limit (`ulimit -n`)",
-                os.strerror(exc.errno or 0),
-                ACCEPT_BACKOFF,
-                self._accept_pauses,
-            )
-            self._accept_pause_logged_at = now
-            self._accept_pauses = 0
-        self._accept_paused_until = now + ACCEPT_BACKOFF
+        self._accept_error_log.note(1, os.strerror(exc.errno or 0), ACCEPT_BACKOFF)
+        self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
         self._update_accepting()
 
     def _route(self, conn_id: int, fd: int, client: ClientInfo) -> None:

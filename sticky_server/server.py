@@ -38,35 +38,31 @@ _USAGE = "`if sticky.is_master: sticky.listen(port) else: sticky.work(worker)`"
 ListeningCallback = Callable[[tuple[str, int]], Any]
 
 
-def user_id(user: str | int | None) -> int | None:
-    """The numeric id of a user name or id; ValueError naming the fix if there is no such user."""
-    if user is None or (isinstance(user, int) and not isinstance(user, bool)):
-        return user
-    if not isinstance(user, str):
-        raise TypeError(f"user must be a name, a numeric id or None, not {user!r}")
+def _account_id(kind: str, value: str | int | None, by_name: Callable[[str], int]) -> int | None:
+    """A numeric id as is, or the id of a name; errors naming the fix."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{kind} must be a name, a numeric id or None, not {value!r}")
     try:
-        return pwd.getpwnam(user).pw_uid
+        return by_name(value)
     except KeyError:
-        raise ValueError(f"user {user!r} does not exist on this machine; create it or name another") from None
+        raise ValueError(f"{kind} {value!r} does not exist on this machine; create it or name another") from None
+
+
+def user_id(user: str | int | None) -> int | None:
+    """The numeric id of a user name or id."""
+    return _account_id("user", user, lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def group_id(group: str | int | None, user: int | None) -> int | None:
     """The numeric id of a group name or id; by default the primary group of ``user``."""
-    if group is None:
-        if user is None:
-            return None
+    if group is None and user is not None:
         try:
             return pwd.getpwuid(user).pw_gid
         except KeyError:
             return None  # a bare uid with no passwd entry: leave the group as it is
-    if isinstance(group, int) and not isinstance(group, bool):
-        return group
-    if not isinstance(group, str):
-        raise TypeError(f"group must be a name, a numeric id or None, not {group!r}")
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ValueError(f"group {group!r} does not exist on this machine; create it or name another") from None
+    return _account_id("group", group, lambda name: grp.getgrnam(name).gr_gid)
 
 
 class StickyServer:

@@ -42,7 +42,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import ProtocolError
 
@@ -65,7 +65,7 @@ MAX_PAYLOAD = 16 * 1024 * 1024
 RECV_BYTES = 256 * 1024
 # One sendmsg gathers up to this much, in up to this many frames.
 GATHER_BYTES = 256 * 1024
-GATHER_FRAMES = 64
+GATHER_FRAMES = 512
 # Room for several frames' descriptors in one recvmsg (see rule 3).
 ANCILLARY_BYTES = socket.CMSG_SPACE(4 * MAX_FDS_PER_FRAME * array.array("i").itemsize)
 _ID = struct.Struct(">Q")
@@ -85,13 +85,13 @@ class FrameKind(enum.IntEnum):
     PUBLISH = 9  # worker -> master: a channel message to relay to every worker
 
 
+_KINDS = {kind.value: kind for kind in FrameKind}
 MASTER_SENDS = frozenset({FrameKind.HANDOFF, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE})
 WORKER_SENDS = frozenset({FrameKind.ACK, FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH})
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame; the receiver owns ``fds``."""
+class Frame(NamedTuple):
+    """One decoded frame; the receiver owns ``fds``. (A tuple: the decoder builds one per frame.)"""
 
     kind: FrameKind
     payload: bytes = b""
@@ -146,35 +146,47 @@ class FrameReader:
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Frame]:
         """Take bytes and descriptors in arrival order; return the frames now complete."""
-        self._fds.extend(fds)
-        self._buffer += data
+        if fds:
+            self._fds.extend(fds)
+        buffer = self._buffer
+        buffer += data
         frames: list[Frame] = []
         offset = 0
-        buffer = self._buffer
-        while len(buffer) - offset >= HEADER.size:
-            kind_value, flags, n_fds, length = HEADER.unpack_from(buffer, offset)
-            try:
-                kind = FrameKind(kind_value)
-            except ValueError:
-                raise ProtocolError(f"unknown frame kind {kind_value}") from None
-            if kind not in self._accepted:
-                raise ProtocolError(f"frame kind {kind.name} is not allowed in this direction")
-            if flags:
-                raise ProtocolError(f"frame flags must be 0, got {flags}")
-            if n_fds > MAX_FDS_PER_FRAME:
-                raise ProtocolError(f"frame declares {n_fds} descriptors (at most {MAX_FDS_PER_FRAME})")
-            if length > MAX_PAYLOAD:
-                raise ProtocolError(f"frame declares a {length} byte payload (at most {MAX_PAYLOAD})")
-            end = offset + HEADER.size + length
-            if len(buffer) < end:
+        size = len(buffer)
+        header_size = HEADER.size
+        unpack_header = HEADER.unpack_from
+        accepted = self._accepted
+        while size - offset >= header_size:
+            kind_value, flags, n_fds, length = unpack_header(buffer, offset)
+            kind = _KINDS.get(kind_value)
+            if kind is None or kind not in accepted or flags or n_fds > MAX_FDS_PER_FRAME or length > MAX_PAYLOAD:
+                raise self._invalid(kind_value, flags, n_fds, length)
+            end = offset + header_size + length
+            if size < end:
                 break
-            if n_fds > len(self._fds):
-                raise ProtocolError(f"frame declares {n_fds} descriptors but {len(self._fds)} arrived")
-            frame_fds = tuple(self._fds.popleft() for _ in range(n_fds))
-            frames.append(Frame(kind, bytes(buffer[offset + HEADER.size : end]), frame_fds))
+            if n_fds:
+                if n_fds > len(self._fds):
+                    raise ProtocolError(f"frame declares {n_fds} descriptors but {len(self._fds)} arrived")
+                frame_fds = tuple(self._fds.popleft() for _ in range(n_fds))
+            else:
+                frame_fds = ()
+            frames.append(Frame(kind, bytes(buffer[offset + header_size : end]), frame_fds))
             offset = end
-        del buffer[:offset]
+        if offset:
+            del buffer[:offset]
         return frames
+
+    def _invalid(self, kind_value: int, flags: int, n_fds: int, length: int) -> ProtocolError:
+        kind = _KINDS.get(kind_value)
+        if kind is None:
+            return ProtocolError(f"unknown frame kind {kind_value}")
+        if kind not in self._accepted:
+            return ProtocolError(f"frame kind {kind.name} is not allowed in this direction")
+        if flags:
+            return ProtocolError(f"frame flags must be 0, got {flags}")
+        if n_fds > MAX_FDS_PER_FRAME:
+            return ProtocolError(f"frame declares {n_fds} descriptors (at most {MAX_FDS_PER_FRAME})")
+        return ProtocolError(f"frame declares a {length} byte payload (at most {MAX_PAYLOAD})")
 
     def read_from(self, sock: socket.socket) -> tuple[list[Frame], bool]:
         """One ``recvmsg`` on ``sock``; return the completed frames and whether the peer closed.

@@ -39,7 +39,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
@@ -48,6 +47,7 @@ from . import channel as channel_codec
 from .channel import MAX_QUEUED_MESSAGE_BYTES
 from .errors import ProtocolError
 from .signals import SignalQueue
+from .throttle import ThrottledLog
 from .wire import MASTER_SENDS, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
 
 __all__ = [
@@ -179,8 +179,13 @@ class WorkerChannel:
         self._waker, self.wakeup = socket.socketpair()
         self._waker.setblocking(False)
         self.wakeup.setblocking(False)
-        self._dropped = 0
-        self._dropped_logged_at = -DROP_LOG_INTERVAL
+        self._dropped_log = ThrottledLog(
+            logger,
+            logging.WARNING,
+            "dropped %d oldest message(s) for the master: over %d bytes were waiting (is the master stuck?)",
+            DROP_LOG_INTERVAL,
+        )
+        self._wake_pending = False
 
     def put_control(self, kind: FrameKind, payload: bytes = b"") -> None:
         with self._lock:
@@ -192,21 +197,12 @@ class WorkerChannel:
             raise RuntimeError("this worker has stopped: it can no longer send messages")
         with self._lock:
             dropped = self._outbox.put_message(kind, payload, MAX_QUEUED_MESSAGE_BYTES)
+            wake, self._wake_pending = not self._wake_pending, True
         if dropped:
-            self._note_dropped(dropped)
-        with contextlib.suppress(BlockingIOError):  # a wake-up already pending is enough
-            self._waker.send(b"\0")
-
-    def _note_dropped(self, count: int) -> None:
-        self._dropped += count
-        now = time.monotonic()
-        if now - self._dropped_logged_at >= DROP_LOG_INTERVAL:
-            logger.warning(
-                "dropped %d oldest message(s) for the master: over %d bytes were waiting (is the master stuck?)",
-                self._dropped,
-                MAX_QUEUED_MESSAGE_BYTES,
-            )
-            self._dropped, self._dropped_logged_at = 0, now
+            self._dropped_log.note(dropped, MAX_QUEUED_MESSAGE_BYTES)
+        if wake:  # one wake-up byte per batch of messages, not per message
+            with contextlib.suppress(BlockingIOError):
+                self._waker.send(b"\0")
 
     def flush(self) -> bool:
         """Write what the socket takes; True when nothing is left. Raises when the master is gone."""
@@ -226,6 +222,8 @@ class WorkerChannel:
         with contextlib.suppress(BlockingIOError):
             while self.wakeup.recv(4096):
                 pass
+        with self._lock:
+            self._wake_pending = False  # the loop flushes everything queued before this, next
 
     def close(self) -> None:
         self.closed = True

@@ -124,3 +124,15 @@ def test_a_bogus_worker_environment_is_a_clear_error(
     monkeypatch.setenv(WORKER_SLOT_ENV, "0")
     with pytest.raises(WrongProcessError, match=f"{message}; this process was not started by a sticky_server master"):
         StickyServer()
+
+
+def test_user_and_group_are_checked_up_front(fresh_identity: None) -> None:
+    with pytest.raises(ValueError, match="user 'no-such-user' does not exist on this machine"):
+        StickyServer(user="no-such-user")
+    with pytest.raises(ValueError, match="group 'no-such-group' does not exist on this machine"):
+        StickyServer(group="no-such-group")
+    with pytest.raises(TypeError, match="user must be a name, a numeric id or None"):
+        StickyServer(user=1.5)  # type: ignore[arg-type]
+    sticky = StickyServer(user="nobody")
+    assert sticky.user == 65534 and sticky.group is not None
+    assert StickyServer(user=12345).group is None  # a bare uid: the group is left alone

@@ -1,0 +1,142 @@
+"""Channel throughput: messages per second master -> worker and worker -> worker,
+measured while connections are being handed off.
+
+    python bench/messages.py [--messages N]
+
+This file is both the benchmark driver (run by you) and the server it measures
+(the driver starts it with BENCH_ROLE=server: a master and two workers). While the
+server's master streams N small messages to worker 0, and then worker 0 publishes N
+small messages that worker 1 counts, the driver keeps opening connections from
+distinct 127.0.0.x addresses (each answered and closed by a worker), so the
+messages share the control sockets with hand-offs. It prints both rates, the ratio
+to the 50,000 messages/s target, and how many connections were handed off meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+TARGET = 50_000
+
+
+def run_server() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from sticky_server import StickyServer, Worker
+
+    count = int(os.environ["BENCH_MESSAGES"])
+    sticky = StickyServer(workers=2, graceful_timeout=5)
+
+    if not sticky.is_master:
+
+        class CountingWorker(Worker):
+            def __init__(self) -> None:
+                self.received = 0
+
+            def add_connection(self, sock: socket.socket) -> None:
+                sock.close()  # the cheapest possible answer: only hand-offs matter here
+
+            def on_message(self, sender: int | None, message: Any) -> None:
+                if sender is None and isinstance(message, dict) and "publish" in message:
+                    for n in range(message["publish"]):
+                        sticky.publish(n)
+                    return
+                self.received += 1
+                if self.received == count:
+                    sticky.send({"done": count})
+                    self.received = 0
+
+        worker = CountingWorker()
+        sticky.on_message(worker.on_message)
+        sticky.work(worker)
+        return
+
+    done = threading.Event()
+    sticky.on_message(lambda worker_id, message: done.set() if isinstance(message, dict) else None)
+
+    def measure(address: tuple[str, int]) -> None:
+        print("READY", address[1], flush=True)
+        time.sleep(1.0)  # let the driver's connection load get going
+        started = time.perf_counter()
+        for n in range(count):
+            sticky.send(n, to=0)
+        done.wait()
+        print(f"RESULT master->worker {count} {time.perf_counter() - started:.6f}", flush=True)
+        done.clear()
+        started = time.perf_counter()
+        sticky.send({"publish": count}, to=0)
+        done.wait()
+        print(f"RESULT worker->worker {count} {time.perf_counter() - started:.6f}", flush=True)
+
+    sticky.on_listening(lambda address: threading.Thread(target=measure, args=(address,), daemon=True).start())
+    sticky.listen(0, host="127.0.0.1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=200_000, help="messages per direction (default 200000)")
+    args = parser.parse_args()
+    env = dict(os.environ, BENCH_ROLE="server", BENCH_MESSAGES=str(args.messages), PYTHONUNBUFFERED="1")
+    server = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        stderr=subprocess.DEVNULL,
+    )
+    stop = threading.Event()
+    handed_off = [0]
+
+    def connect_loop(port: int, n: int) -> None:
+        source = f"127.0.0.{2 + n}"
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+                    sock.recv(1)
+                handed_off[0] += 1
+            except OSError:
+                pass
+
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line.startswith("READY"):
+            raise SystemExit(f"the bench server did not start (said {line!r})")
+        port = int(line.split()[1])
+        loaders = [threading.Thread(target=connect_loop, args=(port, n), daemon=True) for n in range(2)]
+        for loader in loaders:
+            loader.start()
+        print(f"sticky_server channel benchmark: {args.messages} small messages per direction, 2 workers")
+        for _ in range(2):
+            before = handed_off[0]
+            line = server.stdout.readline()
+            if not line.startswith("RESULT"):
+                raise SystemExit(f"the bench server stopped early (said {line!r})")
+            _, direction, count, seconds = line.split()
+            rate = int(count) / float(seconds)
+            print(
+                f"  {direction:15} {rate:10,.0f} messages/s  ({rate / TARGET:.2f}x the {TARGET:,}/s target; "
+                f"{handed_off[0] - before:,} connections handed off meanwhile)"
+            )
+    finally:
+        stop.set()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+if __name__ == "__main__":
+    if os.environ.get("BENCH_ROLE") == "server":
+        run_server()
+    else:
+        main()
