@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .harness import HERE, ServerProcess, line_app_command
+from .harness import HERE, LINE_APP, ServerProcess, line_app_command
 
 if not sys.platform.startswith("linux"):
     pytest.skip("integration tests use 127.0.0.x source addresses and /proc (Linux)", allow_module_level=True)
@@ -25,14 +25,15 @@ def start_app(tmp_path: Path) -> Iterator[StartApp]:
         module: bool = False,
         python: str = sys.executable,
         pid_dir: Path | None = None,
+        script: Path = LINE_APP,
         **kwargs: Any,
     ) -> ServerProcess:
         if pid_dir is None:
             pid_dir = tmp_path / f"pids{len(started)}"
             pid_dir.mkdir()
         cwd = HERE if module else kwargs.pop("cwd", HERE.parent.parent)
-        command = line_app_command(module, python)
-        server = ServerProcess(command, pid_dir=pid_dir, env=env, cwd=cwd, marker="line_app", **kwargs)
+        command = line_app_command(module, python) if script == LINE_APP else [python, str(script)]
+        server = ServerProcess(command, pid_dir=pid_dir, env=env, cwd=cwd, marker=script.stem, **kwargs)
         started.append(server)
         return server
 

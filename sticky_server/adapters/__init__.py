@@ -1,0 +1,1 @@
+"""Ready-made glue between sticky_server and popular servers (each an optional extra)."""
