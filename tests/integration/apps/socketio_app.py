@@ -5,41 +5,16 @@ Clients emit "shout" with a text; every client of every worker gets "heard" with
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import socket
-import threading
 from pathlib import Path
 
 import socketio
 from aiohttp import web
 
-from sticky_server import StickyServer, Worker
+from sticky_server import StickyServer
+from sticky_server.adapters.aiohttp import AiohttpWorker
 from sticky_server.adapters.socketio import StickyManager
-
-
-class AiohttpWorker(Worker):
-    """An aiohttp application on its own event loop, fed by add_connection."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runner = web.AppRunner(app)
-        asyncio.run_coroutine_threadsafe(self.runner.setup(), self.loop).result(30)
-
-    def add_connection(self, sock: socket.socket) -> None:
-        self.loop.call_soon_threadsafe(self._serve, sock)
-
-    def _serve(self, sock: socket.socket) -> None:
-        server = self.runner.server
-        assert server is not None
-        self.loop.create_task(self.loop.connect_accepted_socket(server, sock))
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def main() -> None:
