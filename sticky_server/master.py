@@ -8,7 +8,7 @@ deadlines for ``select``. Nothing in the loop blocks on a client or on a worker.
 
 Rule 1 (ownership): an accepted descriptor belongs to the master until the worker
 it was sent to acknowledges it. The master sends it in a HANDOFF frame (batched:
-one frame per worker per accept burst), keeps its own copy, and closes that copy
+one frame per worker per pass of the loop), keeps its own copy, and closes that copy
 only when the ACK arrives. From the ACK on, the worker owns the connection.
 
 Rule 2 (no loss): when a worker's control socket closes or its process exits, the
@@ -44,7 +44,6 @@ left behind.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import functools
@@ -70,6 +69,7 @@ from .listener import format_address
 from .signals import SignalQueue
 from .supervisor import MAX_BOOT_FAILURES, Supervisor, WorkerProcess, describe_exit
 from .throttle import ThrottledLog
+from .waker import Waker
 from .wire import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
 
 __all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher", "Hooks", "StopMode"]
@@ -172,8 +172,7 @@ class Dispatcher:
         self._hooks = hooks or Hooks()
         self._calls: deque[Callable[[], None]] = deque()
         self._calls_lock = threading.Lock()
-        self._wake_pending = False
-        self._waker, self._wakeup = socket.socketpair()
+        self._waker = Waker()
         self._loop_thread: int | None = None
         self._dropped_log = ThrottledLog(
             logger,
@@ -232,9 +231,7 @@ class Dispatcher:
             signals.restore()
             raise RuntimeError("listen() must run in the main thread: the master handles signals there")
         self._selector.register(signals.fileno(), selectors.EVENT_READ, lambda mask: self._on_signals(signals))
-        self._wakeup.setblocking(False)
-        self._waker.setblocking(False)
-        self._selector.register(self._wakeup, selectors.EVENT_READ, self._run_calls)
+        self._selector.register(self._waker.fileno(), selectors.EVENT_READ, self._run_calls)
         self._loop_thread = threading.get_ident()
         try:
             for slot in range(self._supervisor.size):
@@ -245,14 +242,15 @@ class Dispatcher:
             while not (self._stopping and not self._supervisor.processes):
                 for key, mask in self._selector.select(self._select_timeout()):
                     key.data(mask)
-                self._flush_touched()
                 self._run_timers()
+                # Hand-offs and messages queued by anything above go out here: one
+                # frame per worker per pass, many frames per sendmsg.
+                self._flush_touched()
         finally:
             self._loop_thread = None
             self._shut_down()
             self._selector.unregister(signals.fileno())
-            self._selector.unregister(self._wakeup)
-            self._wakeup.close()
+            self._selector.unregister(self._waker.fileno())
             self._waker.close()
             signals.restore()
         if self._boot_error is not None:
@@ -301,18 +299,12 @@ class Dispatcher:
             raise RuntimeError("the master is not serving: send messages once listen() runs (e.g. from on_listening)")
         with self._calls_lock:
             self._calls.append(call)
-            wake, self._wake_pending = not self._wake_pending, True
-        if wake:  # one wake-up byte per batch of calls, not per call
-            with contextlib.suppress(BlockingIOError, OSError):
-                self._waker.send(b"\0")
+        self._waker.wake()
 
     def _run_calls(self, mask: int) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while self._wakeup.recv(4096):
-                pass
+        self._waker.clear()
         with self._calls_lock:
             calls, self._calls = self._calls, deque()
-            self._wake_pending = False
         for call in calls:
             call()
 
@@ -324,7 +316,7 @@ class Dispatcher:
         dropped = link.outbox.put_message(FrameKind.MESSAGE, pack_delivery(sender, body), MAX_QUEUED_MESSAGE_BYTES)
         if dropped:
             self._dropped_log.note(dropped, slot, MAX_QUEUED_MESSAGE_BYTES)
-        self._touched.add(link)  # written once per loop pass, many messages per sendmsg
+        self._touched.add(link)
         return True
 
     def broadcast_message(self, body: bytes, sender: int | None = None, skip: int | None = None) -> None:
@@ -372,7 +364,6 @@ class Dispatcher:
             self._route(self._next_id, fd, client)
             if not self._accepting:
                 break
-        self._flush_touched()
 
     def _pause_accepting(self, exc: OSError) -> None:
         self._accept_error_log.note(1, os.strerror(exc.errno or 0), ACCEPT_BACKOFF)
@@ -435,7 +426,6 @@ class Dispatcher:
             parked, self._parked = self._parked, deque()
             for conn_id, fd, client in parked:
                 self._route(conn_id, fd, client)
-            self._flush_touched()
         self._update_accepting()
 
     def _update_accepting(self) -> None:
@@ -534,14 +524,17 @@ class Dispatcher:
         while self._touched:
             touched, self._touched = self._touched, set()
             for link in touched:
-                if not link.connected:
-                    continue
-                pending = link.pending
-                for start in range(0, len(pending), MAX_FDS_PER_FRAME):
-                    ids = pending[start : start + MAX_FDS_PER_FRAME]
-                    link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), [link.unacked[conn_id][0] for conn_id in ids])
-                pending.clear()
-                self._flush_link(link)
+                if link.connected:
+                    self._frame_pending(link)
+                    self._flush_link(link)
+
+    def _frame_pending(self, link: _Link) -> None:
+        """Put the hand-offs routed to ``link`` since the last pass into frames, in order."""
+        pending = link.pending
+        for start in range(0, len(pending), MAX_FDS_PER_FRAME):
+            ids = pending[start : start + MAX_FDS_PER_FRAME]
+            link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), [link.unacked[conn_id][0] for conn_id in ids])
+        pending.clear()
 
     def _flush_link(self, link: _Link) -> None:
         try:
@@ -577,7 +570,6 @@ class Dispatcher:
             )
         for conn_id, (fd, client) in owed:
             self._route(conn_id, fd, client)
-        self._flush_touched()
         if not self._stopping and link.worker.process.poll() is None and link.worker not in self._kill_at:
             # A worker without its control socket can do nothing useful: give it
             # the graceful timeout to exit on its own, then kill it.
@@ -767,6 +759,7 @@ class Dispatcher:
         deadline = time.monotonic() + self._graceful_timeout
         self._kill_at[link.worker] = (deadline, f"did not exit within {self._graceful_timeout:.1f} s")
         if link.connected:
+            self._frame_pending(link)  # connections routed here this pass go before STOP
             link.outbox.put(FrameKind.STOP)
             self._flush_link(link)
 

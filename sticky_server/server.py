@@ -128,7 +128,7 @@ class StickyServer:
         self._identity = worker_identity()
         # In a worker, an error before work() is ready is a boot failure (see worker.py).
         self._disarm_boot_hook = exit_on_boot_failure() if self._identity is not None else None
-        self._channel = WorkerChannel(self._identity.control, max_message_size) if self._identity is not None else None
+        self._channel = WorkerChannel(self._identity.control) if self._identity is not None else None
         self._address: tuple[str, int] | None = None
         self._listening_callbacks: list[ListeningCallback] = []
         self._listen_called = False

@@ -30,7 +30,6 @@ start from one that crashed while serving.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
@@ -48,7 +47,8 @@ from .channel import MAX_QUEUED_MESSAGE_BYTES
 from .errors import ProtocolError
 from .signals import SignalQueue
 from .throttle import ThrottledLog
-from .wire import MASTER_SENDS, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
+from .waker import Waker
+from .wire import MASTER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
 
 __all__ = [
     "EXIT_BOOT_FAILURE",
@@ -168,24 +168,20 @@ class WorkerChannel:
     ``send``/``publish`` never block the caller and never interleave bytes.
     """
 
-    def __init__(self, control: socket.socket, max_message_size: int) -> None:
+    def __init__(self, control: socket.socket) -> None:
         control.setblocking(False)
         self.control = control
-        self.max_message_size = max_message_size
         self.handlers: list[MessageHandler] = []
         self.closed = False
         self._outbox = Outbox()
         self._lock = threading.Lock()
-        self._waker, self.wakeup = socket.socketpair()
-        self._waker.setblocking(False)
-        self.wakeup.setblocking(False)
+        self.waker = Waker()  # other threads' messages wake the worker loop
         self._dropped_log = ThrottledLog(
             logger,
             logging.WARNING,
             "dropped %d oldest message(s) for the master: over %d bytes were waiting (is the master stuck?)",
             DROP_LOG_INTERVAL,
         )
-        self._wake_pending = False
 
     def put_control(self, kind: FrameKind, payload: bytes = b"") -> None:
         with self._lock:
@@ -197,12 +193,9 @@ class WorkerChannel:
             raise RuntimeError("this worker has stopped: it can no longer send messages")
         with self._lock:
             dropped = self._outbox.put_message(kind, payload, MAX_QUEUED_MESSAGE_BYTES)
-            wake, self._wake_pending = not self._wake_pending, True
         if dropped:
             self._dropped_log.note(dropped, MAX_QUEUED_MESSAGE_BYTES)
-        if wake:  # one wake-up byte per batch of messages, not per message
-            with contextlib.suppress(BlockingIOError):
-                self._waker.send(b"\0")
+        self.waker.wake()
 
     def flush(self) -> bool:
         """Write what the socket takes; True when nothing is left. Raises when the master is gone."""
@@ -218,17 +211,9 @@ class WorkerChannel:
                     return
             select.select([], [self.control], [], 1.0)
 
-    def drain_wakeups(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while self.wakeup.recv(4096):
-                pass
-        with self._lock:
-            self._wake_pending = False  # the loop flushes everything queued before this, next
-
     def close(self) -> None:
         self.closed = True
-        self._waker.close()
-        self.wakeup.close()
+        self.waker.close()
 
 
 class WorkerRuntime:
@@ -260,7 +245,7 @@ class WorkerRuntime:
         try:
             selector.register(control, selectors.EVENT_READ)
             selector.register(signals.fileno(), selectors.EVENT_READ)
-            selector.register(channel.wakeup, selectors.EVENT_READ)
+            selector.register(channel.waker.fileno(), selectors.EVENT_READ)
             channel.put_control(FrameKind.READY)
             if self._on_ready is not None:
                 self._on_ready()
@@ -273,8 +258,8 @@ class WorkerRuntime:
                     if key.fileobj is control:
                         if mask & selectors.EVENT_READ:
                             self._on_control_readable()
-                    elif key.fileobj is channel.wakeup:
-                        channel.drain_wakeups()
+                    elif key.fileobj == channel.waker.fileno():
+                        channel.waker.clear()  # the flush at the top of the loop writes what woke us
                     else:
                         for signum in signals.drain():
                             self._stop_reason = f"got {signal.Signals(signum).name}"
@@ -289,18 +274,12 @@ class WorkerRuntime:
         self._finish()
 
     def _on_control_readable(self) -> None:
-        try:
-            frames, closed = self._reader.read_from(self._control)
-        except BlockingIOError:
-            return
-        except ProtocolError as exc:
-            logger.error("worker %d: the master sent an invalid frame (%s); stopping", self._slot, exc)
-            self._stop_reason = "protocol error"
-            return
+        frames: list[Frame] = []
         taken: list[tuple[int, int]] = []
         messages: list[tuple[int | None, Any]] = []
         pinged = False
         try:
+            frames, closed = self._reader.read_from(self._control)
             for frame in frames:
                 if frame.kind is FrameKind.PING:
                     pinged = True
@@ -313,6 +292,8 @@ class WorkerRuntime:
                     messages.append(channel_codec.unpack_delivery(frame.payload))
                 elif frame.kind is FrameKind.STOP:
                     self._stop_reason = "the master asked"
+        except BlockingIOError:
+            return
         except ProtocolError as exc:
             for frame in frames:
                 for fd in frame.fds:

@@ -81,7 +81,7 @@ def start(runtime: WorkerRuntime) -> threading.Thread:
 
 def test_ready_then_ack_then_an_unread_blocking_socket_of_the_client(master: Master) -> None:
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end, 1 << 20), slot=3))
+    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=3))
     assert master.next_frame().kind is FrameKind.READY
     client, accepted = tcp_pair()
     client.sendall(b"intact")
@@ -106,7 +106,7 @@ def test_add_connection_raising_is_logged_and_that_socket_closed(
     master: Master, caplog: pytest.LogCaptureFixture
 ) -> None:
     worker = Recorder(refuse_first=1)
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end, 1 << 20), slot=0))
+    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0))
     master.next_frame()
     (client1, accepted1), (client2, accepted2) = tcp_pair("127.0.0.8"), tcp_pair("127.0.0.9")
     with caplog.at_level(logging.ERROR, logger="sticky_server"):
@@ -128,7 +128,7 @@ def test_add_connection_raising_is_logged_and_that_socket_closed(
 def test_master_gone_stops_the_worker_and_arms_the_exit_timer(master: Master, mocker: MockerFixture) -> None:
     exit_soon = mocker.patch("sticky_server.worker.exit_soon")
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end, 1 << 20), slot=1))
+    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=1))
     master.next_frame()
     master.sock.close()
     thread.join(10)
@@ -138,7 +138,7 @@ def test_master_gone_stops_the_worker_and_arms_the_exit_timer(master: Master, mo
 
 def test_invalid_frame_from_the_master_stops_the_worker(master: Master, caplog: pytest.LogCaptureFixture) -> None:
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end, 1 << 20), slot=1))
+    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=1))
     master.next_frame()
     master.sock.sendall(b"\xff" * 8)
     thread.join(10)
@@ -148,7 +148,7 @@ def test_invalid_frame_from_the_master_stops_the_worker(master: Master, caplog: 
 
 def test_sigterm_stops_the_worker_gracefully(master: Master) -> None:
     worker = Recorder()
-    runtime = WorkerRuntime(worker, WorkerChannel(master.worker_end, 1 << 20), slot=0)
+    runtime = WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0)
 
     def send_sigterm_when_ready() -> None:
         master.next_frame()

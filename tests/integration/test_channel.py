@@ -30,6 +30,11 @@ def command(address: tuple[str, int], ip: str, text: str) -> Any:
     return request(address, source=ip, line=f"cmd {text}")["result"]
 
 
+def inbox_of(address: tuple[str, int], ip: str) -> list[Any]:
+    """The (sender, message) pairs the worker serving ``ip`` has received."""
+    return list(command(address, ip, "inbox"))
+
+
 def test_worker_messages_reach_the_master_in_order(start_app: StartApp) -> None:
     server = start_app(CHANNEL)
     address = server.wait_listening()
@@ -48,7 +53,7 @@ def test_master_sends_to_one_worker_and_broadcasts_to_all(start_app: StartApp) -
     assert command(address, slot_ip[0], 'send {"broadcast": {"to": "all"}}') == "ok"
 
     def inbox(slot: int) -> list[Any]:
-        return list(command(address, slot_ip[slot], "inbox"))
+        return inbox_of(address, slot_ip[slot])
 
     assert wait_until(lambda: all([None, {"to": "all"}] in inbox(slot) for slot in range(3)), timeout=10)
     assert [None, "for two"] in inbox(2)
@@ -63,7 +68,7 @@ def test_publish_reaches_the_other_workers_with_the_sender(start_app: StartApp) 
     assert command(address, slot_ip[1], 'publish-self "echo"') == "ok"
 
     def inbox(slot: int) -> list[Any]:
-        return list(command(address, slot_ip[slot], "inbox"))
+        return inbox_of(address, slot_ip[slot])
 
     assert wait_until(lambda: all([1, "echo"] in inbox(slot) for slot in range(3)), timeout=10)
     assert [1, "news"] in inbox(0) and [1, "news"] in inbox(2)
