@@ -166,10 +166,14 @@ def test_a_worker_that_stops_reading_holds_back_nobody(start_app: StartApp) -> N
     baseline = open_fds(master)
 
     def free_rate() -> float:
-        started = time.monotonic()
-        replies = [request(address, source=free_ips[n % len(free_ips)]) for n in range(200)]
-        assert all(reply["slot"] == 1 for reply in replies)
-        return 200 / (time.monotonic() - started)
+        """Worker 1's rate, best of three samples (a blocked master would fail every sample)."""
+        rates = []
+        for _ in range(3):
+            started = time.monotonic()
+            replies = [request(address, source=free_ips[n % len(free_ips)]) for n in range(150)]
+            assert all(reply["slot"] == 1 for reply in replies)
+            rates.append(150 / (time.monotonic() - started))
+        return max(rates)
 
     rate_before = free_rate()
     # 1,100 connections for the stuck slot: the master holds its bounded share, then sends them on.
