@@ -5,7 +5,16 @@ default, consistently), and passes the connected socket to that worker over a
 Unix socket. See ``StickyServer``.
 """
 
-from .balancer import Balancer, ClientInfo, IPHashBalancer, RoundRobinBalancer, WorkerSet
+from .balancer import (
+    Balancer,
+    ClientInfo,
+    IPHashBalancer,
+    LeastConnectionsBalancer,
+    RandomBalancer,
+    RoundRobinBalancer,
+    WorkerSet,
+)
+from .connections import client_address
 from .errors import BindError, ProtocolError, StickyServerError, WorkerBootError, WrongProcessError
 from .server import StickyServer
 from .worker import Worker
@@ -15,7 +24,9 @@ __all__ = [
     "BindError",
     "ClientInfo",
     "IPHashBalancer",
+    "LeastConnectionsBalancer",
     "ProtocolError",
+    "RandomBalancer",
     "RoundRobinBalancer",
     "StickyServer",
     "StickyServerError",
@@ -23,6 +34,7 @@ __all__ = [
     "WorkerBootError",
     "WorkerSet",
     "WrongProcessError",
+    "client_address",
 ]
 
 __version__ = "0.1.0"

@@ -1,15 +1,21 @@
 """Which worker gets a connection: the ``Balancer`` contract and the built-in strategies.
 
 The master calls ``pick(client, workers)`` once for every accepted connection and
-hands the connection to the slot it returns. ``workers`` is a ``WorkerSet``: the
-number of slots and the slots that can take a connection right now (their
-process is running, not stopping, not backed up). A new ``WorkerSet`` object is
-passed whenever that set changes, so a strategy may cache by identity.
+hands the connection to the slot it returns. ``client`` is a ``ClientInfo``: the
+client's address (the real one, when a trusted proxy told it), the proxy's
+address if there was one, and the listening address it came in on. ``workers``
+is a ``WorkerSet``: the number of slots, the slots that can take a connection
+right now (their process is running, not stopping, not backed up), and the live
+connection count of every slot. A new ``WorkerSet`` object is passed whenever the
+alive set changes, so a strategy may cache by identity; the counts in it are
+updated in place.
 
-``pick`` must return one of ``workers.alive``. A strategy that raises or returns
-anything else is logged (once per kind of fault) and the master routes that
+``pick`` must return one of ``workers.alive``, quickly: it runs in the master's
+loop. A strategy that raises, returns anything else, or takes longer than
+``PICK_TIME_LIMIT`` is logged (once per kind of fault) and the master routes that
 connection with ``IPHashBalancer`` instead: a bad strategy never loses a
-connection.
+connection. ``workers_changed`` and ``connections_closed`` tell a strategy what
+changed, for those that keep state.
 
 IP hash is rendezvous (highest-random-weight) hashing: every (client, slot) pair
 gets a pseudo-random score and the client goes to the alive slot with the highest
@@ -23,7 +29,9 @@ from __future__ import annotations
 import abc
 import hashlib
 import itertools
+import random
 import socket
+from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
 __all__ = [
@@ -31,6 +39,8 @@ __all__ = [
     "Balancer",
     "ClientInfo",
     "IPHashBalancer",
+    "LeastConnectionsBalancer",
+    "RandomBalancer",
     "RoundRobinBalancer",
     "WorkerSet",
     "address_key",
@@ -41,6 +51,8 @@ _MASK64 = (1 << 64) - 1
 _V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 # Cached picks; cleared whenever the worker set changes or the cache is full.
 IP_CACHE_SIZE = 65536
+# A pick that takes longer than this (seconds) stalls the master; its answer is not used.
+PICK_TIME_LIMIT = 0.05
 
 
 class ClientInfo(NamedTuple):
@@ -49,7 +61,11 @@ class ClientInfo(NamedTuple):
     host: str
     """The client's IP address as text ('' when there is none, e.g. a Unix socket)."""
     port: int
-    """The client's port (0 when there is none)."""
+    """The client's port (0 when there is none, or a forwarded header did not tell it)."""
+    proxy: tuple[str, int] | None = None
+    """The trusted proxy's (address, port) when ``host`` came from its PROXY or forwarded header, else None."""
+    local: tuple[str, int] | None = None
+    """The listening address the connection came in on (as bound: a wildcard stays a wildcard)."""
 
 
 class WorkerSet(NamedTuple):
@@ -59,6 +75,13 @@ class WorkerSet(NamedTuple):
     """How many slots the server has (slot ids are 0 .. size-1)."""
     alive: tuple[int, ...]
     """The slots that can take a connection now, in ascending order; never empty when passed to pick()."""
+    connections: Sequence[int] = ()
+    """Live connections per slot (index by slot id), updated in place by the master.
+
+    A connection counts from the moment it is routed until its worker sees its
+    descriptor closed; workers look every ``CLOSE_SWEEP_INTERVAL`` (0.5 s), so a
+    close shows up to about half a second late.
+    """
 
 
 class Balancer(abc.ABC):
@@ -74,6 +97,12 @@ class Balancer(abc.ABC):
     def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
         """Return the slot (one of ``workers.alive``) that gets this connection."""
 
+    def workers_changed(self, workers: WorkerSet) -> None:  # noqa: B027 (optional hook)
+        """Called when the alive set or the number of slots changes (workers come, go, fill up)."""
+
+    def connections_closed(self, slot: int, count: int) -> None:  # noqa: B027 (optional hook)
+        """Called when ``count`` connections of ``slot`` were seen closed (``workers.connections`` already says so)."""
+
 
 def _mix64(value: int) -> int:
     """SplitMix64's finaliser: a fast bijective 64-bit mix with full avalanche."""
@@ -82,22 +111,27 @@ def _mix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
-def address_key(host: str) -> int:
+def address_key(host: str, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> int:
     """A 64-bit hash of a client address; IPv4-mapped IPv6 hashes like the IPv4 address.
 
-    Text that is not an IP address (a Unix socket path, '') is hashed as bytes.
+    Only the first ``ipv4_prefix`` / ``ipv6_prefix`` bits count, so every address of
+    one network hashes alike. Text that is not an IP address (a Unix socket path,
+    '') is hashed as bytes.
     """
     try:
         number = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
+        number &= ~((1 << (32 - ipv4_prefix)) - 1)
     except OSError:
         try:
             packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
         except OSError:
             return int.from_bytes(hashlib.blake2b(host.encode(), digest_size=8).digest(), "big")
         if packed.startswith(_V4_MAPPED_PREFIX):
-            number = int.from_bytes(packed[12:], "big")
+            number = int.from_bytes(packed[12:], "big") & ~((1 << (32 - ipv4_prefix)) - 1)
         else:
-            number = int.from_bytes(packed, "big")
+            number = int.from_bytes(packed, "big") & ~((1 << (128 - ipv6_prefix)) - 1)
+            # Keep the families apart: an IPv6 network never hashes like an IPv4 address.
+            number |= 1 << 128
     return _mix64((number >> 64) ^ _mix64(number & _MASK64))
 
 
@@ -107,11 +141,20 @@ class IPHashBalancer(Balancer):
     Every connection from one address goes to the same slot while that slot is
     alive. When a slot goes away only its own clients move, and they come back
     when it returns.
+
+    ``ipv4_prefix`` / ``ipv6_prefix``: hash only the network part of an address,
+    e.g. ``ipv6_prefix=64`` keeps a client that rotates its IPv6 privacy addresses
+    on one worker (and every client of that /64 with it).
     """
 
     name = "ip-hash"
 
-    def __init__(self) -> None:
+    def __init__(self, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> None:
+        for name, value, bits in (("ipv4_prefix", ipv4_prefix, 32), ("ipv6_prefix", ipv6_prefix, 128)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bits:
+                raise ValueError(f"{name} must be a prefix length from 0 to {bits}, got {value!r}")
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
         self._cache: dict[str, int] = {}
         self._cached_for: WorkerSet | None = None
         self._seeds: list[int] = []
@@ -143,7 +186,7 @@ class IPHashBalancer(Balancer):
             self._cached_for = workers
         slot = self._cache.get(client.host)
         if slot is None:
-            slot = self.slot_for_key(address_key(client.host), workers.alive)
+            slot = self.slot_for_key(address_key(client.host, self.ipv4_prefix, self.ipv6_prefix), workers.alive)
             self._cache[client.host] = slot
         return slot
 
@@ -161,9 +204,47 @@ class RoundRobinBalancer(Balancer):
         return alive[next(self._counter) % len(alive)]
 
 
+class RandomBalancer(Balancer):
+    """Each connection to an alive slot chosen at random. Not sticky: for stateless servers."""
+
+    name = "random"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed)
+
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        return self._random.choice(workers.alive)
+
+
+class LeastConnectionsBalancer(Balancer):
+    """Each connection to the alive slot with the fewest live connections; ties go round in turn.
+
+    Not sticky: for servers whose connections differ in length (see
+    ``WorkerSet.connections`` for how current the counts are).
+    """
+
+    name = "least-connections"
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        alive, counts = workers.alive, workers.connections
+        start = next(self._turn) % len(alive)
+        best = alive[start]
+        fewest = counts[best]
+        for index in range(start + 1, start + len(alive)):
+            slot = alive[index % len(alive)]
+            if counts[slot] < fewest:
+                best, fewest = slot, counts[slot]
+        return best
+
+
 BALANCERS: dict[str, type[Balancer]] = {
     IPHashBalancer.name: IPHashBalancer,
     RoundRobinBalancer.name: RoundRobinBalancer,
+    RandomBalancer.name: RandomBalancer,
+    LeastConnectionsBalancer.name: LeastConnectionsBalancer,
 }
 
 

@@ -61,16 +61,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .balancer import Balancer, ClientInfo, IPHashBalancer, WorkerSet
+from .balancer import PICK_TIME_LIMIT, Balancer, ClientInfo, IPHashBalancer, WorkerSet
 from .channel import MAX_QUEUED_MESSAGE_BYTES, pack_delivery, unpack_publish
 from .channel import decode as decode_message
 from .errors import ProtocolError, WorkerBootError
+from .intake import ClientAddressSettings, Intake
 from .listener import format_address
 from .signals import SignalQueue
 from .supervisor import MAX_BOOT_FAILURES, Supervisor, WorkerProcess, describe_exit
 from .throttle import ThrottledLog
 from .waker import Waker
-from .wire import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
+from .wire import (
+    MAX_FDS_PER_FRAME,
+    WORKER_SENDS,
+    Frame,
+    FrameKind,
+    FrameReader,
+    Outbox,
+    pack_addressed,
+    pack_ids,
+    unpack_ids,
+)
 
 __all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher", "Hooks", "StopMode"]
 
@@ -139,6 +150,7 @@ class _Link:
     # ids routed here during this accept burst, not yet put in a frame.
     pending: list[int] = field(default_factory=list)
     taken: int = 0
+    live: int = 0  # routed here and not yet reported closed (for WorkerSet.connections)
     connected: bool = True
     full: bool = False
     writing: bool = False
@@ -160,6 +172,7 @@ class Dispatcher:
         max_connections_per_worker: int | None = None,
         on_ready: Callable[[], None] | None = None,
         hooks: Hooks | None = None,
+        client_addresses: ClientAddressSettings | None = None,
     ) -> None:
         self._listeners = list(listeners)
         self._supervisor = supervisor
@@ -192,7 +205,8 @@ class Dispatcher:
         self._incoming: dict[int, _Link] = {}  # replacements that are starting
         self._by_worker: dict[WorkerProcess, _Link] = {}  # every live link
         self._replace_queue: deque[int] = deque()
-        self._workers = WorkerSet(supervisor.size, ())
+        self._connections = [0] * supervisor.size
+        self._workers = WorkerSet(supervisor.size, (), self._connections)
         self._alive: frozenset[int] = frozenset()
         self._touched: set[_Link] = set()
         self._parked: deque[tuple[int, int, ClientInfo]] = deque()
@@ -205,12 +219,15 @@ class Dispatcher:
         self._stopping = False
         self._boot_error: WorkerBootError | None = None
         self._balancer_faults: set[str] = set()
+        self._intake = Intake(self._selector, client_addresses, self._route) if client_addresses else None
+        self._stops_wait_for_intake = False
         self._frame_handlers: dict[FrameKind, Callable[[_Link, Frame], None]] = {
             FrameKind.ACK: self._on_ack,
             FrameKind.READY: self._on_ready_frame,
             FrameKind.PONG: lambda link, frame: None,  # any frame counts as a heartbeat
             FrameKind.SEND: self._on_send,
             FrameKind.PUBLISH: self._on_publish,
+            FrameKind.CLOSED: self._on_closed,
         }
         self._signal_handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: functools.partial(self._stop, "SIGTERM", StopMode.GRACEFUL),
@@ -243,6 +260,9 @@ class Dispatcher:
                 for key, mask in self._selector.select(self._select_timeout()):
                     key.data(mask)
                 self._run_timers()
+                if self._stops_wait_for_intake and not (self._intake and self._intake.waiting):
+                    self._stops_wait_for_intake = False
+                    self._send_stops()
                 # Hand-offs and messages queued by anything above go out here: one
                 # frame per worker per pass, many frames per sendmsg.
                 self._flush_touched()
@@ -258,7 +278,13 @@ class Dispatcher:
 
     def _select_timeout(self) -> float | None:
         deadlines = [when for when, _ in self._kill_at.values()]
-        for deadline in (self._supervisor.next_restart(), self._accept_paused_until, self._next_heartbeat):
+        intake_deadline = self._intake.next_deadline() if self._intake else None
+        for deadline in (
+            self._supervisor.next_restart(),
+            self._accept_paused_until,
+            self._next_heartbeat,
+            intake_deadline,
+        ):
             if deadline is not None:
                 deadlines.append(deadline)
         if not deadlines:
@@ -285,6 +311,8 @@ class Dispatcher:
             changed = True
         if self._next_heartbeat is not None and self._next_heartbeat <= now:
             changed |= self._heartbeat(now)
+        if self._intake is not None:
+            self._intake.expire(now)
         if changed:
             self._workers_changed()
 
@@ -341,12 +369,13 @@ class Dispatcher:
 
     # --- accepting and routing --------------------------------------------------
 
-    def _on_listener(self, listener: socket.socket, mask: int) -> None:
+    def _on_listener(self, listener: socket.socket, local: tuple[str, int], mask: int) -> None:
         if not self._accepting:
             return
         # socket._accept() returns the raw descriptor and address: no socket object
         # is built for a connection the master only passes on.
         accept = listener._accept  # type: ignore[attr-defined]
+        intake = self._intake
         for _ in range(ACCEPT_BURST):
             try:
                 fd, address = accept()
@@ -360,8 +389,14 @@ class Dispatcher:
                     break
                 raise
             self._next_id += 1
-            client = ClientInfo(address[0], address[1]) if isinstance(address, tuple) else ClientInfo("", 0)
-            self._route(self._next_id, fd, client)
+            if isinstance(address, tuple):
+                client = ClientInfo(address[0], address[1], None, local)
+            else:
+                client = ClientInfo("", 0, None, local)
+            if intake is None:
+                self._route(self._next_id, fd, client)
+            else:
+                intake.take(self._next_id, fd, listener.family, client)
             if not self._accepting:
                 break
 
@@ -379,6 +414,8 @@ class Dispatcher:
         link = self._links[slot]
         link.unacked[conn_id] = (fd, client)
         link.pending.append(conn_id)
+        link.live += 1
+        self._connections[slot] = link.live
         self._touched.add(link)
         if len(link.unacked) >= MAX_UNACKED:
             link.full = True
@@ -393,16 +430,28 @@ class Dispatcher:
         workers = self._workers
         if not workers.alive:
             return None
+        started = time.perf_counter()
         try:
             slot: object = self._balancer.pick(client, workers)
         except Exception as exc:
-            fault = f"raised {type(exc).__name__}: {exc}"
-            kind = f"raised {type(exc).__name__}"
+            self._balancer_fault(f"raised {type(exc).__name__}", f"raised {type(exc).__name__}: {exc}")
         else:
-            if isinstance(slot, int) and not isinstance(slot, bool) and slot in self._alive:
+            took = time.perf_counter() - started
+            if took > PICK_TIME_LIMIT:
+                self._balancer_fault(
+                    "was slow", f"took {took * 1000:.0f} ms to pick (over {PICK_TIME_LIMIT * 1000:.0f} ms)"
+                )
+            elif isinstance(slot, int) and not isinstance(slot, bool) and slot in self._alive:
                 return slot
-            fault = f"returned {slot!r}, which is not one of the alive slots {workers.alive}"
-            kind = f"returned {type(slot).__name__}"
+            else:
+                self._balancer_fault(
+                    f"returned {type(slot).__name__}",
+                    f"returned {slot!r}, which is not one of the alive slots {workers.alive}",
+                )
+        return self._fallback.pick(client, workers)
+
+    def _balancer_fault(self, kind: str, fault: str) -> None:
+        """Log a fault of the user's balancer, once per kind."""
         if kind not in self._balancer_faults:
             self._balancer_faults.add(kind)
             logger.error(
@@ -410,7 +459,14 @@ class Dispatcher:
                 type(self._balancer).__name__,
                 fault,
             )
-        return self._fallback.pick(client, workers)
+
+    def _notify_balancer(self, hook: Callable[..., None], *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception as exc:
+            self._balancer_fault(
+                f"{hook.__name__} raised {type(exc).__name__}", f"{hook.__name__}() raised {type(exc).__name__}: {exc}"
+            )
 
     def _workers_changed(self) -> None:
         """Recompute the alive set after any change of links; re-route parked connections."""
@@ -419,9 +475,12 @@ class Dispatcher:
             for slot, link in sorted(self._links.items())
             if link.connected and not link.full and not link.hung and not link.worker.stopping
         )
-        if alive != self._workers.alive or self._supervisor.size != self._workers.size:
-            self._workers = WorkerSet(self._supervisor.size, alive)
+        size = self._supervisor.size
+        self._connections[:] = [self._links[slot].live if slot in self._links else 0 for slot in range(size)]
+        if alive != self._workers.alive or size != self._workers.size:
+            self._workers = WorkerSet(size, alive, self._connections)
             self._alive = frozenset(alive)
+            self._notify_balancer(self._balancer.workers_changed, self._workers)
         if alive and self._parked:
             parked, self._parked = self._parked, deque()
             for conn_id, fd, client in parked:
@@ -437,7 +496,9 @@ class Dispatcher:
         self._accepting = should
         for listener in self._listeners:
             if should:
-                self._selector.register(listener, selectors.EVENT_READ, functools.partial(self._on_listener, listener))
+                local = listener.getsockname()[:2]
+                callback = functools.partial(self._on_listener, listener, local)
+                self._selector.register(listener, selectors.EVENT_READ, callback)
             else:
                 self._selector.unregister(listener)
 
@@ -501,6 +562,16 @@ class Dispatcher:
             link.recycling = True
             self._replace(link.worker.slot, f"it took {link.taken} connections (max_connections_per_worker)")
 
+    def _on_closed(self, link: _Link, frame: Frame) -> None:
+        if len(frame.payload) != 4:
+            raise ProtocolError(f"CLOSED frame with a {len(frame.payload)} byte payload (4 expected)")
+        count = min(int.from_bytes(frame.payload, "big"), link.live)
+        link.live -= count
+        slot = link.worker.slot
+        if self._links.get(slot) is link:
+            self._connections[slot] = link.live
+            self._notify_balancer(self._balancer.connections_closed, slot, count)
+
     def _on_ready_frame(self, link: _Link, frame: Frame) -> None:
         worker = link.worker
         self._supervisor.note_ready(worker)
@@ -530,10 +601,16 @@ class Dispatcher:
 
     def _frame_pending(self, link: _Link) -> None:
         """Put the hand-offs routed to ``link`` since the last pass into frames, in order."""
-        pending = link.pending
+        pending, unacked = link.pending, link.unacked
         for start in range(0, len(pending), MAX_FDS_PER_FRAME):
             ids = pending[start : start + MAX_FDS_PER_FRAME]
-            link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), [link.unacked[conn_id][0] for conn_id in ids])
+            fds = [unacked[conn_id][0] for conn_id in ids]
+            if self._intake is None:
+                link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), fds)
+            else:
+                # The worker's server cannot see the real client address: it travels with the fd.
+                addresses = [unacked[conn_id][1][:2] for conn_id in ids]
+                link.outbox.put(FrameKind.HANDOFF_PROXIED, pack_addressed(ids, addresses), fds)
         pending.clear()
 
     def _flush_link(self, link: _Link) -> None:
@@ -732,6 +809,8 @@ class Dispatcher:
             listener.close()
         self._accepting = False
         self._close_parked("the server is stopping")
+        if self._intake is not None and mode is not StopMode.GRACEFUL:
+            self._intake.close_all("the server is stopping")
         if mode is StopMode.KILL:
             self._supervisor.kill_all()
             return
@@ -749,10 +828,18 @@ class Dispatcher:
                 self._graceful_timeout,
                 len(self._supervisor.processes),
             )
-            for link in list(self._by_worker.values()):
-                if not link.worker.stopping:
-                    self._send_stop(link)
+            if self._intake is not None and self._intake.waiting:
+                # Accepted connections still sending their header are served too: the
+                # workers get STOP once those are routed or timed out (header_timeout).
+                self._stops_wait_for_intake = True
+            else:
+                self._send_stops()
         self._workers_changed()
+
+    def _send_stops(self) -> None:
+        for link in list(self._by_worker.values()):
+            if not link.worker.stopping:
+                self._send_stop(link)
 
     def _send_stop(self, link: _Link) -> None:
         link.worker.stopping = True
@@ -789,6 +876,8 @@ class Dispatcher:
         self._by_worker.clear()
         self._links.clear()
         self._incoming.clear()
+        if self._intake is not None:
+            self._intake.close_all("the server stopped")
         self._close_parked("the server stopped")
         for listener in self._listeners:
             if self._accepting:

@@ -13,7 +13,8 @@ import grp
 import logging
 import os
 import pwd
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import channel
@@ -21,8 +22,10 @@ from .balancer import Balancer, balancer_from
 from .channel import DEFAULT_MAX_MESSAGE_SIZE
 from .environment import worker_identity
 from .errors import WrongProcessError
+from .intake import ClientAddressSettings
 from .listener import DEFAULT_BACKLOG, bind_listener, validate_port
 from .master import Dispatcher, Hooks
+from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from .supervisor import Supervisor
 from .wire import MAX_PAYLOAD, FrameKind
 from .worker import WorkerChannel, WorkerRuntime, check_worker, exit_on_boot_failure
@@ -33,6 +36,12 @@ logger = logging.getLogger("sticky_server")
 
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_HEADER_TIMEOUT = 5.0
+DEFAULT_MAX_HEADER_SIZE = 8192
+# The smallest header limit that still holds any PROXY header without TLVs.
+MIN_HEADER_SIZE = 256
+MAX_HEADER_SIZE = 65536
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _USAGE = "`if sticky.is_master: sticky.listen(port) else: sticky.work(worker)`"
 
 ListeningCallback = Callable[[tuple[str, int]], Any]
@@ -65,6 +74,56 @@ def group_id(group: str | int | None, user: int | None) -> int | None:
     return _account_id("group", group, lambda name: grp.getgrnam(name).gr_gid)
 
 
+def _client_address_settings(
+    proxy_protocol: bool,
+    forwarded_header: str | None,
+    trusted_proxies: Iterable[str] | None,
+    header_timeout: float,
+    max_header_size: int,
+) -> ClientAddressSettings | None:
+    """Check the proxy options; None when neither is on."""
+    if not isinstance(proxy_protocol, bool):
+        raise TypeError(f"proxy_protocol must be True or False, not {proxy_protocol!r}")
+    if forwarded_header is not None and (
+        not isinstance(forwarded_header, str) or not _HEADER_NAME.fullmatch(forwarded_header)
+    ):
+        raise ValueError(
+            f"forwarded_header must be an HTTP header name such as 'x-forwarded-for' or 'forwarded', "
+            f"got {forwarded_header!r}"
+        )
+    if proxy_protocol and forwarded_header:
+        raise ValueError(
+            "use either proxy_protocol or forwarded_header, not both: a proxy that sends the PROXY protocol "
+            "already tells the client address"
+        )
+    if isinstance(header_timeout, bool) or not isinstance(header_timeout, (int, float)) or header_timeout <= 0:
+        raise ValueError(f"header_timeout must be a number of seconds above 0; got {header_timeout!r}")
+    if (
+        isinstance(max_header_size, bool)
+        or not isinstance(max_header_size, int)
+        or not MIN_HEADER_SIZE <= max_header_size <= MAX_HEADER_SIZE
+    ):
+        raise ValueError(
+            f"max_header_size must be from {MIN_HEADER_SIZE} to {MAX_HEADER_SIZE} bytes; got {max_header_size!r}"
+        )
+    if not (proxy_protocol or forwarded_header):
+        if trusted_proxies is not None:
+            raise ValueError(
+                "trusted_proxies does nothing without proxy_protocol=True or forwarded_header=...; turn one on"
+            )
+        return None
+    if isinstance(trusted_proxies, str):
+        trusted_proxies = [trusted_proxies]
+    trusted = TrustedProxies(DEFAULT_TRUSTED_PROXIES if trusted_proxies is None else trusted_proxies)
+    return ClientAddressSettings(
+        proxy_protocol,
+        forwarded_header.lower() if forwarded_header else None,
+        trusted,
+        float(header_timeout),
+        max_header_size,
+    )
+
+
 class StickyServer:
     """Serve connections from many worker processes, each client always on the same worker.
 
@@ -79,6 +138,17 @@ class StickyServer:
     master keeps its own (e.g. root, to bind port 80).
     ``max_message_size``: the largest channel message, in bytes of JSON (default 1 MiB).
     ``backlog``: the listen backlog (the kernel caps it at its own maximum).
+
+    The real client address behind a proxy (off by default; see the README):
+    ``proxy_protocol``: trusted peers send a PROXY protocol v1 or v2 header first;
+    the master reads exactly the header and routes by the address in it.
+    ``forwarded_header``: route HTTP connections from trusted peers by this request
+    header, ``"x-forwarded-for"`` or ``"forwarded"`` (RFC 7239); the master only peeks.
+    ``trusted_proxies``: the addresses/networks whose headers are believed
+    (default loopback: ``127.0.0.0/8`` and ``::1``; ``"*"`` trusts everyone).
+    Other peers are routed by their socket address and nothing is read.
+    ``header_timeout`` / ``max_header_size``: a trusted peer that sends no complete,
+    valid header within this many seconds / bytes is closed (and logged).
     """
 
     def __init__(
@@ -93,6 +163,11 @@ class StickyServer:
         group: str | int | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         backlog: int = DEFAULT_BACKLOG,
+        proxy_protocol: bool = False,
+        forwarded_header: str | None = None,
+        trusted_proxies: Iterable[str] | None = None,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
     ) -> None:
         if workers is None:
             workers = os.cpu_count() or 1
@@ -114,6 +189,9 @@ class StickyServer:
             raise ValueError(f"backlog must be a positive int; got {backlog!r}")
         if not isinstance(max_message_size, int) or not 1 <= max_message_size <= MAX_PAYLOAD - 2:
             raise ValueError(f"max_message_size must be from 1 to {MAX_PAYLOAD - 2} bytes; got {max_message_size!r}")
+        self.client_addresses = _client_address_settings(
+            proxy_protocol, forwarded_header, trusted_proxies, header_timeout, max_header_size
+        )
         self.user = user_id(user)
         self.group = group_id(group, self.user)
         self.workers = workers
@@ -188,6 +266,7 @@ class StickyServer:
             max_connections_per_worker=self.max_connections_per_worker,
             on_ready=self._notify_listening,
             hooks=self._hooks,
+            client_addresses=self.client_addresses,
         )
         self._dispatcher = dispatcher
         try:

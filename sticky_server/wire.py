@@ -55,7 +55,9 @@ __all__ = [
     "FrameReader",
     "Outbox",
     "encode",
+    "pack_addressed",
     "pack_ids",
+    "unpack_addressed",
     "unpack_ids",
 ]
 
@@ -69,6 +71,8 @@ GATHER_FRAMES = 512
 # Room for several frames' descriptors in one recvmsg (see rule 3).
 ANCILLARY_BYTES = socket.CMSG_SPACE(4 * MAX_FDS_PER_FRAME * array.array("i").itemsize)
 _ID = struct.Struct(">Q")
+_COUNT = struct.Struct(">H")
+_ADDRESSED = struct.Struct(">QHB")
 
 
 class FrameKind(enum.IntEnum):
@@ -83,11 +87,17 @@ class FrameKind(enum.IntEnum):
     MESSAGE = 7  # master -> worker: a channel message (see channel.py for envelopes)
     SEND = 8  # worker -> master: a channel message for the master
     PUBLISH = 9  # worker -> master: a channel message to relay to every worker
+    CLOSED = 10  # worker -> master: payload: u32 count of handed-off connections seen closed
+    HANDOFF_PROXIED = 11  # master -> worker: as HANDOFF, plus each client's address (see pack_addressed)
 
 
 _KINDS = {kind.value: kind for kind in FrameKind}
-MASTER_SENDS = frozenset({FrameKind.HANDOFF, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE})
-WORKER_SENDS = frozenset({FrameKind.ACK, FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH})
+MASTER_SENDS = frozenset(
+    {FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE}
+)
+WORKER_SENDS = frozenset(
+    {FrameKind.ACK, FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH, FrameKind.CLOSED}
+)
 
 
 class Frame(NamedTuple):
@@ -117,6 +127,38 @@ def unpack_ids(payload: bytes) -> tuple[int, ...]:
     if len(payload) % _ID.size:
         raise ProtocolError(f"id list of {len(payload)} bytes is not a multiple of {_ID.size}")
     return struct.unpack(f">{len(payload) // _ID.size}Q", payload)
+
+
+def pack_addressed(ids: Sequence[int], addresses: Sequence[tuple[str, int]]) -> bytes:
+    """Connection ids, each with its client's (host, port): u16 count, then per connection u64 id,
+    u16 port, u8 host length, host (ASCII)."""
+    parts = [_COUNT.pack(len(ids))]
+    for conn_id, (host, port) in zip(ids, addresses, strict=True):
+        encoded = host.encode("ascii")
+        parts.append(_ADDRESSED.pack(conn_id, port, len(encoded)))
+        parts.append(encoded)
+    return b"".join(parts)
+
+
+def unpack_addressed(payload: bytes) -> tuple[tuple[int, ...], list[tuple[str, int]]]:
+    """Unpack what ``pack_addressed`` packed; anything malformed is a protocol error."""
+    try:
+        (count,) = _COUNT.unpack_from(payload)
+        ids, addresses, offset = [], [], _COUNT.size
+        for _ in range(count):
+            conn_id, port, length = _ADDRESSED.unpack_from(payload, offset)
+            offset += _ADDRESSED.size
+            host = payload[offset : offset + length].decode("ascii")
+            if len(host) != length:
+                raise ValueError("truncated host")
+            offset += length
+            ids.append(conn_id)
+            addresses.append((host, port))
+    except (struct.error, ValueError) as exc:
+        raise ProtocolError(f"malformed addressed hand-off ({exc})") from None
+    if offset != len(payload):
+        raise ProtocolError(f"addressed hand-off has {len(payload) - offset} bytes left over")
+    return tuple(ids), addresses
 
 
 def _close_all(fds: Iterable[int]) -> None:

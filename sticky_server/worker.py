@@ -13,6 +13,10 @@ arrives the master keeps its own copy of each descriptor and re-routes it if thi
 worker dies; once the ACK is sent, no byte has been read yet by anyone, and from
 then on the connection belongs to this worker.
 
+Every ``CLOSE_SWEEP_INTERVAL`` seconds while it holds connections, the loop
+checks which of them were closed (see ``connections.py``) and reports the count
+to the master in a CLOSED frame, for ``WorkerSet.connections``.
+
 It answers every PING from the master's heartbeat with a PONG, from the same
 loop: a worker whose loop is stuck (in ``add_connection``, or SIGSTOPped) stops
 answering and the master replaces it.
@@ -38,17 +42,19 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from . import channel as channel_codec
 from .channel import MAX_QUEUED_MESSAGE_BYTES
+from .connections import CLOSE_SWEEP_INTERVAL, RECORD
 from .errors import ProtocolError
 from .signals import SignalQueue
 from .throttle import ThrottledLog
 from .waker import Waker
-from .wire import MASTER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
+from .wire import MASTER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_addressed, unpack_ids
 
 __all__ = [
     "EXIT_BOOT_FAILURE",
@@ -242,6 +248,7 @@ class WorkerRuntime:
         signals = SignalQueue(_GRACEFUL_SIGNALS | _QUICK_SIGNALS)
         selector = selectors.DefaultSelector()
         writing = False
+        next_sweep = time.monotonic() + CLOSE_SWEEP_INTERVAL
         try:
             selector.register(control, selectors.EVENT_READ)
             selector.register(signals.fileno(), selectors.EVENT_READ)
@@ -254,7 +261,8 @@ class WorkerRuntime:
                 if channel.flush() == writing:
                     writing = not writing
                     selector.modify(control, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0))
-                for key, mask in selector.select():
+                timeout = max(0.0, next_sweep - time.monotonic()) if len(RECORD) else None
+                for key, mask in selector.select(timeout):
                     if key.fileobj is control:
                         if mask & selectors.EVENT_READ:
                             self._on_control_readable()
@@ -264,6 +272,11 @@ class WorkerRuntime:
                         for signum in signals.drain():
                             self._stop_reason = f"got {signal.Signals(signum).name}"
                             self._quick = self._quick or signum in _QUICK_SIGNALS
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + CLOSE_SWEEP_INTERVAL
+                    closed = RECORD.sweep()
+                    if closed:
+                        channel.put_control(FrameKind.CLOSED, closed.to_bytes(4, "big"))
             if not self._master_lost:
                 channel.flush()  # a last try for what the worker sent while stopping
         except (BrokenPipeError, ConnectionResetError):
@@ -275,7 +288,7 @@ class WorkerRuntime:
 
     def _on_control_readable(self) -> None:
         frames: list[Frame] = []
-        taken: list[tuple[int, int]] = []
+        taken: list[tuple[int, int, tuple[str, int] | None]] = []
         messages: list[tuple[int | None, Any]] = []
         pinged = False
         try:
@@ -287,7 +300,12 @@ class WorkerRuntime:
                     ids = unpack_ids(frame.payload)
                     if len(ids) != len(frame.fds):
                         raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
-                    taken.extend(zip(ids, frame.fds, strict=True))
+                    taken.extend((conn_id, fd, None) for conn_id, fd in zip(ids, frame.fds, strict=True))
+                elif frame.kind is FrameKind.HANDOFF_PROXIED:
+                    ids, addresses = unpack_addressed(frame.payload)
+                    if len(ids) != len(frame.fds):
+                        raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
+                    taken.extend(zip(ids, frame.fds, addresses, strict=True))
                 elif frame.kind is FrameKind.MESSAGE:
                     messages.append(channel_codec.unpack_delivery(frame.payload))
                 elif frame.kind is FrameKind.STOP:
@@ -302,11 +320,11 @@ class WorkerRuntime:
             self._stop_reason = "protocol error"
             return
         if taken:
-            self._channel.put_control(FrameKind.ACK, pack_ids([conn_id for conn_id, _ in taken]))
+            self._channel.put_control(FrameKind.ACK, pack_ids([conn_id for conn_id, _, _ in taken]))
             # The ACK is on its way before anything reads the connections (module docstring).
             self._channel.flush_control()
-            for _, fd in taken:
-                self._deliver(fd)
+            for _, fd, address in taken:
+                self._deliver(fd, address)
         for sender, message in messages:
             self._dispatch_message(sender, message)
         if pinged:
@@ -321,7 +339,7 @@ class WorkerRuntime:
             except Exception:
                 logger.exception("worker %d: a message handler raised", self._slot)
 
-    def _deliver(self, fd: int) -> None:
+    def _deliver(self, fd: int, address: tuple[str, int] | None) -> None:
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
@@ -330,6 +348,7 @@ class WorkerRuntime:
             return
         # The accepted socket may carry O_NONBLOCK from the master (it does on macOS).
         sock.setblocking(True)
+        RECORD.add(fd, address)
         try:
             self._worker.add_connection(sock)
         except Exception:

@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sticky_server import Balancer, ClientInfo, StickyServer, Worker, WorkerSet, environment
+from sticky_server import (
+    Balancer,
+    ClientInfo,
+    LeastConnectionsBalancer,
+    StickyServer,
+    Worker,
+    WorkerSet,
+    client_address,
+    environment,
+)
 
 
 class GarbageBalancer(Balancer):
@@ -33,6 +42,13 @@ class GarbageBalancer(Balancer):
 class RaisingBalancer(Balancer):
     def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
         raise RuntimeError("balancer bug")
+
+
+class ReportingLeastConnections(LeastConnectionsBalancer):
+    """Least connections that prints every close report it is told of (the tests wait for these lines)."""
+
+    def connections_closed(self, slot: int, count: int) -> None:
+        print(f"CLOSED {slot} {count}", flush=True)
 
 
 class LineWorker(Worker):
@@ -79,18 +95,33 @@ class LineWorker(Worker):
         with sock:
             blocking = sock.getblocking()
             sock.settimeout(10)
-            line = sock.makefile("rb").readline().decode().strip()
+            reader = sock.makefile("rb")
+            line = reader.readline().decode().strip()
             result = self.command(line[4:]) if line.startswith("cmd ") else None
             reply = {
                 "result": result,
                 "slot": self.slot,
                 "pid": os.getpid(),
                 "peer": list(peer[:2]),
+                "client": list(client_address(sock)),
                 "family": sock.family.name,
                 "blocking": blocking,
                 "line": line,
             }
-            sock.sendall(json.dumps(reply).encode() + b"\n")
+            if os.environ.get("APP_MODE") != "http":
+                sock.sendall(json.dumps(reply).encode() + b"\n")
+                if os.environ.get("APP_MODE") == "hold":
+                    sock.settimeout(None)
+                    while sock.recv(4096):  # keep the connection until the client closes it
+                        pass
+                return
+            headers = []
+            while header := reader.readline().decode().strip():
+                headers.append(header)
+            reply["headers"] = headers
+            body = json.dumps(reply).encode()
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            sock.sendall(head.encode() + b"Connection: close\r\n\r\n" + body)
 
     def command(self, text: str) -> Any:
         """Channel commands for the tests: send, publish, flood, inbox, and bad messages."""
@@ -155,7 +186,11 @@ def record_pid(role: str) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
-    balancers = {"garbage": GarbageBalancer(), "raises": RaisingBalancer()}
+    balancers = {
+        "garbage": GarbageBalancer(),
+        "raises": RaisingBalancer(),
+        "reporting-least-connections": ReportingLeastConnections(),
+    }
     balancer_name = os.environ.get("APP_BALANCER", "ip-hash")
     timeout = float(os.environ.get("APP_TIMEOUT", "30"))
     max_connections = int(os.environ.get("APP_MAX_CONNECTIONS", "0"))
@@ -166,6 +201,10 @@ def main() -> None:
         timeout=timeout or None,
         max_connections_per_worker=max_connections or None,
         user=os.environ.get("APP_USER") or None,
+        proxy_protocol=bool(os.environ.get("APP_PROXY")),
+        forwarded_header=os.environ.get("APP_FORWARDED") or None,
+        trusted_proxies=os.environ["APP_TRUSTED"].split(",") if os.environ.get("APP_TRUSTED") else None,
+        header_timeout=float(os.environ.get("APP_HEADER_TIMEOUT", "5")),
     )
     mode = os.environ.get("APP_MODE", "normal")
     if sticky.is_master:
