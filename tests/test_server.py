@@ -52,6 +52,15 @@ def test_defaults(fresh_identity: None) -> None:
         ({"graceful_timeout": -1}, "graceful_timeout must be a number of seconds, 0 or more; got -1"),
         ({"backlog": 0}, "backlog must be a positive int"),
         ({"balancer": "sticky"}, "unknown balancer 'sticky'"),
+        (
+            {"proxy_protocol": True, "forwarded_header": "x-forwarded-for"},
+            "use either proxy_protocol or forwarded_header",
+        ),
+        ({"forwarded_header": "x forwarded"}, "forwarded_header must be an HTTP header name"),
+        ({"trusted_proxies": ["10.0.0.1"]}, "trusted_proxies does nothing without proxy_protocol"),
+        ({"proxy_protocol": True, "trusted_proxies": ["proxy.local"]}, "trusted proxy 'proxy.local' is not an IP"),
+        ({"proxy_protocol": True, "header_timeout": 0}, "header_timeout must be a number of seconds above 0"),
+        ({"proxy_protocol": True, "max_header_size": 100}, "max_header_size must be from 256 to 65536 bytes"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_fix(fresh_identity: None, kwargs: dict[str, object], message: str) -> None:
@@ -136,3 +145,12 @@ def test_user_and_group_are_checked_up_front(fresh_identity: None) -> None:
     sticky = StickyServer(user="nobody")
     assert sticky.user == 65534 and sticky.group is not None
     assert StickyServer(user=12345).group is None  # a bare uid: the group is left alone
+
+
+def test_proxy_settings(fresh_identity: None) -> None:
+    assert StickyServer().client_addresses is None
+    settings = StickyServer(forwarded_header="X-Forwarded-For").client_addresses
+    assert settings is not None and settings.forwarded_header == "x-forwarded-for"
+    assert "127.0.0.9" in settings.trusted and "::1" in settings.trusted and "10.0.0.1" not in settings.trusted
+    settings = StickyServer(proxy_protocol=True, trusted_proxies="10.0.0.0/8").client_addresses
+    assert settings is not None and settings.proxy_protocol and "10.1.2.3" in settings.trusted

@@ -23,7 +23,9 @@ from sticky_server.wire import (
     FrameReader,
     Outbox,
     encode,
+    pack_addressed,
     pack_ids,
+    unpack_addressed,
     unpack_ids,
 )
 
@@ -307,3 +309,23 @@ def test_a_partial_write_in_the_middle_of_a_batch_keeps_every_frame_in_order() -
     for frame in handoffs:
         os.close(frame.fds[0])
     assert messages == list(range(20))
+
+
+def test_addressed_hand_offs_round_trip_and_reject_garbage() -> None:
+    ids = [1, 2**40, 7]
+    addresses = [("203.0.113.9", 443), ("2001:db8::1", 0), ("", 0)]
+    assert unpack_addressed(pack_addressed(ids, addresses)) == (tuple(ids), addresses)
+    packed = pack_addressed(ids, addresses)
+    for bad in (packed[:-1], packed + b"x", b"", b"\x00\x01" + bytes(5)):
+        with pytest.raises(ProtocolError, match="addressed hand-off"):
+            unpack_addressed(bad)
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=500, deadline=None)
+def test_arbitrary_addressed_payloads_only_raise_protocol_errors(data: bytes) -> None:
+    try:
+        ids, addresses = unpack_addressed(data)
+    except ProtocolError:
+        return
+    assert len(ids) == len(addresses)

@@ -1,0 +1,119 @@
+"""The master's header reading, in-process with real loopback sockets and a real selector."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sticky_server.balancer import ClientInfo
+from sticky_server.intake import ClientAddressSettings, Intake
+from sticky_server.proxy import TrustedProxies
+
+Routed = list[tuple[int, int, ClientInfo]]
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock
+
+
+def settings(timeout: float = 5.0, forwarded: str | None = None) -> ClientAddressSettings:
+    return ClientAddressSettings(forwarded is None, forwarded, TrustedProxies(["127.0.0.1"]), timeout, 8192)
+
+
+def take_one(intake: Intake, listener: socket.socket, conn_id: int = 1) -> None:
+    fd, address = listener._accept()  # type: ignore[attr-defined]
+    intake.take(conn_id, fd, listener.family, ClientInfo(address[0], address[1]))
+
+
+def run(selector: selectors.BaseSelector, intake: Intake, seconds: float) -> int:
+    """Run the selector like the master does for ``seconds``; return how many callbacks ran."""
+    calls = 0
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        for key, mask in selector.select(min(left, 0.05)):
+            key.data(mask)
+            calls += 1
+        intake.expire(time.monotonic())
+    return calls
+
+
+def test_a_partial_header_does_not_spin_the_loop(listener: socket.socket) -> None:
+    selector = selectors.DefaultSelector()
+    routed: Routed = []
+    intake = Intake(selector, settings(), lambda *args: routed.append(args))
+    with socket.create_connection(listener.getsockname()) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.5 ")
+        time.sleep(0.05)
+        take_one(intake, listener)
+        assert intake.waiting == 1
+        # Level-triggered readiness on peeked-but-unread bytes would fire thousands of
+        # times here; SO_RCVLOWAT holds it back until the rest arrives.
+        assert run(selector, intake, 0.5) <= 1
+        client.sendall(b"127.0.0.1 1000 80\r\nhello")
+        assert run(selector, intake, 0.3) >= 1
+        assert intake.waiting == 0
+        ((_conn_id, fd, client_info),) = routed
+        with socket.socket(fileno=fd) as handed:
+            # Exactly the header was consumed; the low-water mark is back to 1.
+            assert handed.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+            assert handed.recv(100) == b"hello"
+    assert client_info.host == "203.0.113.5" and client_info.port == 1000
+    assert client_info.proxy is not None and client_info.proxy[0] == "127.0.0.1"
+    selector.close()
+
+
+def test_a_complete_header_is_routed_without_waiting(listener: socket.socket) -> None:
+    selector = selectors.DefaultSelector()
+    routed: Routed = []
+    intake = Intake(selector, settings(forwarded="x-forwarded-for"), lambda *args: routed.append(args))
+    request = b"GET / HTTP/1.1\r\nX-Forwarded-For: 198.51.100.3\r\n\r\n"
+    with socket.create_connection(listener.getsockname()) as client:
+        client.sendall(request)
+        time.sleep(0.05)
+        take_one(intake, listener)
+        assert intake.waiting == 0 and len(routed) == 1  # routed at once, no selector round
+        with socket.socket(fileno=routed[0][1]) as handed:
+            assert handed.recv(1000) == request  # nothing consumed
+    assert routed[0][2].host == "198.51.100.3"
+    selector.close()
+
+
+def test_a_silent_client_is_closed_at_the_deadline_and_an_early_eof_at_once(listener: socket.socket) -> None:
+    selector = selectors.DefaultSelector()
+    routed: Routed = []
+    intake = Intake(selector, settings(timeout=0.3), lambda *args: routed.append(args))
+    with socket.create_connection(listener.getsockname()) as silent:
+        take_one(intake, listener)
+        assert intake.next_deadline() is not None
+        run(selector, intake, 0.6)
+        assert intake.waiting == 0 and not routed
+        silent.settimeout(5)
+        assert silent.recv(10) == b""
+    with socket.create_connection(listener.getsockname()) as leaving:
+        leaving.sendall(b"PROXY TCP4")
+        take_one(intake, listener)
+        leaving.shutdown(socket.SHUT_WR)
+        run(selector, intake, 0.1)
+        assert intake.waiting == 0 and not routed
+    selector.close()
+
+
+def test_untrusted_peers_are_routed_at_once_and_nothing_is_read(listener: socket.socket) -> None:
+    selector = selectors.DefaultSelector()
+    routed: Routed = []
+    only_other = ClientAddressSettings(True, None, TrustedProxies(["10.0.0.1"]), 5.0, 8192)
+    intake = Intake(selector, only_other, lambda *args: routed.append(args))
+    with socket.create_connection(listener.getsockname()) as client:
+        client.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
+        take_one(intake, listener)
+        assert len(routed) == 1 and routed[0][2].proxy is None
+        with socket.socket(fileno=routed[0][1]) as handed:
+            handed.settimeout(5)
+            assert handed.recv(100).startswith(b"PROXY TCP4 1.2.3.4")
+    selector.close()
