@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sticky_server.balancer import IPHashBalancer, address_key
+
 from .conftest import StartApp
 from .harness import CLIENT_IPS, request
 
@@ -101,12 +103,19 @@ def test_add_connection_raising_closes_that_socket_and_the_worker_keeps_serving(
     assert request(address, source=CLIENT_IPS[1])["pid"] == first["pid"]
 
 
-@pytest.mark.parametrize(("balancer", "fault"), [("garbage", "returned 99"), ("raises", "raised RuntimeError")])
+@pytest.mark.parametrize(
+    ("balancer", "fault"),
+    [("garbage", "returned 99"), ("raises", "raised RuntimeError"), ("slow", r"took \d+ ms to pick \(over 50 ms\)")],
+)
 def test_a_bad_balancer_is_logged_once_and_loses_no_connection(start_app: StartApp, balancer: str, fault: str) -> None:
     server = start_app({"APP_BALANCER": balancer})
     address = server.wait_listening()
     replies = [request(address, source=ip) for ip in CLIENT_IPS for _ in range(2)]
     assert len(replies) == 2 * len(CLIENT_IPS)
+    # Every one went where the fallback (IP hash) sends it.
+    assert all(
+        reply["slot"] == IPHashBalancer().slot_for_key(address_key(reply["peer"][0]), (0, 1, 2)) for reply in replies
+    )
     assert server.count(rf"balancer \w+ {fault}") == 1
     assert "routing such connections by IP hash instead" in server.output
 

@@ -44,6 +44,14 @@ class RaisingBalancer(Balancer):
         raise RuntimeError("balancer bug")
 
 
+class SlowBalancer(Balancer):
+    """Takes longer than the master allows a pick (PICK_TIME_LIMIT)."""
+
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        time.sleep(0.1)
+        return workers.alive[0]
+
+
 class ReportingLeastConnections(LeastConnectionsBalancer):
     """Least connections that prints every close report it is told of (the tests wait for these lines)."""
 
@@ -189,6 +197,7 @@ def main() -> None:
     balancers = {
         "garbage": GarbageBalancer(),
         "raises": RaisingBalancer(),
+        "slow": SlowBalancer(),
         "reporting-least-connections": ReportingLeastConnections(),
     }
     balancer_name = os.environ.get("APP_BALANCER", "ip-hash")
