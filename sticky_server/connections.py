@@ -67,9 +67,6 @@ class ConnectionRecord:
             return None
         return entry[1]
 
-    def clear(self) -> None:
-        self._open.clear()
-
 
 RECORD = ConnectionRecord()
 

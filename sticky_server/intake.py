@@ -108,8 +108,7 @@ class Intake:
             "closed %d connection(s) that sent no complete header within %.1f s (latest from %s)",
             REJECT_LOG_INTERVAL,
         )
-        what = "PROXY protocol header" if settings.proxy_protocol else f"{settings.forwarded_header} header"
-        self._what = what
+        self._what = "PROXY protocol header" if settings.proxy_protocol else f"{settings.forwarded_header} header"
 
     @property
     def waiting(self) -> int:
@@ -122,8 +121,7 @@ class Intake:
             self._route(conn_id, fd, client)
             return
         sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-        waiting = _Waiting(conn_id, sock, client, time.monotonic() + self._settings.timeout)
-        self._try(waiting, registered=False)
+        self._try(_Waiting(conn_id, sock, client, time.monotonic() + self._settings.timeout))
 
     def next_deadline(self) -> float | None:
         for waiting in self._waiting.values():
@@ -147,10 +145,7 @@ class Intake:
 
     # --- reading ------------------------------------------------------------------
 
-    def _on_readable(self, waiting: _Waiting, mask: int) -> None:
-        self._try(waiting, registered=True)
-
-    def _try(self, waiting: _Waiting, registered: bool) -> None:
+    def _try(self, waiting: _Waiting) -> None:
         settings = self._settings
         size = (
             settings.max_size if settings.forwarded_header else min(settings.max_size, max(PROXY_PEEK, waiting.needed))
@@ -161,26 +156,26 @@ class Intake:
             data = None
         except OSError as exc:  # reset by the peer, typically
             logger.debug("connection from %s failed before its header: %s", waiting.client.host, exc)
-            self._drop(waiting, registered)
+            self._drop(waiting)
             return
         if data is not None and len(data) <= waiting.seen:
             # Readable, yet nothing new: the peer closed (SO_RCVLOWAT holds back partial data).
             logger.debug("connection from %s closed before its header was complete", waiting.client.host)
-            self._drop(waiting, registered)
+            self._drop(waiting)
             return
         try:
             needed, client = self._parse(data or b"", waiting.client)
         except (ProxyHeaderError, ForwardedHeaderError) as exc:
             self._rejected_log.note(1, waiting.client.host, exc)
-            self._reject(waiting, registered)
+            self._reject(waiting)
             return
         if client is None:
-            self._wait(waiting, needed, len(data or b""), registered)
+            self._wait(waiting, needed, len(data or b""))
             return
         if needed and not self._consume(waiting, needed):
-            self._drop(waiting, registered)
+            self._drop(waiting)
             return
-        self._forget(waiting, registered)
+        self._forget(waiting)
         if waiting.low_water:
             waiting.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self._route(waiting.conn_id, waiting.sock.detach(), client)
@@ -212,7 +207,7 @@ class Intake:
             logger.debug("connection from %s failed while its header was read: %s", waiting.client.host, exc)
             return False
 
-    def _wait(self, waiting: _Waiting, needed: int, seen: int, registered: bool) -> None:
+    def _wait(self, waiting: _Waiting, needed: int, seen: int) -> None:
         waiting.seen, waiting.needed = seen, needed
         try:
             waiting.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, needed)
@@ -221,21 +216,22 @@ class Intake:
                 raise
         else:
             waiting.low_water = True
-        if not registered:
-            self._waiting[waiting.sock.fileno()] = waiting
-            self._selector.register(waiting.sock, selectors.EVENT_READ, lambda mask: self._on_readable(waiting, mask))
+        fd = waiting.sock.fileno()
+        if fd not in self._waiting:
+            self._waiting[fd] = waiting
+            self._selector.register(fd, selectors.EVENT_READ, lambda mask: self._try(waiting))
 
-    def _forget(self, waiting: _Waiting, registered: bool) -> None:
-        if registered:
-            self._selector.unregister(waiting.sock)
-            del self._waiting[waiting.sock.fileno()]
+    def _forget(self, waiting: _Waiting) -> None:
+        """Stop watching ``waiting`` (if it was waited on at all)."""
+        if self._waiting.pop(waiting.sock.fileno(), None) is not None:
+            self._selector.unregister(waiting.sock.fileno())
 
-    def _reject(self, waiting: _Waiting, registered: bool = True) -> None:
+    def _reject(self, waiting: _Waiting) -> None:
         """Close a connection that sent a bad header or none in time: a FIN, not a reset, where possible."""
         with contextlib.suppress(OSError):  # unread bytes would make close() send a reset
             waiting.sock.recv(self._settings.max_size, socket.MSG_DONTWAIT)
-        self._drop(waiting, registered)
+        self._drop(waiting)
 
-    def _drop(self, waiting: _Waiting, registered: bool = True) -> None:
-        self._forget(waiting, registered)
+    def _drop(self, waiting: _Waiting) -> None:
+        self._forget(waiting)
         waiting.sock.close()

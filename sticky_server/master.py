@@ -59,7 +59,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from .balancer import PICK_TIME_LIMIT, Balancer, ClientInfo, IPHashBalancer, WorkerSet
 from .channel import MAX_QUEUED_MESSAGE_BYTES, pack_delivery, unpack_publish
@@ -158,6 +158,33 @@ class _Link:
     recycling: bool = False
 
 
+class _LiveCounts(Sequence[int]):
+    """``WorkerSet.connections``: the live connections of each slot's current worker, read from its link.
+
+    A view, not a copy, so it never needs updating: a reload's finishing worker
+    (no longer current) does not count, and a slot without a worker counts 0.
+    """
+
+    def __init__(self, links: dict[int, _Link], supervisor: Supervisor) -> None:
+        self._links = links
+        self._supervisor = supervisor
+
+    def __len__(self) -> int:
+        return self._supervisor.size
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return [self[slot] for slot in range(len(self))[index]]
+        link = self._links.get(range(len(self))[index])
+        return 0 if link is None else link.live
+
+
 class Dispatcher:
     """Accepts, routes and hands off connections, and keeps the worker slots filled."""
 
@@ -205,7 +232,7 @@ class Dispatcher:
         self._incoming: dict[int, _Link] = {}  # replacements that are starting
         self._by_worker: dict[WorkerProcess, _Link] = {}  # every live link
         self._replace_queue: deque[int] = deque()
-        self._connections = [0] * supervisor.size
+        self._connections = _LiveCounts(self._links, supervisor)
         self._workers = WorkerSet(supervisor.size, (), self._connections)
         self._alive: frozenset[int] = frozenset()
         self._touched: set[_Link] = set()
@@ -415,7 +442,6 @@ class Dispatcher:
         link.unacked[conn_id] = (fd, client)
         link.pending.append(conn_id)
         link.live += 1
-        self._connections[slot] = link.live
         self._touched.add(link)
         if len(link.unacked) >= MAX_UNACKED:
             link.full = True
@@ -476,7 +502,6 @@ class Dispatcher:
             if link.connected and not link.full and not link.hung and not link.worker.stopping
         )
         size = self._supervisor.size
-        self._connections[:] = [self._links[slot].live if slot in self._links else 0 for slot in range(size)]
         if alive != self._workers.alive or size != self._workers.size:
             self._workers = WorkerSet(size, alive, self._connections)
             self._alive = frozenset(alive)
@@ -569,7 +594,6 @@ class Dispatcher:
         link.live -= count
         slot = link.worker.slot
         if self._links.get(slot) is link:
-            self._connections[slot] = link.live
             self._notify_balancer(self._balancer.connections_closed, slot, count)
 
     def _on_ready_frame(self, link: _Link, frame: Frame) -> None:

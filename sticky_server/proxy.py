@@ -41,9 +41,9 @@ PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 # The spec's bound for a v1 line, CRLF included.
 MAX_V1_HEADER = 107
 _V2_FIXED = struct.Struct(">12sBBH")
-# Address block sizes of the v2 families this parser reads (TCP/UDP over IPv4, IPv6).
-_V2_INET = {0x1: (socket.AF_INET, 4, 12), 0x2: (socket.AF_INET6, 16, 36)}
+# v2 families: the size of their address block; for IP families, the socket family and address size.
 _V2_ADDRESS_SIZES = {0x0: 0, 0x1: 12, 0x2: 36, 0x3: 216}
+_V2_INET = {0x1: (socket.AF_INET, 4), 0x2: (socket.AF_INET6, 16)}
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1")
 _HEAD_END = b"\r\n\r\n"
 
@@ -148,7 +148,7 @@ def _parse_v2(data: bytes, max_size: int) -> ProxyHeader | int:
         return total
     if command == 0 or family not in _V2_INET:  # LOCAL (a health check), or no IP address to tell
         return ProxyHeader(total, None, None)
-    address_family, size, _ = _V2_INET[family]
+    address_family, size = _V2_INET[family]
     start = _V2_FIXED.size
     source_ip = socket.inet_ntop(address_family, bytes(data[start : start + size]))
     destination_ip = socket.inet_ntop(address_family, bytes(data[start + size : start + 2 * size]))

@@ -43,7 +43,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -78,6 +78,7 @@ EXIT_BOOT_FAILURE = 3
 DROP_LOG_INTERVAL = 10.0
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
+_HANDOFFS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
 
 
 def exit_on_boot_failure() -> Callable[[], None]:
@@ -296,13 +297,13 @@ class WorkerRuntime:
             for frame in frames:
                 if frame.kind is FrameKind.PING:
                     pinged = True
-                elif frame.kind is FrameKind.HANDOFF:
-                    ids = unpack_ids(frame.payload)
-                    if len(ids) != len(frame.fds):
-                        raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
-                    taken.extend((conn_id, fd, None) for conn_id, fd in zip(ids, frame.fds, strict=True))
-                elif frame.kind is FrameKind.HANDOFF_PROXIED:
-                    ids, addresses = unpack_addressed(frame.payload)
+                elif frame.kind in _HANDOFFS:
+                    addresses: Sequence[tuple[str, int] | None]
+                    if frame.kind is FrameKind.HANDOFF:
+                        ids = unpack_ids(frame.payload)
+                        addresses = [None] * len(ids)
+                    else:  # the master learned the client addresses from a proxy
+                        ids, addresses = unpack_addressed(frame.payload)
                     if len(ids) != len(frame.fds):
                         raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
                     taken.extend(zip(ids, frame.fds, addresses, strict=True))
