@@ -5,6 +5,7 @@ default, consistently), and passes the connected socket to that worker over a
 Unix socket. See ``StickyServer``.
 """
 
+from .async_worker import AsyncWorker
 from .balancer import (
     Balancer,
     ClientInfo,
@@ -17,9 +18,10 @@ from .balancer import (
 from .connections import client_address
 from .errors import BindError, ProtocolError, StickyServerError, WorkerBootError, WrongProcessError
 from .server import StickyServer
-from .worker import Worker
+from .worker import Worker, time_left_to_stop
 
 __all__ = [
+    "AsyncWorker",
     "Balancer",
     "BindError",
     "ClientInfo",
@@ -35,6 +37,7 @@ __all__ = [
     "WorkerSet",
     "WrongProcessError",
     "client_address",
+    "time_left_to_stop",
 ]
 
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import channel
+from .async_worker import AsyncWorkerRuntime, is_async_worker
 from .balancer import Balancer, balancer_from
 from .channel import DEFAULT_MAX_MESSAGE_SIZE
 from .environment import worker_identity
@@ -28,7 +29,7 @@ from .master import Dispatcher, Hooks
 from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from .supervisor import Supervisor
 from .wire import MAX_PAYLOAD, FrameKind
-from .worker import WorkerChannel, WorkerRuntime, check_worker, exit_on_boot_failure
+from .worker import ConnectionHandler, WorkerChannel, WorkerRuntime, check_worker, exit_on_boot_failure
 
 __all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "group_id", "user_id"]
 
@@ -286,13 +287,44 @@ class StickyServer:
 
         Blocks until the master stops this worker (then calls ``worker.stop()`` if
         it has one) or goes away. Raises TypeError at once if ``worker`` has no
-        callable ``add_connection``.
+        callable ``add_connection``. An asynchronous worker (an ``AsyncWorker``,
+        or one whose ``start``, ``add_connection`` or ``stop`` is ``async def``)
+        runs on a new asyncio event loop: ``asyncio.run(sticky.serve(worker))``.
         """
+        handler = self._worker_check(worker)
+        if is_async_worker(handler):
+            asyncio.run(self.serve(handler))
+            return
+        assert self._channel is not None and self._identity is not None
+        WorkerRuntime(
+            handler,
+            self._channel,
+            self._identity.slot,
+            on_ready=self._disarm_boot_hook,
+            graceful_timeout=self.graceful_timeout,
+        ).run()
+
+    async def serve(self, worker: object) -> None:
+        """Worker only: ``work()`` on the running event loop; returns when this worker has stopped.
+
+        Connections arrive on this loop's thread (``add_connection`` may be
+        ``async def``; it then runs as one task per connection), and so do
+        messages. ``await worker.start()`` runs first if the worker has one.
+        """
+        handler = self._worker_check(worker)
+        assert self._channel is not None and self._identity is not None
+        await AsyncWorkerRuntime(
+            handler,
+            self._channel,
+            self._identity.slot,
+            on_ready=self._disarm_boot_hook,
+            graceful_timeout=self.graceful_timeout,
+        ).serve()
+
+    def _worker_check(self, worker: object) -> ConnectionHandler:
         if self._identity is None:
             raise WrongProcessError(f"work() was called in the master process; only workers work. Use {_USAGE}")
-        handler = check_worker(worker)
-        assert self._channel is not None
-        WorkerRuntime(handler, self._channel, self._identity.slot, on_ready=self._disarm_boot_hook).run()
+        return check_worker(worker)
 
     # --- the channel --------------------------------------------------------------
 

@@ -34,6 +34,7 @@ start from one that crashed while serving.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import select
@@ -65,6 +66,7 @@ __all__ = [
     "WorkerRuntime",
     "check_worker",
     "exit_on_boot_failure",
+    "time_left_to_stop",
 ]
 
 logger = logging.getLogger("sticky_server.worker")
@@ -79,6 +81,10 @@ DROP_LOG_INTERVAL = 10.0
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 _HANDOFFS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
+# The master's default graceful_timeout; the StickyServer in the worker passes its own.
+DEFAULT_STOP_SECONDS = 30.0
+# When the master will kill this process, once a stop began (see time_left_to_stop).
+_stop_deadline: float | None = None
 
 
 def exit_on_boot_failure() -> Callable[[], None]:
@@ -103,7 +109,7 @@ def exit_on_boot_failure() -> Callable[[], None]:
 class ConnectionHandler(Protocol):
     """Anything ``work()`` accepts: an object with ``add_connection(sock)``."""
 
-    def add_connection(self, sock: socket.socket) -> None: ...
+    def add_connection(self, sock: socket.socket) -> object: ...
 
 
 class Worker:
@@ -145,6 +151,18 @@ def check_worker(worker: object) -> ConnectionHandler:
             f"is a {type(add_connection).__name__}."
         )
     return worker  # type: ignore[return-value]
+
+
+def time_left_to_stop() -> float:
+    """Seconds this worker has left to finish once told to stop, before the master kills it.
+
+    Adapters wait this long (less a margin) for requests in flight when they have
+    no ``shutdown_timeout`` of their own. Before a stop began it is the whole
+    graceful timeout (``DEFAULT_STOP_SECONDS`` outside a worker).
+    """
+    if _stop_deadline is None:
+        return DEFAULT_STOP_SECONDS
+    return max(0.0, _stop_deadline - time.monotonic())
 
 
 def exit_soon(seconds: float) -> None:
@@ -232,8 +250,10 @@ class WorkerRuntime:
         channel: WorkerChannel,
         slot: int,
         on_ready: Callable[[], None] | None = None,
+        graceful_timeout: float = DEFAULT_STOP_SECONDS,
     ) -> None:
         self._worker = worker
+        self._graceful_timeout = graceful_timeout
         self._channel = channel
         self._control = channel.control
         self._slot = slot
@@ -254,10 +274,7 @@ class WorkerRuntime:
             selector.register(control, selectors.EVENT_READ)
             selector.register(signals.fileno(), selectors.EVENT_READ)
             selector.register(channel.waker.fileno(), selectors.EVENT_READ)
-            channel.put_control(FrameKind.READY)
-            if self._on_ready is not None:
-                self._on_ready()
-            logger.debug("worker %d (pid %d) ready", self._slot, os.getpid())
+            self._announce_ready()
             while self._stop_reason is None:
                 if channel.flush() == writing:
                     writing = not writing
@@ -270,14 +287,10 @@ class WorkerRuntime:
                     elif key.fileobj == channel.waker.fileno():
                         channel.waker.clear()  # the flush at the top of the loop writes what woke us
                     else:
-                        for signum in signals.drain():
-                            self._stop_reason = f"got {signal.Signals(signum).name}"
-                            self._quick = self._quick or signum in _QUICK_SIGNALS
+                        self._on_signals(signals.drain())
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + CLOSE_SWEEP_INTERVAL
-                    closed = RECORD.sweep()
-                    if closed:
-                        channel.put_control(FrameKind.CLOSED, closed.to_bytes(4, "big"))
+                    self._sweep()
             if not self._master_lost:
                 channel.flush()  # a last try for what the worker sent while stopping
         except (BrokenPipeError, ConnectionResetError):
@@ -285,7 +298,31 @@ class WorkerRuntime:
         finally:
             selector.close()
             signals.restore()
-        self._finish()
+        stop = self._begin_stop()
+        if stop is not None:
+            try:
+                stop()
+            except Exception:
+                logger.exception("worker %d: stop() raised", self._slot)
+        self._end()
+
+    # --- the parts both loops share (see async_worker.py for the asyncio one) ---------
+
+    def _announce_ready(self) -> None:
+        self._channel.put_control(FrameKind.READY)
+        if self._on_ready is not None:
+            self._on_ready()
+        logger.debug("worker %d (pid %d) ready", self._slot, os.getpid())
+
+    def _on_signals(self, signums: list[int]) -> None:
+        for signum in signums:
+            self._stop_reason = f"got {signal.Signals(signum).name}"
+            self._quick = self._quick or signum in _QUICK_SIGNALS
+
+    def _sweep(self) -> None:
+        closed = RECORD.sweep()
+        if closed:
+            self._channel.put_control(FrameKind.CLOSED, closed.to_bytes(4, "big"))
 
     def _on_control_readable(self) -> None:
         frames: list[Frame] = []
@@ -336,9 +373,23 @@ class WorkerRuntime:
     def _dispatch_message(self, sender: int | None, message: Any) -> None:
         for handler in self._channel.handlers:
             try:
-                handler(sender, message)
+                self._follow_up(handler(sender, message), "a message handler")
             except Exception:
                 logger.exception("worker %d: a message handler raised", self._slot)
+
+    def _follow_up(self, result: object, what: str, sock: socket.socket | None = None) -> None:
+        """What to do with a value a user's callback returned; the asyncio runtime runs awaitables."""
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()  # never awaited: say so once here rather than in a RuntimeWarning
+            logger.error(
+                "worker %d: %s returned an awaitable, but this worker runs no event loop; "
+                "make the worker asynchronous (subclass sticky_server.AsyncWorker) or use a plain function",
+                self._slot,
+                what,
+            )
+            if sock is not None:
+                sock.close()
 
     def _deliver(self, fd: int, address: tuple[str, int] | None) -> None:
         try:
@@ -351,7 +402,7 @@ class WorkerRuntime:
         sock.setblocking(True)
         RECORD.add(fd, address)
         try:
-            self._worker.add_connection(sock)
+            self._follow_up(self._worker.add_connection(sock), "add_connection", sock)
         except Exception:
             logger.exception(
                 "worker %d: add_connection raised; closed the connection from %s", self._slot, _describe_peer(sock)
@@ -370,15 +421,16 @@ class WorkerRuntime:
         )
         exit_soon(ORPHAN_EXIT_SECONDS)
 
-    def _finish(self) -> None:
+    def _begin_stop(self) -> Callable[[], Any] | None:
+        """Stop taking frames; the worker's ``stop`` to call, or None (quick stop, or it has none)."""
+        global _stop_deadline
         logger.debug("worker %d stopping: %s", self._slot, self._stop_reason)
+        _stop_deadline = time.monotonic() + self._graceful_timeout
         self._reader.close()
         self._channel.close()
         stop = None if self._quick else getattr(self._worker, "stop", None)
-        if callable(stop):
-            try:
-                stop()
-            except Exception:
-                logger.exception("worker %d: stop() raised", self._slot)
+        return stop if callable(stop) else None
+
+    def _end(self) -> None:
         if not self._master_lost:
             self._control.close()

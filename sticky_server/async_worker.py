@@ -1,0 +1,175 @@
+"""The worker side on an asyncio event loop: hand-offs arrive on the loop that serves them.
+
+``work(worker)`` runs this mode when the worker is asynchronous (see
+``is_async_worker``): it runs ``asyncio.run(sticky.serve(worker))``; a program that
+already runs a loop awaits ``sticky.serve(worker)`` itself. The control socket, the
+signal wake-up socket and the cross-thread waker are watched with
+``loop.add_reader``, so every descriptor the master passes becomes a socket on the
+loop's own thread, with no thread hop, and message handlers run on the loop too.
+
+The frame handling, acknowledge-then-deliver and the close sweeps are the ones of
+``WorkerRuntime`` (``worker.py``); only the loop differs. An ``async def
+add_connection`` runs as its own task, so one slow TLS handshake does not hold up
+the connections behind it; one that raises has its socket closed and is logged.
+
+Order of a stop: stop reading the control socket, await ``worker.stop()`` (the
+adapter finishes requests in flight and runs the framework's shutdown hooks),
+then cancel ``add_connection`` tasks still running (those connections were never
+served; cancelling closes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+import ssl
+from typing import Any
+
+from .connections import CLOSE_SWEEP_INTERVAL, RECORD
+from .signals import SignalQueue
+from .worker import _GRACEFUL_SIGNALS, _QUICK_SIGNALS, WorkerRuntime, _describe_peer
+
+__all__ = ["AsyncWorker", "AsyncWorkerRuntime", "is_async_worker"]
+
+logger = logging.getLogger("sticky_server.worker")
+
+# A client that leaves during the TLS handshake or connection set-up is its own business, not an error.
+_CLIENT_FAULTS = (ssl.SSLError, ConnectionError, TimeoutError, EOFError)
+
+
+class AsyncWorker:
+    """Base class for a worker that serves connections on an asyncio event loop.
+
+    ``work()`` runs the loop (or ``await sticky.serve(worker)`` on yours). Override
+    ``start`` to set the server up on the loop, ``add_connection`` to serve one
+    socket, ``stop`` to finish and run the framework's shutdown hooks.
+    """
+
+    async def start(self) -> None:
+        """Runs on the loop before the first connection; if it raises, the worker fails to boot."""
+
+    async def add_connection(self, sock: socket.socket) -> None:
+        """Serve ``sock`` (connected, no byte read), e.g. with ``loop.connect_accepted_socket``.
+
+        Runs as a task per connection on the worker's loop; if it raises, the
+        error is logged and the socket closed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement add_connection(sock)")
+
+    async def stop(self) -> None:
+        """Stop: finish requests in flight, run shutdown hooks. Budget: ``sticky_server.time_left_to_stop()``."""
+
+
+def is_async_worker(worker: object) -> bool:
+    """True when ``worker`` runs on an event loop: an AsyncWorker, or async def start/add_connection/stop."""
+    if isinstance(worker, AsyncWorker):
+        return True
+    return any(inspect.iscoroutinefunction(getattr(worker, name, None)) for name in ("start", "add_connection", "stop"))
+
+
+class AsyncWorkerRuntime(WorkerRuntime):
+    """``WorkerRuntime`` driven by the running asyncio loop instead of a selector (module docstring)."""
+
+    _loop: asyncio.AbstractEventLoop
+    _stopping: asyncio.Future[None]
+
+    async def serve(self) -> None:
+        """Serve hand-offs until told to stop, then await ``worker.stop()`` and return."""
+        self._loop = loop = asyncio.get_running_loop()
+        self._stopping = loop.create_future()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writing = False
+        start = getattr(self._worker, "start", None)
+        if callable(start):
+            await start()  # before READY: a failure here is a boot failure
+        control, channel = self._control, self._channel
+        signals = SignalQueue(_GRACEFUL_SIGNALS | _QUICK_SIGNALS)
+        sweeper: asyncio.TimerHandle | None = None
+        try:
+            loop.add_reader(control.fileno(), self._event, self._on_control_readable)
+            loop.add_reader(signals.fileno(), self._event, lambda: self._on_signals(signals.drain()))
+            loop.add_reader(channel.waker.fileno(), self._event, channel.waker.clear)
+            self._event(self._announce_ready)
+
+            def sweep() -> None:
+                nonlocal sweeper
+                if len(RECORD):
+                    self._event(self._sweep)
+                sweeper = loop.call_later(CLOSE_SWEEP_INTERVAL, sweep)
+
+            sweeper = loop.call_later(CLOSE_SWEEP_INTERVAL, sweep)
+            await self._stopping
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+            for fd in (control.fileno(), signals.fileno(), channel.waker.fileno()):
+                loop.remove_reader(fd)
+            if self._writing:
+                loop.remove_writer(control.fileno())
+            signals.restore()
+        if not self._master_lost:
+            with contextlib.suppress(OSError):
+                channel.flush()  # a last try for what the worker sent while stopping
+        stop = self._begin_stop()
+        if stop is not None:
+            try:
+                result = stop()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("worker %d: stop() raised", self._slot)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        self._end()
+
+    def _event(self, handle: Any) -> None:
+        """Run one event's handler, then write what it queued and see whether it asked to stop."""
+        if self._stopping.done():
+            return
+        try:
+            handle()
+            self._flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self._master_gone("the control socket broke")
+        if self._stop_reason is not None and not self._stopping.done():
+            self._stopping.set_result(None)
+
+    def _flush(self) -> None:
+        done = self._channel.flush()
+        if done == self._writing:  # watch for room only while something waits to be written
+            self._writing = not done
+            if self._writing:
+                self._loop.add_writer(self._control.fileno(), self._event, lambda: None)
+            else:
+                self._loop.remove_writer(self._control.fileno())
+
+    def _follow_up(self, result: object, what: str, sock: socket.socket | None = None) -> None:
+        if not inspect.isawaitable(result):
+            return
+        task = asyncio.ensure_future(result)
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._task_done(done, what, sock))
+
+    def _task_done(self, task: asyncio.Future[Any], what: str, sock: socket.socket | None) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            if sock is not None:
+                sock.close()
+            return
+        error = task.exception()
+        if error is None:
+            return
+        if sock is None:
+            logger.error("worker %d: %s raised", self._slot, what, exc_info=error)
+            return
+        if isinstance(error, _CLIENT_FAULTS):
+            logger.debug("worker %d: the client left during set-up (%s)", self._slot, error)
+        else:
+            peer = _describe_peer(sock)
+            logger.error("worker %d: %s raised; closed the connection from %s", self._slot, what, peer, exc_info=error)
+        sock.close()
