@@ -1,52 +1,61 @@
-"""Serve an aiohttp ``web.Application`` from a sticky_server worker.
+"""Serve an aiohttp ``web.Application``: ``sticky.work(AiohttpWorker(app))``.
 
-    sticky.work(AiohttpWorker(app))
+The worker runs in asyncio mode: ``start`` sets up an ``AppRunner`` (running the
+application's ``on_startup`` hooks) on the worker's loop, and each connection is
+served with ``loop.connect_accepted_socket(runner.server, sock)``: from then on
+aiohttp owns the socket. TLS: pass ``ssl_context``.
 
-The application runs on an event loop of its own thread (started here). Each
-connection handed to ``add_connection`` is passed to that loop and served with
-``loop.connect_accepted_socket(runner.server, sock)``: from then on aiohttp owns the
-socket. ``stop()`` runs the application's cleanup (``AppRunner.cleanup``, which
-waits for requests in flight) and stops the loop.
+``stop`` runs ``AppRunner.cleanup``: idle keep-alive connections close, the
+``on_shutdown`` hooks run (close your websockets there), requests in flight get up
+to ``shutdown_timeout`` seconds (default: the time the master still allows), then
+the ``on_cleanup`` hooks run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
+import ssl
+from typing import Any
 
 from aiohttp import web
 
-from ..worker import Worker
+from ..async_worker import AsyncWorker
+from ._stopping import shutdown_budget
 
 __all__ = ["AiohttpWorker"]
 
-# How long stop() waits for aiohttp's cleanup (the master kills the worker at graceful_timeout anyway).
-CLEANUP_SECONDS = 30.0
 
+class AiohttpWorker(AsyncWorker):
+    """A worker that serves ``app`` (an aiohttp ``web.Application``) on the worker's event loop."""
 
-class AiohttpWorker(Worker):
-    """A worker that serves ``app`` (an aiohttp ``web.Application``) on its own event loop."""
+    def __init__(
+        self,
+        app: web.Application,
+        ssl_context: ssl.SSLContext | None = None,
+        shutdown_timeout: float | None = None,
+        **runner_options: Any,
+    ) -> None:
+        self.app = app
+        self.ssl_context = ssl_context
+        self.shutdown_timeout = shutdown_timeout
+        self._runner_options = runner_options
+        self.runner: web.AppRunner | None = None
 
-    def __init__(self, app: web.Application) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="aiohttp", daemon=True)
-        self._thread.start()
-        self.runner = web.AppRunner(app)
-        asyncio.run_coroutine_threadsafe(self.runner.setup(), self.loop).result()
+    async def start(self) -> None:
+        # Before a stop, the budget is the whole graceful timeout less the margin (see shutdown_budget).
+        options = {"shutdown_timeout": shutdown_budget(self.shutdown_timeout), **self._runner_options}
+        self.runner = web.AppRunner(self.app, **options)
+        await self.runner.setup()
 
-    def add_connection(self, sock: socket.socket) -> None:
-        """Hand ``sock`` to the application's loop (called on the thread that runs ``work()``)."""
-        self.loop.call_soon_threadsafe(self._serve, sock)
-
-    def _serve(self, sock: socket.socket) -> None:
-        server = self.runner.server
+    async def add_connection(self, sock: socket.socket) -> None:
+        server = None if self.runner is None else self.runner.server
         if server is None:  # cleaned up: the worker is stopping
             sock.close()
             return
-        self.loop.create_task(self.loop.connect_accepted_socket(server, sock))
+        await asyncio.get_running_loop().connect_accepted_socket(server, sock, ssl=self.ssl_context)
 
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(CLEANUP_SECONDS)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(CLEANUP_SECONDS)
+    async def stop(self) -> None:
+        if self.runner is None:
+            return
+        await self.runner.cleanup()
