@@ -333,8 +333,10 @@ class StickyServer:
 
         In the master, ``sender`` is the worker's slot. In a worker, it is None for a
         message from the master, or the slot of the worker that published it.
-        Handlers run on the master's loop / the thread that called ``work()``: keep
-        them short. Returns ``handler``, so it can be used as a decorator.
+        Handlers run on the master's loop, or in a worker on the thread that called
+        ``work()`` (an asynchronous worker's event loop, where ``async def``
+        handlers are run as tasks): keep them short. Returns ``handler``, so it can
+        be used as a decorator.
         """
         if self._channel is not None:
             self._channel.handlers.append(handler)

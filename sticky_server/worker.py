@@ -182,7 +182,7 @@ def _describe_peer(sock: socket.socket) -> str:
     return repr(peer)
 
 
-MessageHandler = Callable[[int | None, Any], None]
+MessageHandler = Callable[[int | None, Any], object]
 
 
 class WorkerChannel:

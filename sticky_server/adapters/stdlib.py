@@ -80,7 +80,7 @@ class SocketServerWorker(Worker):
         self._live = [live for live in self._live if live.fileno() != -1]
         self._live.append(sock)
         self.prepare(sock)
-        self.server.process_request(sock, address)  # type: ignore[arg-type]
+        self.server.process_request(sock, address)
 
     def prepare(self, sock: socket.socket) -> None:
         """Called before each connection is served; a hook for subclasses."""

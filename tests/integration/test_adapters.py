@@ -51,9 +51,7 @@ def start(start_app: StartApp, adapter: str, tmp_path: Path, **env: str) -> tupl
     return server, address
 
 
-def connection(
-    address: tuple[str, int], ip: str, tls: ssl.SSLContext | None = None
-) -> http.client.HTTPConnection:
+def connection(address: tuple[str, int], ip: str, tls: ssl.SSLContext | None = None) -> http.client.HTTPConnection:
     if tls is None:
         return http.client.HTTPConnection(*address, timeout=TIMEOUT, source_address=(ip, 0))
     return http.client.HTTPSConnection(*address, timeout=TIMEOUT, source_address=(ip, 0), context=tls)
@@ -177,9 +175,11 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "2"]
-        + ["-keyout", str(key), "-out", str(cert)],
+        [
+            *(openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "2"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
         check=True,
         capture_output=True,
         timeout=30,

@@ -240,8 +240,9 @@ def tornado_worker(slot: int) -> Any:
                 slow_started(slot)
                 await asyncio.sleep(SLOW_SECONDS)
             host, port = self.request.remote_ip or "", 0
-            if self.request.connection is not None and self.request.connection.context is not None:
-                address = getattr(self.request.connection.context, "address", None)
+            context = getattr(self.request.connection, "context", None)
+            if context is not None:
+                address = getattr(context, "address", None)  # what TornadoWorker gave handle_stream
                 if isinstance(address, tuple):
                     host, port = address[0], address[1]
             self.set_header("Content-Type", "application/json")
