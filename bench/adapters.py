@@ -227,7 +227,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 def wrk(port: int, seconds: int, connections: int) -> float:
     result = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", f"http://{HOST}:{port}/"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://{HOST}:{port}/"],
         capture_output=True,
         text=True,
         timeout=seconds + 30,
