@@ -135,6 +135,7 @@ def serve_direct(adapter: str, port: int) -> None:
 
         uvicorn.run(asgi_app, host=HOST, port=port, log_level="warning", access_log=False)
     elif adapter == "tornado":
+
         async def main() -> None:
             tornado_app().listen(port, HOST)
             await asyncio.Event().wait()
