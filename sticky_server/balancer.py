@@ -145,6 +145,9 @@ class IPHashBalancer(Balancer):
     ``ipv4_prefix`` / ``ipv6_prefix``: hash only the network part of an address,
     e.g. ``ipv6_prefix=64`` keeps a client that rotates its IPv6 privacy addresses
     on one worker (and every client of that /64 with it).
+
+    Clients with no address (on a Unix socket, with no proxy header telling one)
+    are spread over the workers in turn.
     """
 
     name = "ip-hash"
@@ -158,6 +161,7 @@ class IPHashBalancer(Balancer):
         self._cache: dict[str, int] = {}
         self._cached_for: WorkerSet | None = None
         self._seeds: list[int] = []
+        self._turn = 0
 
     def _seed(self, slot: int) -> int:
         while len(self._seeds) <= slot:
@@ -181,6 +185,9 @@ class IPHashBalancer(Balancer):
         return best_slot
 
     def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        if not client.host:  # a Unix-socket client has no address to stick to: take turns
+            self._turn += 1
+            return workers.alive[self._turn % len(workers.alive)]
         if workers is not self._cached_for or len(self._cache) >= IP_CACHE_SIZE:
             self._cache.clear()
             self._cached_for = workers

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
-from typing import Any
+import stat
+from typing import Any, NamedTuple
 
 from .errors import BindError
 
-__all__ = ["DEFAULT_BACKLOG", "bind_listener", "format_address", "validate_port"]
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "Bind",
+    "bind_listener",
+    "bind_unix_listener",
+    "format_address",
+    "open_bind",
+    "parse_bind",
+    "validate_port",
+]
 
 # The kernel caps this at its own limit (net.core.somaxconn on Linux); a small
 # backlog makes a burst of connections stall in SYN retries.
@@ -34,7 +45,9 @@ def validate_port(port: object) -> int:
 
 
 def format_address(address: Any) -> str:
-    """'127.0.0.1:3000' or '[::1]:3000' for a socket address tuple."""
+    """'127.0.0.1:3000' or '[::1]:3000' for a socket address tuple; 'unix:/path' for a Unix socket's."""
+    if isinstance(address, (str, bytes)):
+        return f"unix:{os.fsdecode(address)}"
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -77,3 +90,73 @@ def bind_listener(port: int, host: str | None = None, backlog: int = DEFAULT_BAC
         raise _bind_error(where, exc) from None
     listener.setblocking(False)
     return listener
+
+
+class Bind(NamedTuple):
+    """One address to listen on: a TCP host and port (host None: every interface), or a Unix socket path."""
+
+    host: str | None
+    port: int
+    path: str | None = None
+
+
+_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, :PORT or PORT (every interface), or unix:/PATH"
+
+
+def parse_bind(text: str) -> Bind:
+    """A ``Bind`` from its text form (``_BIND_FORMS``); ValueError naming the forms otherwise."""
+    if not isinstance(text, str):
+        raise TypeError(f"a bind must be a str such as '127.0.0.1:3000', not {text!r}")
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ValueError(f"bind {text!r} has no path; use unix:/path/to/socket")
+        return Bind(None, 0, path)
+    host: str | None
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"bind {text!r} is not one of {_BIND_FORMS}")
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+    else:
+        host, port_text = None, text
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bind {text!r} has no port from 0 to 65535; use one of {_BIND_FORMS}")
+    return Bind(host or None, int(port_text))
+
+
+def bind_unix_listener(path: str, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """A listening, non-blocking Unix stream socket at ``path``; a stale socket file left there is replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise BindError(errno.EEXIST, f"cannot listen on unix:{path}: a file that is not a socket is there")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # nobody listens: left by a server that did not clean up
+            except OSError as exc:
+                raise _bind_error(f"unix:{path}", exc) from None
+            else:
+                raise BindError(errno.EADDRINUSE, f"cannot listen on unix:{path}: another server listens there")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(backlog)
+    except OSError as exc:
+        listener.close()
+        raise _bind_error(f"unix:{path}", exc) from None
+    listener.setblocking(False)
+    return listener
+
+
+def open_bind(bind: Bind, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """The listening socket for ``bind``; BindError with the reason and the fix."""
+    if bind.path is not None:
+        return bind_unix_listener(bind.path, backlog)
+    return bind_listener(bind.port, bind.host, backlog)

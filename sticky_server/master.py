@@ -118,6 +118,7 @@ class Hooks:
     message: list[Callable[[int, Any], None]] = field(default_factory=list)
     worker_start: list[Callable[[int], None]] = field(default_factory=list)
     worker_exit: list[Callable[[int, int], None]] = field(default_factory=list)
+    stats: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
 
 def _run_hooks(hooks: Sequence[Callable[..., None]], *args: Any) -> None:
@@ -238,6 +239,9 @@ class Dispatcher:
         self._touched: set[_Link] = set()
         self._parked: deque[tuple[int, int, ClientInfo]] = deque()
         self._next_id = 0
+        self._created_at = time.monotonic()
+        self._handed_off: dict[int, int] = {}  # per slot, over all its workers
+        self._rate_sample = (self._created_at, 0)
         self._accepting = False
         self._accept_paused_until: float | None = None
         self._kill_at: dict[WorkerProcess, tuple[float, str]] = {}
@@ -264,6 +268,7 @@ class Dispatcher:
             signal.SIGTTIN: self._grow,
             signal.SIGTTOU: self._shrink,
             signal.SIGCHLD: self._reap,
+            signal.SIGUSR1: self._dump_stats,
         }
 
     # --- the loop -------------------------------------------------------------
@@ -521,11 +526,83 @@ class Dispatcher:
         self._accepting = should
         for listener in self._listeners:
             if should:
-                local = listener.getsockname()[:2]
+                name = listener.getsockname()
+                local = name[:2] if isinstance(name, tuple) else (name, 0)  # a Unix socket: its path
                 callback = functools.partial(self._on_listener, listener, local)
                 self._selector.register(listener, selectors.EVENT_READ, callback)
             else:
                 self._selector.unregister(listener)
+
+    # --- stats ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Live figures (README, Stats); call on the loop's thread."""
+        now = time.monotonic()
+        slots: list[dict[str, Any]] = []
+        for slot in range(self._supervisor.size):
+            link = self._links.get(slot)
+            slots.append(
+                {
+                    "slot": slot,
+                    "pid": link.worker.pid if link is not None else None,
+                    "uptime": round(now - link.worker.started_at, 3) if link is not None else 0.0,
+                    "ready": bool(link is not None and link.worker.ready),
+                    "handed_off": self._handed_off.get(slot, 0),
+                    "live": link.live if link is not None else 0,
+                    "restarts": self._supervisor.restarts.get(slot, 0),
+                }
+            )
+        handed_off = sum(entry["handed_off"] for entry in slots)
+        since, before = self._rate_sample
+        self._rate_sample = (now, handed_off)
+        return {
+            "pid": os.getpid(),
+            "uptime": round(now - self._created_at, 3),
+            "workers": slots,
+            "accepted": self._next_id,
+            "handed_off": handed_off,
+            "live": sum(entry["live"] for entry in slots),
+            "restarts": sum(entry["restarts"] for entry in slots),
+            # Hand-offs per second since the previous stats() call (or the start).
+            "handoff_rate": round((handed_off - before) / max(now - since, 1e-9), 1),
+        }
+
+    def stats_from_any_thread(self, timeout: float = 1.0) -> dict[str, Any]:
+        if self._loop_thread in (None, threading.get_ident()):
+            return self.stats()
+        answer: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def collect() -> None:
+            answer.append(self.stats())
+            done.set()
+
+        self.call_soon_threadsafe(collect)
+        if not done.wait(timeout):
+            raise TimeoutError(f"the master's loop did not answer within {timeout} s")
+        return answer[0]
+
+    def _dump_stats(self) -> None:
+        figures = self.stats()
+        logger.info(
+            "stats: %d workers, %d connections handed off, %d live, %d restarts, %.1f hand-offs/s",
+            len(figures["workers"]),
+            figures["handed_off"],
+            figures["live"],
+            figures["restarts"],
+            figures["handoff_rate"],
+        )
+        for worker in figures["workers"]:
+            logger.info(
+                "stats: worker %d pid %s up %.0f s: %d handed off, %d live, %d restarts",
+                worker["slot"],
+                worker["pid"],
+                worker["uptime"],
+                worker["handed_off"],
+                worker["live"],
+                worker["restarts"],
+            )
+        _run_hooks(self._hooks.stats, figures)
 
     # --- worker links -----------------------------------------------------------
 
@@ -580,6 +657,7 @@ class Dispatcher:
                 raise ProtocolError(f"acknowledged connection {conn_id}, which it was not sent")
             os.close(entry[0])
         link.taken += len(ids)
+        self._handed_off[link.worker.slot] = self._handed_off.get(link.worker.slot, 0) + len(ids)
         if link.full and len(unacked) <= MAX_UNACKED // 2:
             link.full = False
             self._workers_changed()

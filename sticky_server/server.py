@@ -9,11 +9,13 @@ master), ``is_master`` is False and ``work(worker)`` serves what the master send
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import logging
 import os
 import pwd
 import re
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,7 +26,7 @@ from .channel import DEFAULT_MAX_MESSAGE_SIZE
 from .environment import worker_identity
 from .errors import WrongProcessError
 from .intake import ClientAddressSettings
-from .listener import DEFAULT_BACKLOG, bind_listener, validate_port
+from .listener import DEFAULT_BACKLOG, Bind, open_bind, parse_bind, validate_port
 from .master import Dispatcher, Hooks
 from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from .supervisor import Supervisor
@@ -209,6 +211,7 @@ class StickyServer:
         self._disarm_boot_hook = exit_on_boot_failure() if self._identity is not None else None
         self._channel = WorkerChannel(self._identity.control) if self._identity is not None else None
         self._address: tuple[str, int] | None = None
+        self.addresses: list[Any] = []  # every bound address (a path for a Unix socket), once bound
         self._listening_callbacks: list[ListeningCallback] = []
         self._listen_called = False
 
@@ -243,39 +246,81 @@ class StickyServer:
         cannot be used and ``WorkerBootError`` if a worker dies while starting;
         in every case no worker process is left behind.
         """
+        self._check_can_listen()
+        validate_port(port)
+        self._serve([Bind(host or None, port)])
+
+    def listen_on(self, binds: Iterable[str]) -> None:
+        """Master only: ``listen()`` on several addresses at once, e.g. ``["0.0.0.0:3000", "unix:/run/app.sock"]``.
+
+        Each is ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` or ``PORT`` (every
+        interface), or ``unix:/PATH`` (the socket file is removed at exit; clients
+        of a Unix socket have no address, so IP hash spreads them in turn).
+        """
+        self._check_can_listen()
+        if isinstance(binds, str):
+            binds = [binds]
+        parsed = [parse_bind(text) for text in binds]
+        if not parsed:
+            raise ValueError("listen_on() needs at least one address to listen on")
+        self._serve(parsed)
+
+    def _check_can_listen(self) -> None:
         if self._identity is not None:
             raise WrongProcessError(
                 f"listen() was called in worker {self._identity.slot}; only the master listens. Use {_USAGE}"
             )
         if self._listen_called:
             raise RuntimeError("listen() was already called on this StickyServer; create one per program")
-        validate_port(port)
+
+    def _serve(self, binds: list[Bind]) -> None:
         if (self.user is not None or self.group is not None) and os.geteuid() != 0:
             raise PermissionError(
                 f"user/group ({self.user}/{self.group}) need the master to run as root; run it as root or drop them"
             )
         self._listen_called = True
-        listener = bind_listener(port, host, self.backlog)
-        self._address = listener.getsockname()[:2]
-        supervisor = Supervisor(self.workers, user=self.user, group=self.group)
-        dispatcher = Dispatcher(
-            [listener],
-            supervisor,
-            self.balancer,
-            graceful_timeout=self.graceful_timeout,
-            timeout=self.timeout,
-            max_connections_per_worker=self.max_connections_per_worker,
-            on_ready=self._notify_listening,
-            hooks=self._hooks,
-            client_addresses=self.client_addresses,
-        )
-        self._dispatcher = dispatcher
+        listeners: list[socket.socket] = []
         try:
+            for bind in binds:
+                listeners.append(open_bind(bind, self.backlog))
+            self.addresses = [listener.getsockname() for listener in listeners]
+            tcp = [address for address in self.addresses if isinstance(address, tuple)]
+            self._address = tcp[0][:2] if tcp else None
+            supervisor = Supervisor(self.workers, user=self.user, group=self.group)
+            dispatcher = Dispatcher(
+                listeners,
+                supervisor,
+                self.balancer,
+                graceful_timeout=self.graceful_timeout,
+                timeout=self.timeout,
+                max_connections_per_worker=self.max_connections_per_worker,
+                on_ready=self._notify_listening,
+                hooks=self._hooks,
+                client_addresses=self.client_addresses,
+            )
+            self._dispatcher = dispatcher
             dispatcher.run()
         finally:
             self._dispatcher = None
-            listener.close()
+            for listener, bind in zip(listeners, binds, strict=False):
+                listener.close()
+                if bind.path is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(bind.path)
         logger.info("stopped")
+
+    def stats(self) -> dict[str, Any]:
+        """Master only, while serving: live figures per worker slot and for the master (see README, Stats).
+
+        Safe to call from any thread: from outside the master's loop it waits for
+        the loop to answer (at most a second).
+        """
+        return self._running().stats_from_any_thread()
+
+    def on_stats(self, handler: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+        """Master: ``handler(stats)`` runs on SIGUSR1 (after the stats are logged); usable as a decorator."""
+        self._hooks.stats.append(handler)
+        return handler
 
     def _notify_listening(self) -> None:
         assert self._address is not None

@@ -173,6 +173,7 @@ class Supervisor:
         self.processes: set[WorkerProcess] = set()  # every live process: current, starting, finishing
         self.restart_at: dict[int, float] = {}
         self.boot_failures: dict[int, int] = {}
+        self.restarts: dict[int, int] = {}  # per slot: workers restarted after an unexpected exit
         self.stopping = False
         self._spawn = spawn
         self._clock = clock
@@ -246,6 +247,7 @@ class Supervisor:
             )
             return False
         self.restart_at[worker.slot] = self._clock() + delay
+        self.restarts[worker.slot] = self.restarts.get(worker.slot, 0) + 1
         logger.warning(
             "worker %d (pid %d) %s%s after %.1f s; restarting it in %.1f s%s",
             worker.slot,
