@@ -26,13 +26,15 @@ def start_app(tmp_path: Path) -> Iterator[StartApp]:
         python: str = sys.executable,
         pid_dir: Path | None = None,
         script: Path = LINE_APP,
+        command: list[str] | None = None,
         **kwargs: Any,
     ) -> ServerProcess:
         if pid_dir is None:
             pid_dir = tmp_path / f"pids{len(started)}"
             pid_dir.mkdir()
         cwd = HERE if module else kwargs.pop("cwd", HERE.parent.parent)
-        command = line_app_command(module, python) if script == LINE_APP else [python, str(script)]
+        if command is None:
+            command = line_app_command(module, python) if script == LINE_APP else [python, str(script)]
         server = ServerProcess(command, pid_dir=pid_dir, env=env, cwd=cwd, marker=script.stem, **kwargs)
         started.append(server)
         return server

@@ -1,0 +1,194 @@
+"""The sticky-server command, run for real: binds, apps, environment variables, status, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sticky_server.balancer import IPHashBalancer, address_key
+
+from .conftest import StartApp
+from .harness import CLIENT_IPS, HERE, ServerProcess, children_of, wait_until
+
+TIMEOUT = 15.0
+CLI = [sys.executable, "-m", "sticky_server"]
+# The master says where it listens once every worker is ready.
+LISTENING = r"listening on (.+) with (\d+) workers \(master pid (\d+)\)"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("STICKY_SERVER_")}
+    env.update(extra)
+    return env
+
+
+def line_request(connect: Any) -> dict[str, Any]:
+    with connect() as sock:
+        sock.settimeout(TIMEOUT)
+        sock.sendall(b"hi\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply
+
+
+def tcp_from(address: tuple[str, int], ip: str) -> Any:
+    return lambda: socket.create_connection(address, timeout=TIMEOUT, source_address=(ip, 0))
+
+
+def unix_at(path: Path) -> Any:
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        sock.connect(str(path))
+        return sock
+
+    return connect
+
+
+def start_cli(start_app: StartApp, args: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+    server = start_app(command=[*CLI, *args], env=clean_env(**(env or {})), cwd=HERE)
+    server.wait_for(LISTENING, TIMEOUT * 2)
+    return server
+
+
+def test_worker_factory_on_tcp_and_unix_binds_with_status_and_pid_file(start_app: StartApp, tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unix_path, pid_file = tmp_path / "app.sock", tmp_path / "app.pid"
+    server = start_cli(
+        start_app,
+        [
+            "apps.cli_apps:LineWorker",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--bind",
+            f"unix:{unix_path}",
+            "--pid",
+            str(pid_file),
+        ],
+        env={"STICKY_SERVER_WORKERS": "3"},  # from the environment
+    )
+    assert pid_file.read_text().strip() == str(server.process.pid)
+    assert server.wait_for(LISTENING).group(2) == "3"
+    hasher = IPHashBalancer()
+    for ip in CLIENT_IPS[:9]:
+        replies = [line_request(tcp_from(("127.0.0.1", port), ip)) for _ in range(2)]
+        expected = hasher.slot_for_key(address_key(ip), (0, 1, 2))
+        assert [reply["slot"] for reply in replies] == [expected, expected], ip
+    unix_slots = [line_request(unix_at(unix_path))["slot"] for _ in range(6)]
+    assert sorted(set(unix_slots)) == [0, 1, 2]  # no address to stick to: spread in turn
+
+    def status() -> dict[str, Any]:
+        result = subprocess.run(
+            [*CLI, "status", "--pid", str(pid_file)], capture_output=True, text=True, timeout=TIMEOUT, env=clean_env()
+        )
+        assert result.returncode == 0, result.stderr
+        figures: dict[str, Any] = json.loads(result.stdout)
+        return figures
+
+    # Hand-offs count when the worker's ACK is read, which can trail its answer by a loop pass.
+    stats = status()
+    assert wait_until(lambda: status()["handed_off"] == 24, TIMEOUT)
+    stats = status()
+    assert stats["pid"] == server.process.pid
+    assert stats["handed_off"] == 9 * 2 + 6 and stats["accepted"] == 9 * 2 + 6
+    assert [worker["slot"] for worker in stats["workers"]] == [0, 1, 2]
+    assert sorted(worker["pid"] for worker in stats["workers"]) == sorted(server.worker_pids())
+    assert all(worker["restarts"] == 0 and worker["ready"] for worker in stats["workers"])
+    assert server.wait_for(r"stats: 3 workers, 24 connections handed off", TIMEOUT)  # SIGUSR1 also logged them
+
+    victim = stats["workers"][1]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 3, TIMEOUT)
+    line_request(unix_at(unix_path))  # served: the new worker is in
+    server.send_signal(signal.SIGUSR1)
+    assert server.wait_for(r"stats: 3 workers, \d+ connections handed off, \d+ live, 1 restarts", TIMEOUT)
+
+    assert server.stop(TIMEOUT + 10) == 0
+    assert not pid_file.exists() and not unix_path.exists()  # both cleaned up
+
+
+def test_asgi_app_with_one_command(start_app: StartApp) -> None:
+    server = start_cli(start_app, ["apps.cli_apps:app", "--asgi", "-w", "2", "-b", "127.0.0.1:0"])
+    host_port = server.wait_for(LISTENING).group(1)
+    port = int(host_port.rsplit(":", 1)[1])
+    for ip in CLIENT_IPS[:4]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT, source_address=(ip, 0))
+        try:
+            conn.request("GET", "/")
+            reply = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        assert reply["client"] == ip and reply["started"]
+    assert server.stop(TIMEOUT + 10) == 0
+
+
+def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=TIMEOUT * 2, cwd=HERE, env=clean_env(**env)
+    )
+
+
+def test_bad_arguments_are_a_usage_error_and_start_nothing() -> None:
+    cases = [
+        (["apps.cli_apps:LineWorker", "--workers", "0"], "argument -w/--workers: invalid positive whole number"),
+        (["apps.cli_apps:LineWorker", "--bind", "localhost"], "bind 'localhost' has no port"),
+        (["apps.cli_apps:LineWorker", "--balancer", "fastest"], "--balancer must be one of ip-hash"),
+        (["apps.cli_apps:LineWorker", "--asgi", "--wsgi"], "not allowed with argument"),
+        (["apps.cli_apps"], "TARGET must be module:name"),
+        (["apps.cli_apps:missing"], "module 'apps.cli_apps' has no 'missing'"),
+        (["apps.cli_apps:STATE"], "is not a worker class or factory; for an app, add --asgi"),
+        (["apps.cli_apps:LineWorker", "--forwarded-header", "bad header"], "forwarded_header must be an HTTP header"),
+    ]
+    for args, message in cases:
+        result = run_cli(args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("usage: sticky-server"), result.stderr
+        assert message in result.stderr.strip().splitlines()[-1], (args, result.stderr)
+        assert "listening on" not in result.stderr and "started (pid" not in result.stderr
+    bad_env = run_cli(["apps.cli_apps:LineWorker"], STICKY_SERVER_GRACEFUL_TIMEOUT="soon")
+    assert bad_env.returncode == 2
+    assert "environment variable STICKY_SERVER_GRACEFUL_TIMEOUT='soon' is not a valid --graceful-timeout" in (
+        bad_env.stderr
+    )
+
+
+def test_an_import_error_shows_the_users_traceback_and_starts_no_worker() -> None:
+    process = subprocess.Popen(
+        [*CLI, "apps.cli_broken:app", "-w", "2", "-b", "127.0.0.1:0"],
+        cwd=HERE,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    spawned: set[int] = set()
+    deadline = time.monotonic() + TIMEOUT
+    while process.poll() is None and time.monotonic() < deadline:
+        spawned.update(children_of(process.pid))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(0.01)
+    if process.poll() is None:
+        process.kill()
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 1
+    assert not spawned, f"workers were started: {spawned}"
+    lines = stderr.strip().splitlines()
+    assert lines[0] == "sticky-server: importing apps.cli_broken:app failed:"
+    assert 'apps/cli_broken.py", line 3, in <module>' in stderr  # the user's frame
+    assert "sticky_server" not in "\n".join(lines[1:]).replace("apps/cli_broken", "")  # none of ours
+    assert lines[-1] == "RuntimeError: boom in the user's module"
