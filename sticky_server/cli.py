@@ -37,6 +37,7 @@ from typing import Any
 
 from .balancer import BALANCERS, Balancer
 from .listener import parse_bind
+from .metrics import MetricsServer
 from .server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT, StickyServer
 
 __all__ = ["main"]
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="(default: info)"
     )
     parser.add_argument("--pid", metavar="FILE", help="write the master's pid here; removed at exit")
+    parser.add_argument(
+        "--metrics", metavar="HOST:PORT", type=_bind, help="serve Prometheus metrics at http://HOST:PORT/metrics"
+    )
     return parser
 
 
@@ -340,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.kind is None and not callable(target):
         parser.error(f"TARGET {args.target!r} is not a worker class or factory; for an app, add --asgi etc.")
+    metrics = None
+    if args.metrics:
+        try:
+            metrics = MetricsServer(parse_bind(args.metrics), sticky.stats)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--metrics {args.metrics}: {exc}")
     pid_file = Path(args.pid) if args.pid else None
     if pid_file is not None:
         pid_file.write_text(f"{os.getpid()}\n")
@@ -347,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sticky.listen_on(args.bind or ["127.0.0.1:8000"])
     finally:
+        if metrics is not None:
+            metrics.close()
         if pid_file is not None:
             for path in (pid_file, pid_file.with_name(pid_file.name + ".stats")):
                 with contextlib.suppress(FileNotFoundError):

@@ -25,6 +25,13 @@ CLI = [sys.executable, "-m", "sticky_server"]
 LISTENING = r"listening on (.+) with (\d+) workers \(master pid (\d+)\)"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("STICKY_SERVER_")}
     env.update(extra)
@@ -65,9 +72,7 @@ def start_cli(start_app: StartApp, args: list[str], env: dict[str, str] | None =
 
 
 def test_worker_factory_on_tcp_and_unix_binds_with_status_and_pid_file(start_app: StartApp, tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port, metrics_port = free_port(), free_port()
     unix_path, pid_file = tmp_path / "app.sock", tmp_path / "app.pid"
     server = start_cli(
         start_app,
@@ -79,6 +84,8 @@ def test_worker_factory_on_tcp_and_unix_binds_with_status_and_pid_file(start_app
             f"unix:{unix_path}",
             "--pid",
             str(pid_file),
+            "--metrics",
+            f"127.0.0.1:{metrics_port}",
         ],
         env={"STICKY_SERVER_WORKERS": "3"},  # from the environment
     )
@@ -110,6 +117,18 @@ def test_worker_factory_on_tcp_and_unix_binds_with_status_and_pid_file(start_app
     assert sorted(worker["pid"] for worker in stats["workers"]) == sorted(server.worker_pids())
     assert all(worker["restarts"] == 0 and worker["ready"] for worker in stats["workers"])
     assert server.wait_for(r"stats: 3 workers, 24 connections handed off", TIMEOUT)  # SIGUSR1 also logged them
+
+    scrape = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=TIMEOUT)
+    scrape.request("GET", "/metrics")
+    response = scrape.getresponse()
+    text = response.read().decode()
+    scrape.close()
+    assert response.status == 200 and response.getheader("Content-Type", "").startswith("text/plain; version=0.0.4")
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert samples["sticky_server_workers"] == "3"
+    assert samples["sticky_server_connections_accepted_total"] == "24"
+    assert sum(int(samples[f'sticky_server_connections_handed_off_total{{slot="{n}"}}']) for n in range(3)) == 24
+    assert [samples[f'sticky_server_worker_up{{slot="{n}"}}'] for n in range(3)] == ["1", "1", "1"]
 
     victim = stats["workers"][1]["pid"]
     os.kill(victim, signal.SIGKILL)

@@ -22,11 +22,11 @@ CLIENTS = CLIENT_IPS[:20]
 SHOUTS = ["first", "second", "third"]
 
 
-async def chat(port: int) -> dict[str, Any]:
+async def chat(port: int, ips: list[str] = CLIENTS) -> dict[str, Any]:
     """Connect a client from each address (polling first, then websocket), shout, collect what each heard."""
     clients: dict[str, Any] = {}
     sessions = []
-    heard: dict[str, list[str]] = {ip: [] for ip in CLIENTS}
+    heard: dict[str, list[str]] = {ip: [] for ip in ips}
     failures: dict[str, str] = {}
 
     async def connect(ip: str) -> None:
@@ -44,8 +44,9 @@ async def chat(port: int) -> dict[str, Any]:
         except Exception as exc:
             failures[ip] = repr(exc)
 
-    await asyncio.gather(*(connect(ip) for ip in CLIENTS))
+    await asyncio.gather(*(connect(ip) for ip in ips))
     workers: dict[str, int] = {}
+    who: dict[str, dict[str, Any]] = {}
     transports: dict[str, str] = {}
     try:
         # Broken clients (the control run) are recorded, not raised: the assertions judge.
@@ -54,7 +55,8 @@ async def chat(port: int) -> dict[str, Any]:
 
         async def whoami(ip: str, client: Any) -> None:
             try:
-                workers[ip] = (await client.call("whoami", timeout=5))["worker"]
+                who[ip] = await client.call("whoami", timeout=5)
+                workers[ip] = who[ip]["worker"]
             except Exception as exc:
                 failures.setdefault(ip, f"whoami: {exc!r}")
 
@@ -73,7 +75,14 @@ async def chat(port: int) -> dict[str, Any]:
                 await client.disconnect()
         for session in sessions:
             await session.close()
-    return {"failures": failures, "heard": heard, "workers": workers, "transports": transports, "clients": clients}
+    return {
+        "failures": failures,
+        "heard": heard,
+        "workers": workers,
+        "who": who,
+        "transports": transports,
+        "clients": clients,
+    }
 
 
 def working_clients(result: dict[str, Any]) -> set[str]:

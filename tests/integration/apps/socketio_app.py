@@ -20,19 +20,24 @@ from sticky_server.adapters.socketio import StickyManager
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
     sticky = StickyServer(
-        workers=int(os.environ.get("APP_WORKERS", "4")), balancer=os.environ.get("APP_BALANCER", "ip-hash")
+        workers=int(os.environ.get("APP_WORKERS", "4")),
+        balancer=os.environ.get("APP_BALANCER", "ip-hash"),
+        proxy_protocol=bool(os.environ.get("APP_PROXY")),
     )
     if sticky.is_master:
         pid_dir = os.environ.get("APP_PID_DIR")
         if pid_dir:
             Path(pid_dir, f"master-{os.getpid()}").touch()
         sticky.on_listening(lambda address: print(f"LISTENING {address[0]} {address[1]}", flush=True))
-        sticky.listen(0, host="127.0.0.1")
+        sticky.listen(int(os.environ.get("APP_PORT", "0")), host="127.0.0.1")
         return
     pid_dir = os.environ.get("APP_PID_DIR")
     if pid_dir:
         Path(pid_dir, f"worker{sticky.worker_id}-{os.getpid()}").touch()
-    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=StickyManager(sticky))
+    redis_url = os.environ.get("APP_REDIS_URL")
+    # One machine: the sticky channel. Many machines: python-socketio's own Redis manager.
+    manager = socketio.AsyncRedisManager(redis_url) if redis_url else StickyManager(sticky)
+    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=manager)
     app = web.Application()
     sio.attach(app)
 
@@ -42,7 +47,7 @@ def main() -> None:
 
     @sio.on("whoami")  # type: ignore[untyped-decorator]
     async def whoami(sid: str) -> dict[str, object]:
-        return {"worker": sticky.worker_id, "pid": os.getpid()}
+        return {"worker": sticky.worker_id, "pid": os.getpid(), "master": os.environ.get("APP_NAME", "")}
 
     sticky.work(AiohttpWorker(app))
 
