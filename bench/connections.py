@@ -1,0 +1,420 @@
+"""New connections per second, side by side: plain Python, SO_REUSEPORT, the sticky master, Node sticky-session.
+
+    python bench/connections.py [--workers N] [--rounds R] [--seconds S] [--concurrency C] [--burst K]
+
+Needs gcc (the load generator, ``bench/client.c``, is compiled on first use) and,
+for the Node row, ``node`` and ``npm`` (``sticky-session`` is installed from the npm
+registry into ``bench/.node``; without them that row is skipped, saying so).
+
+Every server does the same trivial job: accept, read a tiny request, write a fixed
+response, close. The servers, started fresh for every measurement and interleaved
+over R rounds:
+
+  plain        one Python process (the baseline)
+  reuseport    N Python processes on SO_REUSEPORT (the kernel's non-sticky balancing)
+  sticky       the sticky master, N workers, IP hash
+  sticky-rr    the same, round-robin
+  sticky-proxy the same, IP hash, with the PROXY protocol (the client sends v1 headers)
+  node         Node's sticky-session with N workers
+
+Two loads, both from 64 client addresses, a new TCP connection per request:
+
+  closed  C connections kept in flight for S seconds: rate, p50/p99 latency
+  burst   every server process paused (SIGSTOP), K connections queued with their
+          requests written, then resumed: the time until every answer is in
+
+``--soak N`` instead pushes N connections (e.g. 1000000) through one sticky master
+and prints its RSS and open descriptors at the start and the end.
+
+Master CPU per connection is the master's own user+system time (``/proc``) over the
+closed-loop run, divided by the connections served. It prints medians and the ratios
+of every row to plain and to reuseport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLIENT_SOURCE = HERE / "client.c"
+CLIENT = HERE / ".build" / "client"
+NODE_DIR = HERE / ".node"
+HOST = "127.0.0.1"
+SOURCES = 64
+BACKLOG = 4096
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\nHello, world!"
+CONFIGS = ("plain", "reuseport", "sticky", "sticky-rr", "sticky-proxy", "node")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+NODE_SERVER = """
+const sticky = require('sticky-session');
+const http = require('http');
+const server = http.createServer((req, res) => {
+  res.writeHead(200, {'Content-Length': 13, 'Connection': 'close'});
+  res.end('Hello, world!');
+});
+if (!sticky.listen(server, Number(process.env.BENCH_PORT), {workers: Number(process.env.BENCH_WORKERS)})) {
+  server.once('listening', () => console.log('READY'));
+}
+"""
+
+
+# --- the servers (this file, started with BENCH_ROLE) ----------------------------
+
+
+def serve_forever(listener: socket.socket) -> None:
+    while True:
+        conn, _ = listener.accept()
+        try:
+            conn.recv(4096)
+            conn.sendall(RESPONSE)
+        except OSError:
+            pass
+        conn.close()
+
+
+def run_plain(port: int, processes: int) -> None:
+    reuse = processes > 1
+    children = []
+    for _ in range(processes - 1):
+        pid = os.fork()
+        if pid == 0:
+            break
+        children.append(pid)
+    listener = socket.socket()
+    if reuse:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, port))
+    listener.listen(BACKLOG)
+    if len(children) == processes - 1:  # the first process: the others are up once it is
+        print("READY", flush=True)
+    serve_forever(listener)
+
+
+def run_sticky(port: int, workers: int, balancer: str, proxy: bool) -> None:
+    sys.path.insert(0, str(HERE.parent))
+    from sticky_server import StickyServer
+
+    class Trivial:
+        def add_connection(self, conn: socket.socket) -> None:
+            try:
+                conn.recv(4096)
+                conn.sendall(RESPONSE)
+            except OSError:
+                pass
+            conn.close()
+
+    sticky = StickyServer(workers=workers, balancer=balancer, proxy_protocol=proxy, graceful_timeout=5)
+    if sticky.is_master:
+        sticky.on_listening(lambda address: print("READY", flush=True))
+        sticky.listen(port, host=HOST)
+    else:
+        sticky.work(Trivial())
+
+
+# --- the driver ------------------------------------------------------------------
+
+
+def build_client() -> Path:
+    if not CLIENT.exists() or CLIENT.stat().st_mtime < CLIENT_SOURCE.stat().st_mtime:
+        CLIENT.parent.mkdir(exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-o", str(CLIENT), str(CLIENT_SOURCE)], check=True, timeout=120)
+    return CLIENT
+
+
+def node_ready() -> str | None:
+    """None if the Node row can run, else why not."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm not found"
+    if not (NODE_DIR / "node_modules" / "sticky-session").exists():
+        NODE_DIR.mkdir(exist_ok=True)
+        result = subprocess.run(
+            ["npm", "install", "--silent", "--prefix", str(NODE_DIR), "sticky-session@1.1.2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            return f"npm install sticky-session failed: {result.stderr.strip()[-200:]}"
+    (NODE_DIR / "server.js").write_text(NODE_SERVER)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+class Server:
+    def __init__(self, config: str, workers: int) -> None:
+        self.port = free_port()
+        env = dict(os.environ, BENCH_PORT=str(self.port), BENCH_WORKERS=str(workers), PYTHONUNBUFFERED="1")
+        if config == "node":
+            command = ["node", str(NODE_DIR / "server.js")]
+            env["NODE_PATH"] = str(NODE_DIR / "node_modules")
+        else:
+            command = [sys.executable, str(Path(__file__).resolve())]
+            env["BENCH_ROLE"] = config
+        self.process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if line.strip() != b"READY":
+            self.stop()
+            raise RuntimeError(f"the {config} server did not start: {line!r}")
+        self.proxy = config == "sticky-proxy"
+        deadline = time.monotonic() + 20
+        while not self._answers():  # Node says READY before its workers listen
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the {config} server does not answer")
+            time.sleep(0.1)
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=2) as sock:
+                if self.proxy:
+                    sock.sendall(b"PROXY TCP4 127.0.0.9 127.0.0.1 1000 %d\r\n" % self.port)
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+                return sock.recv(100).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def processes(self) -> list[int]:
+        pids = [self.process.pid]
+        for pid in list(pids):
+            pids += children_of(pid)
+        return pids
+
+    def stop(self) -> None:
+        started = self.processes() if self.process.poll() is None else []
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        deadline = time.monotonic() + 10
+        for pid in started[1:]:  # the forks of plain/reuseport do not follow their parent
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.01)
+
+
+def parse_done(line: str) -> dict[str, float]:
+    _, ok, errors, seconds, p50, p99 = line.split()
+    return {"ok": int(ok), "errors": int(errors), "seconds": float(seconds), "p50": float(p50), "p99": float(p99)}
+
+
+def closed_loop(server: Server, concurrency: int, seconds: int) -> dict[str, float]:
+    proxy = "1" if server.proxy else "0"
+    master_before = cpu_seconds(server.process.pid)
+    result = subprocess.run(
+        [str(CLIENT), HOST, str(server.port), "closed", str(concurrency), str(seconds), str(SOURCES), proxy],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    )
+    figures = parse_done(result.stdout.strip().splitlines()[-1])
+    figures["rate"] = figures["ok"] / figures["seconds"]
+    figures["cpu_us"] = (cpu_seconds(server.process.pid) - master_before) / max(figures["ok"], 1) * 1e6
+    return figures
+
+
+def burst(server: Server, count: int) -> dict[str, float]:
+    proxy = "1" if server.proxy else "0"
+    pids = server.processes()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    client = subprocess.Popen(
+        [str(CLIENT), HOST, str(server.port), "burst", str(count), "30", str(SOURCES), proxy],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        queued = client.stdout.readline().split()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        figures = parse_done(client.stdout.readline())
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        client.wait(60)
+    figures["queued"] = int(queued[1]) if len(queued) == 2 else 0
+    figures["rate"] = figures["ok"] / figures["seconds"]
+    return figures
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def soak(total: int, workers: int, concurrency: int) -> None:
+    """Push ``total`` connections through one sticky master; its RSS and open fds must stay flat."""
+    server = Server("sticky", workers)
+    try:
+        master = server.process.pid
+        closed_loop(server, concurrency, 2)  # warm-up: caches, allocator pools
+        start_rss, start_fds = rss_kib(master), len(os.listdir(f"/proc/{master}/fd"))
+        print(f"soak: master pid {master}: RSS {start_rss} KiB, {start_fds} open fds after warm-up", flush=True)
+        served = errors = 0
+        began = time.monotonic()
+        while served < total:
+            figures = closed_loop(server, concurrency, 20)
+            served += int(figures["ok"])
+            errors += int(figures["errors"])
+            print(
+                f"soak: {served:,} connections, {errors} errors, RSS {rss_kib(master)} KiB, "
+                f"{len(os.listdir(f'/proc/{master}/fd'))} fds, {figures['rate']:.0f}/s",
+                flush=True,
+            )
+        end_rss, end_fds = rss_kib(master), len(os.listdir(f"/proc/{master}/fd"))
+        print(
+            f"soak: {served:,} connections in {time.monotonic() - began:.0f} s, {errors} errors; master RSS "
+            f"{start_rss} -> {end_rss} KiB ({end_rss - start_rss:+d} KiB), open fds {start_fds} -> {end_fds}"
+        )
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--burst", type=int, default=4000)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--soak", type=int, metavar="N", help="instead: N connections through one sticky master")
+    args = parser.parse_args()
+    build_client()
+    if args.soak:
+        soak(args.soak, args.workers, args.concurrency)
+        return
+    configs = [name for name in args.configs.split(",") if name]
+    if "node" in configs:
+        why = node_ready()
+        if why:
+            print(f"node: skipped ({why})")
+            configs.remove("node")
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in configs}
+    print(
+        f"{args.workers} workers, {args.rounds} rounds; closed loop: {args.concurrency} in flight for "
+        f"{args.seconds} s; burst: {args.burst} queued; {SOURCES} client addresses",
+        flush=True,
+    )
+    for round_ in range(args.rounds):
+        for config in configs:
+            server = Server(config, args.workers)
+            try:
+                closed_loop(server, args.concurrency, 1)  # warm-up
+                closed = closed_loop(server, args.concurrency, args.seconds)
+                drained = burst(server, args.burst)
+            finally:
+                server.stop()
+            into = results[config]
+            for key, value in (
+                ("closed", closed["rate"]),
+                ("p50", closed["p50"]),
+                ("p99", closed["p99"]),
+                ("cpu_us", closed["cpu_us"]),
+                ("closed_errors", closed["errors"]),
+                ("burst", drained["rate"]),
+                ("burst_s", drained["seconds"]),
+                ("burst_errors", drained["errors"]),
+            ):
+                into.setdefault(key, []).append(value)
+            print(
+                f"  round {round_ + 1} {config:<12} closed {closed['rate']:8.0f}/s p50 {closed['p50']:7.0f} us "
+                f"p99 {closed['p99']:7.0f} us master {closed['cpu_us']:6.1f} us/conn err {closed['errors']:.0f} | "
+                f"burst {drained['queued']:.0f} in {drained['seconds']:.3f} s ({drained['rate']:.0f}/s) "
+                f"err {drained['errors']:.0f}",
+                flush=True,
+            )
+    median = {
+        name: {key: statistics.median(values) for key, values in figures.items()} for name, figures in results.items()
+    }
+    print()
+    print(
+        f"{'medians':<12} {'closed/s':>9} {'p50 us':>7} {'p99 us':>7} {'cpu us':>7} {'burst/s':>8}   "
+        "closed vs plain, reuseport | burst vs plain, reuseport"
+    )
+    for name, m in median.items():
+        ratios = ""
+        if "plain" in median and "reuseport" in median:
+            plain, reuse = median["plain"], median["reuseport"]
+            ratios = (
+                f"{m['closed'] / plain['closed']:.2f}x {m['closed'] / reuse['closed']:.2f}x | "
+                f"{m['burst'] / plain['burst']:.2f}x {m['burst'] / reuse['burst']:.2f}x"
+            )
+        print(
+            f"{name:<12} {m['closed']:>9.0f} {m['p50']:>7.0f} {m['p99']:>7.0f} {m['cpu_us']:>7.1f} "
+            f"{m['burst']:>8.0f}   {ratios}"
+        )
+    if "node" in median:
+        node = median["node"]
+        for name in ("sticky", "sticky-rr", "sticky-proxy"):
+            if name in median:
+                m = median[name]
+                print(
+                    f"{name} vs node sticky-session: {m['closed'] / node['closed']:.2f}x the rate, "
+                    f"p99 {m['p99'] / node['p99']:.2f}x"
+                )
+
+
+if __name__ == "__main__":
+    role = os.environ.get("BENCH_ROLE")
+    port = int(os.environ.get("BENCH_PORT", "0"))
+    workers = int(os.environ.get("BENCH_WORKERS", "2"))
+    if role == "plain":
+        run_plain(port, 1)
+    elif role == "reuseport":
+        run_plain(port, workers)
+    elif role in ("sticky", "sticky-rr", "sticky-proxy"):
+        run_sticky(port, workers, "round-robin" if role == "sticky-rr" else "ip-hash", role == "sticky-proxy")
+    else:
+        main()
