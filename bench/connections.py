@@ -118,7 +118,13 @@ def run_sticky(port: int, workers: int, balancer: str, proxy: bool) -> None:
     sticky = StickyServer(workers=workers, balancer=balancer, proxy_protocol=proxy, graceful_timeout=5)
     if sticky.is_master:
         sticky.on_listening(lambda address: print("READY", flush=True))
-        sticky.listen(port, host=HOST)
+        profile = os.environ.get("BENCH_PROFILE")  # a file for the master's cProfile statistics
+        if profile:
+            import cProfile
+
+            cProfile.runctx("sticky.listen(port, host=HOST)", globals(), locals(), profile)
+        else:
+            sticky.listen(port, host=HOST)
     else:
         sticky.work(Trivial())
 
