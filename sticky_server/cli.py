@@ -206,7 +206,10 @@ def _balancer(text: str) -> Balancer | str:
     if ":" not in text:
         raise _UsageError(f"--balancer must be one of {', '.join(BALANCERS)} or module:Class, got {text!r}")
     made = _import_target(text)
-    balancer = made() if inspect.isclass(made) else made
+    try:
+        balancer = made() if inspect.isclass(made) else made
+    except TypeError as exc:
+        raise _UsageError(f"--balancer {text}: cannot create it with no arguments ({exc})") from None
     if not isinstance(balancer, Balancer):
         raise _UsageError(f"--balancer {text} is a {type(balancer).__name__}, not a sticky_server.Balancer subclass")
     return balancer

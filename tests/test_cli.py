@@ -70,3 +70,17 @@ def test_a_bad_environment_value_is_a_usage_error(capsys: pytest.CaptureFixture[
         parse(["m:f"], {"STICKY_SERVER_LOG_LEVEL": "loud"})
     assert exit_info.value.code == 2
     assert "STICKY_SERVER_LOG_LEVEL='loud' is not a valid --log-level" in capsys.readouterr().err
+
+
+def test_a_balancer_by_module_and_class() -> None:
+    from sticky_server import RoundRobinBalancer
+    from sticky_server.cli import _balancer, _UsageError
+
+    assert _balancer("least-connections") == "least-connections"
+    assert isinstance(_balancer("sticky_server:RoundRobinBalancer"), RoundRobinBalancer)
+    with pytest.raises(_UsageError, match=r"is a OrderedDict, not a sticky_server\.Balancer subclass"):
+        _balancer("collections:OrderedDict")
+    with pytest.raises(_UsageError, match="cannot create it with no arguments"):
+        _balancer("sticky_server.listener:Bind")
+    with pytest.raises(_UsageError, match="must be one of ip-hash"):
+        _balancer("fastest")
