@@ -17,7 +17,7 @@ import pwd
 import re
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from . import channel
 from .async_worker import AsyncWorkerRuntime, is_async_worker
@@ -48,6 +48,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _USAGE = "`if sticky.is_master: sticky.listen(port) else: sticky.work(worker)`"
 
 ListeningCallback = Callable[[tuple[str, int]], Any]
+_Runtime = TypeVar("_Runtime", bound=WorkerRuntime)
 
 
 def _account_id(kind: str, value: str | int | None, by_name: Callable[[str], int]) -> int | None:
@@ -340,14 +341,7 @@ class StickyServer:
         if is_async_worker(handler):
             asyncio.run(self.serve(handler))
             return
-        assert self._channel is not None and self._identity is not None
-        WorkerRuntime(
-            handler,
-            self._channel,
-            self._identity.slot,
-            on_ready=self._disarm_boot_hook,
-            graceful_timeout=self.graceful_timeout,
-        ).run()
+        self._runtime(WorkerRuntime, handler).run()
 
     async def serve(self, worker: object) -> None:
         """Worker only: ``work()`` on the running event loop; returns when this worker has stopped.
@@ -356,15 +350,17 @@ class StickyServer:
         ``async def``; it then runs as one task per connection), and so do
         messages. ``await worker.start()`` runs first if the worker has one.
         """
-        handler = self._worker_check(worker)
+        await self._runtime(AsyncWorkerRuntime, self._worker_check(worker)).serve()
+
+    def _runtime(self, kind: type[_Runtime], handler: ConnectionHandler) -> _Runtime:
         assert self._channel is not None and self._identity is not None
-        await AsyncWorkerRuntime(
+        return kind(
             handler,
             self._channel,
             self._identity.slot,
             on_ready=self._disarm_boot_hook,
             graceful_timeout=self.graceful_timeout,
-        ).serve()
+        )
 
     def _worker_check(self, worker: object) -> ConnectionHandler:
         if self._identity is None:

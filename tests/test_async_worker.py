@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from sticky_server.channel import pack_delivery
 from sticky_server.wire import FrameKind, pack_ids, unpack_ids
 from sticky_server.worker import WorkerChannel, WorkerRuntime
 
-from .test_worker import Master, tcp_pair
+from .test_worker import Master, run_until_sigterm, tcp_pair
 
 TIMEOUT = 10.0
 
@@ -208,15 +206,5 @@ def test_a_coroutine_handler_in_the_selector_runtime_is_an_error_not_a_silent_dr
 def test_sigterm_stops_the_async_worker_gracefully_and_restores_handlers(master: Master) -> None:
     worker = Recorder()
     runtime = AsyncWorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0)
-
-    def send_sigterm_when_ready() -> None:
-        master.next_frame()
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    helper = threading.Thread(target=send_sigterm_when_ready)
-    helper.start()
-    previous = signal.getsignal(signal.SIGTERM)
-    asyncio.run(asyncio.wait_for(runtime.serve(), TIMEOUT))  # in the main thread, where it installs its handlers
-    helper.join(TIMEOUT)
+    run_until_sigterm(master, lambda: asyncio.run(asyncio.wait_for(runtime.serve(), TIMEOUT)))
     assert worker.stopped
-    assert signal.getsignal(signal.SIGTERM) == previous

@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from pytest_mock import MockerFixture
@@ -146,9 +146,11 @@ def test_invalid_frame_from_the_master_stops_the_worker(master: Master, caplog: 
     assert "the master sent an invalid frame (unknown frame kind 255)" in caplog.text
 
 
-def test_sigterm_stops_the_worker_gracefully(master: Master) -> None:
-    worker = Recorder()
-    runtime = WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0)
+def run_until_sigterm(master: Master, run: Callable[[], object]) -> None:
+    """Call ``run`` in the main thread (where a runtime installs its handlers); SIGTERM once the worker is ready.
+
+    Checks that the SIGTERM handler in place before is back afterwards.
+    """
 
     def send_sigterm_when_ready() -> None:
         master.next_frame()
@@ -157,10 +159,15 @@ def test_sigterm_stops_the_worker_gracefully(master: Master) -> None:
     helper = threading.Thread(target=send_sigterm_when_ready)
     helper.start()
     previous = signal.getsignal(signal.SIGTERM)
-    runtime.run()  # in the main thread, where it installs its handlers
+    run()
     helper.join(10)
-    assert worker.stopped.is_set()
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_sigterm_stops_the_worker_gracefully(master: Master) -> None:
+    worker = Recorder()
+    run_until_sigterm(master, WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0).run)
+    assert worker.stopped.is_set()
 
 
 def test_check_worker_names_what_is_missing() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import StartApp
-from .harness import CLIENT_IPS, pid_alive, wait_until
+from .harness import CLIENT_IPS, pid_alive, stop_process, wait_until
 from .test_proxy import exchange, expected_slot, reply_of
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
@@ -108,13 +108,7 @@ def start_haproxy(tmp_path: Path) -> Iterator[HaproxyStarter]:
     yield start
 
     for process in processes:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process)
         assert not pid_alive(process.pid)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import StartApp
-from .harness import CLIENT_IPS, HERE, wait_until
+from .harness import CLIENT_IPS, HERE, stop_process, wait_until
 from .test_socketio import SHOUTS, chat
 
 pytest.importorskip("socketio")
@@ -91,13 +91,7 @@ def daemon() -> Iterator[Daemon]:
     yield start
 
     for process in processes:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process)
 
 
 def test_haproxy_in_front_of_two_masters_with_redis_broadcasts(
