@@ -238,6 +238,9 @@ class TrustedProxies:
         return known
 
     def _lookup(self, host: str) -> bool:
+        if host == "":
+            # A Unix-socket peer is a process of this machine, as a loopback one is: trusted alike.
+            return self._lookup("127.0.0.1")
         try:
             address = ipaddress.ip_address(host.partition("%")[0])
         except ValueError:

@@ -47,7 +47,7 @@ MAX_HEADER_SIZE = 65536
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _USAGE = "`if sticky.is_master: sticky.listen(port) else: sticky.work(worker)`"
 
-ListeningCallback = Callable[[tuple[str, int]], Any]
+ListeningCallback = Callable[[Any], Any]
 _Runtime = TypeVar("_Runtime", bound=WorkerRuntime)
 
 
@@ -234,6 +234,9 @@ class StickyServer:
     def on_listening(self, callback: ListeningCallback) -> ListeningCallback:
         """Call ``callback(address)`` in the master once it listens and every worker is ready.
 
+        ``address`` is the first TCP ``(host, port)`` bound, or a path when only
+        Unix sockets are (see ``listen_on``).
+
         Returns ``callback``, so it can be used as a decorator.
         """
         self._listening_callbacks.append(callback)
@@ -324,9 +327,10 @@ class StickyServer:
         return handler
 
     def _notify_listening(self) -> None:
-        assert self._address is not None
+        # The first TCP address, or with Unix sockets only, the first one's path.
+        address = self._address if self._address is not None else self.addresses[0]
         for callback in self._listening_callbacks:
-            callback(self._address)
+            callback(address)
 
     def work(self, worker: object) -> None:
         """Worker only: give every connection routed here to ``worker.add_connection(sock)``.

@@ -202,7 +202,9 @@ def test_trusted_proxies() -> None:
     trusted = TrustedProxies(["127.0.0.0/8", "::1", "2001:db8::/32"])
     assert "127.4.5.6" in trusted and "::1" in trusted and "2001:db8:1::9" in trusted
     assert "::ffff:127.0.0.1" in trusted  # an IPv4 peer on a dual-stack socket
-    assert "10.0.0.1" not in trusted and "2001:db9::1" not in trusted and "" not in trusted
+    assert "10.0.0.1" not in trusted and "2001:db9::1" not in trusted
+    # A Unix-socket peer (no address) is local: trusted exactly when loopback is.
+    assert "" in trusted and "" not in TrustedProxies(["10.0.0.0/8", "::1"])
     assert "anything" in TrustedProxies(["*"])
     with pytest.raises(ValueError, match="trusted proxy 'localhost' is not an IP address or network"):
         TrustedProxies(["localhost"])

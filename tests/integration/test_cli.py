@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -139,6 +140,28 @@ def test_worker_factory_on_tcp_and_unix_binds_with_status_and_pid_file(start_app
 
     assert server.stop(TIMEOUT + 10) == 0
     assert not pid_file.exists() and not unix_path.exists()  # both cleaned up
+
+
+def test_proxy_protocol_on_a_unix_socket_routes_by_the_address_in_the_header(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    """As nginx or HAProxy on the same machine would send it: a Unix-socket peer is trusted like loopback."""
+    unix_path = tmp_path / "proxied.sock"
+    start_cli(start_app, ["apps.cli_apps:LineWorker", "-w", "3", "-b", f"unix:{unix_path}", "--proxy-protocol"])
+    hasher = IPHashBalancer()
+    connect = unix_at(unix_path)
+
+    def proxied(client: str, port: int) -> socket.socket:
+        sock: socket.socket = connect()
+        sock.sendall(f"PROXY TCP4 {client} 192.0.2.1 {port} 443\r\n".encode())
+        return sock
+
+    for n in range(9):
+        client = f"198.51.100.{n + 1}"
+        replies = [line_request(functools.partial(proxied, client, 40000 + n)) for _ in range(2)]
+        expected = hasher.slot_for_key(address_key(client), (0, 1, 2))
+        assert [reply["slot"] for reply in replies] == [expected, expected], client
+        assert replies[0]["peer"] == [client, 40000 + n]
 
 
 def test_asgi_app_with_one_command(start_app: StartApp) -> None:
