@@ -27,7 +27,8 @@ Two loads, both from 64 client addresses, a new TCP connection per request:
 and prints its RSS and open descriptors at the start and the end.
 
 Master CPU per connection is the master's own user+system time (``/proc``) over the
-closed-loop run, divided by the connections served. It prints medians and the ratios
+closed-loop run, divided by the connections served; "rest" is the same for all the
+other server processes together (the workers; for reuseport, the other processes). It prints medians and the ratios
 of every row to plain and to reuseport.
 """
 
@@ -125,6 +126,10 @@ def run_sticky(port: int, workers: int, balancer: str, proxy: bool) -> None:
             cProfile.runctx("sticky.listen(port, host=HOST)", globals(), locals(), profile)
         else:
             sticky.listen(port, host=HOST)
+    elif os.environ.get("BENCH_PROFILE") and sticky.worker_id == 0:
+        import cProfile
+
+        cProfile.runctx("sticky.work(Trivial())", globals(), locals(), os.environ["BENCH_PROFILE"] + ".worker0")
     else:
         sticky.work(Trivial())
 
@@ -250,6 +255,8 @@ def parse_done(line: str) -> dict[str, float]:
 def closed_loop(server: Server, concurrency: int, seconds: int) -> dict[str, float]:
     proxy = "1" if server.proxy else "0"
     master_before = cpu_seconds(server.process.pid)
+    others = server.processes()[1:]
+    others_before = sum(cpu_seconds(pid) for pid in others)
     result = subprocess.run(
         [str(CLIENT), HOST, str(server.port), "closed", str(concurrency), str(seconds), str(SOURCES), proxy],
         capture_output=True,
@@ -259,7 +266,9 @@ def closed_loop(server: Server, concurrency: int, seconds: int) -> dict[str, flo
     )
     figures = parse_done(result.stdout.strip().splitlines()[-1])
     figures["rate"] = figures["ok"] / figures["seconds"]
-    figures["cpu_us"] = (cpu_seconds(server.process.pid) - master_before) / max(figures["ok"], 1) * 1e6
+    served = max(figures["ok"], 1)
+    figures["cpu_us"] = (cpu_seconds(server.process.pid) - master_before) / served * 1e6
+    figures["others_us"] = (sum(cpu_seconds(pid) for pid in others) - others_before) / served * 1e6
     return figures
 
 
@@ -368,6 +377,7 @@ def main() -> None:
                 ("p50", closed["p50"]),
                 ("p99", closed["p99"]),
                 ("cpu_us", closed["cpu_us"]),
+                ("others_us", closed["others_us"]),
                 ("closed_errors", closed["errors"]),
                 ("burst", drained["rate"]),
                 ("burst_s", drained["seconds"]),
@@ -376,7 +386,8 @@ def main() -> None:
                 into.setdefault(key, []).append(value)
             print(
                 f"  round {round_ + 1} {config:<12} closed {closed['rate']:8.0f}/s p50 {closed['p50']:7.0f} us "
-                f"p99 {closed['p99']:7.0f} us master {closed['cpu_us']:6.1f} us/conn err {closed['errors']:.0f} | "
+                f"p99 {closed['p99']:7.0f} us master {closed['cpu_us']:6.1f} us/conn, rest {closed['others_us']:5.1f} "
+                f"err {closed['errors']:.0f} | "
                 f"burst {drained['queued']:.0f} in {drained['seconds']:.3f} s ({drained['rate']:.0f}/s) "
                 f"err {drained['errors']:.0f}",
                 flush=True,
@@ -399,7 +410,7 @@ def main() -> None:
             )
         print(
             f"{name:<12} {m['closed']:>9.0f} {m['p50']:>7.0f} {m['p99']:>7.0f} {m['cpu_us']:>7.1f} "
-            f"{m['burst']:>8.0f}   {ratios}"
+            f"{m['others_us']:>7.1f} {m['burst']:>8.0f}   {ratios}"
         )
     if "node" in median:
         node = median["node"]

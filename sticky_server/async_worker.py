@@ -149,7 +149,7 @@ class AsyncWorkerRuntime(WorkerRuntime):
                 self._loop.remove_writer(self._control.fileno())
 
     def _follow_up(self, result: object, what: str, sock: socket.socket | None = None) -> None:
-        if not inspect.isawaitable(result):
+        if result is None or not inspect.isawaitable(result):
             return
         task = asyncio.ensure_future(result)
         self._tasks.add(task)

@@ -379,7 +379,7 @@ class WorkerRuntime:
 
     def _follow_up(self, result: object, what: str, sock: socket.socket | None = None) -> None:
         """What to do with a value a user's callback returned; the asyncio runtime runs awaitables."""
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):  # None first: the per-connection common case
             if inspect.iscoroutine(result):
                 result.close()  # never awaited: say so once here rather than in a RuntimeWarning
             logger.error(
