@@ -76,7 +76,13 @@ def run_server() -> None:
         print(f"RESULT worker->worker {count} {time.perf_counter() - started:.6f}", flush=True)
 
     sticky.on_listening(lambda address: threading.Thread(target=measure, args=(address,), daemon=True).start())
-    sticky.listen(0, host="127.0.0.1")
+    profile = os.environ.get("BENCH_PROFILE")  # a file for the master's cProfile statistics
+    if profile:
+        import cProfile
+
+        cProfile.runctx('sticky.listen(0, host="127.0.0.1")', globals(), locals(), profile)
+    else:
+        sticky.listen(0, host="127.0.0.1")
 
 
 def main() -> None:
