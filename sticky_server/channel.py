@@ -29,6 +29,7 @@ __all__ = [
     "encode",
     "pack_delivery",
     "pack_publish",
+    "sender_prefix",
     "unpack_delivery",
     "unpack_publish",
 ]
@@ -66,8 +67,13 @@ def decode(data: bytes) -> Any:
         raise ProtocolError(f"message is not valid JSON ({exc})") from None
 
 
+def sender_prefix(sender: int | None) -> bytes:
+    """The start of a MESSAGE payload: who sent it (the JSON text follows)."""
+    return _SENDER.pack(FROM_MASTER if sender is None else sender)
+
+
 def pack_delivery(sender: int | None, body: bytes) -> bytes:
-    return _SENDER.pack(FROM_MASTER if sender is None else sender) + body
+    return sender_prefix(sender) + body
 
 
 def unpack_delivery(payload: bytes) -> tuple[int | None, Any]:

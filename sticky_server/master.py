@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any, overload
 
 from .balancer import PICK_TIME_LIMIT, Balancer, ClientInfo, IPHashBalancer, WorkerSet
-from .channel import MAX_QUEUED_MESSAGE_BYTES, pack_delivery, unpack_publish
+from .channel import MAX_QUEUED_MESSAGE_BYTES, sender_prefix, unpack_publish
 from .channel import decode as decode_message
 from .errors import ProtocolError, WorkerBootError
 from .intake import ClientAddressSettings, Intake
@@ -78,6 +78,7 @@ from .wire import (
     FrameKind,
     FrameReader,
     Outbox,
+    encode_joined,
     pack_addressed,
     pack_ids,
     unpack_ids,
@@ -370,20 +371,24 @@ class Dispatcher:
 
     def send_message(self, slot: int, body: bytes, sender: int | None = None) -> bool:
         """Queue an encoded message for the current worker of ``slot``; False if the slot has none now."""
+        return self._queue_delivery(slot, encode_joined(FrameKind.MESSAGE, (sender_prefix(sender), body)))
+
+    def broadcast_message(self, body: bytes, sender: int | None = None, skip: int | None = None) -> None:
+        """Queue an encoded message for the current worker of every slot but ``skip``."""
+        frame = encode_joined(FrameKind.MESSAGE, (sender_prefix(sender), body))  # built once for every receiver
+        for slot in list(self._links):
+            if slot != skip:
+                self._queue_delivery(slot, frame)
+
+    def _queue_delivery(self, slot: int, frame: bytes) -> bool:
         link = self._links.get(slot)
         if link is None or not link.connected:
             return False
-        dropped = link.outbox.put_message(FrameKind.MESSAGE, pack_delivery(sender, body), MAX_QUEUED_MESSAGE_BYTES)
+        dropped = link.outbox.put_message_frame(frame, MAX_QUEUED_MESSAGE_BYTES)
         if dropped:
             self._dropped_log.note(dropped, slot, MAX_QUEUED_MESSAGE_BYTES)
         self._touched.add(link)
         return True
-
-    def broadcast_message(self, body: bytes, sender: int | None = None, skip: int | None = None) -> None:
-        """Queue an encoded message for the current worker of every slot but ``skip``."""
-        for slot in list(self._links):
-            if slot != skip:
-                self.send_message(slot, body, sender)
 
     def _on_send(self, link: _Link, frame: Frame) -> None:
         _run_hooks(self._hooks.message, link.worker.slot, decode_message(frame.payload))

@@ -249,6 +249,26 @@ def test_message_queue_is_bounded_by_dropping_the_oldest() -> None:
     assert payloads == [3, 4, 5]  # the newest survive, in order
 
 
+def test_messages_put_back_unsent_are_still_dropped_one_by_one() -> None:
+    """A run of messages leaves as one joined buffer; if the socket takes none of it, it comes back as messages."""
+
+    class Full:
+        def sendmsg(self, buffers: list[memoryview], ancillary: list[tuple[int, int, bytes]]) -> int:
+            raise BlockingIOError
+
+    outbox = Outbox()
+    for n in range(3):
+        outbox.put_message(FrameKind.MESSAGE, bytes([n]) * 100, max_bytes=1000)
+    assert not outbox.flush(Full())  # type: ignore[arg-type]
+    assert len(outbox) == 3
+    assert outbox.put_message(FrameKind.MESSAGE, bytes([3]) * 100, max_bytes=350) == 1  # one message, not the run
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with master, worker:
+        master.setblocking(False)
+        payloads = [frame.payload[0] for frame in drain(outbox, master, worker)]
+    assert payloads == [1, 2, 3]
+
+
 def test_many_small_frames_go_out_in_few_sendmsg_calls() -> None:
     master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with master, worker:
