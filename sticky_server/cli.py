@@ -49,10 +49,13 @@ KINDS = {
     "wsgi": "a WSGI app (served by wsgiref, a thread per connection)",
     "tornado": "a tornado web.Application",
 }
-EXIT_USAGE = 2
 EXIT_IMPORT = 1
 # How long `status` waits for the master to write its stats after SIGUSR1.
 STATUS_WAIT_SECONDS = 5.0
+
+
+class _UsageError(Exception):
+    """A mistake in the command line or environment: reported as argparse does, exit 2."""
 
 
 def _positive_int(text: str) -> int:
@@ -196,10 +199,6 @@ def _import_target(target: str) -> Any:
     return value
 
 
-class _UsageError(Exception):
-    pass
-
-
 def _balancer(text: str) -> Balancer | str:
     if text in BALANCERS:
         return text
@@ -243,8 +242,6 @@ def _worker_for(args: argparse.Namespace, target: Any, sticky: StickyServer) -> 
         from .adapters.tornado import TornadoWorker
 
         return TornadoWorker(target, ssl_context=tls)
-    if not callable(target):
-        raise _UsageError(f"TARGET {args.target!r} is not a worker class or factory; for an app, add --asgi etc.")
     try:
         inspect.signature(target).bind(sticky)
     except (TypeError, ValueError):
@@ -260,6 +257,11 @@ def _print_user_error(headline: str, exc: BaseException) -> None:
         tb = tb.tb_next
     print(headline, file=sys.stderr)
     traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
+
+
+def _stats_file(pid_file: Path) -> Path:
+    """Where the master writes its stats on SIGUSR1: beside the pid file."""
+    return pid_file.with_name(pid_file.name + ".stats")
 
 
 def _write_stats(path: Path) -> Callable[[dict[str, Any]], None]:
@@ -282,7 +284,7 @@ def status(argv: Sequence[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"sticky-server status: cannot read a pid from {pid_file}: {exc}", file=sys.stderr)
         return 1
-    stats_file = pid_file.with_name(pid_file.name + ".stats")
+    stats_file = _stats_file(pid_file)
     before = stats_file.stat().st_mtime_ns if stats_file.exists() else None
     try:
         os.kill(pid, signal.SIGUSR1)
@@ -337,16 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         _print_user_error(f"sticky-server: importing {args.target} failed:", exc)
         return EXIT_IMPORT
-    if not sticky.is_master:
-        try:
-            worker = _worker_for(args, target, sticky)
-        except _UsageError as exc:
-            print(f"sticky-server: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        sticky.work(worker)
-        return 0
     if args.kind is None and not callable(target):
         parser.error(f"TARGET {args.target!r} is not a worker class or factory; for an app, add --asgi etc.")
+    if not sticky.is_master:
+        sticky.work(_worker_for(args, target, sticky))
+        return 0
     metrics = None
     if args.metrics:
         try:
@@ -356,14 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     pid_file = Path(args.pid) if args.pid else None
     if pid_file is not None:
         pid_file.write_text(f"{os.getpid()}\n")
-        sticky.on_stats(_write_stats(pid_file.with_name(pid_file.name + ".stats")))
+        sticky.on_stats(_write_stats(_stats_file(pid_file)))
     try:
         sticky.listen_on(args.bind or ["127.0.0.1:8000"])
     finally:
         if metrics is not None:
             metrics.close()
         if pid_file is not None:
-            for path in (pid_file, pid_file.with_name(pid_file.name + ".stats")):
+            for path in (pid_file, _stats_file(pid_file)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
     return 0

@@ -211,7 +211,6 @@ class StickyServer:
         # In a worker, an error before work() is ready is a boot failure (see worker.py).
         self._disarm_boot_hook = exit_on_boot_failure() if self._identity is not None else None
         self._channel = WorkerChannel(self._identity.control) if self._identity is not None else None
-        self._address: tuple[str, int] | None = None
         self.addresses: list[Any] = []  # every bound address (a path for a Unix socket), once bound
         self._listening_callbacks: list[ListeningCallback] = []
         self._listen_called = False
@@ -228,8 +227,14 @@ class StickyServer:
 
     @property
     def address(self) -> tuple[str, int] | None:
-        """The (host, port) the master listens on, once ``listen()`` has bound it; None before and in workers."""
-        return self._address
+        """The (host, port) the master listens on, once ``listen()`` has bound it; None before and in workers.
+
+        With several binds, the first TCP one (None when all are Unix sockets).
+        """
+        for address in self.addresses:
+            if isinstance(address, tuple):
+                return address[0], address[1]
+        return None
 
     def on_listening(self, callback: ListeningCallback) -> ListeningCallback:
         """Call ``callback(address)`` in the master once it listens and every worker is ready.
@@ -288,8 +293,6 @@ class StickyServer:
             for bind in binds:
                 listeners.append(open_bind(bind, self.backlog))
             self.addresses = [listener.getsockname() for listener in listeners]
-            tcp = [address for address in self.addresses if isinstance(address, tuple)]
-            self._address = tcp[0][:2] if tcp else None
             supervisor = Supervisor(self.workers, user=self.user, group=self.group)
             dispatcher = Dispatcher(
                 listeners,
@@ -328,7 +331,7 @@ class StickyServer:
 
     def _notify_listening(self) -> None:
         # The first TCP address, or with Unix sockets only, the first one's path.
-        address = self._address if self._address is not None else self.addresses[0]
+        address = self.address or self.addresses[0]
         for callback in self._listening_callbacks:
             callback(address)
 

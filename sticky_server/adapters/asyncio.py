@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable
 
 from ..async_worker import AsyncWorker
@@ -55,7 +56,8 @@ class AsyncioWorker(AsyncWorker):
         self.protocol_factory = protocol_factory
         self.ssl_context = ssl_context
         self.shutdown_timeout = shutdown_timeout
-        self._transports: set[asyncio.BaseTransport] = set()
+        # Weak: a transport the loop has let go of drops out with no per-connection pruning.
+        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self._stopping: asyncio.Event | None = None
 
     @property
@@ -71,7 +73,6 @@ class AsyncioWorker(AsyncWorker):
             return
         loop = asyncio.get_running_loop()
         transport, _ = await loop.connect_accepted_socket(self.protocol_factory, sock, ssl=self.ssl_context)
-        self._transports = {open_ for open_ in self._transports if not open_.is_closing()}
         self._transports.add(transport)
 
     async def stop(self) -> None:
@@ -81,6 +82,6 @@ class AsyncioWorker(AsyncWorker):
             if asyncio.get_running_loop().time() >= deadline:
                 break
             await asyncio.sleep(_POLL_SECONDS)
-        for transport in self._transports:
+        for transport in list(self._transports):
             transport.close()
         await asyncio.sleep(0)  # let the closes run their connection_lost callbacks

@@ -32,6 +32,7 @@ import socket
 import socketserver
 import ssl
 import time
+import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -63,7 +64,8 @@ class SocketServerWorker(Worker):
         self.server = server
         self.ssl_context = ssl_context
         self.shutdown_timeout = shutdown_timeout
-        self._live: list[socket.socket] = []
+        # Weak: a connection whose handler has returned drops out with no per-connection pruning.
+        self._live: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._stopping = False
 
     def add_connection(self, sock: socket.socket) -> None:
@@ -77,8 +79,7 @@ class SocketServerWorker(Worker):
             return
         if self.ssl_context is not None:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        self._live = [live for live in self._live if live.fileno() != -1]
-        self._live.append(sock)
+        self._live.add(sock)
         self.prepare(sock)
         self.server.process_request(sock, address)
 
@@ -87,15 +88,16 @@ class SocketServerWorker(Worker):
 
     def stop(self) -> None:
         self._stopping = True
-        for sock in self._live:
+        live = [sock for sock in self._live if sock.fileno() != -1]
+        for sock in live:
             # Closed by its handler meanwhile, or the client is gone: nothing to do.
             with contextlib.suppress(OSError):
                 # socket.socket's own shutdown: SSLSocket.shutdown would also drop the TLS session.
                 socket.socket.shutdown(sock, socket.SHUT_RD)
         deadline = time.monotonic() + shutdown_budget(self.shutdown_timeout)
-        while any(sock.fileno() != -1 for sock in self._live):
+        while any(sock.fileno() != -1 for sock in live):
             if time.monotonic() >= deadline:
-                busy = sum(sock.fileno() != -1 for sock in self._live)
+                busy = sum(sock.fileno() != -1 for sock in live)
                 logger.warning("stopping with %d connection(s) still being served", busy)
                 return  # the handler threads end with the process
             time.sleep(_POLL_SECONDS)
