@@ -73,15 +73,19 @@ if (!sticky.listen(server, Number(process.env.BENCH_PORT), {workers: Number(proc
 # --- the servers (this file, started with BENCH_ROLE) ----------------------------
 
 
+def answer(conn: socket.socket) -> None:
+    """The trivial job every Python server here does with a connection."""
+    try:
+        conn.recv(4096)
+        conn.sendall(RESPONSE)
+    except OSError:
+        pass
+    conn.close()
+
+
 def serve_forever(listener: socket.socket) -> None:
     while True:
-        conn, _ = listener.accept()
-        try:
-            conn.recv(4096)
-            conn.sendall(RESPONSE)
-        except OSError:
-            pass
-        conn.close()
+        answer(listener.accept()[0])
 
 
 def run_plain(port: int, processes: int) -> None:
@@ -109,12 +113,7 @@ def run_sticky(port: int, workers: int, balancer: str, proxy: bool) -> None:
 
     class Trivial:
         def add_connection(self, conn: socket.socket) -> None:
-            try:
-                conn.recv(4096)
-                conn.sendall(RESPONSE)
-            except OSError:
-                pass
-            conn.close()
+            answer(conn)
 
     sticky = StickyServer(workers=workers, balancer=balancer, proxy_protocol=proxy, graceful_timeout=5)
     if sticky.is_master:
