@@ -396,7 +396,7 @@ def main() -> None:
     }
     print()
     print(
-        f"{'medians':<12} {'closed/s':>9} {'p50 us':>7} {'p99 us':>7} {'cpu us':>7} {'burst/s':>8}   "
+        f"{'medians':<12} {'closed/s':>9} {'p50 us':>7} {'p99 us':>7} {'cpu us':>7} {'rest us':>7} {'burst/s':>8}   "
         "closed vs plain, reuseport | burst vs plain, reuseport"
     )
     for name, m in median.items():
