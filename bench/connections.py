@@ -12,6 +12,10 @@ over R rounds:
 
   plain        one Python process (the baseline)
   reuseport    N Python processes on SO_REUSEPORT (the kernel's non-sticky balancing)
+  floor        the least a Python fd-passing master can do (reference for the master's
+               own cost): raw fds, one sendmsg per batch, its copies closed at once
+  floor-ack    the same, keeping its copies until the worker acknowledges them (the
+               price of re-routing a dead worker's connections, which sticky pays)
   sticky       the sticky master, N workers, IP hash
   sticky-rr    the same, round-robin
   sticky-proxy the same, IP hash, with the PROXY protocol (the client sends v1 headers)
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -54,7 +59,7 @@ HOST = "127.0.0.1"
 SOURCES = 64
 BACKLOG = 4096
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\nHello, world!"
-CONFIGS = ("plain", "reuseport", "sticky", "sticky-rr", "sticky-proxy", "node")
+CONFIGS = ("plain", "reuseport", "floor", "floor-ack", "sticky", "sticky-rr", "sticky-proxy", "node")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 NODE_SERVER = """
@@ -105,6 +110,69 @@ def run_plain(port: int, processes: int) -> None:
     if len(children) == processes - 1:  # the first process: the others are up once it is
         print("READY", flush=True)
     serve_forever(listener)
+
+
+def run_floor(port: int, workers: int, keep_until_ack: bool) -> None:
+    """The least a Python fd-passing master can do, as a reference for the sticky master's own cost.
+
+    It accepts raw descriptors, passes each wake-up's batch to a worker in one
+    ``sendmsg`` and closes its copies at once: no balancer, no supervision, and a
+    worker that dies loses what was in flight. ``keep_until_ack`` (floor-ack) keeps
+    its copies until the worker acknowledges them, as the sticky master does.
+    """
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(workers)]
+    for _, worker_end in pairs:
+        if os.fork() == 0:
+            for master_end, _ in pairs:
+                master_end.close()
+            while True:
+                _, fds, _, _ = socket.recv_fds(worker_end, 4096, 64)
+                if not fds:
+                    os._exit(0)
+                if keep_until_ack:
+                    worker_end.sendall(b"a" * len(fds))
+                for fd in fds:
+                    answer(socket.socket(type=socket.SOCK_STREAM, proto=0, fileno=fd))
+    ends = [master_end for master_end, _ in pairs]
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, port))
+    listener.listen(BACKLOG)
+    listener.setblocking(False)
+    accept = listener._accept  # type: ignore[attr-defined]
+    poll = select.epoll()
+    poll.register(listener.fileno(), select.EPOLLIN)
+    slot_of_end = {}
+    if keep_until_ack:
+        for slot, end in enumerate(ends):
+            poll.register(end.fileno(), select.EPOLLIN)
+            slot_of_end[end.fileno()] = slot
+    print("READY", flush=True)
+    batches: list[list[int]] = [[] for _ in range(workers)]
+    unacked: list[list[int]] = [[] for _ in range(workers)]
+    while True:
+        for fd, _ in poll.poll():
+            slot = slot_of_end.get(fd)
+            if slot is not None:
+                count = len(ends[slot].recv(65536))
+                for acked in unacked[slot][:count]:
+                    os.close(acked)
+                del unacked[slot][:count]
+        for _ in range(64):
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                break
+            batches[hash(address[0]) % workers].append(fd)
+        for slot, batch in enumerate(batches):
+            if batch:
+                socket.send_fds(ends[slot], [b"x" * len(batch)], batch)
+                if keep_until_ack:
+                    unacked[slot].extend(batch)
+                else:
+                    for fd in batch:
+                        os.close(fd)
+                batch.clear()
 
 
 def run_sticky(port: int, workers: int, balancer: str, proxy: bool) -> None:
@@ -430,6 +498,8 @@ if __name__ == "__main__":
         run_plain(port, 1)
     elif role == "reuseport":
         run_plain(port, workers)
+    elif role in ("floor", "floor-ack"):
+        run_floor(port, workers, role == "floor-ack")
     elif role in ("sticky", "sticky-rr", "sticky-proxy"):
         run_sticky(port, workers, "round-robin" if role == "sticky-rr" else "ip-hash", role == "sticky-proxy")
     else:

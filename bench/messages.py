@@ -6,7 +6,8 @@ measured while connections are being handed off.
 This file is both the benchmark driver (run by you) and the server it measures
 (the driver starts it with BENCH_ROLE=server: a master and two workers). While the
 server's master streams N small messages to worker 0, and then worker 0 publishes N
-small messages that worker 1 counts, the driver keeps opening connections from
+small messages (from a thread, so that its loop keeps taking connections) that
+worker 1 counts, the driver keeps opening connections from
 distinct 127.0.0.x addresses (each answered and closed by a worker), so the
 messages share the control sockets with hand-offs. It prints both rates, the ratio
 to the 50,000 messages/s target, and how many connections were handed off meanwhile.
@@ -40,13 +41,20 @@ def run_server() -> None:
             def __init__(self) -> None:
                 self.received = 0
 
+            def publish(self, count: int) -> None:
+                for n in range(count):
+                    sticky.publish(n)
+                    if n % 500 == 499:
+                        time.sleep(0)  # let the worker's loop thread have the GIL (README, Messages)
+
             def add_connection(self, sock: socket.socket) -> None:
                 sock.close()  # the cheapest possible answer: only hand-offs matter here
 
             def on_message(self, sender: int | None, message: Any) -> None:
                 if sender is None and isinstance(message, dict) and "publish" in message:
-                    for n in range(message["publish"]):
-                        sticky.publish(n)
+                    # From a thread of its own, as an app would from a background task: a
+                    # loop in this handler would hold up the worker's hand-offs until done.
+                    threading.Thread(target=self.publish, args=(message["publish"],)).start()
                     return
                 self.received += 1
                 if self.received == count:
@@ -85,6 +93,16 @@ def run_server() -> None:
         sticky.listen(0, host="127.0.0.1")
 
 
+def percentiles(latencies: list[float]) -> str:
+    if not latencies:
+        return "(none)"
+    ordered = sorted(latencies)
+    return (
+        f"p50 {ordered[len(ordered) // 2] * 1000:.1f} ms, "
+        f"p99 {ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)] * 1000:.1f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200_000, help="messages per direction (default 200000)")
@@ -98,15 +116,16 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     stop = threading.Event()
-    handed_off = [0]
+    latencies: list[float] = []  # of each connection: connect until the worker closes it
 
     def connect_loop(port: int, n: int) -> None:
         source = f"127.0.0.{2 + n}"
         while not stop.is_set():
+            started = time.perf_counter()
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
                     sock.recv(1)
-                handed_off[0] += 1
+                latencies.append(time.perf_counter() - started)
             except OSError:
                 pass
 
@@ -120,16 +139,20 @@ def main() -> None:
         for loader in loaders:
             loader.start()
         print(f"sticky_server channel benchmark: {args.messages} small messages per direction, 2 workers")
+        time.sleep(0.5)
+        quiet = latencies[:]
+        print(f"  before any message: connections take {percentiles(quiet)} (connect until closed by the worker)")
         for _ in range(2):
-            before = handed_off[0]
+            before = len(latencies)
             line = server.stdout.readline()
             if not line.startswith("RESULT"):
                 raise SystemExit(f"the bench server stopped early (said {line!r})")
             _, direction, count, seconds = line.split()
             rate = int(count) / float(seconds)
+            during = latencies[before:]
             print(
                 f"  {direction:15} {rate:10,.0f} messages/s  ({rate / TARGET:.2f}x the {TARGET:,}/s target; "
-                f"{handed_off[0] - before:,} connections handed off meanwhile)"
+                f"{len(during):,} connections handed off meanwhile, taking {percentiles(during)})"
             )
     finally:
         stop.set()

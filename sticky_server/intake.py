@@ -121,6 +121,10 @@ class Intake:
             self._route(conn_id, fd, client)
             return
         sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        if sock.gettimeout() is not None:
+            # socket.setdefaulttimeout() made it non-blocking with a timeout: the peeks
+            # below would wait, and the worker would be handed a non-blocking socket.
+            sock.setblocking(True)
         self._try(_Waiting(conn_id, sock, client, time.monotonic() + self._settings.timeout))
 
     def next_deadline(self) -> float | None:

@@ -34,6 +34,7 @@ start from one that crashed while serving.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -78,9 +79,14 @@ EXIT_ORPHANED = 0
 EXIT_BOOT_FAILURE = 3
 # Dropped messages are logged at most once per this many seconds.
 DROP_LOG_INTERVAL = 10.0
+# Messages queued beyond this many bytes are written by the sender's own call.
+EARLY_FLUSH_BYTES = 64 * 1024
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 _HANDOFFS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
+# A socket accepted from a non-blocking listener inherits O_NONBLOCK on macOS and the
+# BSDs, not on Linux (accept4 without SOCK_NONBLOCK); the master keeps it blocking there.
+_HANDOFFS_MAY_BE_NONBLOCKING = not sys.platform.startswith("linux")
 # The master's default graceful_timeout; the StickyServer in the worker passes its own.
 DEFAULT_STOP_SECONDS = 30.0
 # When the master will kill this process, once a stop began (see time_left_to_stop).
@@ -199,6 +205,7 @@ class WorkerChannel:
         self.handlers: list[MessageHandler] = []
         self.closed = False
         self._outbox = Outbox()
+        self._flush_early_at = EARLY_FLUSH_BYTES
         self._lock = threading.Lock()
         self.waker = Waker()  # other threads' messages wake the worker loop
         self._dropped_log = ThrottledLog(
@@ -217,7 +224,15 @@ class WorkerChannel:
         if self.closed:
             raise RuntimeError("this worker has stopped: it can no longer send messages")
         with self._lock:
-            dropped = self._outbox.put_message(kind, payload, MAX_QUEUED_MESSAGE_BYTES)
+            outbox = self._outbox
+            dropped = outbox.put_message(kind, payload, MAX_QUEUED_MESSAGE_BYTES)
+            if outbox.message_bytes >= self._flush_early_at:
+                # A burst of sends (say, a loop publishing thousands of messages in one
+                # handler) starts going out now rather than when the loop next turns, so
+                # the master relays while this process is still producing.
+                with contextlib.suppress(OSError):  # the loop sees a gone master
+                    outbox.flush(self.control)
+                self._flush_early_at = outbox.message_bytes + EARLY_FLUSH_BYTES
         if dropped:
             self._dropped_log.note(dropped, MAX_QUEUED_MESSAGE_BYTES)
         self.waker.wake()
@@ -226,6 +241,17 @@ class WorkerChannel:
         """Write what the socket takes; True when nothing is left. Raises when the master is gone."""
         with self._lock:
             return self._outbox.flush(self.control)
+
+    def send_control(self, kind: FrameKind, payload: bytes = b"") -> None:
+        """Write one control frame now (after any control frame queued before it), waiting if the socket is full.
+
+        Raises when the master is gone.
+        """
+        with self._lock:
+            self._outbox.put_or_send(self.control, kind, payload)
+            if not self._outbox.control_pending():
+                return
+        self.flush_control()
 
     def flush_control(self) -> None:
         """Write every queued control frame, waiting for the socket if it must. Raises when the master is gone."""
@@ -358,9 +384,8 @@ class WorkerRuntime:
             self._stop_reason = "protocol error"
             return
         if taken:
-            self._channel.put_control(FrameKind.ACK, pack_ids([conn_id for conn_id, _, _ in taken]))
             # The ACK is on its way before anything reads the connections (module docstring).
-            self._channel.flush_control()
+            self._channel.send_control(FrameKind.ACK, pack_ids([conn_id for conn_id, _, _ in taken]))
             for _, fd, address in taken:
                 self._deliver(fd, address)
         for sender, message in messages:
@@ -393,13 +418,15 @@ class WorkerRuntime:
 
     def _deliver(self, fd: int, address: tuple[str, int] | None) -> None:
         try:
-            sock = socket.socket(fileno=fd)
+            # Every hand-off is a stream socket: naming the type and protocol spares two
+            # getsockopt calls (the family still comes from the socket).
+            sock = socket.socket(type=socket.SOCK_STREAM, proto=0, fileno=fd)
         except OSError as exc:
             os.close(fd)
             logger.error("worker %d: a handed-off descriptor is not a socket (%s); closed it", self._slot, exc)
             return
-        # The accepted socket may carry O_NONBLOCK from the master (it does on macOS).
-        sock.setblocking(True)
+        if _HANDOFFS_MAY_BE_NONBLOCKING or socket.getdefaulttimeout() is not None:
+            sock.setblocking(True)
         RECORD.add(fd, address)
         try:
             self._follow_up(self._worker.add_connection(sock), "add_connection", sock)

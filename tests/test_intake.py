@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 import time
@@ -117,3 +118,26 @@ def test_untrusted_peers_are_routed_at_once_and_nothing_is_read(listener: socket
             handed.settimeout(5)
             assert handed.recv(100).startswith(b"PROXY TCP4 1.2.3.4")
     selector.close()
+
+
+def test_a_default_socket_timeout_neither_blocks_the_master_nor_reaches_the_worker(listener: socket.socket) -> None:
+    selector = selectors.DefaultSelector()
+    routed: Routed = []
+    intake = Intake(selector, settings(), lambda *args: routed.append(args))
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(3.0)
+    try:
+        with socket.create_connection(listener.getsockname()) as client:
+            client.sendall(b"PROXY TCP4 203.0.113.5 ")
+            time.sleep(0.05)
+            started = time.monotonic()
+            take_one(intake, listener)  # an incomplete header: the peek must not wait for the rest
+            assert time.monotonic() - started < 1.0 and intake.waiting == 1
+            client.sendall(b"127.0.0.1 1000 80\r\nhello")
+            run(selector, intake, 0.3)
+        assert len(routed) == 1
+        assert os.get_blocking(routed[0][1])  # the worker's server gets an ordinary blocking socket
+        os.close(routed[0][1])
+    finally:
+        socket.setdefaulttimeout(previous)
+        selector.close()

@@ -349,3 +349,72 @@ def test_arbitrary_addressed_payloads_only_raise_protocol_errors(data: bytes) ->
     except ProtocolError:
         return
     assert len(ids) == len(addresses)
+
+
+def test_readers_on_one_thread_share_the_receive_buffer_without_mixing_their_streams() -> None:
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        readers = [FrameReader(MASTER_SENDS) for _ in pairs]
+        big = [encode(FrameKind.MESSAGE, bytes([index + 1]) * 300_000) for index in range(2)]
+        for sender, receiver in pairs:
+            sender.setblocking(False)
+            receiver.setblocking(False)
+        sent = [0, 0]
+        frames: list[list[Frame]] = [[], []]
+        while not all(frames):
+            for index, ((sender, receiver), reader) in enumerate(zip(pairs, readers, strict=True)):
+                with contextlib.suppress(BlockingIOError):
+                    sent[index] += sender.send(big[index][sent[index] : sent[index] + 50_000])
+                with contextlib.suppress(BlockingIOError):
+                    frames[index] += reader.read_from(receiver)[0]  # each stream ends mid-frame in turn
+        assert [f.payload for f in frames[0]] == [bytes([1]) * 300_000]
+        assert [f.payload for f in frames[1]] == [bytes([2]) * 300_000]
+    finally:
+        for sender, receiver in pairs:
+            sender.close()
+            receiver.close()
+
+
+def test_put_or_send_writes_at_once_but_never_ahead_of_a_queued_control_frame() -> None:
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        master.setblocking(False)
+        worker.setblocking(False)
+        reader = FrameReader(WORKER_SENDS)
+        outbox = Outbox()
+        outbox.put_message(FrameKind.SEND, b"queued message", 1 << 20)
+        outbox.put_or_send(master, FrameKind.ACK, pack_ids([1]))
+        # Written by the call itself (control frames go before queued messages).
+        assert reader.read_from(worker)[0] == [Frame(FrameKind.ACK, pack_ids([1]))]
+        outbox.put(FrameKind.PONG)
+        outbox.put_or_send(master, FrameKind.ACK, pack_ids([2]))
+        with pytest.raises(BlockingIOError):
+            reader.read_from(worker)  # queued behind the PONG: nothing written yet
+        assert outbox.flush(master) is True
+        assert [frame.kind for frame in reader.read_from(worker)[0]] == [FrameKind.PONG, FrameKind.ACK, FrameKind.SEND]
+    finally:
+        master.close()
+        worker.close()
+
+
+def test_put_or_send_into_a_full_socket_keeps_the_rest_for_flush() -> None:
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        master.setblocking(False)
+        worker.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                master.send(encode(FrameKind.PONG))  # whole 8-byte frames until the buffer is full
+        outbox = Outbox()
+        outbox.put_or_send(master, FrameKind.ACK, pack_ids(list(range(4000))))
+        assert outbox.control_pending()
+        reader = FrameReader(WORKER_SENDS)
+        acks: list[Frame] = []
+        while not acks:
+            outbox.flush(master)
+            with contextlib.suppress(BlockingIOError):
+                acks = [frame for frame in reader.read_from(worker)[0] if frame.kind is FrameKind.ACK]
+        assert unpack_ids(acks[0].payload) == tuple(range(4000))
+    finally:
+        master.close()
+        worker.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from pytest_mock import MockerFixture
 
 from sticky_server import Worker
 from sticky_server.wire import WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
-from sticky_server.worker import ORPHAN_EXIT_SECONDS, WorkerChannel, WorkerRuntime, check_worker
+from sticky_server.worker import EARLY_FLUSH_BYTES, ORPHAN_EXIT_SECONDS, WorkerChannel, WorkerRuntime, check_worker
 
 
 class Recorder(Worker):
@@ -189,3 +190,29 @@ def test_check_worker_names_what_is_missing() -> None:
 def test_worker_base_class_requires_add_connection() -> None:
     with pytest.raises(NotImplementedError, match="Worker must implement add_connection"), socket.socket() as sock:
         Worker().add_connection(sock)
+
+
+def test_a_burst_of_messages_starts_going_out_before_the_loop_turns() -> None:
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = WorkerChannel(worker_end)
+    try:
+        master_end.setblocking(False)
+        reader = FrameReader(WORKER_SENDS)
+        payload = b"m" * 1000
+        for _ in range(EARLY_FLUSH_BYTES // len(payload) - 1):
+            channel.put_message(FrameKind.PUBLISH, payload)
+        with pytest.raises(BlockingIOError):
+            reader.read_from(master_end)  # a few messages wait for the loop's flush
+        for _ in range(3):
+            channel.put_message(FrameKind.PUBLISH, payload)
+        received: list[Frame] = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received += reader.read_from(master_end)[0]
+        # Past EARLY_FLUSH_BYTES the sending call wrote them itself, in order.
+        assert len(received) >= EARLY_FLUSH_BYTES // len(payload)
+        assert all(frame.kind is FrameKind.PUBLISH and frame.payload == payload for frame in received)
+    finally:
+        channel.close()
+        worker_end.close()
+        master_end.close()
