@@ -328,8 +328,9 @@ class Outbox:
     """Frames waiting to be written to one non-blocking control socket, in two queues.
 
     Control frames (hand-offs, acknowledgements, heartbeats, STOP) always go
-    before messages, so messages never delay a hand-off by more than the one
-    message being written. Messages are bounded: ``put_message`` drops the oldest
+    before messages queued here, so those delay a hand-off by at most the one run
+    being written (messages already in the kernel's socket buffer still go first:
+    README, Messages). Messages are bounded: ``put_message`` drops the oldest
     queued ones beyond ``max_bytes`` and says how many. Order within each queue is
     kept. Consecutive frames go out in one ``sendmsg``; a frame's descriptors ride
     with the call that sends its first byte (rule 1).
