@@ -240,7 +240,9 @@ class WorkerChannel:
     def flush(self) -> bool:
         """Write what the socket takes; True when nothing is left. Raises when the master is gone."""
         with self._lock:
-            return self._outbox.flush(self.control)
+            drained = self._outbox.flush(self.control)
+            self._flush_early_at = self._outbox.message_bytes + EARLY_FLUSH_BYTES
+            return drained
 
     def send_control(self, kind: FrameKind, payload: bytes = b"") -> None:
         """Write one control frame now (after any control frame queued before it), waiting if the socket is full.
