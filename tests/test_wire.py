@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -28,6 +29,16 @@ from sticky_server.wire import (
     unpack_addressed,
     unpack_ids,
 )
+
+
+@pytest.fixture
+def nonblocking_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(master end, worker end) of a control socketpair, both non-blocking as in the server."""
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    master.setblocking(False)
+    worker.setblocking(False)
+    with master, worker:
+        yield master, worker
 
 
 def test_frames_round_trip_whole_and_byte_by_byte() -> None:
@@ -160,26 +171,22 @@ def test_descriptors_pass_over_a_real_socketpair_when_every_send_is_partial() ->
             os.close(write_end)
 
 
-def test_a_full_socket_buffer_keeps_frames_queued_until_it_drains() -> None:
-    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        master.setblocking(False)
-        outbox = Outbox()
-        for _ in range(64):
-            outbox.put(FrameKind.STOP, bytes(64 * 1024))
-        assert outbox.flush(master) is False  # the master never blocks on a worker
-        assert len(outbox) > 0
-        reader = FrameReader(MASTER_SENDS)
-        worker.setblocking(False)
-        received = 0
-        while received < 64:
-            outbox.flush(master)
-            with contextlib.suppress(BlockingIOError):
-                received += len(reader.read_from(worker)[0])
-        assert outbox.flush(master) is True
-    finally:
-        master.close()
-        worker.close()
+def test_a_full_socket_buffer_keeps_frames_queued_until_it_drains(
+    nonblocking_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    master, worker = nonblocking_pair
+    outbox = Outbox()
+    for _ in range(64):
+        outbox.put(FrameKind.STOP, bytes(64 * 1024))
+    assert outbox.flush(master) is False  # the master never blocks on a worker
+    assert len(outbox) > 0
+    reader = FrameReader(MASTER_SENDS)
+    received = 0
+    while received < 64:
+        outbox.flush(master)
+        with contextlib.suppress(BlockingIOError):
+            received += len(reader.read_from(worker)[0])
+    assert outbox.flush(master) is True
 
 
 def test_unclaimed_descriptors_are_closed_by_the_reader() -> None:
@@ -375,46 +382,38 @@ def test_readers_on_one_thread_share_the_receive_buffer_without_mixing_their_str
             receiver.close()
 
 
-def test_put_or_send_writes_at_once_but_never_ahead_of_a_queued_control_frame() -> None:
-    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        master.setblocking(False)
-        worker.setblocking(False)
-        reader = FrameReader(WORKER_SENDS)
-        outbox = Outbox()
-        outbox.put_message(FrameKind.SEND, b"queued message", 1 << 20)
-        outbox.put_or_send(master, FrameKind.ACK, pack_ids([1]))
-        # Written by the call itself (control frames go before queued messages).
-        assert reader.read_from(worker)[0] == [Frame(FrameKind.ACK, pack_ids([1]))]
-        outbox.put(FrameKind.PONG)
-        outbox.put_or_send(master, FrameKind.ACK, pack_ids([2]))
-        with pytest.raises(BlockingIOError):
-            reader.read_from(worker)  # queued behind the PONG: nothing written yet
-        assert outbox.flush(master) is True
-        assert [frame.kind for frame in reader.read_from(worker)[0]] == [FrameKind.PONG, FrameKind.ACK, FrameKind.SEND]
-    finally:
-        master.close()
-        worker.close()
+def test_put_or_send_writes_at_once_but_never_ahead_of_a_queued_control_frame(
+    nonblocking_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    master, worker = nonblocking_pair
+    reader = FrameReader(WORKER_SENDS)
+    outbox = Outbox()
+    outbox.put_message(FrameKind.SEND, b"queued message", 1 << 20)
+    outbox.put_or_send(master, FrameKind.ACK, pack_ids([1]))
+    # Written by the call itself (control frames go before queued messages).
+    assert reader.read_from(worker)[0] == [Frame(FrameKind.ACK, pack_ids([1]))]
+    outbox.put(FrameKind.PONG)
+    outbox.put_or_send(master, FrameKind.ACK, pack_ids([2]))
+    with pytest.raises(BlockingIOError):
+        reader.read_from(worker)  # queued behind the PONG: nothing written yet
+    assert outbox.flush(master) is True
+    assert [frame.kind for frame in reader.read_from(worker)[0]] == [FrameKind.PONG, FrameKind.ACK, FrameKind.SEND]
 
 
-def test_put_or_send_into_a_full_socket_keeps_the_rest_for_flush() -> None:
-    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        master.setblocking(False)
-        worker.setblocking(False)
+def test_put_or_send_into_a_full_socket_keeps_the_rest_for_flush(
+    nonblocking_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    master, worker = nonblocking_pair
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            master.send(encode(FrameKind.PONG))  # whole 8-byte frames until the buffer is full
+    outbox = Outbox()
+    outbox.put_or_send(master, FrameKind.ACK, pack_ids(list(range(4000))))
+    assert outbox.control_pending()
+    reader = FrameReader(WORKER_SENDS)
+    acks: list[Frame] = []
+    while not acks:
+        outbox.flush(master)
         with contextlib.suppress(BlockingIOError):
-            while True:
-                master.send(encode(FrameKind.PONG))  # whole 8-byte frames until the buffer is full
-        outbox = Outbox()
-        outbox.put_or_send(master, FrameKind.ACK, pack_ids(list(range(4000))))
-        assert outbox.control_pending()
-        reader = FrameReader(WORKER_SENDS)
-        acks: list[Frame] = []
-        while not acks:
-            outbox.flush(master)
-            with contextlib.suppress(BlockingIOError):
-                acks = [frame for frame in reader.read_from(worker)[0] if frame.kind is FrameKind.ACK]
-        assert unpack_ids(acks[0].payload) == tuple(range(4000))
-    finally:
-        master.close()
-        worker.close()
+            acks = [frame for frame in reader.read_from(worker)[0] if frame.kind is FrameKind.ACK]
+    assert unpack_ids(acks[0].payload) == tuple(range(4000))
