@@ -27,6 +27,7 @@ from sticky_server.balancer import IPHashBalancer, address_key
 
 from .conftest import StartApp
 from .harness import CLIENT_IPS, HERE, ServerProcess
+from .websocket_client import BlockingWebSocket
 
 ADAPTER_APP = HERE / "apps" / "adapter_app.py"
 WORKERS = 2
@@ -91,23 +92,14 @@ def check_requests(adapter: str, address: tuple[str, int], ips: list[str], tls: 
                 assert [reply["client"][1] for reply in replies] == [local_port] * 3, f"{adapter}: {replies}"
 
 
-def websocket(address: tuple[str, int], ip: str, tls: ssl.SSLContext | None = None) -> Any:
-    from websockets.sync.client import connect
-
+def websocket(address: tuple[str, int], ip: str, tls: ssl.SSLContext | None = None) -> BlockingWebSocket:
     sock = socket.create_connection(address, timeout=TIMEOUT, source_address=(ip, 0))
     scheme = "wss" if tls is not None else "ws"
-    return connect(
-        f"{scheme}://{address[0]}:{address[1]}/ws",
-        sock=sock,
-        ssl=tls,
-        server_hostname=address[0] if tls is not None else None,
-        open_timeout=TIMEOUT,
-        proxy=None,
-        legacy=True,  # a connection object to hold open across the test, outside a with block
-    )
+    uri = f"{scheme}://{address[0]}:{address[1]}/ws"
+    return BlockingWebSocket(sock, uri, TIMEOUT, tls, server_hostname=address[0])
 
 
-def echo(ws: Any, text: str) -> dict[str, Any]:
+def echo(ws: BlockingWebSocket, text: str) -> dict[str, Any]:
     ws.send(text)
     reply: dict[str, Any] = json.loads(ws.recv(timeout=TIMEOUT))
     assert reply["echo"] == text
