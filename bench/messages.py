@@ -72,16 +72,18 @@ def run_server() -> None:
     def measure(address: tuple[str, int]) -> None:
         print("READY", address[1], flush=True)
         time.sleep(1.0)  # let the driver's connection load get going
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for n in range(count):
             sticky.send(n, to=0)
         done.wait()
-        print(f"RESULT master->worker {count} {time.perf_counter() - started:.6f}", flush=True)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        print(f"RESULT master->worker {count} {seconds:.6f} {cpu:.6f}", flush=True)
         done.clear()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         sticky.send({"publish": count}, to=0)
         done.wait()
-        print(f"RESULT worker->worker {count} {time.perf_counter() - started:.6f}", flush=True)
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        print(f"RESULT worker->worker {count} {seconds:.6f} {cpu:.6f}", flush=True)
 
     sticky.on_listening(lambda address: threading.Thread(target=measure, args=(address,), daemon=True).start())
     profile = os.environ.get("BENCH_PROFILE")  # a file for the master's cProfile statistics
@@ -147,12 +149,14 @@ def main() -> None:
             line = server.stdout.readline()
             if not line.startswith("RESULT"):
                 raise SystemExit(f"the bench server stopped early (said {line!r})")
-            _, direction, count, seconds = line.split()
+            _, direction, count, seconds, cpu = line.split()
             rate = int(count) / float(seconds)
+            master_us = float(cpu) / int(count) * 1e6
             during = latencies[before:]
             print(
                 f"  {direction:15} {rate:10,.0f} messages/s  ({rate / TARGET:.2f}x the {TARGET:,}/s target; "
-                f"{len(during):,} connections handed off meanwhile, taking {percentiles(during)})"
+                f"master CPU {master_us:.1f} us/message; {len(during):,} connections handed off meanwhile, "
+                f"taking {percentiles(during)})"
             )
     finally:
         stop.set()

@@ -82,6 +82,7 @@ class AsyncWorkerRuntime(WorkerRuntime):
         self._stopping = loop.create_future()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writing = False
+        self._dispatching: asyncio.Handle | None = None
         start = getattr(self._worker, "start", None)
         if callable(start):
             await start()  # before READY: a failure here is a boot failure
@@ -109,7 +110,10 @@ class AsyncWorkerRuntime(WorkerRuntime):
                 loop.remove_reader(fd)
             if self._writing:
                 loop.remove_writer(control.fileno())
+            if self._dispatching is not None:
+                self._dispatching.cancel()
             signals.restore()
+        self._finish_messages()
         if not self._master_lost:
             with contextlib.suppress(OSError):
                 channel.flush()  # a last try for what the worker sent while stopping
@@ -136,8 +140,17 @@ class AsyncWorkerRuntime(WorkerRuntime):
             self._flush()
         except (BrokenPipeError, ConnectionResetError):
             self._master_gone("the control socket broke")
-        if self._stop_reason is not None and not self._stopping.done():
-            self._stopping.set_result(None)
+        if self._stop_reason is not None:
+            if not self._stopping.done():
+                self._stopping.set_result(None)
+        elif self._inbox and self._dispatching is None:
+            # The next slice of messages runs in the loop's next turn, after it has looked
+            # for I/O: hand-offs read meanwhile do not wait for the rest (WorkerRuntime).
+            self._dispatching = self._loop.call_soon(self._event, self._next_slice)
+
+    def _next_slice(self) -> None:
+        self._dispatching = None
+        self._dispatch_messages(self._slice_seconds)
 
     def _flush(self) -> None:
         done = self._channel.flush()

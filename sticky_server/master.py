@@ -110,6 +110,11 @@ ABORT_GRACE = 1.0
 RECYCLE_JITTER = 0.1
 # Messages dropped for slow workers are logged at most once per this many seconds.
 MESSAGE_DROP_LOG_INTERVAL = 10.0
+# Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
+_MESSAGE = FrameKind.MESSAGE
+# A worker's frames are handled for at most about this long before the loop turns
+# again, so accepts and hand-offs wait about this long behind a flood of messages.
+LINK_SLICE_SECONDS = 0.0005
 
 
 @dataclass
@@ -151,6 +156,8 @@ class _Link:
     unacked: dict[int, tuple[int, ClientInfo]] = field(default_factory=dict)
     # ids routed here during this accept burst, not yet put in a frame.
     pending: list[int] = field(default_factory=list)
+    # frames read from the worker and not yet handled (see Dispatcher._handle_frames).
+    unhandled: deque[Frame] = field(default_factory=deque)
     taken: int = 0
     live: int = 0  # routed here and not yet reported closed (for WorkerSet.connections)
     connected: bool = True
@@ -238,6 +245,7 @@ class Dispatcher:
         self._workers = WorkerSet(supervisor.size, (), self._connections)
         self._alive: frozenset[int] = frozenset()
         self._touched: set[_Link] = set()
+        self._busy: dict[_Link, None] = {}  # links with unhandled frames, in order
         self._parked: deque[tuple[int, int, ClientInfo]] = deque()
         self._next_id = 0
         self._created_at = time.monotonic()
@@ -290,6 +298,8 @@ class Dispatcher:
             if self._timeout:
                 self._next_heartbeat = time.monotonic() + self._timeout / HEARTBEATS_PER_TIMEOUT
             while not (self._stopping and not self._supervisor.processes):
+                for link in list(self._busy):  # before select: one slice per link per turn
+                    self._read_link(link)
                 for key, mask in self._selector.select(self._select_timeout()):
                     key.data(mask)
                 self._run_timers()
@@ -310,6 +320,8 @@ class Dispatcher:
             raise self._boot_error
 
     def _select_timeout(self) -> float | None:
+        if self._busy:
+            return 0.0  # only look for accepts and hand-offs, then go on with the frames
         deadlines = [when for when, _ in self._kill_at.values()]
         intake_deadline = self._intake.next_deadline() if self._intake else None
         for deadline in (
@@ -371,11 +383,11 @@ class Dispatcher:
 
     def send_message(self, slot: int, body: bytes, sender: int | None = None) -> bool:
         """Queue an encoded message for the current worker of ``slot``; False if the slot has none now."""
-        return self._queue_delivery(slot, encode_joined(FrameKind.MESSAGE, (sender_prefix(sender), body)))
+        return self._queue_delivery(slot, encode_joined(_MESSAGE, sender_prefix(sender), body))
 
     def broadcast_message(self, body: bytes, sender: int | None = None, skip: int | None = None) -> None:
         """Queue an encoded message for the current worker of every slot but ``skip``."""
-        frame = encode_joined(FrameKind.MESSAGE, (sender_prefix(sender), body))  # built once for every receiver
+        frame = encode_joined(_MESSAGE, sender_prefix(sender), body)  # built once for every receiver
         for slot in list(self._links):
             if slot != skip:
                 self._queue_delivery(slot, frame)
@@ -626,19 +638,24 @@ class Dispatcher:
         # One select() batch can hold an event for a link an earlier callback closed.
         if not link.connected:
             return
-        if mask & selectors.EVENT_READ:
+        if mask & selectors.EVENT_READ and link not in self._busy:  # a busy link has had its slice
             self._read_link(link)
         if link.connected and mask & selectors.EVENT_WRITE:
             self._flush_link(link)
 
-    def _read_link(self, link: _Link) -> bool:
-        """One read from the worker; returns True if it read something and the link is still open."""
+    def _read_link(self, link: _Link, seconds: float | None = LINK_SLICE_SECONDS) -> bool:
+        """Handle the worker's frames for about ``seconds`` (None: all), reading more once none wait.
+
+        Returns True if it found something to do and the link is still open.
+        """
         try:
-            frames, closed = link.reader.read_from(link.worker.control)
-            if frames:
-                link.last_heard = time.monotonic()
-            for frame in frames:
-                self._frame_handlers[frame.kind](link, frame)
+            closed = False
+            if not link.unhandled:
+                frames, closed = link.reader.read_from(link.worker.control)
+                if frames:
+                    link.last_heard = time.monotonic()
+                    link.unhandled.extend(frames)
+            self._handle_frames(link, seconds)
         except BlockingIOError:
             return False
         except ProtocolError as exc:
@@ -652,6 +669,27 @@ class Dispatcher:
             self._disconnect(link)
             return False
         return True
+
+    def _handle_frames(self, link: _Link, seconds: float | None) -> None:
+        """Handle read frames in order for about ``seconds`` (None: all); a link left with some is busy.
+
+        A worker can send thousands of small messages in one read. Handled a
+        slice at a time, with a turn of the loop between slices, they delay
+        accepts and other workers' frames by a slice, not by the whole read.
+        """
+        frames, handlers = link.unhandled, self._frame_handlers
+        deadline = None if seconds is None else time.monotonic() + seconds
+        try:
+            while frames:
+                frame = frames.popleft()
+                handlers[frame.kind](link, frame)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            if frames:
+                self._busy[link] = None
+            else:
+                self._busy.pop(link, None)
 
     def _on_ack(self, link: _Link, frame: Frame) -> None:
         unacked = link.unacked
@@ -744,6 +782,8 @@ class Dispatcher:
         owed = list(link.unacked.items())
         link.unacked.clear()
         link.pending.clear()
+        link.unhandled.clear()
+        self._busy.pop(link, None)
         self._workers_changed()
         if owed and not self._stopping:
             logger.warning(
@@ -764,7 +804,7 @@ class Dispatcher:
         for worker, returncode in self._supervisor.reap():
             link = self._by_worker.pop(worker)
             for _ in range(MAX_DRAIN_READS):
-                if not link.connected or not self._read_link(link):
+                if not link.connected or not self._read_link(link, seconds=None):
                     break
             self._disconnect(link)
             self._kill_at.pop(worker, None)

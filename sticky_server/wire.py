@@ -51,6 +51,7 @@ __all__ = [
     "HEADER",
     "MAX_FDS_PER_FRAME",
     "MAX_PAYLOAD",
+    "DropOldestQueue",
     "Frame",
     "FrameKind",
     "FrameReader",
@@ -121,12 +122,12 @@ def encode(kind: FrameKind, payload: bytes = b"", n_fds: int = 0) -> bytes:
     return HEADER.pack(kind, 0, n_fds, len(payload)) + payload
 
 
-def encode_joined(kind: FrameKind, parts: Sequence[bytes]) -> bytes:
-    """One frame without descriptors whose payload is ``parts`` end to end, built with one copy."""
-    length = sum(map(len, parts))
+def encode_joined(kind: FrameKind, head: bytes, body: bytes) -> bytes:
+    """One frame without descriptors whose payload is ``head`` then ``body`` (never joined on their own)."""
+    length = len(head) + len(body)
     if length > MAX_PAYLOAD:
         raise ValueError(f"frame payload of {length} bytes is over the {MAX_PAYLOAD} byte limit")
-    return b"".join((HEADER.pack(kind, 0, 0, length), *parts))
+    return HEADER.pack(kind, 0, 0, length) + head + body
 
 
 def pack_ids(ids: Sequence[int]) -> bytes:
@@ -324,6 +325,45 @@ def _split_frames(data: bytes) -> list[bytes]:
     return frames
 
 
+class DropOldestQueue:
+    """Byte strings in order, bounded in bytes: ``put`` past the bound drops the oldest, never the newest."""
+
+    __slots__ = ("_items", "size")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[bytes] = collections.deque()
+        self.size = 0  # bytes held
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: bytes, max_bytes: int) -> int:
+        """Add ``item`` last; return how many of the oldest were dropped to keep ``size`` within ``max_bytes``."""
+        items = self._items
+        items.append(item)
+        self.size += len(item)
+        dropped = 0
+        while self.size > max_bytes and len(items) > 1:
+            self.size -= len(items.popleft())
+            dropped += 1
+        return dropped
+
+    def take(self) -> bytes:
+        """Remove and return the oldest item (IndexError when empty)."""
+        item = self._items.popleft()
+        self.size -= len(item)
+        return item
+
+    def put_back(self, item: bytes) -> None:
+        """Return an item taken but not used to the front."""
+        self._items.appendleft(item)
+        self.size += len(item)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.size = 0
+
+
 class Outbox:
     """Frames waiting to be written to one non-blocking control socket, in two queues.
 
@@ -341,8 +381,7 @@ class Outbox:
 
     def __init__(self) -> None:
         self._control: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
-        self._messages: collections.deque[bytes] = collections.deque()
-        self._message_bytes = 0
+        self._messages = DropOldestQueue()
         self._current: memoryview | None = None  # the rest of a frame partly written
         self._current_is_message = False
 
@@ -352,7 +391,7 @@ class Outbox:
     @property
     def message_bytes(self) -> int:
         """Bytes of messages queued (not counting one partly written)."""
-        return self._message_bytes
+        return self._messages.size
 
     def control_pending(self) -> bool:
         """True while a control frame is queued or partly written."""
@@ -387,19 +426,12 @@ class Outbox:
 
     def put_message_frame(self, frame: bytes, max_bytes: int) -> int:
         """``put_message`` for a frame already encoded (one frame can go to many outboxes)."""
-        self._messages.append(frame)
-        self._message_bytes += len(frame)
-        dropped = 0
-        while self._message_bytes > max_bytes and len(self._messages) > 1:
-            self._message_bytes -= len(self._messages.popleft())
-            dropped += 1
-        return dropped
+        return self._messages.put(frame, max_bytes)
 
     def clear(self) -> None:
         """Forget every queued frame (their descriptors stay with their owner)."""
         self._control.clear()
         self._messages.clear()
-        self._message_bytes = 0
         self._current = None
 
     def _next_batch(self) -> tuple[list[memoryview], list[bool], tuple[int, ...]]:
@@ -431,11 +463,10 @@ class Outbox:
         run: list[bytes] = []
         run_size = 0
         while self._messages and size + run_size < GATHER_BYTES and len(run) < GATHER_FRAMES:
-            data = self._messages.popleft()
+            data = self._messages.take()
             run.append(data)
             run_size += len(data)
         if run:
-            self._message_bytes -= run_size
             buffers.append(memoryview(run[0] if len(run) == 1 else b"".join(run)))
             kinds.append(True)
         return buffers, kinds, fds
@@ -447,8 +478,7 @@ class Outbox:
             if kinds[index]:
                 # Back as the frames it was joined from, so drop-oldest still counts messages.
                 for frame in reversed(_split_frames(data)):
-                    self._messages.appendleft(frame)
-                self._message_bytes += len(data)
+                    self._messages.put_back(frame)
             else:
                 self._control.appendleft((data, fds if index == 0 else ()))
 

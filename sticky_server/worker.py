@@ -56,7 +56,17 @@ from .errors import ProtocolError
 from .signals import SignalQueue
 from .throttle import ThrottledLog
 from .waker import Waker
-from .wire import MASTER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_addressed, unpack_ids
+from .wire import (
+    MASTER_SENDS,
+    DropOldestQueue,
+    Frame,
+    FrameKind,
+    FrameReader,
+    Outbox,
+    pack_ids,
+    unpack_addressed,
+    unpack_ids,
+)
 
 __all__ = [
     "EXIT_BOOT_FAILURE",
@@ -81,9 +91,14 @@ EXIT_BOOT_FAILURE = 3
 DROP_LOG_INTERVAL = 10.0
 # Messages queued beyond this many bytes are written by the sender's own call.
 EARLY_FLUSH_BYTES = 64 * 1024
+# Message handlers run for at most about this long before the loop turns again, so a
+# hand-off that arrives behind a flood of messages waits about this long, not for the flood.
+DISPATCH_SLICE_SECONDS = 0.0005
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 _HANDOFFS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
+# Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
+_MESSAGE = FrameKind.MESSAGE
 # A socket accepted from a non-blocking listener inherits O_NONBLOCK on macOS and the
 # BSDs, not on Linux (accept4 without SOCK_NONBLOCK); the master keeps it blocking there.
 _HANDOFFS_MAY_BE_NONBLOCKING = not sys.platform.startswith("linux")
@@ -287,6 +302,15 @@ class WorkerRuntime:
         self._slot = slot
         self._on_ready = on_ready
         self._reader = FrameReader(MASTER_SENDS)
+        # Messages read but not yet given to the handlers (see _dispatch_messages).
+        self._inbox = DropOldestQueue()
+        self._slice_seconds = DISPATCH_SLICE_SECONDS
+        self._inbox_dropped_log = ThrottledLog(
+            logger,
+            logging.WARNING,
+            "dropped %d oldest message(s) received by worker %d: its message handlers fell over %d bytes behind",
+            DROP_LOG_INTERVAL,
+        )
         self._stop_reason: str | None = None
         self._quick = False
         self._master_lost = False
@@ -307,7 +331,12 @@ class WorkerRuntime:
                 if channel.flush() == writing:
                     writing = not writing
                     selector.modify(control, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0))
-                timeout = max(0.0, next_sweep - time.monotonic()) if len(RECORD) else None
+                if self._inbox:
+                    timeout: float | None = 0.0  # only look for hand-offs, then go on with the messages
+                elif len(RECORD):
+                    timeout = max(0.0, next_sweep - time.monotonic())
+                else:
+                    timeout = None
                 for key, mask in selector.select(timeout):
                     if key.fileobj is control:
                         if mask & selectors.EVENT_READ:
@@ -316,9 +345,12 @@ class WorkerRuntime:
                         channel.waker.clear()  # the flush at the top of the loop writes what woke us
                     else:
                         self._on_signals(signals.drain())
+                if self._inbox:
+                    self._dispatch_messages(self._slice_seconds)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + CLOSE_SWEEP_INTERVAL
                     self._sweep()
+            self._finish_messages()
             if not self._master_lost:
                 channel.flush()  # a last try for what the worker sent while stopping
         except (BrokenPipeError, ConnectionResetError):
@@ -355,16 +387,18 @@ class WorkerRuntime:
     def _on_control_readable(self) -> None:
         frames: list[Frame] = []
         taken: list[tuple[int, int, tuple[str, int] | None]] = []
-        messages: list[tuple[int | None, Any]] = []
         pinged = False
+        dropped = 0
         try:
             frames, closed = self._reader.read_from(self._control)
+            inbox = self._inbox
             for frame in frames:
-                if frame.kind is FrameKind.PING:
-                    pinged = True
-                elif frame.kind in _HANDOFFS:
+                kind = frame.kind
+                if kind is _MESSAGE:  # the most frequent kind first
+                    dropped += inbox.put(frame.payload, MAX_QUEUED_MESSAGE_BYTES)
+                elif kind in _HANDOFFS:
                     addresses: Sequence[tuple[str, int] | None]
-                    if frame.kind is FrameKind.HANDOFF:
+                    if kind is FrameKind.HANDOFF:
                         ids = unpack_ids(frame.payload)
                         addresses = [None] * len(ids)
                     else:  # the master learned the client addresses from a proxy
@@ -372,9 +406,9 @@ class WorkerRuntime:
                     if len(ids) != len(frame.fds):
                         raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
                     taken.extend(zip(ids, frame.fds, addresses, strict=True))
-                elif frame.kind is FrameKind.MESSAGE:
-                    messages.append(channel_codec.unpack_delivery(frame.payload))
-                elif frame.kind is FrameKind.STOP:
+                elif kind is FrameKind.PING:
+                    pinged = True
+                elif kind is FrameKind.STOP:
                     self._stop_reason = "the master asked"
         except BlockingIOError:
             return
@@ -382,20 +416,50 @@ class WorkerRuntime:
             for frame in frames:
                 for fd in frame.fds:
                     os.close(fd)
-            logger.error("worker %d: the master sent an invalid frame (%s); stopping", self._slot, exc)
-            self._stop_reason = "protocol error"
+            self._on_protocol_error(exc)
             return
+        if dropped:
+            self._inbox_dropped_log.note(dropped, self._slot, MAX_QUEUED_MESSAGE_BYTES)
         if taken:
             # The ACK is on its way before anything reads the connections (module docstring).
             self._channel.send_control(FrameKind.ACK, pack_ids([conn_id for conn_id, _, _ in taken]))
             for _, fd, address in taken:
                 self._deliver(fd, address)
-        for sender, message in messages:
-            self._dispatch_message(sender, message)
         if pinged:
             self._channel.put_control(FrameKind.PONG)
         if closed:
             self._master_gone("the control socket closed")
+
+    def _on_protocol_error(self, error: ProtocolError) -> None:
+        logger.error("worker %d: the master sent an invalid frame (%s); stopping", self._slot, error)
+        self._stop_reason = "protocol error"
+        self._inbox.clear()
+
+    def _dispatch_messages(self, seconds: float | None) -> None:
+        """Give queued messages to the handlers, in order, for about ``seconds`` (None: all of them).
+
+        Messages are read as they arrive but handled a slice at a time, so the
+        loop keeps reading the control socket: a hand-off behind a flood of
+        messages is taken within a slice rather than after the whole flood.
+        """
+        inbox = self._inbox
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while inbox:
+            try:
+                sender, message = channel_codec.unpack_delivery(inbox.take())
+            except ProtocolError as exc:
+                self._on_protocol_error(exc)
+                return
+            self._dispatch_message(sender, message)
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+
+    def _finish_messages(self) -> None:
+        """On a stop, the messages received before it still reach the handlers (not on a quick stop)."""
+        if self._quick:
+            self._inbox.clear()
+        else:
+            self._dispatch_messages(None)
 
     def _dispatch_message(self, sender: int | None, message: Any) -> None:
         for handler in self._channel.handlers:

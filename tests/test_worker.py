@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -14,6 +15,8 @@ import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server import Worker
+from sticky_server.async_worker import AsyncWorkerRuntime
+from sticky_server.channel import pack_delivery
 from sticky_server.wire import WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids, unpack_ids
 from sticky_server.worker import EARLY_FLUSH_BYTES, ORPHAN_EXIT_SECONDS, WorkerChannel, WorkerRuntime, check_worker
 
@@ -216,3 +219,110 @@ def test_a_burst_of_messages_starts_going_out_before_the_loop_turns() -> None:
         channel.close()
         worker_end.close()
         master_end.close()
+
+
+class OrderRecorder(Recorder):
+    """Records connections and messages in one list, in the order the worker gave them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[object] = []
+
+    def add_connection(self, sock: socket.socket) -> None:
+        super().add_connection(sock)
+        self.events.append("connection")
+
+
+def run_runtime(runtime: WorkerRuntime) -> threading.Thread:
+    """Run either runtime on a thread of its own: the selector loop, or asyncio for the async one."""
+    if isinstance(runtime, AsyncWorkerRuntime):
+        thread = threading.Thread(target=asyncio.run, args=(runtime.serve(),), daemon=True)
+        thread.start()
+        return thread
+    return start(runtime)
+
+
+def send_messages(master: Master, messages: range) -> None:
+    """All of them in one write, so the worker reads them together."""
+    outbox = Outbox()
+    for n in messages:
+        outbox.put_message(FrameKind.MESSAGE, pack_delivery(None, str(n).encode()), 1 << 30)
+    assert outbox.flush(master.sock)
+
+
+@pytest.mark.parametrize("runtime_class", [WorkerRuntime, AsyncWorkerRuntime])
+def test_a_hand_off_behind_a_backlog_of_messages_is_taken_within_a_slice(
+    master: Master, runtime_class: type[WorkerRuntime]
+) -> None:
+    worker = OrderRecorder()
+    channel = WorkerChannel(master.worker_end)
+    runtime = runtime_class(worker, channel, slot=0)
+    runtime._slice_seconds = 0.0  # one message per slice: the test counts slices, not time
+    client, accepted = tcp_pair()
+    last = threading.Event()
+
+    def handler(sender: int | None, message: object) -> None:
+        worker.events.append(message)
+        if message == 0:  # the master hands a connection off while 49 messages wait in the worker
+            master.send(FrameKind.HANDOFF, pack_ids([7]), [accepted.fileno()])
+        if message == 49:
+            last.set()
+
+    channel.handlers.append(handler)
+    thread = run_runtime(runtime)
+    try:
+        assert master.next_frame().kind is FrameKind.READY
+        send_messages(master, range(50))
+        assert last.wait(10)
+        # Taken at the next turn of the loop, not after the whole backlog (it was 51st before).
+        assert worker.events.index("connection") <= 2, worker.events
+        assert [event for event in worker.events if event != "connection"] == list(range(50))
+    finally:
+        master.send(FrameKind.STOP)
+        thread.join(10)
+        for sock in (client, accepted, *worker.sockets):
+            sock.close()
+    assert not thread.is_alive()
+
+
+def test_messages_received_before_a_stop_still_reach_the_handlers(master: Master) -> None:
+    worker = Recorder()
+    channel = WorkerChannel(master.worker_end)
+    runtime = WorkerRuntime(worker, channel, slot=0)
+    runtime._slice_seconds = 0.0
+    seen: list[object] = []
+    channel.handlers.append(lambda sender, message: seen.append(message))
+    thread = start(runtime)
+    master.next_frame()
+    send_messages(master, range(20))
+    master.send(FrameKind.STOP)
+    thread.join(10)
+    assert not thread.is_alive() and worker.stopped.is_set()
+    assert seen == list(range(20))
+
+
+def test_a_worker_whose_handlers_fall_behind_drops_its_oldest_messages(
+    master: Master, mocker: MockerFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame_payload = len(pack_delivery(None, b"10"))
+    mocker.patch("sticky_server.worker.MAX_QUEUED_MESSAGE_BYTES", 5 * frame_payload)
+    worker = Recorder()
+    channel = WorkerChannel(master.worker_end)
+    seen: list[object] = []
+    done = threading.Event()
+
+    def handler(sender: int | None, message: object) -> None:
+        seen.append(message)
+        if message == 49:
+            done.set()
+
+    channel.handlers.append(handler)
+    thread = start(WorkerRuntime(worker, channel, slot=4))
+    master.next_frame()
+    with caplog.at_level(logging.WARNING, logger="sticky_server"):
+        send_messages(master, range(10, 50))  # 40 messages of one size, read at once
+        assert done.wait(10)
+        master.send(FrameKind.STOP)
+        thread.join(10)
+    assert seen == list(range(45, 50))  # the newest that fit, in order
+    assert "dropped 35 oldest message(s) received by worker 4" in caplog.text
