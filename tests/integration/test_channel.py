@@ -128,3 +128,15 @@ def test_a_worker_that_stops_reading_gets_a_bounded_queue_and_loses_its_oldest_m
     server.wait_for(r"dropped \d+ oldest message\(s\) queued for slow workers", timeout=30)
     assert request(address, source=slot_ip[1])["pid"] == stuck["pid"]  # the others never noticed
     assert rss_mib() - rss_before < 64, "the master kept more than its bounded queue"
+
+
+def test_a_worker_busy_with_slow_message_handlers_still_takes_its_connections(start_app: StartApp) -> None:
+    server = start_app({**CHANNEL, "APP_WORKERS": "2", "APP_SLOW_MESSAGES": "0.02"})
+    address = server.wait_listening()
+    slot_ip = ip_for_each_slot(2)
+    assert command(address, slot_ip[1], 'send {"flood": [100, 10]}') == "ok"  # the master relays 100 to each
+    server.wait_for(r"^SLOW FLOOD STARTED 0$", timeout=30)
+    # Worker 0 has read the 100 messages and is working through them, 20 ms each. A
+    # connection to it is taken at the next turn of its loop, not after the 2 s backlog.
+    handled = int(command(address, slot_ip[0], "inbox-count"))
+    assert handled < 100, "the connection waited until every message had been handled"

@@ -65,8 +65,9 @@ class LineWorker(Worker):
         self.control = control
         self.sticky = sticky
         self.inbox: list[list[Any]] = []
+        self.slow_messages = float(os.environ.get("APP_SLOW_MESSAGES", "0"))  # seconds per flood message
         if sticky is not None:
-            sticky.on_message(lambda sender, message: self.inbox.append([sender, message]))
+            sticky.on_message(self.on_message)
         self.raise_for = os.environ.get("APP_RAISE_FOR", "")
         self.stop_delay = float(os.environ.get("APP_STOP_DELAY", "0"))
         self.blocked = os.environ.get("APP_BLOCK_SLOT") == str(slot)
@@ -74,6 +75,13 @@ class LineWorker(Worker):
         self.close_at_once = os.environ.get("APP_MODE") == "close"
         self.serving: set[threading.Thread] = set()
         self.serving_lock = threading.Lock()
+
+    def on_message(self, sender: int | None, message: Any) -> None:
+        self.inbox.append([sender, message])
+        if self.slow_messages and isinstance(message, dict) and "flood" in message:
+            if message["flood"] == 0:
+                print(f"SLOW FLOOD STARTED {self.slot}", flush=True)
+            time.sleep(self.slow_messages)  # a handler doing real work on each message
 
     def add_connection(self, sock: socket.socket) -> None:
         if self.close_at_once:
