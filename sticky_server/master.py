@@ -112,9 +112,10 @@ RECYCLE_JITTER = 0.1
 MESSAGE_DROP_LOG_INTERVAL = 10.0
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
-# A worker's frames are handled for at most about this long before the loop turns
-# again, so accepts and hand-offs wait about this long behind a flood of messages.
-LINK_SLICE_SECONDS = 0.0005
+# A worker's frames, and calls from other threads (such as sends), are handled for at
+# most about this long before the loop turns again: accepts and hand-offs wait about
+# this long behind a flood of messages, not for the whole flood.
+SLICE_SECONDS = 0.0005
 
 
 @dataclass
@@ -219,7 +220,8 @@ class Dispatcher:
         self._max_connections = max_connections_per_worker
         self._on_ready = on_ready
         self._hooks = hooks or Hooks()
-        self._calls: deque[Callable[[], None]] = deque()
+        self._calls: deque[Callable[[], None]] = deque()  # from other threads, under _calls_lock
+        self._call_backlog: deque[Callable[[], None]] = deque()  # taken from _calls, not yet run
         self._calls_lock = threading.Lock()
         self._waker = Waker()
         self._loop_thread: int | None = None
@@ -300,6 +302,8 @@ class Dispatcher:
             while not (self._stopping and not self._supervisor.processes):
                 for link in list(self._busy):  # before select: one slice per link per turn
                     self._read_link(link)
+                if self._call_backlog:
+                    self._run_calls()
                 for key, mask in self._selector.select(self._select_timeout()):
                     key.data(mask)
                 self._run_timers()
@@ -320,7 +324,7 @@ class Dispatcher:
             raise self._boot_error
 
     def _select_timeout(self) -> float | None:
-        if self._busy:
+        if self._busy or self._call_backlog:
             return 0.0  # only look for accepts and hand-offs, then go on with the frames
         deadlines = [when for when, _ in self._kill_at.values()]
         intake_deadline = self._intake.next_deadline() if self._intake else None
@@ -374,12 +378,18 @@ class Dispatcher:
             self._calls.append(call)
         self._waker.wake()
 
-    def _run_calls(self, mask: int) -> None:
+    def _run_calls(self, mask: int = 0) -> None:
+        """Run calls queued by other threads, in order, for about a slice; the loop comes back for the rest."""
         self._waker.clear()
         with self._calls_lock:
-            calls, self._calls = self._calls, deque()
-        for call in calls:
-            call()
+            fresh, self._calls = self._calls, deque()
+        backlog = self._call_backlog
+        backlog.extend(fresh)
+        deadline = time.monotonic() + SLICE_SECONDS
+        while backlog:
+            backlog.popleft()()
+            if time.monotonic() >= deadline:
+                return
 
     def send_message(self, slot: int, body: bytes, sender: int | None = None) -> bool:
         """Queue an encoded message for the current worker of ``slot``; False if the slot has none now."""
@@ -643,7 +653,7 @@ class Dispatcher:
         if link.connected and mask & selectors.EVENT_WRITE:
             self._flush_link(link)
 
-    def _read_link(self, link: _Link, seconds: float | None = LINK_SLICE_SECONDS) -> bool:
+    def _read_link(self, link: _Link, seconds: float | None = SLICE_SECONDS) -> bool:
         """Handle the worker's frames for about ``seconds`` (None: all), reading more once none wait.
 
         Returns True if it found something to do and the link is still open.

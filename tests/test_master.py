@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pytest_mock import MockerFixture
 
+from sticky_server import master as master_module
 from sticky_server.balancer import IPHashBalancer
 from sticky_server.channel import encode, pack_publish, unpack_delivery
 from sticky_server.master import Dispatcher
@@ -126,3 +127,20 @@ def test_an_ack_behind_a_flood_still_counts_when_the_worker_dies(setup: Setup, m
         dispatcher._read_link(sender, 0.0)  # one frame per slice: the test counts, not times
     assert route.call_count == 0 and not sender.unacked and sender.taken == 1
     client.close()
+
+
+def test_calls_from_other_threads_run_a_slice_at_a_time_in_order(setup: Setup, mocker: MockerFixture) -> None:
+    mocker.patch.object(master_module, "SLICE_SECONDS", 0.0)  # one call per slice: the test counts, not times
+    dispatcher = setup.dispatcher
+    dispatcher._loop_thread = -1  # as if the loop ran on another thread: calls are queued
+    ran: list[int] = []
+    for n in range(3):
+        dispatcher.call_soon_threadsafe(lambda n=n: ran.append(n))  # type: ignore[misc]
+
+    dispatcher._run_calls()
+    assert ran == [0]
+    assert dispatcher._select_timeout() == 0.0  # the loop comes straight back for the rest
+    dispatcher.call_soon_threadsafe(lambda: ran.append(3))
+    while dispatcher._select_timeout() == 0.0:
+        dispatcher._run_calls()
+    assert ran == [0, 1, 2, 3]
