@@ -48,7 +48,7 @@ def run_server() -> None:
                 for n in range(count):
                     sticky.publish(n)
                     if n % 500 == 499:
-                        time.sleep(0)  # let the worker's loop thread have the GIL (README, Messages)
+                        time.sleep(0)  # let the worker's loop thread have the GIL now and then
 
             def add_connection(self, sock: socket.socket) -> None:
                 sock.close()  # the cheapest possible answer: only hand-offs matter here

@@ -5,6 +5,9 @@ Theory of operation
 One selector watches the listening sockets, every worker's control socket and the
 signal wake-up socket; restarts, heartbeats, kill deadlines and accept pauses are
 deadlines for ``select``. Nothing in the loop blocks on a client or on a worker.
+Nothing in it runs long either: a worker's frames and the calls other threads queue
+(sends) are handled ``SLICE_SECONDS`` at a time, and while some wait the loop polls
+instead of sleeping, so accepts and hand-offs get a turn between slices.
 
 Rule 1 (ownership): an accepted descriptor belongs to the master until the worker
 it was sent to acknowledges it. The master sends it in a HANDOFF frame (batched:

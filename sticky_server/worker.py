@@ -13,6 +13,12 @@ arrives the master keeps its own copy of each descriptor and re-routes it if thi
 worker dies; once the ACK is sent, no byte has been read yet by anyone, and from
 then on the connection belongs to this worker.
 
+Messages from the master go into a bounded inbox as they are read and reach the
+handlers a slice at a time (``DISPATCH_SLICE_SECONDS``, or one handler call if that
+is longer), with a turn of the loop between slices: a hand-off that arrives behind a
+flood of messages waits about one slice, not for the flood. A worker whose handlers
+fall more than ``MAX_QUEUED_MESSAGE_BYTES`` behind drops the oldest (logged).
+
 Every ``CLOSE_SWEEP_INTERVAL`` seconds while it holds connections, the loop
 checks which of them were closed (see ``connections.py``) and reports the count
 to the master in a CLOSED frame, for ``WorkerSet.connections``.
