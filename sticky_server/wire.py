@@ -370,10 +370,10 @@ class Outbox:
     Control frames (hand-offs, acknowledgements, heartbeats, STOP) always go
     before messages queued here, so those delay a hand-off by at most the one run
     being written (messages already in the kernel's socket buffer still go first;
-    the receiver reads them at once and handles them in slices, so they hold it up
-    by about a slice: README, Messages). Messages are bounded: ``put_message`` drops the oldest
-    queued ones beyond ``max_bytes`` and says how many. Order within each queue is
-    kept. Consecutive frames go out in one ``sendmsg``; a frame's descriptors ride
+    the receiver reads them at once and handles them in slices, so they hold it
+    up by about a slice: README, Messages). Messages are bounded: ``put_message``
+    drops the oldest queued ones beyond ``max_bytes`` and says how many. Order
+    within each queue is kept. Consecutive frames go out in one ``sendmsg``; a frame's descriptors ride
     with the call that sends its first byte (rule 1).
 
     Descriptors queued here are borrowed, not owned: the caller keeps them open
