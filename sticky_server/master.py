@@ -329,19 +329,19 @@ class Dispatcher:
     def _select_timeout(self) -> float | None:
         if self._busy or self._call_backlog:
             return 0.0  # only look for accepts and hand-offs, then go on with the frames
-        deadlines = [when for when, _ in self._kill_at.values()]
-        intake_deadline = self._intake.next_deadline() if self._intake else None
+        # Asked on every turn of the loop: no list unless a kill is scheduled.
+        earliest = min(when for when, _ in self._kill_at.values()) if self._kill_at else None
         for deadline in (
             self._supervisor.next_restart(),
             self._accept_paused_until,
             self._next_heartbeat,
-            intake_deadline,
+            self._intake.next_deadline() if self._intake else None,
         ):
-            if deadline is not None:
-                deadlines.append(deadline)
-        if not deadlines:
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        if earliest is None:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        return max(0.0, earliest - time.monotonic())
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -438,6 +438,7 @@ class Dispatcher:
         # is built for a connection the master only passes on.
         accept = listener._accept  # type: ignore[attr-defined]
         intake = self._intake
+        new_client = tuple.__new__
         for _ in range(ACCEPT_BURST):
             try:
                 fd, address = accept()
@@ -451,8 +452,9 @@ class Dispatcher:
                     break
                 raise
             self._next_id += 1
-            if isinstance(address, tuple):
-                client = ClientInfo(address[0], address[1], None, local)
+            if type(address) is tuple:
+                # The same tuple ClientInfo(...) builds, without its Python-level __new__.
+                client = new_client(ClientInfo, (address[0], address[1], None, local))
             else:
                 client = ClientInfo("", 0, None, local)
             if intake is None:
@@ -502,7 +504,7 @@ class Dispatcher:
                 self._balancer_fault(
                     "was slow", f"took {took * 1000:.0f} ms to pick (over {PICK_TIME_LIMIT * 1000:.0f} ms)"
                 )
-            elif isinstance(slot, int) and not isinstance(slot, bool) and slot in self._alive:
+            elif (type(slot) is int or (isinstance(slot, int) and not isinstance(slot, bool))) and slot in self._alive:
                 return slot
             else:
                 self._balancer_fault(

@@ -268,10 +268,12 @@ class Supervisor:
 
     def next_restart(self) -> float | None:
         """The earliest clock time at which an empty slot is due to start."""
-        return min(self.restart_at.values(), default=None)
+        return min(self.restart_at.values()) if self.restart_at else None
 
     def due_restarts(self) -> list[int]:
         """The empty slots whose restart time has come (the caller starts them)."""
+        if not self.restart_at:  # the master asks on every turn of its loop
+            return []
         now = self._clock()
         return sorted(slot for slot, when in self.restart_at.items() if when <= now)
 

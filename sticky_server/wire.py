@@ -75,6 +75,10 @@ GATHER_FRAMES = 512
 ANCILLARY_BYTES = socket.CMSG_SPACE(4 * MAX_FDS_PER_FRAME * array.array("i").itemsize)
 # A plain int: the socket module's flag is an IntFlag, whose "&" runs Python code.
 _MSG_CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
+# Plain ints, looked up once: the socket module's constants are IntEnum members.
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_FD_SIZE = array.array("i").itemsize
 _ID = struct.Struct(">Q")
 _COUNT = struct.Struct(">H")
 _ADDRESSED = struct.Struct(">QHB")
@@ -238,9 +242,14 @@ class FrameReader:
             if size < end:
                 break
             if n_fds:
-                if n_fds > len(self._fds):
-                    raise ProtocolError(f"frame declares {n_fds} descriptors but {len(self._fds)} arrived")
-                frame_fds = tuple(self._fds.popleft() for _ in range(n_fds))
+                fds = self._fds
+                if n_fds == len(fds):  # the common case: a frame and its descriptors came together
+                    frame_fds = tuple(fds)
+                    fds.clear()
+                elif n_fds < len(fds):
+                    frame_fds = tuple([fds.popleft() for _ in range(n_fds)])
+                else:
+                    raise ProtocolError(f"frame declares {n_fds} descriptors but {len(fds)} arrived")
             else:
                 frame_fds = ()
             payload = view[offset + header_size : end].tobytes() if length else b""
@@ -304,13 +313,11 @@ def _receive_buffer() -> bytearray:
     return buffer
 
 
-def _fds_from_ancillary(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
+def _fds_from_ancillary(ancillary: list[tuple[int, int, bytes]]) -> Sequence[int]:
+    fds: array.array[int] = array.array("i")
     for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(data[: len(data) - len(data) % received.itemsize])
-            fds.extend(received)
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
     return fds
 
 

@@ -51,7 +51,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,7 +71,6 @@ from .wire import (
     Outbox,
     pack_ids,
     unpack_addressed,
-    unpack_ids,
 )
 
 __all__ = [
@@ -102,9 +101,11 @@ EARLY_FLUSH_BYTES = 64 * 1024
 DISPATCH_SLICE_SECONDS = 0.0005
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
-_HANDOFFS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
+_HANDOFF = FrameKind.HANDOFF
+_ACK = FrameKind.ACK
+_ID_BYTES = 8  # one packed connection id (wire.pack_ids)
 # A socket accepted from a non-blocking listener inherits O_NONBLOCK on macOS and the
 # BSDs, not on Linux (accept4 without SOCK_NONBLOCK); the master keeps it blocking there.
 _HANDOFFS_MAY_BE_NONBLOCKING = not sys.platform.startswith("linux")
@@ -258,6 +259,10 @@ class WorkerChannel:
             self._dropped_log.note(dropped, MAX_QUEUED_MESSAGE_BYTES)
         self.waker.wake()
 
+    def pending(self) -> bool:
+        """True while anything is queued for the master (a hint: another thread may be queueing now)."""
+        return bool(self._outbox)
+
     def flush(self) -> bool:
         """Write what the socket takes; True when nothing is left. Raises when the master is gone."""
         with self._lock:
@@ -334,7 +339,7 @@ class WorkerRuntime:
             selector.register(channel.waker.fileno(), selectors.EVENT_READ)
             self._announce_ready()
             while self._stop_reason is None:
-                if channel.flush() == writing:
+                if (writing or channel.pending()) and channel.flush() == writing:
                     writing = not writing
                     selector.modify(control, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0))
                 if self._inbox:
@@ -392,7 +397,10 @@ class WorkerRuntime:
 
     def _on_control_readable(self) -> None:
         frames: list[Frame] = []
-        taken: list[tuple[int, int, tuple[str, int] | None]] = []
+        # What the ACK acknowledges (packed ids, in order), and what to deliver then.
+        acknowledged: list[bytes] = []
+        taken_fds: list[int] = []
+        taken_addresses: list[tuple[str, int] | None] = []
         pinged = False
         dropped = 0
         try:
@@ -402,16 +410,22 @@ class WorkerRuntime:
                 kind = frame.kind
                 if kind is _MESSAGE:  # the most frequent kind first
                     dropped += inbox.put(frame.payload, MAX_QUEUED_MESSAGE_BYTES)
-                elif kind in _HANDOFFS:
-                    addresses: Sequence[tuple[str, int] | None]
-                    if kind is FrameKind.HANDOFF:
-                        ids = unpack_ids(frame.payload)
-                        addresses = [None] * len(ids)
-                    else:  # the master learned the client addresses from a proxy
-                        ids, addresses = unpack_addressed(frame.payload)
+                elif kind is _HANDOFF:
+                    # Its payload is the packed ids, which is what the ACK carries: no need to unpack them.
+                    if len(frame.payload) != _ID_BYTES * len(frame.fds):
+                        raise ProtocolError(
+                            f"hand-off with {len(frame.payload)} bytes of ids and {len(frame.fds)} descriptors"
+                        )
+                    acknowledged.append(frame.payload)
+                    taken_fds += frame.fds
+                    taken_addresses += [None] * len(frame.fds)
+                elif kind is FrameKind.HANDOFF_PROXIED:  # the master learned the client addresses from a proxy
+                    ids, addresses = unpack_addressed(frame.payload)
                     if len(ids) != len(frame.fds):
                         raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
-                    taken.extend(zip(ids, frame.fds, addresses, strict=True))
+                    acknowledged.append(pack_ids(ids))
+                    taken_fds += frame.fds
+                    taken_addresses += addresses
                 elif kind is FrameKind.PING:
                     pinged = True
                 elif kind is FrameKind.STOP:
@@ -426,11 +440,12 @@ class WorkerRuntime:
             return
         if dropped:
             self._inbox_dropped_log.note(dropped, self._slot, MAX_QUEUED_MESSAGE_BYTES)
-        if taken:
+        if taken_fds:
             # The ACK is on its way before anything reads the connections (module docstring).
-            self._channel.send_control(FrameKind.ACK, pack_ids([conn_id for conn_id, _, _ in taken]))
-            for _, fd, address in taken:
-                self._deliver(fd, address)
+            self._channel.send_control(_ACK, acknowledged[0] if len(acknowledged) == 1 else b"".join(acknowledged))
+            deliver = self._deliver
+            for fd, address in zip(taken_fds, taken_addresses, strict=True):
+                deliver(fd, address)
         if pinged:
             self._channel.put_control(FrameKind.PONG)
         if closed:
@@ -501,7 +516,9 @@ class WorkerRuntime:
             sock.setblocking(True)
         RECORD.add(fd, address)
         try:
-            self._follow_up(self._worker.add_connection(sock), "add_connection", sock)
+            result = self._worker.add_connection(sock)
+            if result is not None:  # the common case, None, skips the call
+                self._follow_up(result, "add_connection", sock)
         except Exception:
             logger.exception(
                 "worker %d: add_connection raised; closed the connection from %s", self._slot, _describe_peer(sock)
