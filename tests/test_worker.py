@@ -150,6 +150,47 @@ def test_invalid_frame_from_the_master_stops_the_worker(master: Master, caplog: 
     assert "the master sent an invalid frame (unknown frame kind 255)" in caplog.text
 
 
+def test_hand_offs_read_together_are_acknowledged_in_one_ack_in_order(master: Master) -> None:
+    worker = Recorder()
+    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0))
+    master.next_frame()
+    pairs = [tcp_pair(f"127.0.0.{20 + index}") for index in range(3)]
+    outbox = Outbox()  # both frames in one sendmsg: the worker reads them together
+    outbox.put(FrameKind.HANDOFF, pack_ids([7, 5]), [pairs[0][1].fileno(), pairs[1][1].fileno()])
+    outbox.put(FrameKind.HANDOFF, pack_ids([9]), [pairs[2][1].fileno()])
+    assert outbox.flush(master.sock)
+    acknowledged: list[int] = []
+    while len(acknowledged) < 3:
+        frame = master.next_frame()
+        assert frame.kind is FrameKind.ACK
+        acknowledged += unpack_ids(frame.payload)
+    master.send(FrameKind.STOP)
+    thread.join(10)
+    assert acknowledged == [7, 5, 9]
+    assert [sock.getpeername()[0] for sock in worker.sockets] == ["127.0.0.20", "127.0.0.21", "127.0.0.22"]
+    for sock in (*worker.sockets, *(end for pair in pairs for end in pair)):
+        sock.close()
+
+
+def test_a_hand_off_whose_ids_do_not_match_its_descriptors_is_refused(
+    master: Master, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = Recorder()
+    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=2))
+    master.next_frame()
+    client, accepted = tcp_pair()
+    master.send(FrameKind.HANDOFF, pack_ids([1, 2]), [accepted.fileno()])  # two ids, one descriptor
+    thread.join(10)
+    assert not thread.is_alive() and worker.sockets == []
+    assert "hand-off with 16 bytes of ids and 1 descriptors" in caplog.text
+    accepted.close()  # the master's copy: the worker closed its own, so the client sees the end
+    client.settimeout(10)
+    assert client.recv(10) == b""
+    client.close()
+    master.sock.settimeout(10)
+    assert all(frame.kind is not FrameKind.ACK for frame in master.reader.read_from(master.sock)[0])
+
+
 def run_until_sigterm(master: Master, run: Callable[[], object]) -> None:
     """Call ``run`` in the main thread (where a runtime installs its handlers); SIGTERM once the worker is ready.
 
