@@ -30,22 +30,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from connections import answer  # the trivial job of every server in bench/connections.py
 
 from sticky_server.wire import FrameKind, encode, pack_ids
 from sticky_server.worker import WorkerChannel, WorkerRuntime
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\nHello, world!"
 OPEN_CLIENT_ENDS = 64  # the feeder closes its ends of older connections beyond this many
-
-
-def answer(conn: socket.socket) -> None:
-    try:
-        conn.recv(4096)
-        conn.sendall(RESPONSE)
-    except OSError:
-        pass
-    conn.close()
 
 
 class Trivial:
