@@ -147,7 +147,7 @@ class StopMode(enum.Enum):
     KILL = "kill"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Link:
     """The master's view of one worker process: its socket traffic and the connections it owes."""
 
