@@ -6,7 +6,7 @@ One selector watches the listening sockets, every worker's control socket and th
 signal wake-up socket; restarts, heartbeats, kill deadlines and accept pauses are
 deadlines for ``select``. Nothing in the loop blocks on a client or on a worker.
 Nothing in it runs long either: a worker's frames and the calls other threads queue
-(sends) are handled ``SLICE_SECONDS`` at a time, and while some wait the loop polls
+(sends) are handled ``slices.SLICE_SECONDS`` at a time, and while some wait the loop polls
 instead of sleeping, so accepts and hand-offs get a turn between slices.
 
 Rule 1 (ownership): an accepted descriptor belongs to the master until the worker
@@ -71,6 +71,7 @@ from .errors import ProtocolError, WorkerBootError
 from .intake import ClientAddressSettings, Intake
 from .listener import format_address
 from .signals import SignalQueue
+from .slices import SLICE_SECONDS, run_for
 from .supervisor import MAX_BOOT_FAILURES, Supervisor, WorkerProcess, describe_exit
 from .throttle import ThrottledLog
 from .waker import Waker
@@ -115,10 +116,6 @@ RECYCLE_JITTER = 0.1
 MESSAGE_DROP_LOG_INTERVAL = 10.0
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
-# A worker's frames, and calls from other threads (such as sends), are handled for at
-# most about this long before the loop turns again: accepts and hand-offs wait about
-# this long behind a flood of messages, not for the whole flood.
-SLICE_SECONDS = 0.0005
 
 
 @dataclass
@@ -129,6 +126,10 @@ class Hooks:
     worker_start: list[Callable[[int], None]] = field(default_factory=list)
     worker_exit: list[Callable[[int, int], None]] = field(default_factory=list)
     stats: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+
+
+def _call(call: Callable[[], None]) -> None:
+    call()
 
 
 def _run_hooks(hooks: Sequence[Callable[..., None]], *args: Any) -> None:
@@ -386,13 +387,8 @@ class Dispatcher:
         self._waker.clear()
         with self._calls_lock:
             fresh, self._calls = self._calls, deque()
-        backlog = self._call_backlog
-        backlog.extend(fresh)
-        deadline = time.monotonic() + SLICE_SECONDS
-        while backlog:
-            backlog.popleft()()
-            if time.monotonic() >= deadline:
-                return
+        self._call_backlog.extend(fresh)
+        run_for(self._call_backlog, _call, SLICE_SECONDS)
 
     def send_message(self, slot: int, body: bytes, sender: int | None = None) -> bool:
         """Queue an encoded message for the current worker of ``slot``; False if the slot has none now."""
@@ -504,7 +500,7 @@ class Dispatcher:
                 self._balancer_fault(
                     "was slow", f"took {took * 1000:.0f} ms to pick (over {PICK_TIME_LIMIT * 1000:.0f} ms)"
                 )
-            elif (type(slot) is int or (isinstance(slot, int) and not isinstance(slot, bool))) and slot in self._alive:
+            elif isinstance(slot, int) and not isinstance(slot, bool) and slot in self._alive:
                 return slot
             else:
                 self._balancer_fault(
@@ -693,13 +689,8 @@ class Dispatcher:
         accepts and other workers' frames by a slice, not by the whole read.
         """
         frames, handlers = link.unhandled, self._frame_handlers
-        deadline = None if seconds is None else time.monotonic() + seconds
         try:
-            while frames:
-                frame = frames.popleft()
-                handlers[frame.kind](link, frame)
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
+            run_for(frames, lambda frame: handlers[frame.kind](link, frame), seconds)
         finally:
             if frames:
                 self._busy[link] = None

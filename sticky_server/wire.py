@@ -355,7 +355,7 @@ class DropOldestQueue:
             dropped += 1
         return dropped
 
-    def take(self) -> bytes:
+    def popleft(self) -> bytes:
         """Remove and return the oldest item (IndexError when empty)."""
         item = self._items.popleft()
         self.size -= len(item)
@@ -380,8 +380,8 @@ class Outbox:
     the receiver reads them at once and handles them in slices, so they hold it
     up by about a slice: README, Messages). Messages are bounded: ``put_message``
     drops the oldest queued ones beyond ``max_bytes`` and says how many. Order
-    within each queue is kept. Consecutive frames go out in one ``sendmsg``; a frame's descriptors ride
-    with the call that sends its first byte (rule 1).
+    within each queue is kept. Consecutive frames go out in one ``sendmsg``; a
+    frame's descriptors ride with the call that sends its first byte (rule 1).
 
     Descriptors queued here are borrowed, not owned: the caller keeps them open
     until the peer acknowledges them (the kernel duplicates them at ``sendmsg``).
@@ -471,7 +471,7 @@ class Outbox:
         run: list[bytes] = []
         run_size = 0
         while self._messages and size + run_size < GATHER_BYTES and len(run) < GATHER_FRAMES:
-            data = self._messages.take()
+            data = self._messages.popleft()
             run.append(data)
             run_size += len(data)
         if run:

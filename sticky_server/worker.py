@@ -14,7 +14,7 @@ worker dies; once the ACK is sent, no byte has been read yet by anyone, and from
 then on the connection belongs to this worker.
 
 Messages from the master go into a bounded inbox as they are read and reach the
-handlers a slice at a time (``DISPATCH_SLICE_SECONDS``, or one handler call if that
+handlers a slice at a time (``slices.SLICE_SECONDS``, or one handler call if that
 is longer), with a turn of the loop between slices: a hand-off that arrives behind a
 flood of messages waits about one slice, not for the flood. A worker whose handlers
 fall more than ``MAX_QUEUED_MESSAGE_BYTES`` behind drops the oldest (logged).
@@ -60,6 +60,7 @@ from .channel import MAX_QUEUED_MESSAGE_BYTES
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD
 from .errors import ProtocolError
 from .signals import SignalQueue
+from .slices import SLICE_SECONDS, run_for
 from .throttle import ThrottledLog
 from .waker import Waker
 from .wire import (
@@ -96,9 +97,6 @@ EXIT_BOOT_FAILURE = 3
 DROP_LOG_INTERVAL = 10.0
 # Messages queued beyond this many bytes are written by the sender's own call.
 EARLY_FLUSH_BYTES = 64 * 1024
-# Message handlers run for at most about this long before the loop turns again, so a
-# hand-off that arrives behind a flood of messages waits about this long, not for the flood.
-DISPATCH_SLICE_SECONDS = 0.0005
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
@@ -315,7 +313,7 @@ class WorkerRuntime:
         self._reader = FrameReader(MASTER_SENDS)
         # Messages read but not yet given to the handlers (see _dispatch_messages).
         self._inbox = DropOldestQueue()
-        self._slice_seconds = DISPATCH_SLICE_SECONDS
+        self._slice_seconds = SLICE_SECONDS
         self._inbox_dropped_log = ThrottledLog(
             logger,
             logging.WARNING,
@@ -463,17 +461,13 @@ class WorkerRuntime:
         loop keeps reading the control socket: a hand-off behind a flood of
         messages is taken within a slice rather than after the whole flood.
         """
-        inbox = self._inbox
-        deadline = None if seconds is None else time.monotonic() + seconds
-        while inbox:
-            try:
-                sender, message = channel_codec.unpack_delivery(inbox.take())
-            except ProtocolError as exc:
-                self._on_protocol_error(exc)
-                return
-            self._dispatch_message(sender, message)
-            if deadline is not None and time.monotonic() >= deadline:
-                return
+        try:
+            run_for(self._inbox, self._dispatch_delivery, seconds)
+        except ProtocolError as exc:
+            self._on_protocol_error(exc)
+
+    def _dispatch_delivery(self, delivery: bytes) -> None:
+        self._dispatch_message(*channel_codec.unpack_delivery(delivery))
 
     def _finish_messages(self) -> None:
         """On a stop, the messages received before it still reach the handlers (not on a quick stop)."""
@@ -516,9 +510,7 @@ class WorkerRuntime:
             sock.setblocking(True)
         RECORD.add(fd, address)
         try:
-            result = self._worker.add_connection(sock)
-            if result is not None:  # the common case, None, skips the call
-                self._follow_up(result, "add_connection", sock)
+            self._follow_up(self._worker.add_connection(sock), "add_connection", sock)
         except Exception:
             logger.exception(
                 "worker %d: add_connection raised; closed the connection from %s", self._slot, _describe_peer(sock)
