@@ -30,10 +30,13 @@ Two loads, both from 64 client addresses, a new TCP connection per request:
 ``--soak N`` instead pushes N connections (e.g. 1000000) through one sticky master
 and prints its RSS and open descriptors at the start and the end.
 
-Master CPU per connection is the master's own user+system time (``/proc``) over the
-closed-loop run, divided by the connections served; "rest" is the same for all the
-other server processes together (the workers; for reuseport, the other processes). It prints medians and the ratios
-of every row to plain and to reuseport.
+Master CPU per connection is the master's own CPU time (all its threads, from
+``/proc/PID/task/*/schedstat``) over the closed-loop run, divided by the connections
+served; "rest" is the same for all the other server processes together (the
+workers; for reuseport, the other processes). The burst's "cpu us" is the master's
+CPU time from its resumption until the last answer, divided by the connections
+drained: its cost per connection when it takes them in batches. It prints medians
+and the ratios of every row to plain and to reuseport.
 """
 
 from __future__ import annotations
@@ -249,6 +252,16 @@ def children_of(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` so far, to the nanosecond (``schedstat``; ``stat`` counts in ticks)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+    except OSError:
+        total = 0
+    if total:
+        return total / 1e9
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
@@ -353,11 +366,13 @@ def burst(server: Server, count: int) -> dict[str, float]:
     assert client.stdin is not None and client.stdout is not None
     try:
         queued = client.stdout.readline().split()
+        master_before = cpu_seconds(server.process.pid)
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
         client.stdin.write("go\n")
         client.stdin.flush()
         figures = parse_done(client.stdout.readline())
+        master_after = cpu_seconds(server.process.pid)
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -365,6 +380,7 @@ def burst(server: Server, count: int) -> dict[str, float]:
         client.wait(60)
     figures["queued"] = int(queued[1]) if len(queued) == 2 else 0
     figures["rate"] = figures["ok"] / figures["seconds"]
+    figures["cpu_us"] = (master_after - master_before) / max(figures["ok"], 1) * 1e6
     return figures
 
 
@@ -449,6 +465,7 @@ def main() -> None:
                 ("burst", drained["rate"]),
                 ("burst_s", drained["seconds"]),
                 ("burst_errors", drained["errors"]),
+                ("burst_cpu_us", drained["cpu_us"]),
             ):
                 into.setdefault(key, []).append(value)
             print(
@@ -456,7 +473,7 @@ def main() -> None:
                 f"p99 {closed['p99']:7.0f} us master {closed['cpu_us']:6.1f} us/conn, rest {closed['others_us']:5.1f} "
                 f"err {closed['errors']:.0f} | "
                 f"burst {drained['queued']:.0f} in {drained['seconds']:.3f} s ({drained['rate']:.0f}/s) "
-                f"err {drained['errors']:.0f}",
+                f"master {drained['cpu_us']:.1f} us/conn err {drained['errors']:.0f}",
                 flush=True,
             )
     median = {
@@ -464,7 +481,8 @@ def main() -> None:
     }
     print()
     print(
-        f"{'medians':<12} {'closed/s':>9} {'p50 us':>7} {'p99 us':>7} {'cpu us':>7} {'rest us':>7} {'burst/s':>8}   "
+        f"{'medians':<12} {'closed/s':>9} {'p50 us':>7} {'p99 us':>7} {'cpu us':>7} {'rest us':>7} {'burst/s':>8} "
+        f"{'cpu us':>7}   "
         "closed vs plain, reuseport | burst vs plain, reuseport"
     )
     for name, m in median.items():
@@ -477,7 +495,7 @@ def main() -> None:
             )
         print(
             f"{name:<12} {m['closed']:>9.0f} {m['p50']:>7.0f} {m['p99']:>7.0f} {m['cpu_us']:>7.1f} "
-            f"{m['others_us']:>7.1f} {m['burst']:>8.0f}   {ratios}"
+            f"{m['others_us']:>7.1f} {m['burst']:>8.0f} {m['burst_cpu_us']:>7.1f}   {ratios}"
         )
     if "node" in median:
         node = median["node"]
