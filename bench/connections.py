@@ -14,8 +14,9 @@ over R rounds:
   reuseport    N Python processes on SO_REUSEPORT (the kernel's non-sticky balancing)
   floor        the least a Python fd-passing master can do (reference for the master's
                own cost): raw fds, one sendmsg per batch, its copies closed at once
-  floor-ack    the same, keeping its copies until the worker acknowledges them (the
-               price of re-routing a dead worker's connections, which sticky pays)
+  floor-ack    the same, keeping its copies until the worker acknowledges them (what
+               re-routing a dead worker's connections cost before the sticky master
+               kept each worker's end of its socket instead)
   sticky       the sticky master, N workers, IP hash
   sticky-rr    the same, round-robin
   sticky-proxy the same, IP hash, with the PROXY protocol (the client sends v1 headers)
@@ -121,7 +122,8 @@ def run_floor(port: int, workers: int, keep_until_ack: bool) -> None:
     It accepts raw descriptors, passes each wake-up's batch to a worker in one
     ``sendmsg`` and closes its copies at once: no balancer, no supervision, and a
     worker that dies loses what was in flight. ``keep_until_ack`` (floor-ack) keeps
-    its copies until the worker acknowledges them, as the sticky master does.
+    its copies until the worker acknowledges them, as the sticky master did before it
+    kept the worker's end of the socket instead (README, How it works).
     """
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(workers)]
     for _, worker_end in pairs:

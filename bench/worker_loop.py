@@ -4,14 +4,14 @@
 
 A separate process plays the master: for every hand-off it makes K socketpairs,
 writes a tiny request into one end of each, sends the other ends in one HANDOFF
-frame and waits for the ACK, as the master's copies wait for it. The worker (this
-process's main thread) answers each connection the way ``bench/connections.py``
-does (read the request, write a response, close). Two workers, interleaved over R
-rounds, fresh each time:
+frame and waits until each of the K has its answer. The worker (this process's main
+thread) answers each connection the way ``bench/connections.py`` does (read the
+request, write a response, close). Two workers, interleaved over R rounds, fresh
+each time:
 
   sticky    ``WorkerRuntime.run``: the library's worker loop
-  recv_fds  the least a Python worker can do: ``socket.recv_fds``, send an ACK,
-            answer (the worker of ``floor-ack`` in ``bench/connections.py``)
+  recv_fds  the least a Python worker can do: ``socket.recv_fds``, then answer (the
+            worker of ``floor`` in ``bench/connections.py``)
 
 It prints the worker thread's CPU time (``time.thread_time``) per connection: the
 medians, and their ratio. No load generator, no listening socket and no balancer
@@ -47,7 +47,7 @@ class Trivial:
 
 
 def feed(master_end: socket.socket, connections: int, per_handoff: int, sticky: bool) -> None:
-    """The master's part, in a child process: hand-offs one at a time, each after the previous ACK."""
+    """The master's part, in a child process: hand-offs one at a time, each once the previous one is answered."""
     master_end.settimeout(30)
     if sticky:
         master_end.recv(64)  # READY
@@ -57,6 +57,7 @@ def feed(master_end: socket.socket, connections: int, per_handoff: int, sticky: 
         fds, ids = [], []
         for _ in range(per_handoff):
             client, server = socket.socketpair()
+            client.settimeout(30)
             client.sendall(REQUEST)
             client_ends.append(client)
             fds.append(server.detach())
@@ -65,7 +66,8 @@ def feed(master_end: socket.socket, connections: int, per_handoff: int, sticky: 
         socket.send_fds(master_end, [encode(FrameKind.HANDOFF, pack_ids(ids), len(fds))], fds)
         for fd in fds:
             os.close(fd)
-        master_end.recv(65536)  # the ACK
+        for client in client_ends[-per_handoff:]:
+            client.recv(4096)  # the answer
         if len(client_ends) > OPEN_CLIENT_ENDS:
             for client in client_ends[: OPEN_CLIENT_ENDS // 2]:
                 client.close()
@@ -81,7 +83,6 @@ def run_recv_fds(worker_end: socket.socket) -> None:
         _, fds, _, _ = socket.recv_fds(worker_end, 4096, 64)
         if not fds:
             return
-        worker_end.sendall(b"a" * len(fds))
         for fd in fds:
             answer(socket.socket(type=socket.SOCK_STREAM, proto=0, fileno=fd))
 

@@ -7,7 +7,7 @@ signal wake-up socket and the cross-thread waker are watched with
 ``loop.add_reader``, so every descriptor the master passes becomes a socket on the
 loop's own thread, with no thread hop, and message handlers run on the loop too.
 
-The frame handling, acknowledge-then-deliver and the close sweeps are the ones of
+The frame handling, the delivery of hand-offs and the close sweeps are the ones of
 ``WorkerRuntime`` (``worker.py``); only the loop differs. An ``async def
 add_connection`` runs as its own task, so one slow TLS handshake does not hold up
 the connections behind it; one that raises has its socket closed and is logged.

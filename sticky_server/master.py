@@ -9,22 +9,34 @@ Nothing in it runs long either: a worker's frames and the calls other threads qu
 (sends) are handled ``slices.SLICE_SECONDS`` at a time, and while some wait the loop polls
 instead of sleeping, so accepts and hand-offs get a turn between slices.
 
-Rule 1 (ownership): an accepted descriptor belongs to the master until the worker
-it was sent to acknowledges it. The master sends it in a HANDOFF frame (batched:
-one frame per worker per pass of the loop), keeps its own copy, and closes that copy
-only when the ACK arrives. From the ACK on, the worker owns the connection.
+Rule 1 (ownership): an accepted descriptor belongs to the master until the
+``sendmsg`` that carries it to its worker succeeds (a HANDOFF frame; batched: one
+frame per worker per pass of the loop); then the master closes its copy, and the
+connection is the worker's once it reads the frame. The master keeps the worker's
+end of every control socket open too (``WorkerProcess.worker_end``), so a hand-off
+the worker has not read stays in that socket whatever becomes of the worker. No
+acknowledgement travels back: it would cost the worker a write and the master a
+wake-up, a read and, often, the connection's final close (the worker's close is not
+the last while the master holds a copy) for every batch.
 
-Rule 2 (no loss): when a worker's control socket closes or its process exits, the
-master first reads everything the worker still sent (its last ACKs), then routes
-every connection that worker had not acknowledged again, to the balancer's choice
-among the remaining slots. The worker acknowledges before it reads a byte, so a
-re-routed connection's stream is intact.
+Rule 2 (no loss): when a worker's process exits, the master first reads everything
+it still sent (its last messages), then reads back what is left in the worker's
+end of its control socket and routes every hand-off the worker never read again,
+to the balancer's choice among the remaining slots (``Outbox.unread_hand_offs``
+pairs the descriptors read back with their frames). Nobody read a byte of those
+connections, so their streams are intact. Hand-offs not sent yet are routed again
+as soon as the worker's link closes. A worker that dies after reading a hand-off
+takes that connection with it, as it would a connection it was serving.
 
-Rule 3 (back-pressure): a worker holding ``MAX_UNACKED`` unacknowledged
-connections is full and leaves the alive set until it is back to half that; its
-clients go to their next choice meanwhile. If no slot can take a connection, the
-master stops accepting (the kernel's backlog holds new clients) and parks the
-connections it has until a slot can take them. Nothing is closed for lack of room.
+Rule 3 (back-pressure): a worker with ``MAX_QUEUED`` connections routed to it and
+not read yet (waiting in the master, or in its socket) is full and leaves the alive
+set until that is down to half; its clients go to their next choice meanwhile. The
+master counts what waits in the socket from its record of sent frames and the
+socket's unread byte count (``FIONREAD``): it asks the kernel only when the count
+since it last asked reaches ``MAX_QUEUED``, and every ``FULL_CHECK_INTERVAL`` while
+a worker is full (a worker says nothing when it reads). If no slot can take a
+connection, the master stops accepting (the kernel's backlog holds new clients) and
+parks the connections it has until a slot can take them. Nothing is closed for lack of room.
 
 Rule 4 (one current worker per slot): routing only ever uses a slot's *current*
 worker. A reload or a recycle starts a replacement beside it, makes it current
@@ -85,10 +97,13 @@ from .wire import (
     encode_joined,
     pack_addressed,
     pack_ids,
+    read_back,
+    unpack_addressed,
     unpack_ids,
+    unread_bytes,
 )
 
-__all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_UNACKED", "Dispatcher", "Hooks", "StopMode"]
+__all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_QUEUED", "Dispatcher", "Hooks", "StopMode"]
 
 logger = logging.getLogger("sticky_server.master")
 
@@ -96,7 +111,9 @@ ACCEPT_BURST = 64
 ACCEPT_BACKOFF = 0.1
 # Running out of descriptors is logged at most once per this many seconds.
 ACCEPT_ERROR_LOG_INTERVAL = 10.0
-MAX_UNACKED = 1024
+MAX_QUEUED = 1024
+# How often the master looks whether a full worker has caught up (it says nothing when it reads).
+FULL_CHECK_INTERVAL = 0.05
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The client went away between the handshake and accept(): nothing to hand off.
 ABORTED_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
@@ -128,6 +145,12 @@ class Hooks:
     stats: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
 
+def _listening_address(listener: socket.socket) -> tuple[str, int]:
+    """``ClientInfo.local`` for connections that come in on ``listener``."""
+    name = listener.getsockname()
+    return name[:2] if isinstance(name, tuple) else (name, 0)  # a Unix socket: its path
+
+
 def _call(call: Callable[[], None]) -> None:
     call()
 
@@ -157,10 +180,8 @@ class _Link:
     recycle_after: int | None = None
     reader: FrameReader = field(default_factory=lambda: FrameReader(WORKER_SENDS))
     outbox: Outbox = field(default_factory=Outbox)
-    # connection id -> (descriptor, client); the master owns these descriptors (rule 1).
-    unacked: dict[int, tuple[int, ClientInfo]] = field(default_factory=dict)
-    # ids routed here during this accept burst, not yet put in a frame.
-    pending: list[int] = field(default_factory=list)
+    # (id, descriptor, client) routed here during this accept burst, not yet in a frame.
+    pending: list[tuple[int, int, ClientInfo]] = field(default_factory=list)
     # frames read from the worker and not yet handled (see Dispatcher._handle_frames).
     unhandled: deque[Frame] = field(default_factory=deque)
     taken: int = 0
@@ -216,6 +237,7 @@ class Dispatcher:
         client_addresses: ClientAddressSettings | None = None,
     ) -> None:
         self._listeners = list(listeners)
+        self._listening = [_listening_address(listener) for listener in self._listeners]
         self._supervisor = supervisor
         self._balancer = balancer
         self._fallback = IPHashBalancer()
@@ -259,6 +281,7 @@ class Dispatcher:
         self._rate_sample = (self._created_at, 0)
         self._accepting = False
         self._accept_paused_until: float | None = None
+        self._next_full_check: float | None = None
         self._kill_at: dict[WorkerProcess, tuple[float, str]] = {}
         self._next_heartbeat: float | None = None
         self._started = False
@@ -268,7 +291,6 @@ class Dispatcher:
         self._intake = Intake(self._selector, client_addresses, self._route) if client_addresses else None
         self._stops_wait_for_intake = False
         self._frame_handlers: dict[FrameKind, Callable[[_Link, Frame], None]] = {
-            FrameKind.ACK: self._on_ack,
             FrameKind.READY: self._on_ready_frame,
             FrameKind.PONG: lambda link, frame: None,  # any frame counts as a heartbeat
             FrameKind.SEND: self._on_send,
@@ -335,6 +357,7 @@ class Dispatcher:
         for deadline in (
             self._supervisor.next_restart(),
             self._accept_paused_until,
+            self._next_full_check,
             self._next_heartbeat,
             self._intake.next_deadline() if self._intake else None,
         ):
@@ -362,6 +385,8 @@ class Dispatcher:
         if self._accept_paused_until is not None and self._accept_paused_until <= now:
             self._accept_paused_until = None
             changed = True
+        if self._next_full_check is not None and self._next_full_check <= now:
+            changed |= self._check_full(now)
         if self._next_heartbeat is not None and self._next_heartbeat <= now:
             changed |= self._heartbeat(now)
         if self._intake is not None:
@@ -472,16 +497,20 @@ class Dispatcher:
             self._update_accepting()
             return
         link = self._links[slot]
-        link.unacked[conn_id] = (fd, client)
-        link.pending.append(conn_id)
+        link.pending.append((conn_id, fd, client))
         link.live += 1
         self._touched.add(link)
-        if len(link.unacked) >= MAX_UNACKED:
+        outbox = link.outbox
+        queued = len(link.pending) + outbox.queued_fds + outbox.unconfirmed_fds
+        if queued >= MAX_QUEUED and self._unread(link, ask_kernel=True) >= MAX_QUEUED:
             link.full = True
+            queued = self._unread(link)
+            if self._next_full_check is None:
+                self._next_full_check = time.monotonic() + FULL_CHECK_INTERVAL
             logger.warning(
                 "worker %d has %d connections it has not taken yet; routing its clients elsewhere until it catches up",
                 slot,
-                len(link.unacked),
+                queued,
             )
             self._workers_changed()
 
@@ -554,9 +583,7 @@ class Dispatcher:
         self._accepting = should
         for listener in self._listeners:
             if should:
-                name = listener.getsockname()
-                local = name[:2] if isinstance(name, tuple) else (name, 0)  # a Unix socket: its path
-                callback = functools.partial(self._on_listener, listener, local)
+                callback = functools.partial(self._on_listener, listener, _listening_address(listener))
                 self._selector.register(listener, selectors.EVENT_READ, callback)
             else:
                 self._selector.unregister(listener)
@@ -697,22 +724,41 @@ class Dispatcher:
             else:
                 self._busy.pop(link, None)
 
-    def _on_ack(self, link: _Link, frame: Frame) -> None:
-        unacked = link.unacked
-        ids = unpack_ids(frame.payload)
-        for conn_id in ids:
-            entry = unacked.pop(conn_id, None)
-            if entry is None:
-                raise ProtocolError(f"acknowledged connection {conn_id}, which it was not sent")
-            os.close(entry[0])
-        link.taken += len(ids)
-        self._handed_off[link.worker.slot] = self._handed_off.get(link.worker.slot, 0) + len(ids)
-        if link.full and len(unacked) <= MAX_UNACKED // 2:
+    def _count_sent(self, link: _Link) -> None:
+        """Account for the hand-offs the last flush sent (rule 1: they are the worker's now)."""
+        outbox = link.outbox
+        sent = outbox.sent_fds - link.taken
+        if sent:
+            link.taken += sent
+            slot = link.worker.slot
+            self._handed_off[slot] = self._handed_off.get(slot, 0) + sent
+            if link.recycle_after is not None and link.taken >= link.recycle_after and not link.recycling:
+                link.recycling = True
+                self._replace(slot, f"it took {link.taken} connections (max_connections_per_worker)")
+        if link.full and self._unread(link) <= MAX_QUEUED // 2:
             link.full = False
             self._workers_changed()
-        if link.recycle_after is not None and link.taken >= link.recycle_after and not link.recycling:
-            link.recycling = True
-            self._replace(link.worker.slot, f"it took {link.taken} connections (max_connections_per_worker)")
+
+    def _unread(self, link: _Link, ask_kernel: bool = False) -> int:
+        """Connections routed to ``link`` that its worker has not read, at most (exactly just after ``ask_kernel``)."""
+        outbox = link.outbox
+        if ask_kernel and link.worker.worker_end is not None and outbox.sent_hand_offs:
+            outbox.forget_read(unread_bytes(link.worker.worker_end))
+        return len(link.pending) + outbox.queued_fds + outbox.unconfirmed_fds
+
+    def _check_full(self, now: float) -> bool:
+        """Rule 3: put full workers that have caught up back in the alive set; True if one was."""
+        changed = False
+        still_full = False
+        for link in list(self._by_worker.values()):
+            if link.full and link.connected:
+                if self._unread(link, ask_kernel=True) <= MAX_QUEUED // 2:
+                    link.full = False
+                    changed = True
+                else:
+                    still_full = True
+        self._next_full_check = now + FULL_CHECK_INTERVAL if still_full else None
+        return changed
 
     def _on_closed(self, link: _Link, frame: Frame) -> None:
         if len(frame.payload) != 4:
@@ -752,15 +798,16 @@ class Dispatcher:
 
     def _frame_pending(self, link: _Link) -> None:
         """Put the hand-offs routed to ``link`` since the last pass into frames, in order."""
-        pending, unacked = link.pending, link.unacked
+        pending = link.pending
         for start in range(0, len(pending), MAX_FDS_PER_FRAME):
-            ids = pending[start : start + MAX_FDS_PER_FRAME]
-            fds = [unacked[conn_id][0] for conn_id in ids]
+            batch = pending[start : start + MAX_FDS_PER_FRAME]
+            ids = [conn_id for conn_id, _, _ in batch]
+            fds = [fd for _, fd, _ in batch]
             if self._intake is None:
                 link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), fds)
             else:
                 # The worker's server cannot see the real client address: it travels with the fd.
-                addresses = [unacked[conn_id][1][:2] for conn_id in ids]
+                addresses = [client[:2] for _, _, client in batch]
                 link.outbox.put(FrameKind.HANDOFF_PROXIED, pack_addressed(ids, addresses), fds)
         pending.clear()
 
@@ -771,26 +818,34 @@ class Dispatcher:
             # The worker is gone; reaping or the read side will tell how.
             self._disconnect(link)
             return
+        self._count_sent(link)
         if drained == link.writing:
             link.writing = not drained
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.writing else 0)
             self._selector.modify(link.worker.control, events, functools.partial(self._on_control, link))
 
     def _disconnect(self, link: _Link) -> None:
-        """Close the link and route the connections it had not acknowledged again (rule 2)."""
+        """Close the link and route again the connections it holds that were not sent yet (rule 2)."""
         if not link.connected:
             return
         link.connected = False
         self._selector.unregister(link.worker.control)
         link.worker.control.close()
         link.reader.close()
-        link.outbox.clear()
-        owed = list(link.unacked.items())
-        link.unacked.clear()
-        link.pending.clear()
+        owed = link.pending + [entry for frame in link.outbox.clear() for entry in self._hand_offs_in(frame)]
+        link.pending = []
         link.unhandled.clear()
         self._busy.pop(link, None)
         self._workers_changed()
+        self._route_again(link, owed)
+        if not self._stopping and link.worker.process.poll() is None and link.worker not in self._kill_at:
+            # A worker without its control socket can do nothing useful: give it
+            # the graceful timeout to exit on its own, then kill it.
+            deadline = time.monotonic() + self._graceful_timeout
+            self._kill_at[link.worker] = (deadline, "lost its control socket and did not exit")
+
+    def _route_again(self, link: _Link, owed: list[tuple[int, int, ClientInfo]]) -> None:
+        """Rule 2: route the connections ``link``'s worker never took to the balancer's choice among the others."""
         if owed and not self._stopping:
             logger.warning(
                 "worker %d (pid %d) went away holding %d connection(s) it had not taken; routing them again",
@@ -798,13 +853,70 @@ class Dispatcher:
                 link.worker.pid,
                 len(owed),
             )
-        for conn_id, (fd, client) in owed:
+        link.live = max(0, link.live - len(owed))
+        for conn_id, fd, client in owed:
             self._route(conn_id, fd, client)
-        if not self._stopping and link.worker.process.poll() is None and link.worker not in self._kill_at:
-            # A worker without its control socket can do nothing useful: give it
-            # the graceful timeout to exit on its own, then kill it.
-            deadline = time.monotonic() + self._graceful_timeout
-            self._kill_at[link.worker] = (deadline, "lost its control socket and did not exit")
+
+    def _hand_offs_in(self, frame: Frame) -> list[tuple[int, int, ClientInfo]]:
+        """The (id, descriptor, client) of each connection in a hand-off frame this master made."""
+        addresses: Sequence[tuple[str, int] | None]
+        if frame.kind is FrameKind.HANDOFF_PROXIED:
+            ids, addresses = unpack_addressed(frame.payload)
+        else:
+            ids, addresses = unpack_ids(frame.payload), [None] * len(frame.fds)
+        return [
+            (conn_id, fd, self._client_of(fd, address))
+            for conn_id, fd, address in zip(ids, frame.fds, addresses, strict=True)
+        ]
+
+    def _client_of(self, fd: int, proxied: tuple[str, int] | None) -> ClientInfo:
+        """What the balancer was told of a connection, asked of its socket again (to route it again)."""
+        sock = socket.socket(fileno=fd)
+        try:
+            peer: Any = sock.getpeername()
+            own: Any = sock.getsockname()
+        except OSError:  # the client is gone already: whoever gets it sees it closed
+            return ClientInfo("", 0)
+        finally:
+            sock.detach()
+        own_port = own[1] if isinstance(own, tuple) else own
+        local = next((name for name in self._listening if name[1] == own_port or name[0] == own_port), None)
+        if proxied is not None:
+            return ClientInfo(proxied[0], proxied[1], peer[:2] if isinstance(peer, tuple) else None, local)
+        if isinstance(peer, tuple):
+            return ClientInfo(peer[0], peer[1], None, local)
+        return ClientInfo("", 0, None, local)
+
+    def _read_back(self, link: _Link) -> None:
+        """Rule 2: route again what a gone worker never read; then close the master's copy of its end."""
+        worker_end, link.worker.worker_end = link.worker.worker_end, None
+        if worker_end is None:
+            return
+        try:
+            unread, fds = read_back(worker_end)
+        except ProtocolError as exc:
+            logger.error(
+                "worker %d (pid %d): %s; its unread connections are lost", link.worker.slot, link.worker.pid, exc
+            )
+            return
+        finally:
+            worker_end.close()
+        try:
+            frames, lost = link.outbox.unread_hand_offs(unread, fds)
+        except ProtocolError as exc:
+            logger.error(
+                "worker %d (pid %d): %s; routing them by their own addresses", link.worker.slot, link.worker.pid, exc
+            )
+            self._route_again(link, [(0, fd, self._client_of(fd, None)) for fd in fds])
+            return
+        if lost:
+            logger.warning(
+                "worker %d (pid %d) died while reading a hand-off; its %d connection(s) are lost",
+                link.worker.slot,
+                link.worker.pid,
+                lost,
+            )
+        self._route_again(link, [entry for frame in frames for entry in self._hand_offs_in(frame)])
 
     def _reap(self) -> None:
         for worker, returncode in self._supervisor.reap():
@@ -813,6 +925,7 @@ class Dispatcher:
                 if not link.connected or not self._read_link(link, seconds=None):
                     break
             self._disconnect(link)
+            self._read_back(link)
             self._kill_at.pop(worker, None)
             slot = worker.slot
             _run_hooks(self._hooks.worker_exit, slot, returncode)
@@ -1026,6 +1139,9 @@ class Dispatcher:
             link.worker.stopping = True  # so nothing is routed to a link about to close
         for link in list(self._by_worker.values()):
             self._disconnect(link)
+            if link.worker.worker_end is not None:
+                link.worker.worker_end.close()  # the kernel closes what the worker never read
+                link.worker.worker_end = None
         self._by_worker.clear()
         self._links.clear()
         self._incoming.clear()

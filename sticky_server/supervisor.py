@@ -7,7 +7,9 @@ original arguments, so ``python app.py`` and ``python -m pkg.app`` both work), i
 the directory the program started in, in a session of its own (a terminal's
 Ctrl-C reaches the master only; the master decides how workers stop). It inherits
 exactly one descriptor beyond stdio: its end of a fresh control socketpair, whose
-number is in the environment (see ``environment``).
+number is in the environment (see ``environment``). The master keeps that end open
+as well (``WorkerProcess.worker_end``): hand-offs the worker never read outlive it
+there (master, rule 2).
 
 Each slot has one *current* process; during a reload or a recycle it also has a
 replacement that is starting (it becomes current once ready) and may have old
@@ -63,7 +65,11 @@ MAX_BOOT_FAILURES = 5
 
 @dataclass(eq=False)
 class WorkerProcess:
-    """One running worker process and the master's end of its control socket (owned here)."""
+    """One running worker process and the master's end of its control socket (owned here).
+
+    ``worker_end`` is the master's copy of the worker's end, never read while the
+    worker lives; the master closes it once it has read back what the worker left.
+    """
 
     slot: int
     process: subprocess.Popen[bytes]
@@ -71,6 +77,7 @@ class WorkerProcess:
     started_at: float
     ready: bool = False
     stopping: bool = False
+    worker_end: socket.socket | None = None
 
     @property
     def pid(self) -> int:
@@ -110,11 +117,10 @@ def spawn_worker(
         )
     except BaseException:
         master_end.close()
-        raise
-    finally:
         worker_end.close()
+        raise
     master_end.setblocking(False)
-    return WorkerProcess(slot=slot, process=process, control=master_end, started_at=now)
+    return WorkerProcess(slot=slot, process=process, control=master_end, started_at=now, worker_end=worker_end)
 
 
 def describe_exit(returncode: int) -> str:

@@ -25,10 +25,17 @@ Rule 3: a frame carries at most ``MAX_FDS_PER_FRAME`` descriptors and the receiv
 buffer for ancillary data holds several frames' worth, so the kernel never has to
 truncate (and silently close) descriptors. If it ever does, the reader says so.
 
-Ownership: the sender keeps ownership of the descriptors it sends (the kernel
-duplicates them into the message); the receiver owns every descriptor it receives
-and must close those it does not hand on (``FrameReader.close`` does that for the
-ones no frame claimed).
+Ownership: an ``Outbox`` owns the descriptors queued in it and closes its copies
+once they are sent (the kernel holds them in the message from then on); the receiver
+owns every descriptor it receives and must close those it does not hand on
+(``FrameReader.close`` does that for the ones no frame claimed).
+
+Rule 4: a frame with descriptors always starts a ``sendmsg`` call, so its
+descriptors ride with its own first byte. A receiver that reads any byte of that
+call takes them; one that reads none leaves them in its socket's queue. The master
+keeps the worker's end of each control socket open for that reason: if the worker
+dies, the hand-offs it never read are still in the queue, and ``Outbox.unread_hand_offs``
+tells which frames the descriptors read back from it belong to.
 """
 
 from __future__ import annotations
@@ -38,9 +45,11 @@ import collections
 import contextlib
 import enum
 import errno
+import fcntl
 import os
 import socket
 import struct
+import termios
 import threading
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -60,8 +69,10 @@ __all__ = [
     "encode_joined",
     "pack_addressed",
     "pack_ids",
+    "read_back",
     "unpack_addressed",
     "unpack_ids",
+    "unread_bytes",
 ]
 
 HEADER = struct.Struct(">BBHI")
@@ -88,7 +99,7 @@ class FrameKind(enum.IntEnum):
     """What a frame means. Direction is fixed per kind (see MASTER_SENDS/WORKER_SENDS)."""
 
     HANDOFF = 1  # master -> worker: fds; payload: one u64 connection id per fd
-    ACK = 2  # worker -> master: payload: u64 ids of connections the worker now owns
+    # 2 was ACK: the master no longer waits for one (see Outbox.unread_hand_offs).
     READY = 3  # worker -> master: work() validated the worker; hand-offs are read now
     STOP = 4  # master -> worker: finish what you have and exit
     PING = 5  # master -> worker: heartbeat; answer with PONG
@@ -104,9 +115,7 @@ _KINDS = {kind.value: kind for kind in FrameKind}
 MASTER_SENDS = frozenset(
     {FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE}
 )
-WORKER_SENDS = frozenset(
-    {FrameKind.ACK, FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH, FrameKind.CLOSED}
-)
+WORKER_SENDS = frozenset({FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH, FrameKind.CLOSED})
 
 
 class Frame(NamedTuple):
@@ -321,6 +330,36 @@ def _fds_from_ancillary(ancillary: list[tuple[int, int, bytes]]) -> Sequence[int
     return fds
 
 
+def unread_bytes(sock: socket.socket) -> int:
+    """How many bytes wait to be read on ``sock`` (``FIONREAD``; Linux and macOS both have it)."""
+    answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(array.array("i", answer)[0])
+
+
+def read_back(sock: socket.socket) -> tuple[int, list[int]]:
+    """Read everything waiting on ``sock`` without blocking it; return the byte count and the descriptors, in order.
+
+    For the master, on the worker's end of a control socket once the worker is gone:
+    what it never read (``Outbox.unread_hand_offs`` pairs the two). The caller owns
+    the descriptors.
+    """
+    buffer = _receive_buffer()
+    count = 0
+    fds: list[int] = []
+    while True:
+        try:
+            size, ancillary, msg_flags, _ = sock.recvmsg_into([buffer], ANCILLARY_BYTES, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, ConnectionResetError):
+            return count, fds
+        fds += _fds_from_ancillary(ancillary)
+        if msg_flags & _MSG_CTRUNC:
+            _close_all(fds)
+            raise ProtocolError("the kernel truncated passed descriptors (ancillary buffer too small)")
+        if not size:
+            return count, fds
+        count += size
+
+
 def _split_frames(data: bytes) -> list[bytes]:
     """Whole frames laid end to end, one by one (their headers give their lengths)."""
     frames = []
@@ -371,10 +410,18 @@ class DropOldestQueue:
         self.size = 0
 
 
+class _SentHandOff(NamedTuple):
+    """A frame with descriptors that went out: where it starts in the stream, its bytes, its descriptor count."""
+
+    start: int
+    frame: bytes
+    n_fds: int
+
+
 class Outbox:
     """Frames waiting to be written to one non-blocking control socket, in two queues.
 
-    Control frames (hand-offs, acknowledgements, heartbeats, STOP) always go
+    Control frames (hand-offs, heartbeats, STOP, a worker's READY) always go
     before messages queued here, so those delay a hand-off by at most the one run
     being written (messages already in the kernel's socket buffer still go first;
     the receiver reads them at once and handles them in slices, so they hold it
@@ -383,8 +430,12 @@ class Outbox:
     within each queue is kept. Consecutive frames go out in one ``sendmsg``; a
     frame's descriptors ride with the call that sends its first byte (rule 1).
 
-    Descriptors queued here are borrowed, not owned: the caller keeps them open
-    until the peer acknowledges them (the kernel duplicates them at ``sendmsg``).
+    Descriptors queued here are owned here: each is closed once the ``sendmsg``
+    that carries it succeeds (the message holds it from then on), and ``clear``
+    gives back those not sent yet. Frames with descriptors that went out are
+    remembered until ``forget_read`` learns that the peer read them whole, so that
+    ``unread_hand_offs`` can tell, after the peer is gone, which ones it never read
+    (module docstring, rule 4).
     """
 
     def __init__(self) -> None:
@@ -392,6 +443,11 @@ class Outbox:
         self._messages = DropOldestQueue()
         self._current: memoryview | None = None  # the rest of a frame partly written
         self._current_is_message = False
+        self.queued_fds = 0  # descriptors in frames not sent yet
+        self.sent_fds = 0  # descriptors sent, in total
+        self.written = 0  # bytes written, in total: the stream offset of the next byte
+        self.sent_hand_offs: collections.deque[_SentHandOff] = collections.deque()
+        self.unconfirmed_fds = 0  # descriptors in sent_hand_offs: sent, not known to be read
 
     def __len__(self) -> int:
         return len(self._control) + len(self._messages) + (self._current is not None)
@@ -406,27 +462,9 @@ class Outbox:
         return bool(self._control) or (self._current is not None and not self._current_is_message)
 
     def put(self, kind: FrameKind, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
-        """Queue one control frame."""
+        """Queue one control frame; the outbox owns ``fds`` from now on."""
         self._control.append((encode(kind, payload, len(fds)), tuple(fds)))
-
-    def put_or_send(self, sock: socket.socket, kind: FrameKind, payload: bytes = b"") -> None:
-        """``put`` a control frame without descriptors, but write it at once if no control frame is ahead of it.
-
-        The quick path for acknowledgements: one ``send``, none of ``flush``'s
-        gathering. Raises as ``flush`` does when the peer is gone.
-        """
-        frame = encode(kind, payload)
-        if self._current is None and not self._control:
-            try:
-                sent = sock.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            if sent == len(frame):
-                return
-            if sent:
-                self._current, self._current_is_message = memoryview(frame)[sent:], False
-                return
-        self._control.append((frame, ()))
+        self.queued_fds += len(fds)
 
     def put_message(self, kind: FrameKind, payload: bytes, max_bytes: int) -> int:
         """Queue one message frame; return how many older messages were dropped to stay under ``max_bytes``."""
@@ -436,11 +474,55 @@ class Outbox:
         """``put_message`` for a frame already encoded (one frame can go to many outboxes)."""
         return self._messages.put(frame, max_bytes)
 
-    def clear(self) -> None:
-        """Forget every queued frame (their descriptors stay with their owner)."""
+    def clear(self) -> list[Frame]:
+        """Forget every queued frame; return the unsent ones with descriptors (the caller owns those now)."""
+        unsent = [Frame(FrameKind(data[0]), data[HEADER.size :], fds) for data, fds in self._control if fds]
         self._control.clear()
         self._messages.clear()
         self._current = None
+        self.queued_fds = 0
+        return unsent
+
+    def forget_read(self, unread: int) -> None:
+        """Forget the sent frames with descriptors that the peer has read whole.
+
+        ``unread`` is how many of the written bytes the peer has not read yet (the
+        ``FIONREAD`` of its end of the socket, see ``unread_bytes``).
+        """
+        read = self.written - unread
+        sent = self.sent_hand_offs
+        while sent and sent[0].start + len(sent[0].frame) <= read:
+            self.unconfirmed_fds -= sent.popleft().n_fds
+
+    def unread_hand_offs(self, unread: int, fds: Sequence[int]) -> tuple[list[Frame], int]:
+        """Once the peer is gone: the sent frames with descriptors it never read, and how many descriptors it took
+        with frames it did not read whole (so never handled).
+
+        ``unread`` is the count of bytes read back from the peer's end of the socket,
+        ``fds`` the descriptors that came with them, in order: by rule 4 they are
+        exactly those of the frames that start at or after the first unread byte.
+        Raises ``ProtocolError`` (the caller owns ``fds`` still) if the count does not
+        match.
+        """
+        read = self.written - unread
+        unread_frames = [sent for sent in self.sent_hand_offs if sent.start >= read]
+        taken_partly = sum(
+            sent.n_fds for sent in self.sent_hand_offs if sent.start < read < sent.start + len(sent.frame)
+        )
+        expected = sum(sent.n_fds for sent in unread_frames)
+        if expected != len(fds):
+            raise ProtocolError(
+                f"{len(fds)} descriptors read back for unread hand-offs carrying {expected}; cannot pair them"
+            )
+        self.sent_hand_offs.clear()
+        self.unconfirmed_fds = 0
+        frames = []
+        offset = 0
+        for sent in unread_frames:
+            frame_fds = tuple(fds[offset : offset + sent.n_fds])
+            offset += sent.n_fds
+            frames.append(Frame(FrameKind(sent.frame[0]), sent.frame[HEADER.size :], frame_fds))
+        return frames, taken_partly
 
     def _next_batch(self) -> tuple[list[memoryview], list[bool], tuple[int, ...]]:
         """Buffers for one sendmsg, which of them are messages, and the first one's descriptors."""
@@ -515,6 +597,16 @@ class Outbox:
                     buffers, kinds = buffers[1:], kinds[1:]
                 self._put_back(buffers, kinds, fds)
                 return False
+            if fds:
+                # The frame with them is buffers[0] and starts this call (rule 4); the
+                # message holds the descriptors now, so this copy goes.
+                self.sent_hand_offs.append(_SentHandOff(self.written, bytes(buffers[0]), len(fds)))
+                self.sent_fds += len(fds)
+                self.unconfirmed_fds += len(fds)
+                self.queued_fds -= len(fds)
+                for fd in fds:
+                    os.close(fd)
+            self.written += sent
             for index, buffer in enumerate(buffers):
                 if sent >= len(buffer):
                     sent -= len(buffer)

@@ -4,14 +4,14 @@ Theory of operation
 -------------------
 ``work(worker)`` checks the worker object, tells the master READY, and then loops
 on two things: the control socket and the signal wake-up socket. For every
-hand-off frame it reads, it first acknowledges the connection ids to the master
-and only then wraps each descriptor as a blocking ``socket.socket`` and calls
-``worker.add_connection(sock)``.
+hand-off frame it reads, it wraps each descriptor as a blocking ``socket.socket``
+and calls ``worker.add_connection(sock)``.
 
-Acknowledge-then-deliver is what makes a worker crash lose nothing: until the ACK
-arrives the master keeps its own copy of each descriptor and re-routes it if this
-worker dies; once the ACK is sent, no byte has been read yet by anyone, and from
-then on the connection belongs to this worker.
+Reading a hand-off is taking it: nothing is sent back. What makes a worker crash
+lose nothing is on the master's side: it keeps this worker's end of the control
+socket open too, so hand-offs still in the socket when this worker dies stay there,
+and the master reads them back and routes them again (master, rule 2). No byte of
+a connection has been read by anyone until this worker reads the hand-off.
 
 Messages from the master go into a bounded inbox as they are read and reach the
 handlers a slice at a time (``slices.SLICE_SECONDS``, or one handler call if that
@@ -44,7 +44,6 @@ import contextlib
 import inspect
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
@@ -70,7 +69,6 @@ from .wire import (
     FrameKind,
     FrameReader,
     Outbox,
-    pack_ids,
     unpack_addressed,
 )
 
@@ -102,7 +100,6 @@ _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
 _HANDOFF = FrameKind.HANDOFF
-_ACK = FrameKind.ACK
 _ID_BYTES = 8  # one packed connection id (wire.pack_ids)
 # A socket accepted from a non-blocking listener inherits O_NONBLOCK on macOS and the
 # BSDs, not on Linux (accept4 without SOCK_NONBLOCK); the master keeps it blocking there.
@@ -268,26 +265,6 @@ class WorkerChannel:
             self._flush_early_at = self._outbox.message_bytes + EARLY_FLUSH_BYTES
             return drained
 
-    def send_control(self, kind: FrameKind, payload: bytes = b"") -> None:
-        """Write one control frame now (after any control frame queued before it), waiting if the socket is full.
-
-        Raises when the master is gone.
-        """
-        with self._lock:
-            self._outbox.put_or_send(self.control, kind, payload)
-            if not self._outbox.control_pending():
-                return
-        self.flush_control()
-
-    def flush_control(self) -> None:
-        """Write every queued control frame, waiting for the socket if it must. Raises when the master is gone."""
-        while True:
-            with self._lock:
-                self._outbox.flush(self.control)
-                if not self._outbox.control_pending():
-                    return
-            select.select([], [self.control], [], 1.0)
-
     def close(self) -> None:
         self.closed = True
         self.waker.close()
@@ -395,8 +372,6 @@ class WorkerRuntime:
 
     def _on_control_readable(self) -> None:
         frames: list[Frame] = []
-        # What the ACK acknowledges (packed ids, in order), and what to deliver then.
-        acknowledged: list[bytes] = []
         taken_fds: list[int] = []
         taken_addresses: list[tuple[str, int] | None] = []
         pinged = False
@@ -409,19 +384,16 @@ class WorkerRuntime:
                 if kind is _MESSAGE:  # the most frequent kind first
                     dropped += inbox.put(frame.payload, MAX_QUEUED_MESSAGE_BYTES)
                 elif kind is _HANDOFF:
-                    # Its payload is the packed ids, which is what the ACK carries: no need to unpack them.
                     if len(frame.payload) != _ID_BYTES * len(frame.fds):
                         raise ProtocolError(
                             f"hand-off with {len(frame.payload)} bytes of ids and {len(frame.fds)} descriptors"
                         )
-                    acknowledged.append(frame.payload)
                     taken_fds += frame.fds
                     taken_addresses += [None] * len(frame.fds)
                 elif kind is FrameKind.HANDOFF_PROXIED:  # the master learned the client addresses from a proxy
                     ids, addresses = unpack_addressed(frame.payload)
                     if len(ids) != len(frame.fds):
                         raise ProtocolError(f"hand-off with {len(ids)} ids and {len(frame.fds)} descriptors")
-                    acknowledged.append(pack_ids(ids))
                     taken_fds += frame.fds
                     taken_addresses += addresses
                 elif kind is FrameKind.PING:
@@ -439,8 +411,6 @@ class WorkerRuntime:
         if dropped:
             self._inbox_dropped_log.note(dropped, self._slot, MAX_QUEUED_MESSAGE_BYTES)
         if taken_fds:
-            # The ACK is on its way before anything reads the connections (module docstring).
-            self._channel.send_control(_ACK, acknowledged[0] if len(acknowledged) == 1 else b"".join(acknowledged))
             deliver = self._deliver
             for fd, address in zip(taken_fds, taken_addresses, strict=True):
                 deliver(fd, address)

@@ -6,8 +6,12 @@ dispatcher's link reading by hand to check how it slices a flood of frames.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,11 +19,12 @@ import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server import master as master_module
-from sticky_server.balancer import IPHashBalancer
+from sticky_server.balancer import ClientInfo, IPHashBalancer
 from sticky_server.channel import encode, pack_publish, unpack_delivery
 from sticky_server.master import Dispatcher
 from sticky_server.supervisor import Supervisor, WorkerProcess
 from sticky_server.wire import MASTER_SENDS, FrameKind, FrameReader, Outbox, pack_ids
+from sticky_server.wire import encode as encode_frame
 
 WORKERS = 2
 
@@ -74,6 +79,13 @@ def setup(mocker: MockerFixture) -> Iterator[Setup]:
         sock.close()
 
 
+def tcp_pair(source: str) -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10, source_address=(source, 0))
+        accepted, _ = listener.accept()
+    return client, accepted
+
+
 def publishes(messages: range) -> Outbox:
     outbox = Outbox()
     for n in messages:
@@ -112,20 +124,60 @@ def test_frames_read_before_a_worker_closed_are_all_handled(setup: Setup, mocker
     assert sender.worker.ready
 
 
-def test_an_ack_behind_a_flood_still_counts_when_the_worker_dies(setup: Setup, mocker: MockerFixture) -> None:
-    """Rule 2: a connection the worker took is never routed again, even if its ACK came behind messages."""
-    dispatcher, sender = setup.dispatcher, setup.link(0)
-    client, server = socket.socketpair()
-    sender.unacked[5] = (server.detach(), mocker.Mock())
-    outbox = publishes(range(10))
-    outbox.put(FrameKind.ACK, pack_ids([5]))
-    setup.write(0, outbox)
-    setup.worker_ends[0].close()
+def test_hand_offs_a_dead_worker_never_read_are_routed_again_and_only_those(
+    setup: Setup, mocker: MockerFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rule 2: the master reads back, from its copy of the worker's end, what the worker never read."""
+    dispatcher, link = setup.dispatcher, setup.link(0)
+    worker_end = setup.worker_ends[0]
+    link.worker.worker_end = worker_end.dup()  # as spawn_worker keeps it
+    pairs = [tcp_pair(f"127.0.0.{30 + n}") for n in range(4)]
+    for conn_id, (client, accepted) in enumerate(pairs):  # four passes of the loop: four frames
+        link.pending.append((conn_id, accepted.detach(), ClientInfo(*client.getsockname())))
+        dispatcher._touched.add(link)
+        dispatcher._flush_touched()
+    frame_size = len(encode_frame(FrameKind.HANDOFF, pack_ids([0]), 1))
+    # The worker reads the first hand-off whole and 2 bytes of the second, then dies.
+    for size in (frame_size, 2):
+        _, ancillary, _, _ = worker_end.recvmsg(size, socket.CMSG_SPACE(4))
+        os.close(int.from_bytes(ancillary[0][2], sys.byteorder))
+    worker_end.close()
     route = mocker.spy(dispatcher, "_route")
 
-    while sender.connected:
-        dispatcher._read_link(sender, 0.0)  # one frame per slice: the test counts, not times
-    assert route.call_count == 0 and not sender.unacked and sender.taken == 1
+    with caplog.at_level(logging.WARNING, logger="sticky_server"):
+        dispatcher._disconnect(link)
+        dispatcher._read_back(link)
+
+    assert [call.args[0] for call in route.call_args_list] == [2, 3]
+    assert [call.args[2].host for call in route.call_args_list] == ["127.0.0.32", "127.0.0.33"]
+    for call, (client, _) in zip(route.call_args_list, pairs[2:], strict=True):
+        with socket.socket(fileno=os.dup(call.args[1])) as sock:
+            assert sock.getpeername() == client.getsockname()  # each id came back with its own connection
+    assert "died while reading a hand-off; its 1 connection(s) are lost" in caplog.text
+    assert "went away holding 2 connection(s) it had not taken; routing them again" in caplog.text
+    assert link.worker.worker_end is None
+    dispatcher._flush_touched()  # on to worker 1 (which closes the master's copies)
+    for client, _ in pairs:
+        client.close()
+
+
+def test_hand_offs_not_sent_yet_are_routed_again_when_the_link_closes(setup: Setup, mocker: MockerFixture) -> None:
+    dispatcher, link = setup.dispatcher, setup.link(0)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            link.worker.control.send(encode_frame(FrameKind.PING))  # a worker that stopped reading
+    client, accepted = tcp_pair("127.0.0.40")
+    link.pending.append((9, accepted.detach(), ClientInfo(*client.getsockname())))
+    dispatcher._touched.add(link)
+    dispatcher._flush_touched()
+    assert link.outbox.queued_fds == 1  # could not go: still the master's
+    route = mocker.spy(dispatcher, "_route")
+
+    dispatcher._disconnect(link)
+
+    (call,) = route.call_args_list
+    assert call.args[0] == 9 and call.args[2].host == "127.0.0.40"
+    dispatcher._flush_touched()
     client.close()
 
 

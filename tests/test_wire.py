@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
@@ -26,8 +27,10 @@ from sticky_server.wire import (
     encode,
     pack_addressed,
     pack_ids,
+    read_back,
     unpack_addressed,
     unpack_ids,
+    unread_bytes,
 )
 
 
@@ -42,14 +45,14 @@ def nonblocking_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 
 def test_frames_round_trip_whole_and_byte_by_byte() -> None:
-    data = encode(FrameKind.ACK, pack_ids([1, 2**64 - 1])) + encode(FrameKind.READY)
+    data = encode(FrameKind.CLOSED, pack_ids([1, 2**64 - 1])) + encode(FrameKind.READY)
     assert FrameReader(WORKER_SENDS).feed(data) == [
-        Frame(FrameKind.ACK, pack_ids([1, 2**64 - 1])),
+        Frame(FrameKind.CLOSED, pack_ids([1, 2**64 - 1])),
         Frame(FrameKind.READY),
     ]
     reader = FrameReader(WORKER_SENDS)
     frames = [frame for byte in data for frame in reader.feed(bytes([byte]))]
-    assert [frame.kind for frame in frames] == [FrameKind.ACK, FrameKind.READY]
+    assert [frame.kind for frame in frames] == [FrameKind.CLOSED, FrameKind.READY]
     assert unpack_ids(frames[0].payload) == (1, 2**64 - 1)
     assert reader.pending_bytes == 0
 
@@ -69,10 +72,10 @@ def test_descriptors_are_claimed_in_order_by_the_frames_that_declare_them() -> N
     [
         (HEADER.pack(99, 0, 0, 0), [], "unknown frame kind 99"),
         (encode(FrameKind.HANDOFF), [], "HANDOFF is not allowed"),
-        (HEADER.pack(FrameKind.ACK, 1, 0, 0), [], "flags must be 0"),
-        (HEADER.pack(FrameKind.ACK, 0, MAX_FDS_PER_FRAME + 1, 0), [], "declares 65 descriptors"),
-        (HEADER.pack(FrameKind.ACK, 0, 0, MAX_PAYLOAD + 1), [], "byte payload"),
-        (encode(FrameKind.ACK, b"", 2), [5], "declares 2 descriptors but 1 arrived"),
+        (HEADER.pack(FrameKind.PONG, 1, 0, 0), [], "flags must be 0"),
+        (HEADER.pack(FrameKind.PONG, 0, MAX_FDS_PER_FRAME + 1, 0), [], "declares 65 descriptors"),
+        (HEADER.pack(FrameKind.PONG, 0, 0, MAX_PAYLOAD + 1), [], "byte payload"),
+        (encode(FrameKind.PONG, b"", 2), [5], "declares 2 descriptors but 1 arrived"),
     ],
 )
 def test_invalid_frames_are_protocol_errors(data: bytes, fds: list[int], message: str) -> None:
@@ -89,7 +92,7 @@ def test_encode_refuses_what_no_reader_would_accept() -> None:
     with pytest.raises(ValueError, match="0 to 64 descriptors"):
         encode(FrameKind.HANDOFF, b"", MAX_FDS_PER_FRAME + 1)
     with pytest.raises(ValueError, match="over the"):
-        encode(FrameKind.ACK, bytes(MAX_PAYLOAD + 1))
+        encode(FrameKind.PONG, bytes(MAX_PAYLOAD + 1))
 
 
 @settings(max_examples=400, deadline=None)
@@ -142,7 +145,7 @@ def test_descriptors_pass_over_a_real_socketpair_when_every_send_is_partial() ->
         outbox = Outbox()
         for start in range(0, 120, 10):
             ids = list(range(start, start + 10))
-            outbox.put(FrameKind.HANDOFF, pack_ids(ids), [pipes[n][1] for n in ids])
+            outbox.put(FrameKind.HANDOFF, pack_ids(ids), [os.dup(pipes[n][1]) for n in ids])  # the outbox owns these
             outbox.put(FrameKind.STOP)
         reader = FrameReader(MASTER_SENDS)
         received: list[Frame] = []
@@ -316,7 +319,7 @@ def test_a_partial_write_in_the_middle_of_a_batch_keeps_every_frame_in_order() -
             for n in range(20):
                 outbox.put_message(FrameKind.MESSAGE, bytes([n]) * 5, max_bytes=1 << 20)
                 if n % 5 == 0:
-                    outbox.put(FrameKind.HANDOFF, pack_ids([n]), [write_end])
+                    outbox.put(FrameKind.HANDOFF, pack_ids([n]), [os.dup(write_end)])  # the outbox owns these
             reader = FrameReader(MASTER_SENDS)
             frames: list[Frame] = []
             worker.setblocking(False)
@@ -382,38 +385,77 @@ def test_readers_on_one_thread_share_the_receive_buffer_without_mixing_their_str
             receiver.close()
 
 
-def test_put_or_send_writes_at_once_but_never_ahead_of_a_queued_control_frame(
-    nonblocking_pair: tuple[socket.socket, socket.socket],
-) -> None:
-    master, worker = nonblocking_pair
-    reader = FrameReader(WORKER_SENDS)
-    outbox = Outbox()
-    outbox.put_message(FrameKind.SEND, b"queued message", 1 << 20)
-    outbox.put_or_send(master, FrameKind.ACK, pack_ids([1]))
-    # Written by the call itself (control frames go before queued messages).
-    assert reader.read_from(worker)[0] == [Frame(FrameKind.ACK, pack_ids([1]))]
-    outbox.put(FrameKind.PONG)
-    outbox.put_or_send(master, FrameKind.ACK, pack_ids([2]))
-    with pytest.raises(BlockingIOError):
-        reader.read_from(worker)  # queued behind the PONG: nothing written yet
-    assert outbox.flush(master) is True
-    assert [frame.kind for frame in reader.read_from(worker)[0]] == [FrameKind.PONG, FrameKind.ACK, FrameKind.SEND]
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
-def test_put_or_send_into_a_full_socket_keeps_the_rest_for_flush(
+def test_an_outbox_closes_each_descriptor_once_sent_and_gives_back_those_not_sent(
     nonblocking_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    master, worker = nonblocking_pair
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            master.send(encode(FrameKind.PONG))  # whole 8-byte frames until the buffer is full
-    outbox = Outbox()
-    outbox.put_or_send(master, FrameKind.ACK, pack_ids(list(range(4000))))
-    assert outbox.control_pending()
-    reader = FrameReader(WORKER_SENDS)
-    acks: list[Frame] = []
-    while not acks:
-        outbox.flush(master)
+    master, _worker = nonblocking_pair
+    read_end, write_end = os.pipe()
+    try:
+        outbox = Outbox()
+        first, second = os.dup(write_end), os.dup(write_end)
+        outbox.put(FrameKind.HANDOFF, pack_ids([1]), [first])
+        assert outbox.queued_fds == 1 and outbox.flush(master)
+        assert not is_open(first)  # the message holds it now
+        assert (outbox.sent_fds, outbox.queued_fds, outbox.unconfirmed_fds) == (1, 0, 1)
         with contextlib.suppress(BlockingIOError):
-            acks = [frame for frame in reader.read_from(worker)[0] if frame.kind is FrameKind.ACK]
-    assert unpack_ids(acks[0].payload) == tuple(range(4000))
+            while True:
+                master.send(encode(FrameKind.PING))  # fill the socket: the next hand-off cannot go
+        outbox.put(FrameKind.HANDOFF, pack_ids([2]), [second])
+        outbox.put(FrameKind.STOP)
+        assert not outbox.flush(master)
+        assert outbox.clear() == [Frame(FrameKind.HANDOFF, pack_ids([2]), (second,))]
+        assert is_open(second) and outbox.queued_fds == 0
+        os.close(second)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_hand_offs_a_gone_reader_never_touched_are_told_apart_from_those_it_took() -> None:
+    """Rule 4: descriptors read back from the reader's end belong to the frames it read no byte of."""
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pipes = [os.pipe() for _ in range(6)]
+    with master, worker:
+        outbox = Outbox()
+        frames = []
+        for ids in ([0], [1, 2], [3, 4, 5]):  # three hand-offs, each with a message behind it
+            outbox.put(FrameKind.HANDOFF, pack_ids(ids), [os.dup(pipes[n][1]) for n in ids])
+            outbox.put_message(FrameKind.MESSAGE, b"m" * 10, 1 << 20)
+            frames.append(encode(FrameKind.HANDOFF, pack_ids(ids), len(ids)))
+            assert outbox.flush(master)
+        message = len(encode(FrameKind.MESSAGE, b"m" * 10))
+        # The reader takes the first hand-off and its message whole, then 3 bytes of the second.
+        for size in (len(frames[0]) + message, 3):
+            _, ancillary, _, _ = worker.recvmsg(size, socket.CMSG_SPACE(64 * 4))
+            for fd in array.array("i", ancillary[0][2]):
+                os.close(fd)
+        outbox.forget_read(unread_bytes(worker))
+        assert outbox.unconfirmed_fds == 5  # the first frame was read whole: forgotten
+        # The reader is gone; what is left comes back.
+        unread, fds = read_back(worker)
+        assert unread == len(frames[1]) - 3 + message + len(frames[2]) + message
+        (frame,), lost = outbox.unread_hand_offs(unread, fds)
+        assert lost == 2  # the second frame's descriptors went with its first 3 bytes
+        assert frame.kind is FrameKind.HANDOFF and unpack_ids(frame.payload) == (3, 4, 5)
+        for conn_id, fd in zip((3, 4, 5), frame.fds, strict=True):
+            os.write(fd, bytes([conn_id]))
+            os.close(fd)
+            assert os.read(pipes[conn_id][0], 1) == bytes([conn_id])
+        assert read_back(worker) == (0, [])
+    for read_end, write_end in pipes:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_read_back_descriptors_that_match_no_frame_are_refused() -> None:
+    outbox = Outbox()
+    with pytest.raises(ProtocolError, match="1 descriptors read back for unread hand-offs carrying 0"):
+        outbox.unread_hand_offs(8, [99])
