@@ -231,14 +231,11 @@ def main() -> None:
         sticky.on_listening(lambda address: print(f"LISTENING {address[0]} {address[1]}", flush=True))
         if os.environ.get("APP_CHANNEL"):
             serve_channel(sticky)
-        nofile = os.environ.get("APP_MASTER_NOFILE")
-        if nofile:
-            # Only the master's soft limit is lowered; workers put theirs back (below).
-            resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         port_text = os.environ.get("APP_PORT", "0")
         sticky.listen(int(port_text), host=os.environ.get("APP_HOST", "127.0.0.1") or None)
         return
     record_pid(f"worker{sticky.worker_id}")
+    # A test may lower the master's descriptor limit; workers started after that raise theirs back.
     hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
     fail_file = os.environ.get("APP_FAIL_BOOT_FILE")
