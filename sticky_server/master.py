@@ -500,17 +500,14 @@ class Dispatcher:
         link.pending.append((conn_id, fd, client))
         link.live += 1
         self._touched.add(link)
-        outbox = link.outbox
-        queued = len(link.pending) + outbox.queued_fds + outbox.unconfirmed_fds
-        if queued >= MAX_QUEUED and self._unread(link, ask_kernel=True) >= MAX_QUEUED:
+        if self._unread(link) >= MAX_QUEUED and self._unread(link, ask_kernel=True) >= MAX_QUEUED:
             link.full = True
-            queued = self._unread(link)
             if self._next_full_check is None:
                 self._next_full_check = time.monotonic() + FULL_CHECK_INTERVAL
             logger.warning(
                 "worker %d has %d connections it has not taken yet; routing its clients elsewhere until it catches up",
                 slot,
-                queued,
+                self._unread(link),
             )
             self._workers_changed()
 

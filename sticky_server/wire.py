@@ -283,19 +283,14 @@ class FrameReader:
 
         On a non-blocking socket with nothing to read, raises ``BlockingIOError``.
         """
-        receive_buffer = _receive_buffer()
         try:
-            size, ancillary, msg_flags, _ = sock.recvmsg_into([receive_buffer], ANCILLARY_BYTES)
+            size, fds = _receive(sock)
         except ConnectionResetError:
             return [], True
-        fds = _fds_from_ancillary(ancillary)
-        if msg_flags & _MSG_CTRUNC:
-            _close_all(fds)
-            raise ProtocolError("the kernel truncated passed descriptors (ancillary buffer too small)")
         if not size:
             _close_all(fds)
             return [], True
-        with memoryview(receive_buffer) as view:
+        with memoryview(_receive_buffer()) as view:
             return self.feed(view[:size], fds), False
 
     def close(self) -> None:
@@ -322,6 +317,16 @@ def _receive_buffer() -> bytearray:
     return buffer
 
 
+def _receive(sock: socket.socket, flags: int = 0) -> tuple[int, Sequence[int]]:
+    """One ``recvmsg`` into this thread's receive buffer: the byte count and the descriptors that came."""
+    size, ancillary, msg_flags, _ = sock.recvmsg_into([_receive_buffer()], ANCILLARY_BYTES, flags)
+    fds = _fds_from_ancillary(ancillary)
+    if msg_flags & _MSG_CTRUNC:
+        _close_all(fds)
+        raise ProtocolError("the kernel truncated passed descriptors (ancillary buffer too small)")
+    return size, fds
+
+
 def _fds_from_ancillary(ancillary: list[tuple[int, int, bytes]]) -> Sequence[int]:
     fds: array.array[int] = array.array("i")
     for level, kind, data in ancillary:
@@ -343,18 +348,17 @@ def read_back(sock: socket.socket) -> tuple[int, list[int]]:
     what it never read (``Outbox.unread_hand_offs`` pairs the two). The caller owns
     the descriptors.
     """
-    buffer = _receive_buffer()
     count = 0
     fds: list[int] = []
     while True:
         try:
-            size, ancillary, msg_flags, _ = sock.recvmsg_into([buffer], ANCILLARY_BYTES, socket.MSG_DONTWAIT)
+            size, received = _receive(sock, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError, ConnectionResetError):
             return count, fds
-        fds += _fds_from_ancillary(ancillary)
-        if msg_flags & _MSG_CTRUNC:
+        except ProtocolError:
             _close_all(fds)
-            raise ProtocolError("the kernel truncated passed descriptors (ancillary buffer too small)")
+            raise
+        fds += received
         if not size:
             return count, fds
         count += size
@@ -410,6 +414,11 @@ class DropOldestQueue:
         self.size = 0
 
 
+def _decode_whole(data: bytes, fds: tuple[int, ...]) -> Frame:
+    """A frame ``encode`` made (trusted: no checks), with its descriptors."""
+    return Frame(FrameKind(data[0]), data[HEADER.size :], fds)
+
+
 class _SentHandOff(NamedTuple):
     """A frame with descriptors that went out: where it starts in the stream, its bytes, its descriptor count."""
 
@@ -457,10 +466,6 @@ class Outbox:
         """Bytes of messages queued (not counting one partly written)."""
         return self._messages.size
 
-    def control_pending(self) -> bool:
-        """True while a control frame is queued or partly written."""
-        return bool(self._control) or (self._current is not None and not self._current_is_message)
-
     def put(self, kind: FrameKind, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         """Queue one control frame; the outbox owns ``fds`` from now on."""
         self._control.append((encode(kind, payload, len(fds)), tuple(fds)))
@@ -476,7 +481,7 @@ class Outbox:
 
     def clear(self) -> list[Frame]:
         """Forget every queued frame; return the unsent ones with descriptors (the caller owns those now)."""
-        unsent = [Frame(FrameKind(data[0]), data[HEADER.size :], fds) for data, fds in self._control if fds]
+        unsent = [_decode_whole(data, fds) for data, fds in self._control if fds]
         self._control.clear()
         self._messages.clear()
         self._current = None
@@ -521,7 +526,7 @@ class Outbox:
         for sent in unread_frames:
             frame_fds = tuple(fds[offset : offset + sent.n_fds])
             offset += sent.n_fds
-            frames.append(Frame(FrameKind(sent.frame[0]), sent.frame[HEADER.size :], frame_fds))
+            frames.append(_decode_whole(sent.frame, frame_fds))
         return frames, taken_partly
 
     def _next_batch(self) -> tuple[list[memoryview], list[bool], tuple[int, ...]]:
