@@ -2,9 +2,11 @@
 
 Messages are JSON values (dicts, lists, str, int, float, bool, None), never
 pickles: a worker must not be able to make the master run code. A value that
-cannot be encoded raises TypeError in the caller; one over ``max_message_size``
-raises ValueError. Bytes that are not a valid message, from a worker, are a
-protocol error (the master restarts that worker).
+cannot be encoded (a set, NaN or Infinity, nesting too deep) raises TypeError in
+the caller; one over ``max_message_size`` raises ValueError. Bytes that are not a
+valid message, from a worker (not UTF-8 JSON, NaN, an integer past Python's digit
+limit, nesting too deep, over ``max_message_size``), are a protocol error: the master
+kills and replaces that worker.
 
 Envelopes (the payload of the frames in ``wire``):
   SEND     worker -> master   the JSON text
@@ -40,8 +42,15 @@ DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
 MAX_QUEUED_MESSAGE_BYTES = 16 * 1024 * 1024
 FROM_MASTER = 0xFFFF
 _SENDER = struct.Struct(">H")
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=True)
-_decoder = json.JSONDecoder()
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=True, allow_nan=False)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# NaN and Infinity are Python's extension, not JSON: refused both ways.
+_decoder = json.JSONDecoder(parse_constant=_not_json)
 # What JSONDecoder.raw_decode calls (the C scanner); typeshed does not declare the attribute.
 _scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
@@ -50,6 +59,8 @@ def encode(message: Any, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> bytes:
     """The JSON bytes of ``message``; TypeError if it is not JSON, ValueError if it is too big."""
     try:
         data = _encoder.encode(message).encode()
+    except RecursionError:
+        raise TypeError("message cannot be sent: it is nested too deeply to encode as JSON") from None
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"message cannot be sent: {exc}. Send JSON values: dict (str keys), list, str, int, float, bool, None"
@@ -76,8 +87,10 @@ def decode(data: bytes) -> Any:
         if end == len(text):
             return value
         return _decoder.decode(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"message is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON, NaN/Infinity and integers past
+        # Python's digit limit; RecursionError, nesting past the interpreter's.
+        raise ProtocolError(f"message is not valid JSON ({str(exc)[:200]})") from None
 
 
 def sender_prefix(sender: int | None) -> bytes:

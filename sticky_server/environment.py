@@ -4,23 +4,53 @@ The master re-executes the entry script with two extra environment variables: th
 number of the inherited control-socket descriptor and the worker's slot. This
 module reads them once and removes them from ``os.environ`` so that programs the
 worker starts do not mistake themselves for workers.
+
+A worker also makes itself non-dumpable (Linux ``PR_SET_DUMPABLE`` 0): another
+process of the same user can then no longer read its environment or memory,
+attach to it, or copy its control socket with ``pidfd_getfd``, and so cannot
+inject frames or take connections. (It writes no core file either.) Only root
+still can, which is why the workers should run as a user of their own.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
 import os
 import socket
+import sys
 from typing import NamedTuple
 
 from .errors import WrongProcessError
 
-__all__ = ["CONTROL_FD_ENV", "LAUNCH_CWD", "WORKER_SLOT_ENV", "WorkerIdentity", "worker_identity"]
+__all__ = ["CONTROL_FD_ENV", "LAUNCH_CWD", "WORKER_SLOT_ENV", "WorkerIdentity", "make_undumpable", "worker_identity"]
+
+logger = logging.getLogger("sticky_server.environment")
 
 CONTROL_FD_ENV = "STICKY_SERVER_CONTROL_FD"
 WORKER_SLOT_ENV = "STICKY_SERVER_WORKER_SLOT"
 # Workers are started in the directory the program was started in, so that a
 # relative script path or `-m package` resolves the same way in every worker.
 LAUNCH_CWD = os.getcwd()
+_PR_SET_DUMPABLE = 4  # linux/prctl.h
+
+
+def make_undumpable() -> bool:
+    """Linux: ``prctl(PR_SET_DUMPABLE, 0)`` for this process; False where it cannot (other systems)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
+            return True
+        error = ctypes.get_errno()
+    except (OSError, AttributeError) as exc:
+        error_text = str(exc)
+    else:
+        error_text = os.strerror(error)
+    logger.warning("could not make worker %d non-dumpable: %s", os.getpid(), error_text)
+    return False
 
 
 class WorkerIdentity(NamedTuple):
@@ -60,5 +90,6 @@ def worker_identity() -> WorkerIdentity | None:
         raise WrongProcessError(f"{CONTROL_FD_ENV}={fd} is not a Unix socket{not_ours}")
     # Keep it out of anything this worker spawns: only this process talks to the master.
     control.set_inheritable(False)
+    make_undumpable()
     _identity = WorkerIdentity(slot, control)
     return _identity

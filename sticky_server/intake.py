@@ -15,9 +15,15 @@ the client. It never takes an application byte from the stream:
 Peeking alone would make a level-triggered selector report the socket readable
 again and again while the rest of a header is on its way. So when a header is
 incomplete the master sets ``SO_RCVLOWAT`` to the number of bytes it needs: the
-socket is reported readable only when they are there (or on EOF, which a peek
-that finds nothing new tells apart). The option is put back to 1 before the
-hand-off, so the worker's server sees an ordinary socket.
+socket is reported readable only when they are there, or on EOF. The option is put
+back to 1 before the hand-off, so the worker's server sees an ordinary socket.
+
+Readable with nothing new is not EOF: Linux also reports a socket readable below
+its low-water mark when the socket runs low on receive memory (a header sent in
+many tiny segments), and Unix sockets ignore the mark. Only a peek of zero bytes,
+or (Linux) a TCP state that says the peer sent its FIN, is EOF. Otherwise the
+connection leaves the selector and is peeked again every ``HEADER_POLL_INTERVAL``
+seconds until its header is in or ``header_timeout`` passes, so the loop never spins.
 
 Connections from peers outside ``trusted_proxies`` are routed at once by their
 socket address and nothing is read: a header they send is the application's to
@@ -59,7 +65,22 @@ logger = logging.getLogger("sticky_server.intake")
 REJECT_LOG_INTERVAL = 10.0
 # The first peek of a PROXY header takes this much: a v1 line or a v2 header with IPv6 addresses fits.
 PROXY_PEEK = 256
+# How often a connection that the selector cannot watch (see the module docstring) is peeked again.
+HEADER_POLL_INTERVAL = 0.01
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+# TCP states (linux/tcp_states.h) in which the peer has sent its FIN.
+_PEER_CLOSED_STATES = frozenset({7, 8, 9})  # TCP_CLOSE, TCP_CLOSE_WAIT, TCP_LAST_ACK
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the kernel says the peer closed; False when it cannot tell (not Linux, not TCP)."""
+    if _TCP_INFO is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] in _PEER_CLOSED_STATES
+    except OSError:
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,20 +103,33 @@ class _Waiting:
     seen: int = 0
     needed: int = 0
     low_water: bool = False
+    registered: bool = False  # watched by the selector
+    poll_at: float | None = None  # peeked again at this time instead (see the module docstring)
 
 
 ConnectionRoute = Callable[[int, int, ClientInfo], None]
+ConnectionFault = Callable[[int, ClientInfo, BaseException], None]
 
 
 class Intake:
     """Reads the client address of connections from trusted proxies, then routes them."""
 
-    def __init__(self, selector: selectors.BaseSelector, settings: ClientAddressSettings, route: ConnectionRoute):
+    def __init__(
+        self,
+        selector: selectors.BaseSelector,
+        settings: ClientAddressSettings,
+        route: ConnectionRoute,
+        fault: ConnectionFault,
+    ):
+        """``route(id, fd, client)`` takes a connection whose client is known; ``fault(fd, client, error)``
+        takes one whose handling raised unexpectedly (it closes it)."""
         self._selector = selector
         self._settings = settings
         self._trusted = settings.trusted
         self._route = route
+        self._fault = fault
         self._waiting: dict[int, _Waiting] = {}  # by descriptor, oldest first
+        self._polling: dict[int, _Waiting] = {}  # by descriptor: those peeked on a timer
         self._rejected_log = ThrottledLog(
             logger,
             logging.WARNING,
@@ -125,21 +159,31 @@ class Intake:
             # socket.setdefaulttimeout() made it non-blocking with a timeout: the peeks
             # below would wait, and the worker would be handed a non-blocking socket.
             sock.setblocking(True)
-        self._try(_Waiting(conn_id, sock, client, time.monotonic() + self._settings.timeout))
+        self._try_guarded(_Waiting(conn_id, sock, client, time.monotonic() + self._settings.timeout))
 
     def next_deadline(self) -> float | None:
+        earliest = None
         for waiting in self._waiting.values():
-            return waiting.deadline
-        return None
+            earliest = waiting.deadline
+            break
+        for waiting in self._polling.values():
+            if waiting.poll_at is not None and (earliest is None or waiting.poll_at < earliest):
+                earliest = waiting.poll_at
+        return earliest
 
     def expire(self, now: float) -> None:
-        """Close the connections whose header did not arrive in time."""
+        """Close the connections whose header did not arrive in time; peek again at those due for it."""
         while self._waiting:
             waiting = next(iter(self._waiting.values()))
             if waiting.deadline > now:
-                return
+                break
             self._timeout_log.note(1, self._settings.timeout, waiting.client.host)
             self._reject(waiting)
+        for fd, waiting in list(self._polling.items()):
+            if waiting.poll_at is not None and waiting.poll_at <= now:
+                del self._polling[fd]
+                waiting.poll_at = None
+                self._try_guarded(waiting)
 
     def close_all(self, why: str) -> None:
         if self._waiting:
@@ -148,6 +192,16 @@ class Intake:
             self._drop(waiting)
 
     # --- reading ------------------------------------------------------------------
+
+    def _try_guarded(self, waiting: _Waiting) -> None:
+        """``_try``; an unexpected error closes this connection only (master, error handling)."""
+        try:
+            self._try(waiting)
+        except Exception as exc:
+            if waiting.sock.fileno() < 0:
+                raise  # routed already: the error is the master's, not this connection's
+            self._forget(waiting)
+            self._fault(waiting.sock.detach(), waiting.client, exc)
 
     def _try(self, waiting: _Waiting) -> None:
         settings = self._settings
@@ -163,9 +217,11 @@ class Intake:
             self._drop(waiting)
             return
         if data is not None and len(data) <= waiting.seen:
-            # Readable, yet nothing new: the peer closed (SO_RCVLOWAT holds back partial data).
-            logger.debug("connection from %s closed before its header was complete", waiting.client.host)
-            self._drop(waiting)
+            if not data or _peer_closed(waiting.sock):
+                logger.debug("connection from %s closed before its header was complete", waiting.client.host)
+                self._drop(waiting)
+            else:
+                self._poll(waiting)  # readable with nothing new: see the module docstring
             return
         try:
             needed, client = self._parse(data or b"", waiting.client)
@@ -221,14 +277,29 @@ class Intake:
         else:
             waiting.low_water = True
         fd = waiting.sock.fileno()
-        if fd not in self._waiting:
-            self._waiting[fd] = waiting
-            self._selector.register(fd, selectors.EVENT_READ, lambda mask: self._try(waiting))
+        self._waiting.setdefault(fd, waiting)
+        if not waiting.registered:
+            waiting.registered = True
+            self._selector.register(fd, selectors.EVENT_READ, lambda mask: self._try_guarded(waiting))
+
+    def _poll(self, waiting: _Waiting) -> None:
+        """Peek at ``waiting`` again in ``HEADER_POLL_INTERVAL`` seconds instead of when the selector says."""
+        fd = waiting.sock.fileno()
+        if waiting.registered:
+            waiting.registered = False
+            self._selector.unregister(fd)
+        self._waiting.setdefault(fd, waiting)
+        waiting.poll_at = time.monotonic() + HEADER_POLL_INTERVAL
+        self._polling[fd] = waiting
 
     def _forget(self, waiting: _Waiting) -> None:
         """Stop watching ``waiting`` (if it was waited on at all)."""
-        if self._waiting.pop(waiting.sock.fileno(), None) is not None:
-            self._selector.unregister(waiting.sock.fileno())
+        fd = waiting.sock.fileno()
+        self._waiting.pop(fd, None)
+        self._polling.pop(fd, None)
+        if waiting.registered:
+            waiting.registered = False
+            self._selector.unregister(fd)
 
     def _reject(self, waiting: _Waiting) -> None:
         """Close a connection that sent a bad header or none in time: a FIN, not a reset, where possible."""

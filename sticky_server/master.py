@@ -49,16 +49,27 @@ SIGKILLs what is left ``graceful_timeout`` seconds later. Quick (SIGINT,
 SIGQUIT) sends the workers SIGQUIT and kills them ``QUICK_STOP_SECONDS`` later.
 Any further stop signal kills at once.
 
-Resource handling: out-of-descriptor errors from ``accept`` (EMFILE, ENFILE,
-ENOBUFS, ENOMEM) are logged (at most every ``ACCEPT_ERROR_LOG_INTERVAL``
-seconds) and accepting pauses for ``ACCEPT_BACKOFF`` seconds
-instead of spinning; a connection aborted before ``accept`` is skipped; any other
-error propagates, and the ``finally`` of ``run`` kills every worker so nothing is
-left behind.
+Rule 6 (descriptor room): a worker tells its descriptor limit when it is ready;
+the master treats it as full once it has ``limit - reserve`` live connections
+(``descriptor_headroom``), and routes its clients elsewhere until some close. If a
+worker still runs out (its own files count too), the kernel closes the hand-offs
+it had no room for, the worker keeps the rest and says how many it lost (NO_ROOM),
+and the master lowers that worker's ceiling to what it holds.
+
+Error handling: nothing one client or one worker sends ends the master. An
+unexpected exception while routing one connection closes that connection and is
+logged (throttled); one while handling a worker's frames kills that worker, which
+is replaced. Out-of-descriptor errors from ``accept`` (EMFILE, ENFILE, ENOBUFS,
+ENOMEM) are logged (at most every ``ACCEPT_ERROR_LOG_INTERVAL`` seconds) and
+accepting pauses for ``ACCEPT_BACKOFF`` seconds instead of spinning; a connection
+aborted before ``accept`` is skipped. Any other error is a fault in the master's
+own state: it propagates, and the ``finally`` of ``run`` kills every worker so
+nothing is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -68,6 +79,7 @@ import random
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -77,7 +89,7 @@ from dataclasses import dataclass, field
 from typing import Any, overload
 
 from .balancer import PICK_TIME_LIMIT, Balancer, ClientInfo, IPHashBalancer, WorkerSet
-from .channel import MAX_QUEUED_MESSAGE_BYTES, sender_prefix, unpack_publish
+from .channel import DEFAULT_MAX_MESSAGE_SIZE, MAX_QUEUED_MESSAGE_BYTES, sender_prefix, unpack_publish
 from .channel import decode as decode_message
 from .errors import ProtocolError, WorkerBootError
 from .intake import ClientAddressSettings, Intake
@@ -131,8 +143,31 @@ ABORT_GRACE = 1.0
 RECYCLE_JITTER = 0.1
 # Messages dropped for slow workers are logged at most once per this many seconds.
 MESSAGE_DROP_LOG_INTERVAL = 10.0
+# Connections that failed in routing, and workers at their descriptor ceiling, are
+# logged at most once per this many seconds.
+FAULT_LOG_INTERVAL = 10.0
+# A graceful stop accepts at most this many connections still in each listener's backlog.
+MAX_STOP_DRAIN = 65536
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
+_COUNT_BYTES = 4  # the u32 payload of READY, CLOSED and NO_ROOM
+
+
+def descriptor_headroom(limit: int) -> int | None:
+    """Rule 6: the live connections a worker with descriptor limit ``limit`` may hold (None: no ceiling).
+
+    The rest is left for what the worker's own code opens (files, outgoing
+    connections, its event loop): an eighth of the limit, at least 32.
+    """
+    if limit <= 0:
+        return None
+    return max(1, limit - max(32, limit // 8))
+
+
+def _count(frame: Frame) -> int:
+    if len(frame.payload) != _COUNT_BYTES:
+        raise ProtocolError(f"{frame.kind.name} frame with a {len(frame.payload)} byte payload (4 expected)")
+    return int.from_bytes(frame.payload, "big")
 
 
 @dataclass
@@ -186,7 +221,10 @@ class _Link:
     unhandled: deque[Frame] = field(default_factory=deque)
     taken: int = 0
     live: int = 0  # routed here and not yet reported closed (for WorkerSet.connections)
+    max_live: int | None = None  # rule 6: at this many live connections the worker has no room
+    descriptor_limit: int = 0  # as the worker told it (0: none known)
     connected: bool = True
+    no_room: bool = False
     full: bool = False
     writing: bool = False
     hung: bool = False
@@ -235,6 +273,7 @@ class Dispatcher:
         on_ready: Callable[[], None] | None = None,
         hooks: Hooks | None = None,
         client_addresses: ClientAddressSettings | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self._listeners = list(listeners)
         self._listening = [_listening_address(listener) for listener in self._listeners]
@@ -244,6 +283,7 @@ class Dispatcher:
         self._graceful_timeout = graceful_timeout
         self._timeout = timeout
         self._max_connections = max_connections_per_worker
+        self._max_message_size = max_message_size
         self._on_ready = on_ready
         self._hooks = hooks or Hooks()
         self._calls: deque[Callable[[], None]] = deque()  # from other threads, under _calls_lock
@@ -264,6 +304,20 @@ class Dispatcher:
             "raise the descriptor limit (`ulimit -n`)",
             ACCEPT_ERROR_LOG_INTERVAL,
         )
+        self._connection_fault_log = ThrottledLog(
+            logger,
+            logging.ERROR,
+            "closed %d connection(s) that could not be routed (latest from %s: %s)",
+            FAULT_LOG_INTERVAL,
+        )
+        self._no_room_log = ThrottledLog(
+            logger,
+            logging.WARNING,
+            "%d time(s) a worker reached its descriptor ceiling (latest: worker %d, %d live connections, "
+            "limit %d); its clients go to other workers until some close. Raise the workers' limit "
+            "(`ulimit -n`, LimitNOFILE= under systemd)",
+            FAULT_LOG_INTERVAL,
+        )
         self._selector = selectors.DefaultSelector()
         self._links: dict[int, _Link] = {}  # the current worker of each slot
         self._incoming: dict[int, _Link] = {}  # replacements that are starting
@@ -278,7 +332,7 @@ class Dispatcher:
         self._next_id = 0
         self._created_at = time.monotonic()
         self._handed_off: dict[int, int] = {}  # per slot, over all its workers
-        self._rate_sample = (self._created_at, 0)
+        self._lost_no_room: dict[int, int] = {}  # per slot: hand-offs the kernel closed at the descriptor limit
         self._accepting = False
         self._accept_paused_until: float | None = None
         self._next_full_check: float | None = None
@@ -288,7 +342,9 @@ class Dispatcher:
         self._stopping = False
         self._boot_error: WorkerBootError | None = None
         self._balancer_faults: set[str] = set()
-        self._intake = Intake(self._selector, client_addresses, self._route) if client_addresses else None
+        self._intake = (
+            Intake(self._selector, client_addresses, self._route, self.connection_failed) if client_addresses else None
+        )
         self._stops_wait_for_intake = False
         self._frame_handlers: dict[FrameKind, Callable[[_Link, Frame], None]] = {
             FrameKind.READY: self._on_ready_frame,
@@ -296,6 +352,7 @@ class Dispatcher:
             FrameKind.SEND: self._on_send,
             FrameKind.PUBLISH: self._on_publish,
             FrameKind.CLOSED: self._on_closed,
+            FrameKind.NO_ROOM: self._on_no_room,
         }
         self._signal_handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: functools.partial(self._stop, "SIGTERM", StopMode.GRACEFUL),
@@ -307,6 +364,11 @@ class Dispatcher:
             signal.SIGCHLD: self._reap,
             signal.SIGUSR1: self._dump_stats,
         }
+
+    @property
+    def size(self) -> int:
+        """How many worker slots there are now."""
+        return self._supervisor.size
 
     # --- the loop -------------------------------------------------------------
 
@@ -321,7 +383,12 @@ class Dispatcher:
         self._loop_thread = threading.get_ident()
         try:
             for slot in range(self._supervisor.size):
-                self._add_link(self._supervisor.start(slot))
+                try:
+                    self._add_link(self._supervisor.start(slot))
+                except OSError as exc:
+                    raise WorkerBootError(
+                        f"{self._supervisor.spawn_error(slot, exc)}; the server did not start"
+                    ) from None
             self._workers_changed()
             if self._timeout:
                 self._next_heartbeat = time.monotonic() + self._timeout / HEARTBEATS_PER_TIMEOUT
@@ -436,10 +503,16 @@ class Dispatcher:
         self._touched.add(link)
         return True
 
+    def _check_message_size(self, body_size: int) -> None:
+        if body_size > self._max_message_size:
+            raise ProtocolError(f"a message of {body_size} bytes (max_message_size is {self._max_message_size})")
+
     def _on_send(self, link: _Link, frame: Frame) -> None:
+        self._check_message_size(len(frame.payload))
         _run_hooks(self._hooks.message, link.worker.slot, decode_message(frame.payload))
 
     def _on_publish(self, link: _Link, frame: Frame) -> None:
+        self._check_message_size(len(frame.payload) - 1)
         include_sender, body = unpack_publish(frame.payload)
         slot = link.worker.slot
         self.broadcast_message(body, sender=slot, skip=None if include_sender else slot)
@@ -453,14 +526,17 @@ class Dispatcher:
     # --- accepting and routing --------------------------------------------------
 
     def _on_listener(self, listener: socket.socket, local: tuple[str, int], mask: int) -> None:
-        if not self._accepting:
-            return
+        if self._accepting:
+            self._accept_from(listener, local, ACCEPT_BURST)
+
+    def _accept_from(self, listener: socket.socket, local: tuple[str, int], limit: int) -> None:
+        """Accept up to ``limit`` connections waiting on ``listener`` and route each (or give it to the intake)."""
         # socket._accept() returns the raw descriptor and address: no socket object
         # is built for a connection the master only passes on.
         accept = listener._accept  # type: ignore[attr-defined]
         intake = self._intake
         new_client = tuple.__new__
-        for _ in range(ACCEPT_BURST):
+        for _ in range(limit):
             try:
                 fd, address = accept()
             except BlockingIOError:
@@ -478,12 +554,22 @@ class Dispatcher:
                 client = new_client(ClientInfo, (address[0], address[1], None, local))
             else:
                 client = ClientInfo("", 0, None, local)
-            if intake is None:
-                self._route(self._next_id, fd, client)
-            else:
-                intake.take(self._next_id, fd, listener.family, client)
-            if not self._accepting:
-                break
+            try:
+                if intake is None:
+                    self._route(self._next_id, fd, client)
+                else:
+                    intake.take(self._next_id, fd, listener.family, client)
+            except Exception as exc:
+                self.connection_failed(fd, client, exc)
+            if not self._accepting and (self._parked or not self._stopping):
+                break  # (a graceful stop drains the backlog while a slot can take connections)
+
+    def connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
+        """An unexpected error while routing one connection: close it, log (throttled), go on."""
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        self._connection_fault_log.note(1, client.host or "a Unix socket", f"{type(error).__name__}: {error}")
+        logger.debug("routing a connection failed", exc_info=error)
 
     def _pause_accepting(self, exc: OSError) -> None:
         self._accept_error_log.note(1, os.strerror(exc.errno or 0), ACCEPT_BACKOFF)
@@ -500,6 +586,8 @@ class Dispatcher:
         link.pending.append((conn_id, fd, client))
         link.live += 1
         self._touched.add(link)
+        if link.max_live is not None and link.live >= link.max_live and not link.no_room:
+            self._out_of_room(link)
         if self._unread(link) >= MAX_QUEUED and self._unread(link, ask_kernel=True) >= MAX_QUEUED:
             link.full = True
             if self._next_full_check is None:
@@ -509,6 +597,18 @@ class Dispatcher:
                 slot,
                 self._unread(link),
             )
+            self._workers_changed()
+
+    def _out_of_room(self, link: _Link) -> None:
+        """Rule 6: ``link``'s worker is at its descriptor ceiling; route its clients elsewhere until some close."""
+        link.no_room = True
+        self._no_room_log.note(1, link.worker.slot, link.live, link.descriptor_limit)
+        self._workers_changed()
+
+    def _room_again(self, link: _Link) -> None:
+        """Rule 6: back in the alive set once a tenth of its ceiling has closed."""
+        if link.no_room and link.max_live is not None and link.live <= link.max_live - max(1, link.max_live // 10):
+            link.no_room = False
             self._workers_changed()
 
     def _pick(self, client: ClientInfo) -> int | None:
@@ -558,7 +658,7 @@ class Dispatcher:
         alive = tuple(
             slot
             for slot, link in sorted(self._links.items())
-            if link.connected and not link.full and not link.hung and not link.worker.stopping
+            if link.connected and not link.full and not link.no_room and not link.hung and not link.worker.stopping
         )
         size = self._supervisor.size
         if alive != self._workers.alive or size != self._workers.size:
@@ -602,21 +702,19 @@ class Dispatcher:
                     "handed_off": self._handed_off.get(slot, 0),
                     "live": link.live if link is not None else 0,
                     "restarts": self._supervisor.restarts.get(slot, 0),
+                    "descriptor_limit": link.descriptor_limit if link is not None else 0,
+                    "lost_no_room": self._lost_no_room.get(slot, 0),
                 }
             )
-        handed_off = sum(entry["handed_off"] for entry in slots)
-        since, before = self._rate_sample
-        self._rate_sample = (now, handed_off)
         return {
             "pid": os.getpid(),
             "uptime": round(now - self._created_at, 3),
             "workers": slots,
             "accepted": self._next_id,
-            "handed_off": handed_off,
+            "handed_off": sum(entry["handed_off"] for entry in slots),
             "live": sum(entry["live"] for entry in slots),
             "restarts": sum(entry["restarts"] for entry in slots),
-            # Hand-offs per second since the previous stats() call (or the start).
-            "handoff_rate": round((handed_off - before) / max(now - since, 1e-9), 1),
+            "lost_no_room": sum(entry["lost_no_room"] for entry in slots),
         }
 
     def stats_from_any_thread(self, timeout: float = 1.0) -> dict[str, Any]:
@@ -637,12 +735,12 @@ class Dispatcher:
     def _dump_stats(self) -> None:
         figures = self.stats()
         logger.info(
-            "stats: %d workers, %d connections handed off, %d live, %d restarts, %.1f hand-offs/s",
+            "stats: %d workers, %d connections accepted, %d handed off, %d live, %d restarts",
             len(figures["workers"]),
+            figures["accepted"],
             figures["handed_off"],
             figures["live"],
             figures["restarts"],
-            figures["handoff_rate"],
         )
         for worker in figures["workers"]:
             logger.info(
@@ -697,13 +795,23 @@ class Dispatcher:
             logger.error(
                 "worker %d (pid %d) sent an invalid frame (%s); killing it", link.worker.slot, link.worker.pid, exc
             )
-            link.worker.process.kill()
-            self._disconnect(link)
+            self._kill_for_fault(link)
+            return False
+        except Exception:
+            logger.exception(
+                "handling a frame from worker %d (pid %d) failed; killing it", link.worker.slot, link.worker.pid
+            )
+            self._kill_for_fault(link)
             return False
         if closed:
             self._disconnect(link)
             return False
         return True
+
+    def _kill_for_fault(self, link: _Link) -> None:
+        """A worker whose frames cannot be handled is killed; reaping replaces it (error handling)."""
+        link.worker.process.kill()
+        self._disconnect(link)
 
     def _handle_frames(self, link: _Link, seconds: float | None) -> None:
         """Handle read frames in order for about ``seconds`` (None: all); a link left with some is busy.
@@ -758,15 +866,32 @@ class Dispatcher:
         return changed
 
     def _on_closed(self, link: _Link, frame: Frame) -> None:
-        if len(frame.payload) != 4:
-            raise ProtocolError(f"CLOSED frame with a {len(frame.payload)} byte payload (4 expected)")
-        count = min(int.from_bytes(frame.payload, "big"), link.live)
+        self._forget_closed(link, _count(frame))
+
+    def _forget_closed(self, link: _Link, count: int) -> None:
+        count = min(count, link.live)
         link.live -= count
         slot = link.worker.slot
         if self._links.get(slot) is link:
             self._notify_balancer(self._balancer.connections_closed, slot, count)
+        if link.no_room:
+            self._room_again(link)
+
+    def _on_no_room(self, link: _Link, frame: Frame) -> None:
+        """Rule 6: the worker lost hand-offs at its descriptor limit; its ceiling is what it holds now."""
+        lost = _count(frame)
+        slot = link.worker.slot
+        self._lost_no_room[slot] = self._lost_no_room.get(slot, 0) + lost
+        self._forget_closed(link, lost)
+        held = max(1, link.live - self._unread(link, ask_kernel=True))
+        if link.max_live is None or held < link.max_live:
+            link.max_live = held
+        if link.live >= link.max_live and not link.no_room:
+            self._out_of_room(link)
 
     def _on_ready_frame(self, link: _Link, frame: Frame) -> None:
+        link.descriptor_limit = _count(frame) if frame.payload else 0  # empty: no limit known
+        link.max_live = descriptor_headroom(link.descriptor_limit)
         worker = link.worker
         self._supervisor.note_ready(worker)
         logger.debug("worker %d (pid %d) is ready", worker.slot, worker.pid)
@@ -802,11 +927,29 @@ class Dispatcher:
             fds = [fd for _, fd, _ in batch]
             if self._intake is None:
                 link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), fds)
-            else:
-                # The worker's server cannot see the real client address: it travels with the fd.
-                addresses = [client[:2] for _, _, client in batch]
-                link.outbox.put(FrameKind.HANDOFF_PROXIED, pack_addressed(ids, addresses), fds)
+                continue
+            # The worker's server cannot see the real client address: it travels with the fd.
+            try:
+                payload = pack_addressed(ids, [client[:2] for _, _, client in batch])
+            except (ValueError, OverflowError, struct.error):
+                # The intake only routes by canonical addresses; should one slip through,
+                # its connection is closed, not its neighbours in the frame.
+                batch = [entry for entry in batch if self._packable(entry)]
+                ids = [conn_id for conn_id, _, _ in batch]
+                fds = [fd for _, fd, _ in batch]
+                payload = pack_addressed(ids, [client[:2] for _, _, client in batch])
+            if fds:
+                link.outbox.put(FrameKind.HANDOFF_PROXIED, payload, fds)
         pending.clear()
+
+    def _packable(self, entry: tuple[int, int, ClientInfo]) -> bool:
+        conn_id, fd, client = entry
+        try:
+            pack_addressed([conn_id], [client[:2]])
+        except (ValueError, OverflowError, struct.error) as exc:
+            self.connection_failed(fd, client, exc)
+            return False
+        return True
 
     def _flush_link(self, link: _Link) -> None:
         try:
@@ -1066,9 +1209,12 @@ class Dispatcher:
         self._stopping = True
         self._supervisor.stop()
         self._replace_queue.clear()
-        for listener in self._listeners:
+        for listener, local in zip(self._listeners, self._listening, strict=True):
             if self._accepting:
                 self._selector.unregister(listener)
+            if mode is StopMode.GRACEFUL and self._workers.alive:
+                # Clients whose handshake the kernel completed are served, not reset (rule 5).
+                self._accept_from(listener, local, MAX_STOP_DRAIN)
             listener.close()
         self._accepting = False
         self._close_parked("the server is stopping")

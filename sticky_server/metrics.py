@@ -11,24 +11,34 @@ No dependency: the text format is simple enough to write directly.
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .listener import Bind
+from .throttle import ThrottledLog
 
-__all__ = ["MetricsServer", "render"]
+__all__ = ["MAX_SCRAPES", "READ_TIMEOUT", "MetricsServer", "process_figures", "render"]
 
 logger = logging.getLogger("sticky_server.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# A scraper gets this long to send its request and take the answer; then it is closed.
+READ_TIMEOUT = 5.0
+# At most this many scrapes are served at once; a connection beyond that is closed at once.
+MAX_SCRAPES = 8
+REFUSED_LOG_INTERVAL = 10.0
 
 # name, type, help, the stats key (per worker slot when the key is in the workers' entries)
 _MASTER = [
     ("sticky_server_uptime_seconds", "gauge", "Seconds since the master started.", "uptime"),
     ("sticky_server_connections_accepted_total", "counter", "Connections the master accepted.", "accepted"),
-    ("sticky_server_handoff_rate", "gauge", "Hand-offs per second since the previous scrape.", "handoff_rate"),
 ]
 _PER_WORKER = [
     ("sticky_server_worker_up", "gauge", "1 when the slot's worker is ready.", "ready"),
@@ -41,6 +51,23 @@ _PER_WORKER = [
     ),
     ("sticky_server_connections_live", "gauge", "Connections of the slot not yet seen closed.", "live"),
     ("sticky_server_worker_restarts_total", "counter", "Unexpected exits of the slot's workers.", "restarts"),
+    (
+        "sticky_server_worker_descriptor_limit",
+        "gauge",
+        "The descriptor limit the slot's worker reported (0: none known).",
+        "descriptor_limit",
+    ),
+    (
+        "sticky_server_connections_lost_no_room_total",
+        "counter",
+        "Connections the kernel closed because the slot's worker was at its descriptor limit.",
+        "lost_no_room",
+    ),
+]
+_PROCESS = [
+    ("process_open_fds", "gauge", "Number of open file descriptors."),
+    ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes."),
+    ("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch in seconds."),
 ]
 
 
@@ -50,8 +77,29 @@ def _number(value: Any) -> str:
     )
 
 
+def process_figures(uptime: float) -> dict[str, float]:
+    """The standard ``process_*`` figures of this process, as Prometheus client libraries name them.
+
+    A figure this system cannot tell is left out.
+    """
+    figures: dict[str, float] = {"process_start_time_seconds": round(time.time() - uptime, 3)}
+    for fd_dir in ("/proc/self/fd", "/dev/fd"):
+        try:
+            figures["process_open_fds"] = len(os.listdir(fd_dir)) - 1  # less the one listdir opened
+            break
+        except OSError:
+            continue
+    try:
+        with open("/proc/self/statm") as statm:
+            figures["process_resident_memory_bytes"] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        if sys.platform == "darwin":  # bytes there; the peak, the nearest figure the standard library gives
+            figures["process_resident_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return figures
+
+
 def render(stats: dict[str, Any]) -> str:
-    """``stats()`` in the Prometheus text exposition format."""
+    """``stats()`` (and this process's ``process_*`` figures) in the Prometheus text exposition format."""
     lines: list[str] = []
     for name, kind, text, key in _MASTER:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {_number(stats[key])}"]
@@ -64,18 +112,71 @@ def render(stats: dict[str, Any]) -> str:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
         for worker in stats["workers"]:
             lines.append(f'{name}{{slot="{worker["slot"]}"}} {_number(worker[key])}')
+    figures = process_figures(stats["uptime"])
+    for name, kind, text in _PROCESS:
+        if name in figures:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {_number(figures[name])}"]
     return "\n".join(lines) + "\n"
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per scrape, at most ``MAX_SCRAPES`` at once: a connection beyond that is closed unanswered."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        self.refused_log = ThrottledLog(
+            logger,
+            logging.WARNING,
+            "metrics: closed %d connection(s) unanswered while %d scrapes were running (latest from %s)",
+            REFUSED_LOG_INTERVAL,
+        )
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused_log.note(1, MAX_SCRAPES, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 class MetricsServer:
-    """Serve ``render(stats())`` at ``/metrics`` on ``bind`` (TCP), on a daemon thread, until ``close()``."""
+    """Serve ``render(stats())`` at ``/metrics`` on ``bind`` (TCP), on a daemon thread, until ``close()``.
+
+    Resource handling: each scrape has ``READ_TIMEOUT`` seconds for its request and
+    answer, and at most ``MAX_SCRAPES`` run at once, so idle or slow connections to
+    this port cost a bounded number of threads and descriptors. A scrape costs the
+    master's loop one ``stats()`` call (at most a second's wait on this thread).
+    """
 
     def __init__(self, bind: Bind, stats: Callable[[], dict[str, Any]]) -> None:
         if bind.path is not None:
             raise ValueError("the metrics endpoint listens on TCP (HOST:PORT), not on a Unix socket")
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = READ_TIMEOUT
+
             def do_GET(self) -> None:
+                self._answer(with_body=True)
+
+            def do_HEAD(self) -> None:
+                self._answer(with_body=False)
+
+            def _answer(self, with_body: bool) -> None:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404, "the metrics are at /metrics")
                     return
@@ -89,13 +190,13 @@ class MetricsServer:
                 self.send_header("Content-Type", CONTENT_TYPE)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if with_body:
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 logger.debug("%s %s", self.address_string(), format % args)
 
-        self._server = ThreadingHTTPServer((bind.host or "", bind.port), Handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedServer((bind.host or "", bind.port), Handler)
         self.address = self._server.server_address
         self._thread = threading.Thread(target=self._server.serve_forever, name="sticky-metrics", daemon=True)
         self._thread.start()

@@ -30,6 +30,7 @@ __all__ = [
     "ProxyHeader",
     "ProxyHeaderError",
     "TrustedProxies",
+    "canonical_ip",
     "client_from_forwarded",
     "forwarded_addresses",
     "parse_proxy_header",
@@ -46,6 +47,8 @@ _V2_ADDRESS_SIZES = {0x0: 0, 0x1: 12, 0x2: 36, 0x3: 216}
 _V2_INET = {0x1: (socket.AF_INET, 4), 0x2: (socket.AF_INET6, 16)}
 DEFAULT_TRUSTED_PROXIES = ("127.0.0.0/8", "::1")
 _HEAD_END = b"\r\n\r\n"
+# The longest text of an IP address without a zone ("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255").
+MAX_IP_TEXT = 45
 
 
 class ProxyHeaderError(ValueError):
@@ -254,24 +257,32 @@ class TrustedProxies:
         return f"TrustedProxies({names!r})"
 
 
-def _is_ip(text: str) -> bool:
-    if "%" in text:  # a zone id means nothing on this machine
-        return False
+def canonical_ip(text: str) -> str | None:
+    """``text`` as an IP address in its canonical form, or None when it is none.
+
+    An address with a zone id (``fe80::1%eth0``) is refused: a zone means nothing
+    on this machine, and its free-form text must never reach a worker.
+    """
+    if "%" in text or len(text) > MAX_IP_TEXT:
+        return None
     try:
-        ipaddress.ip_address(text)
+        return str(ipaddress.ip_address(text))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def client_from_forwarded(addresses: Sequence[str], trusted: TrustedProxies) -> str | None:
     """The client address in a forwarded list: the rightmost entry that is not a trusted proxy.
 
-    None when that entry is not an IP address (``unknown``, an obfuscated name,
-    garbage) or the list is empty: the caller falls back to the socket's peer.
-    When every entry is a trusted proxy, the leftmost is the client.
+    Every entry is checked to be an IP address before it is believed or passed on,
+    and the address comes back in canonical form. None when the entry that decides
+    is not an IP address (``unknown``, an obfuscated name, garbage) or the list is
+    empty: the caller falls back to the socket's peer. When every entry is a trusted
+    proxy, the leftmost is the client.
     """
+    client = None
     for address in reversed(addresses):
-        if address not in trusted:
-            return address if _is_ip(address) else None
-    return addresses[0] if addresses else None
+        client = canonical_ip(address)
+        if client is None or client not in trusted:
+            return client
+    return client

@@ -198,7 +198,7 @@ class StickyServer:
         )
         self.user = user_id(user)
         self.group = group_id(group, self.user)
-        self.workers = workers
+        self._workers = workers
         self.balancer = balancer_from(balancer)
         self.graceful_timeout = float(graceful_timeout)
         self.timeout = None if timeout is None else float(timeout)
@@ -214,6 +214,11 @@ class StickyServer:
         self.addresses: list[Any] = []  # every bound address (a path for a Unix socket), once bound
         self._listening_callbacks: list[ListeningCallback] = []
         self._listen_called = False
+
+    @property
+    def workers(self) -> int:
+        """How many worker slots there are: as created, then as SIGTTIN and SIGTTOU change it while serving."""
+        return self._workers if self._dispatcher is None else self._dispatcher.size
 
     @property
     def is_master(self) -> bool:
@@ -293,7 +298,7 @@ class StickyServer:
             for bind in binds:
                 listeners.append(open_bind(bind, self.backlog))
             self.addresses = [listener.getsockname() for listener in listeners]
-            supervisor = Supervisor(self.workers, user=self.user, group=self.group)
+            supervisor = Supervisor(self._workers, user=self.user, group=self.group)
             dispatcher = Dispatcher(
                 listeners,
                 supervisor,
@@ -304,6 +309,7 @@ class StickyServer:
                 on_ready=self._notify_listening,
                 hooks=self._hooks,
                 client_addresses=self.client_addresses,
+                max_message_size=self.max_message_size,
             )
             self._dispatcher = dispatcher
             dispatcher.run()

@@ -27,6 +27,7 @@ when the master's loop sees SIGCHLD, and respawns are deadlines the loop waits f
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ __all__ = [
     "Supervisor",
     "WorkerProcess",
     "describe_exit",
+    "describe_spawn_error",
     "entry_command",
     "spawn_worker",
 ]
@@ -121,6 +123,25 @@ def spawn_worker(
         raise
     master_end.setblocking(False)
     return WorkerProcess(slot=slot, process=process, control=master_end, started_at=now, worker_end=worker_end)
+
+
+def describe_spawn_error(error: OSError, command: Sequence[str], user: int | None = None) -> str:
+    """Why the OS refused to start a worker, and the fix, in one line."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    if error.errno == errno.EAGAIN:
+        return (
+            f"{reason}: the system or this user ran out of processes; start fewer workers or raise the limit "
+            "(`ulimit -u`, TasksMax= under systemd)"
+        )
+    if error.errno == errno.ENOMEM:
+        return f"{reason}: not enough memory for another process; start fewer workers"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.ENOENT):
+        who = "the master's user" if user is None else f"user {user}"
+        return (
+            f"{reason} ({error.filename or command[0]}): {who} must be able to run {command[0]} and read the app "
+            "(install them where that user can, or run the workers as another user)"
+        )
+    return reason
 
 
 def describe_exit(returncode: int) -> str:
@@ -270,7 +291,12 @@ class Supervisor:
         """Back off after the OS refused to create a process for ``slot``."""
         delay = self.policy.delay(slot, False, 0.0)
         self.restart_at[slot] = self._clock() + delay
-        logger.error("could not start worker %d (%s); trying again in %.1f s", slot, error, delay)
+        logger.error("%s; trying again in %.1f s", self.spawn_error(slot, error), delay)
+
+    def spawn_error(self, slot: int, error: OSError) -> str:
+        """'could not start worker N: why, and the fix'."""
+        why = describe_spawn_error(error, self.command, self._credentials.get("user"))
+        return f"could not start worker {slot}: {why}"
 
     def next_restart(self) -> float | None:
         """The earliest clock time at which an empty slot is due to start."""

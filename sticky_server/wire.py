@@ -22,8 +22,16 @@ frame that declares ``n`` descriptors takes the first ``n`` of it. A frame whose
 descriptors have not arrived is a protocol error.
 
 Rule 3: a frame carries at most ``MAX_FDS_PER_FRAME`` descriptors and the receive
-buffer for ancillary data holds several frames' worth, so the kernel never has to
-truncate (and silently close) descriptors. If it ever does, the reader says so.
+buffer for ancillary data holds several frames' worth, so the kernel truncates
+descriptors (``MSG_CTRUNC``, closing those it drops) only when the receiver has no
+room for them: its descriptor limit. The reader then gives the frame that declared
+them ``LOST_FD`` in their place, so the receiver keeps the ones that came and knows
+how many it lost.
+
+Rule 5: only the kinds in ``CARRIES_FDS`` (hand-offs) carry descriptors. A reader
+for a peer that sends none closes any it receives and raises ``ProtocolError``, and
+no reader keeps more unclaimed descriptors than the frame it is reading declares:
+a peer cannot make its reader hold descriptors.
 
 Ownership: an ``Outbox`` owns the descriptors queued in it and closes its copies
 once they are sent (the kernel holds them in the message from then on); the receiver
@@ -57,7 +65,9 @@ from typing import NamedTuple
 from .errors import ProtocolError
 
 __all__ = [
+    "CARRIES_FDS",
     "HEADER",
+    "LOST_FD",
     "MAX_FDS_PER_FRAME",
     "MAX_PAYLOAD",
     "DropOldestQueue",
@@ -99,8 +109,7 @@ class FrameKind(enum.IntEnum):
     """What a frame means. Direction is fixed per kind (see MASTER_SENDS/WORKER_SENDS)."""
 
     HANDOFF = 1  # master -> worker: fds; payload: one u64 connection id per fd
-    # 2 was ACK: the master no longer waits for one (see Outbox.unread_hand_offs).
-    READY = 3  # worker -> master: work() validated the worker; hand-offs are read now
+    READY = 3  # worker -> master: hand-offs are read now; payload: u32 descriptor limit (0: none known)
     STOP = 4  # master -> worker: finish what you have and exit
     PING = 5  # master -> worker: heartbeat; answer with PONG
     PONG = 6  # worker -> master: heartbeat answer
@@ -109,13 +118,21 @@ class FrameKind(enum.IntEnum):
     PUBLISH = 9  # worker -> master: a channel message to relay to every worker
     CLOSED = 10  # worker -> master: payload: u32 count of handed-off connections seen closed
     HANDOFF_PROXIED = 11  # master -> worker: as HANDOFF, plus each client's address (see pack_addressed)
+    NO_ROOM = 12  # worker -> master: payload: u32 count of handed-off connections lost at the descriptor limit
 
 
 _KINDS = {kind.value: kind for kind in FrameKind}
 MASTER_SENDS = frozenset(
     {FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE}
 )
-WORKER_SENDS = frozenset({FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH, FrameKind.CLOSED})
+WORKER_SENDS = frozenset(
+    {FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH, FrameKind.CLOSED, FrameKind.NO_ROOM}
+)
+CARRIES_FDS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
+# In a frame's fds: a descriptor the kernel dropped because the receiver had no room for it (rule 3).
+LOST_FD = -1
+# A host in an addressed hand-off is at most this many bytes (its length is a u8).
+MAX_HOST_BYTES = 255
 
 
 class Frame(NamedTuple):
@@ -160,7 +177,9 @@ def pack_addressed(ids: Sequence[int], addresses: Sequence[tuple[str, int]]) -> 
     u16 port, u8 host length, host (ASCII)."""
     parts = [_COUNT.pack(len(ids))]
     for conn_id, (host, port) in zip(ids, addresses, strict=True):
-        encoded = host.encode("ascii")
+        encoded = host.encode("ascii")  # UnicodeEncodeError (a ValueError) for any other text
+        if len(encoded) > MAX_HOST_BYTES:
+            raise ValueError(f"client host of {len(encoded)} bytes (at most {MAX_HOST_BYTES})")
         parts.append(_ADDRESSED.pack(conn_id, port, len(encoded)))
         parts.append(encoded)
     return b"".join(parts)
@@ -198,7 +217,9 @@ class FrameReader:
 
     ``accepted`` is the set of kinds the peer may send; anything else, a payload
     over ``MAX_PAYLOAD``, more than ``MAX_FDS_PER_FRAME`` descriptors, a nonzero
-    flags byte, or a frame whose descriptors are missing raises ``ProtocolError``.
+    flags byte, descriptors on a kind outside ``CARRIES_FDS``, descriptors no frame
+    declares (rule 5), or a frame whose descriptors are missing raises
+    ``ProtocolError``, and the descriptors of the frames not returned are closed.
     After a ``ProtocolError`` the reader is spent: close the connection.
     """
 
@@ -206,18 +227,41 @@ class FrameReader:
         self._accepted = accepted
         # Allowed kinds by their wire value: an int lookup (an enum member hashes in Python code).
         self._kinds = {kind.value: kind for kind in accepted}
+        self._carries_fds = frozenset(kind.value for kind in accepted & CARRIES_FDS)
         self._buffer = bytearray()
         self._fds: collections.deque[int] = collections.deque()
+        self._truncated = False  # descriptors were dropped by the kernel for the next frame that declares some
+        self.lost_fds = 0  # descriptors the kernel dropped, in total
 
     @property
     def pending_bytes(self) -> int:
         """Bytes received but not yet part of a complete frame."""
         return len(self._buffer)
 
-    def feed(self, data: bytes | memoryview, fds: Sequence[int] = ()) -> list[Frame]:
-        """Take bytes and descriptors in arrival order; return the frames now complete."""
-        if fds:
+    def feed(self, data: bytes | memoryview, fds: Sequence[int] = (), truncated: bool = False) -> list[Frame]:
+        """Take bytes and descriptors in arrival order; return the frames now complete.
+
+        ``truncated``: the kernel dropped descriptors sent with these bytes (rule 3).
+        """
+        if fds or truncated:
+            if not self._carries_fds:
+                _close_all(fds)
+                raise ProtocolError(f"{len(fds)} descriptor(s) arrived from a peer that may send none")
             self._fds.extend(fds)
+            self._truncated = self._truncated or truncated
+        try:
+            frames = self._take(data)
+        except ProtocolError:
+            self.close()  # a spent reader holds no descriptor
+            raise
+        if self._fds and len(self._fds) > self._claimable():
+            unclaimed = len(self._fds)
+            self.close()
+            _close_all(fd for frame in frames for fd in frame.fds)
+            raise ProtocolError(f"{unclaimed} descriptor(s) arrived that no frame declares")
+        return frames
+
+    def _take(self, data: bytes | memoryview) -> list[Frame]:
         buffer = self._buffer
         if buffer:
             buffer += data
@@ -233,6 +277,13 @@ class FrameReader:
                     buffer += view[used:]
         return frames
 
+    def _claimable(self) -> int:
+        """How many descriptors the incomplete frame at the end of the buffer may still claim (rule 5)."""
+        buffer = self._buffer
+        if len(buffer) >= HEADER.size:
+            return int(HEADER.unpack_from(buffer)[2])
+        return MAX_FDS_PER_FRAME if buffer else 0
+
     def _frames_in(self, view: memoryview) -> tuple[list[Frame], int]:
         """The complete frames at the start of ``view``, and how many bytes they take."""
         frames: list[Frame] = []
@@ -242,29 +293,47 @@ class FrameReader:
         unpack_header = HEADER.unpack_from
         kinds = self._kinds
         new_frame = tuple.__new__  # Frame's own __new__ is Python code; this is the same tuple
-        while size - offset >= header_size:
-            kind_value, flags, n_fds, length = unpack_header(view, offset)
-            kind = kinds.get(kind_value)
-            if kind is None or flags or n_fds > MAX_FDS_PER_FRAME or length > MAX_PAYLOAD:
-                raise self._invalid(kind_value, flags, n_fds, length)
-            end = offset + header_size + length
-            if size < end:
-                break
-            if n_fds:
-                fds = self._fds
-                if n_fds == len(fds):  # the common case: a frame and its descriptors came together
-                    frame_fds = tuple(fds)
-                    fds.clear()
-                elif n_fds < len(fds):
-                    frame_fds = tuple([fds.popleft() for _ in range(n_fds)])
-                else:
-                    raise ProtocolError(f"frame declares {n_fds} descriptors but {len(fds)} arrived")
-            else:
-                frame_fds = ()
-            payload = view[offset + header_size : end].tobytes() if length else b""
-            frames.append(new_frame(Frame, (kind, payload, frame_fds)))
-            offset = end
+        try:
+            while size - offset >= header_size:
+                kind_value, flags, n_fds, length = unpack_header(view, offset)
+                kind = kinds.get(kind_value)
+                if (
+                    kind is None
+                    or flags
+                    or n_fds > MAX_FDS_PER_FRAME
+                    or length > MAX_PAYLOAD
+                    or (n_fds and kind_value not in self._carries_fds)
+                ):
+                    raise self._invalid(kind_value, flags, n_fds, length)
+                end = offset + header_size + length
+                if size < end:
+                    break
+                frame_fds = self._claim(n_fds) if n_fds else ()
+                payload = view[offset + header_size : end].tobytes() if length else b""
+                frames.append(new_frame(Frame, (kind, payload, frame_fds)))
+                offset = end
+        except ProtocolError:
+            _close_all(fd for frame in frames for fd in frame.fds)
+            raise
         return frames, offset
+
+    def _claim(self, n_fds: int) -> tuple[int, ...]:
+        """The first ``n_fds`` received descriptors, ``LOST_FD`` for those the kernel dropped (rule 3)."""
+        fds = self._fds
+        if n_fds == len(fds):  # the common case: a frame and its descriptors came together
+            frame_fds = tuple(fds)
+            fds.clear()
+        elif n_fds < len(fds):
+            frame_fds = tuple([fds.popleft() for _ in range(n_fds)])
+        elif self._truncated:
+            lost = n_fds - len(fds)
+            frame_fds = (*fds, *([LOST_FD] * lost))
+            fds.clear()
+            self._truncated = False
+            self.lost_fds += lost
+        else:
+            raise ProtocolError(f"frame declares {n_fds} descriptors but {len(fds)} arrived")
+        return frame_fds
 
     def _invalid(self, kind_value: int, flags: int, n_fds: int, length: int) -> ProtocolError:
         kind = _KINDS.get(kind_value)
@@ -274,6 +343,8 @@ class FrameReader:
             return ProtocolError(f"frame kind {kind.name} is not allowed in this direction")
         if flags:
             return ProtocolError(f"frame flags must be 0, got {flags}")
+        if n_fds and kind not in CARRIES_FDS:
+            return ProtocolError(f"frame kind {kind.name} declares {n_fds} descriptors (it carries none)")
         if n_fds > MAX_FDS_PER_FRAME:
             return ProtocolError(f"frame declares {n_fds} descriptors (at most {MAX_FDS_PER_FRAME})")
         return ProtocolError(f"frame declares a {length} byte payload (at most {MAX_PAYLOAD})")
@@ -284,14 +355,14 @@ class FrameReader:
         On a non-blocking socket with nothing to read, raises ``BlockingIOError``.
         """
         try:
-            size, fds = _receive(sock)
+            size, fds, truncated = _receive(sock)
         except ConnectionResetError:
             return [], True
         if not size:
             _close_all(fds)
             return [], True
         with memoryview(_receive_buffer()) as view:
-            return self.feed(view[:size], fds), False
+            return self.feed(view[:size], fds, truncated), False
 
     def close(self) -> None:
         """Close the descriptors that arrived but that no complete frame claimed."""
@@ -317,14 +388,11 @@ def _receive_buffer() -> bytearray:
     return buffer
 
 
-def _receive(sock: socket.socket, flags: int = 0) -> tuple[int, Sequence[int]]:
-    """One ``recvmsg`` into this thread's receive buffer: the byte count and the descriptors that came."""
+def _receive(sock: socket.socket, flags: int = 0) -> tuple[int, Sequence[int], bool]:
+    """One ``recvmsg`` into this thread's receive buffer: the byte count, the descriptors that came, and
+    whether the kernel dropped some (rule 3)."""
     size, ancillary, msg_flags, _ = sock.recvmsg_into([_receive_buffer()], ANCILLARY_BYTES, flags)
-    fds = _fds_from_ancillary(ancillary)
-    if msg_flags & _MSG_CTRUNC:
-        _close_all(fds)
-        raise ProtocolError("the kernel truncated passed descriptors (ancillary buffer too small)")
-    return size, fds
+    return size, _fds_from_ancillary(ancillary), bool(msg_flags & _MSG_CTRUNC)
 
 
 def _fds_from_ancillary(ancillary: list[tuple[int, int, bytes]]) -> Sequence[int]:
@@ -352,12 +420,12 @@ def read_back(sock: socket.socket) -> tuple[int, list[int]]:
     fds: list[int] = []
     while True:
         try:
-            size, received = _receive(sock, socket.MSG_DONTWAIT)
+            size, received, truncated = _receive(sock, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError, ConnectionResetError):
             return count, fds
-        except ProtocolError:
-            _close_all(fds)
-            raise
+        if truncated:
+            _close_all([*fds, *received])
+            raise ProtocolError("the kernel dropped descriptors read back (is the master at its descriptor limit?)")
         fds += received
         if not size:
             return count, fds

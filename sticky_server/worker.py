@@ -44,6 +44,7 @@ import contextlib
 import inspect
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -63,6 +64,7 @@ from .slices import SLICE_SECONDS, run_for
 from .throttle import ThrottledLog
 from .waker import Waker
 from .wire import (
+    LOST_FD,
     MASTER_SENDS,
     DropOldestQueue,
     Frame,
@@ -93,6 +95,8 @@ EXIT_ORPHANED = 0
 EXIT_BOOT_FAILURE = 3
 # Dropped messages are logged at most once per this many seconds.
 DROP_LOG_INTERVAL = 10.0
+# Connections lost at the descriptor limit are logged at most once per this many seconds.
+NO_ROOM_LOG_INTERVAL = 60.0
 # Messages queued beyond this many bytes are written by the sender's own call.
 EARLY_FLUSH_BYTES = 64 * 1024
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -193,6 +197,12 @@ def exit_soon(seconds: float) -> None:
     timer = threading.Timer(seconds, os._exit, args=(EXIT_ORPHANED,))
     timer.daemon = True
     timer.start()
+
+
+def descriptor_limit() -> int:
+    """This process's soft descriptor limit, as READY tells the master (0: unlimited or too large to tell)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 0 if soft == resource.RLIM_INFINITY or not 0 < soft < 2**32 else soft
 
 
 def _describe_peer(sock: socket.socket) -> str:
@@ -297,6 +307,13 @@ class WorkerRuntime:
             "dropped %d oldest message(s) received by worker %d: its message handlers fell over %d bytes behind",
             DROP_LOG_INTERVAL,
         )
+        self._no_room_log = ThrottledLog(
+            logger,
+            logging.ERROR,
+            "lost %d connection(s) handed to worker %d: it is at its descriptor limit (%d), so the kernel "
+            "closed them; raise the limit (`ulimit -n`, LimitNOFILE= under systemd)",
+            NO_ROOM_LOG_INTERVAL,
+        )
         self._stop_reason: str | None = None
         self._quick = False
         self._master_lost = False
@@ -355,7 +372,7 @@ class WorkerRuntime:
     # --- the parts both loops share (see async_worker.py for the asyncio one) ---------
 
     def _announce_ready(self) -> None:
-        self._channel.put_control(FrameKind.READY)
+        self._channel.put_control(FrameKind.READY, descriptor_limit().to_bytes(4, "big"))
         if self._on_ready is not None:
             self._on_ready()
         logger.debug("worker %d (pid %d) ready", self._slot, os.getpid())
@@ -405,19 +422,35 @@ class WorkerRuntime:
         except ProtocolError as exc:
             for frame in frames:
                 for fd in frame.fds:
-                    os.close(fd)
+                    if fd != LOST_FD:
+                        os.close(fd)
             self._on_protocol_error(exc)
             return
         if dropped:
             self._inbox_dropped_log.note(dropped, self._slot, MAX_QUEUED_MESSAGE_BYTES)
         if taken_fds:
             deliver = self._deliver
+            lost = 0
             for fd, address in zip(taken_fds, taken_addresses, strict=True):
-                deliver(fd, address)
+                if fd == LOST_FD:
+                    lost += 1
+                else:
+                    deliver(fd, address)
+            if lost:
+                self._no_room(lost)
         if pinged:
             self._channel.put_control(FrameKind.PONG)
         if closed:
             self._master_gone("the control socket closed")
+
+    def _no_room(self, lost: int) -> None:
+        """Hand-offs arrived while this process had no descriptor left: the kernel closed them (wire, rule 3).
+
+        The worker goes on with the connections it has; the master hears of it and
+        routes this worker's clients elsewhere until some of its connections close.
+        """
+        self._no_room_log.note(lost, self._slot, descriptor_limit())
+        self._channel.put_control(FrameKind.NO_ROOM, lost.to_bytes(4, "big"))
 
     def _on_protocol_error(self, error: ProtocolError) -> None:
         logger.error("worker %d: the master sent an invalid frame (%s); stopping", self._slot, error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from sticky_server import channel
 from sticky_server.errors import ProtocolError
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda children: st.lists(children) | st.dictionaries(st.text(), children),
     max_leaves=20,
 )
@@ -44,8 +45,33 @@ def test_size_limit_raises_value_error_naming_the_option() -> None:
         channel.encode("x" * 99, max_size=100)
 
 
-def test_nan_survives_as_python_json_does() -> None:
-    assert math.isnan(channel.decode(channel.encode(float("nan"))))
+@pytest.mark.parametrize("value", [math.nan, math.inf, [-math.inf]])
+def test_nan_and_infinity_are_not_json_and_are_refused_both_ways(value: object) -> None:
+    with pytest.raises(TypeError, match="message cannot be sent"):
+        channel.encode(value)
+    with pytest.raises(ProtocolError, match="not JSON"):
+        channel.decode(json.dumps(value).encode())
+
+
+def test_nesting_too_deep_to_encode_raises_the_documented_type_error() -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(TypeError, match="nested too deeply"):
+        channel.encode(deep)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"1" * 5000,  # past Python's int-string digit limit: a ValueError from int()
+        b"[" * 100_000 + b"]" * 100_000,  # past the recursion limit
+        b"\xff\xfe",
+    ],
+)
+def test_decoding_hostile_payloads_raises_only_protocol_error(payload: bytes) -> None:
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        channel.decode(payload)
 
 
 def test_envelopes_round_trip() -> None:

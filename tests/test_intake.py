@@ -47,7 +47,8 @@ def run(selector: selectors.BaseSelector, intake: Intake, seconds: float) -> int
 def test_a_partial_header_does_not_spin_the_loop(listener: socket.socket) -> None:
     selector = selectors.DefaultSelector()
     routed: Routed = []
-    intake = Intake(selector, settings(), lambda *args: routed.append(args))
+    faults: list[tuple[int, ClientInfo, BaseException]] = []
+    intake = Intake(selector, settings(), lambda *args: routed.append(args), lambda *args: faults.append(args))
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 203.0.113.5 ")
         time.sleep(0.05)
@@ -72,7 +73,13 @@ def test_a_partial_header_does_not_spin_the_loop(listener: socket.socket) -> Non
 def test_a_complete_header_is_routed_without_waiting(listener: socket.socket) -> None:
     selector = selectors.DefaultSelector()
     routed: Routed = []
-    intake = Intake(selector, settings(forwarded="x-forwarded-for"), lambda *args: routed.append(args))
+    faults: list[tuple[int, ClientInfo, BaseException]] = []
+    intake = Intake(
+        selector,
+        settings(forwarded="x-forwarded-for"),
+        lambda *args: routed.append(args),
+        lambda *args: faults.append(args),
+    )
     request = b"GET / HTTP/1.1\r\nX-Forwarded-For: 198.51.100.3\r\n\r\n"
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(request)
@@ -88,7 +95,10 @@ def test_a_complete_header_is_routed_without_waiting(listener: socket.socket) ->
 def test_a_silent_client_is_closed_at_the_deadline_and_an_early_eof_at_once(listener: socket.socket) -> None:
     selector = selectors.DefaultSelector()
     routed: Routed = []
-    intake = Intake(selector, settings(timeout=0.3), lambda *args: routed.append(args))
+    faults: list[tuple[int, ClientInfo, BaseException]] = []
+    intake = Intake(
+        selector, settings(timeout=0.3), lambda *args: routed.append(args), lambda *args: faults.append(args)
+    )
     with socket.create_connection(listener.getsockname()) as silent:
         take_one(intake, listener)
         assert intake.next_deadline() is not None
@@ -108,8 +118,9 @@ def test_a_silent_client_is_closed_at_the_deadline_and_an_early_eof_at_once(list
 def test_untrusted_peers_are_routed_at_once_and_nothing_is_read(listener: socket.socket) -> None:
     selector = selectors.DefaultSelector()
     routed: Routed = []
+    faults: list[tuple[int, ClientInfo, BaseException]] = []
     only_other = ClientAddressSettings(True, None, TrustedProxies(["10.0.0.1"]), 5.0, 8192)
-    intake = Intake(selector, only_other, lambda *args: routed.append(args))
+    intake = Intake(selector, only_other, lambda *args: routed.append(args), lambda *args: faults.append(args))
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
         take_one(intake, listener)
@@ -123,7 +134,8 @@ def test_untrusted_peers_are_routed_at_once_and_nothing_is_read(listener: socket
 def test_a_default_socket_timeout_neither_blocks_the_master_nor_reaches_the_worker(listener: socket.socket) -> None:
     selector = selectors.DefaultSelector()
     routed: Routed = []
-    intake = Intake(selector, settings(), lambda *args: routed.append(args))
+    faults: list[tuple[int, ClientInfo, BaseException]] = []
+    intake = Intake(selector, settings(), lambda *args: routed.append(args), lambda *args: faults.append(args))
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(3.0)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import resource
 import socket
 import struct
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from sticky_server.errors import ProtocolError
 from sticky_server.wire import (
     HEADER,
+    LOST_FD,
     MASTER_SENDS,
     MAX_FDS_PER_FRAME,
     MAX_PAYLOAD,
@@ -67,20 +69,85 @@ def test_descriptors_are_claimed_in_order_by_the_frames_that_declare_them() -> N
     assert frames == [Frame(FrameKind.HANDOFF, pack_ids([8, 9]), (101, 102))]
 
 
+def _open_fds(count: int) -> list[int]:
+    return [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
-    ("data", "fds", "message"),
+    ("accepted", "data", "n_fds", "message"),
     [
-        (HEADER.pack(99, 0, 0, 0), [], "unknown frame kind 99"),
-        (encode(FrameKind.HANDOFF), [], "HANDOFF is not allowed"),
-        (HEADER.pack(FrameKind.PONG, 1, 0, 0), [], "flags must be 0"),
-        (HEADER.pack(FrameKind.PONG, 0, MAX_FDS_PER_FRAME + 1, 0), [], "declares 65 descriptors"),
-        (HEADER.pack(FrameKind.PONG, 0, 0, MAX_PAYLOAD + 1), [], "byte payload"),
-        (encode(FrameKind.PONG, b"", 2), [5], "declares 2 descriptors but 1 arrived"),
+        (WORKER_SENDS, HEADER.pack(99, 0, 0, 0), 0, "unknown frame kind 99"),
+        (WORKER_SENDS, encode(FrameKind.HANDOFF), 0, "HANDOFF is not allowed"),
+        (WORKER_SENDS, HEADER.pack(FrameKind.PONG, 1, 0, 0), 0, "flags must be 0"),
+        (WORKER_SENDS, HEADER.pack(FrameKind.PONG, 0, MAX_FDS_PER_FRAME + 1, 0), 0, "PONG declares 65 descriptors"),
+        (WORKER_SENDS, HEADER.pack(FrameKind.PONG, 0, 0, MAX_PAYLOAD + 1), 0, "byte payload"),
+        # Rule 5: descriptors from a peer that sends none, or on a kind that carries none.
+        (WORKER_SENDS, encode(FrameKind.SEND, b"{}"), 1, "1 descriptor.s. arrived from a peer that may send none"),
+        (MASTER_SENDS, HEADER.pack(FrameKind.PING, 0, 1, 0), 1, "PING declares 1 descriptors .it carries none"),
+        (MASTER_SENDS, encode(FrameKind.HANDOFF, pack_ids([1, 2]), 2), 1, "declares 2 descriptors but 1 arrived"),
+        (MASTER_SENDS, encode(FrameKind.PING), 2, "2 descriptor.s. arrived that no frame declares"),
+        (MASTER_SENDS, encode(FrameKind.HANDOFF, pack_ids([1]), 1), 3, "2 descriptor.s. arrived that no frame"),
     ],
 )
-def test_invalid_frames_are_protocol_errors(data: bytes, fds: list[int], message: str) -> None:
+def test_invalid_frames_are_protocol_errors_and_close_every_descriptor(
+    accepted: frozenset[FrameKind], data: bytes, n_fds: int, message: str
+) -> None:
+    fds = _open_fds(n_fds)
     with pytest.raises(ProtocolError, match=message):
-        FrameReader(WORKER_SENDS).feed(data, fds)
+        FrameReader(accepted).feed(data, fds)
+    assert not [fd for fd in fds if _is_open(fd)]
+
+
+def test_a_frame_whose_descriptors_the_kernel_dropped_gets_lost_fd_in_their_place() -> None:
+    reader = FrameReader(MASTER_SENDS)
+    fds = _open_fds(1)
+    frames = reader.feed(encode(FrameKind.HANDOFF, pack_ids([1, 2, 3]), 3), fds, truncated=True)
+    assert frames == [Frame(FrameKind.HANDOFF, pack_ids([1, 2, 3]), (fds[0], LOST_FD, LOST_FD))]
+    assert reader.lost_fds == 2
+    os.close(fds[0])
+    # The next frame is whole again: a shortfall without truncation is still an error.
+    with pytest.raises(ProtocolError, match="declares 1 descriptors but 0 arrived"):
+        reader.feed(encode(FrameKind.HANDOFF, pack_ids([4]), 1))
+
+
+def test_a_worker_at_its_descriptor_limit_receives_what_fits_and_the_rest_as_lost(
+    nonblocking_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Over a real socket: the kernel truncates (MSG_CTRUNC) when the receiver is at its limit."""
+    master, worker = nonblocking_pair
+    outbox = Outbox()
+    outbox.put(FrameKind.HANDOFF, pack_ids([1, 2, 3]), _open_fds(3))
+    assert outbox.flush(master)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    probe = os.open(os.devnull, os.O_RDONLY)
+    os.close(probe)
+    fillers: list[int] = []
+    reader = FrameReader(MASTER_SENDS)
+    try:
+        # Fill every free descriptor number under a low limit, then free exactly one.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(probe + 64, 64), hard))
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        os.close(fillers.pop())
+        frames, closed = reader.read_from(worker)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not closed
+    assert len(frames) == 1
+    assert frames[0].fds[0] >= 0 and frames[0].fds[1:] == (LOST_FD, LOST_FD)
+    assert reader.lost_fds == 2
+    os.close(frames[0].fds[0])
 
 
 def test_id_lists_must_be_whole_u64s() -> None:
