@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .balancer import BALANCERS, Balancer
+from .errors import StickyServerError
 from .listener import parse_bind
 from .metrics import MetricsServer
 from .server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT, StickyServer
@@ -451,6 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sticky.on_stats(_write_stats(_stats_file(pid_file)))
     try:
         sticky.listen_on(args.bind or ["127.0.0.1:8000"])
+    except StickyServerError as exc:  # it says what went wrong and what to do: no traceback
+        print(f"sticky-server: {exc}", file=sys.stderr)
+        return 1
     finally:
         if metrics is not None:
             metrics.close()

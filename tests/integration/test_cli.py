@@ -114,7 +114,9 @@ def test_worker_factory_on_tcp_and_unix_binds_with_status_and_pid_file(start_app
     assert [worker["slot"] for worker in stats["workers"]] == [0, 1, 2]
     assert sorted(worker["pid"] for worker in stats["workers"]) == sorted(server.worker_pids())
     assert all(worker["restarts"] == 0 and worker["ready"] for worker in stats["workers"])
-    assert server.wait_for(r"stats: 3 workers, 24 connections handed off", TIMEOUT)  # SIGUSR1 also logged them
+    assert server.wait_for(
+        r"stats: 3 workers, 24 connections accepted, 24 handed off", TIMEOUT
+    )  # SIGUSR1 also logged them
 
     scrape = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=TIMEOUT)
     scrape.request("GET", "/metrics")

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import StartApp
-from .harness import CLIENT_IPS, pid_alive, stop_process, wait_until
-from .test_proxy import exchange, expected_slot, reply_of
+from .harness import CLIENT_IPS, exchange, pid_alive, reply_of, stop_process, wait_until
+from .test_proxy import expected_slot
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 

@@ -9,52 +9,14 @@ the header timeout while other clients keep being served.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
-import struct
 import threading
 import time
-from typing import Any
 
 from sticky_server.balancer import IPHashBalancer, address_key
 
 from .conftest import StartApp
-from .harness import request
-
-SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-def proxy_v1(source: str, port: int = 40000) -> bytes:
-    family = "TCP6" if ":" in source else "TCP4"
-    destination = "::1" if ":" in source else "127.0.0.1"
-    return f"PROXY {family} {source} {destination} {port} 80\r\n".encode()
-
-
-def proxy_v2(source: str, port: int = 40000) -> bytes:
-    if ":" in source:
-        addresses = socket.inet_pton(socket.AF_INET6, source) + socket.inet_pton(socket.AF_INET6, "::1")
-        family = 0x21
-    else:
-        addresses = socket.inet_aton(source) + socket.inet_aton("127.0.0.1")
-        family = 0x11
-    block = addresses + struct.pack(">HH", port, 80)
-    return SIGNATURE + bytes([0x21, family]) + struct.pack(">H", len(block)) + block
-
-
-def exchange(address: tuple[str, int], data: bytes, source: str = "127.0.0.1", timeout: float = 15.0) -> bytes:
-    """Send ``data`` on a new connection and return everything the server sends until it closes."""
-    with socket.create_connection(address, timeout=timeout, source_address=(source, 0)) as sock:
-        sock.sendall(data)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def reply_of(data: bytes) -> dict[str, Any]:
-    body = data.split(b"\r\n\r\n", 1)[1] if data.startswith(b"HTTP/") else data
-    result: dict[str, Any] = json.loads(body)
-    return result
+from .harness import SIGNATURE, exchange, proxy_v1, proxy_v2, reply_of, request
 
 
 def expected_slot(host: str, workers: int) -> int:

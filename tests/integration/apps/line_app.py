@@ -8,12 +8,16 @@ APP_PID_DIR so tests can check that none is left behind.
 
 from __future__ import annotations
 
+import array
+import ctypes
 import json
 import logging
 import os
 import random
 import resource
+import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -112,7 +116,7 @@ class LineWorker(Worker):
             blocking = sock.getblocking()
             sock.settimeout(10)
             reader = sock.makefile("rb")
-            line = reader.readline().decode().strip()
+            line = reader.readline().decode(errors="replace").strip()
             result = self.command(line[4:]) if line.startswith("cmd ") else None
             reply = {
                 "result": result,
@@ -132,7 +136,7 @@ class LineWorker(Worker):
                         pass
                 return
             headers = []
-            while header := reader.readline().decode().strip():
+            while header := reader.readline().decode("latin-1").strip():
                 headers.append(header)
             reply["headers"] = headers
             body = json.dumps(reply).encode()
@@ -161,9 +165,38 @@ class LineWorker(Worker):
                 self.sticky.send({1, 2})
             elif verb == "send-huge":
                 self.sticky.send("x" * (2 * 1024 * 1024))
+            elif verb == "send-bigint":  # past the master's int-string digit limit, through the public API
+                sys.set_int_max_str_digits(0)
+                self.sticky.send(10**5000)
+            elif verb == "raw":  # "raw HEX [N]": bytes a worker gone mad writes, with N descriptors attached
+                parts = argument.split()
+                self.write_raw(bytes.fromhex(parts[0]), int(parts[1]) if len(parts) > 1 else 0)
+            elif verb == "raw-send":  # a SEND frame of N bytes of valid JSON, past max_message_size
+                body = b'"' + b"x" * (int(argument) - 2) + b'"'
+                self.write_raw(struct.pack(">BBHI", 8, 0, 0, len(body)) + body, 0)
+            elif verb == "dumpable":
+                return ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
         except (TypeError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
         return "ok"
+
+    def write_raw(self, data: bytes, n_fds: int) -> None:
+        assert self.control is not None and self.sticky is not None
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(n_fds)]
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        with self.sticky._channel._lock:  # type: ignore[union-attr]  # not in the middle of the loop's own frame
+            view = memoryview(data)
+            while True:
+                try:
+                    sent = self.control.sendmsg([view], ancillary)
+                except BlockingIOError:
+                    select.select([], [self.control], [], 5)
+                    continue
+                view, ancillary = view[sent:], []
+                if not view:
+                    break
+        for fd in fds:
+            os.close(fd)
 
     def stop(self) -> None:
         """Graceful: finish every connection in flight (the master kills us after graceful_timeout)."""
@@ -229,6 +262,7 @@ def main() -> None:
         if mode == "work_in_master":
             sticky.work(LineWorker(0))
         sticky.on_listening(lambda address: print(f"LISTENING {address[0]} {address[1]}", flush=True))
+        sticky.on_stats(lambda stats: print(f"STATS {json.dumps(stats)}", flush=True))
         if os.environ.get("APP_CHANNEL"):
             serve_channel(sticky)
         port_text = os.environ.get("APP_PORT", "0")
@@ -237,7 +271,10 @@ def main() -> None:
     record_pid(f"worker{sticky.worker_id}")
     # A test may lower the master's descriptor limit; workers started after that raise theirs back.
     hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
+    worker_limit = int(os.environ.get("APP_WORKER_NOFILE", "0")) or hard_limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (worker_limit, hard_limit))
+    # Descriptors the worker's own code holds (files, outgoing connections).
+    extra_fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(int(os.environ.get("APP_WORKER_EXTRA_FDS", "0")))]
     fail_file = os.environ.get("APP_FAIL_BOOT_FILE")
     if fail_file and os.path.exists(fail_file):
         sys.exit(3)
@@ -254,6 +291,7 @@ def main() -> None:
     if mode == "no_add_connection":
         sticky.work(object())
     identity = environment.worker_identity()
+    del extra_fds  # (the descriptors stay open: only the list goes)
     sticky.work(LineWorker(sticky.worker_id or 0, identity.control if identity else None, sticky))
 
 
