@@ -154,7 +154,11 @@ class Intake:
         if client.host not in self._trusted:
             self._route(conn_id, fd, client)
             return
-        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        except Exception as exc:
+            self._fault(fd, client, exc)
+            return
         if sock.gettimeout() is not None:
             # socket.setdefaulttimeout() made it non-blocking with a timeout: the peeks
             # below would wait, and the worker would be handed a non-blocking socket.
@@ -194,12 +198,16 @@ class Intake:
     # --- reading ------------------------------------------------------------------
 
     def _try_guarded(self, waiting: _Waiting) -> None:
-        """``_try``; an unexpected error closes this connection only (master, error handling)."""
+        """``_try``; an unexpected error reading or parsing closes this connection only (master, error handling).
+
+        Once the connection is routed it is the master's: an error from ``route`` is
+        a fault in the master's own state and goes up.
+        """
         try:
             self._try(waiting)
         except Exception as exc:
             if waiting.sock.fileno() < 0:
-                raise  # routed already: the error is the master's, not this connection's
+                raise
             self._forget(waiting)
             self._fault(waiting.sock.detach(), waiting.client, exc)
 

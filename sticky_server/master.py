@@ -554,13 +554,10 @@ class Dispatcher:
                 client = new_client(ClientInfo, (address[0], address[1], None, local))
             else:
                 client = ClientInfo("", 0, None, local)
-            try:
-                if intake is None:
-                    self._route(self._next_id, fd, client)
-                else:
-                    intake.take(self._next_id, fd, listener.family, client)
-            except Exception as exc:
-                self.connection_failed(fd, client, exc)
+            if intake is None:
+                self._route(self._next_id, fd, client)
+            else:
+                intake.take(self._next_id, fd, listener.family, client)  # (its own errors close only this one)
             if not self._accepting and (self._parked or not self._stopping):
                 break  # (a graceful stop drains the backlog while a slot can take connections)
 

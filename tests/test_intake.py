@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from pytest_mock import MockerFixture
 
 from sticky_server.balancer import ClientInfo
 from sticky_server.intake import ClientAddressSettings, Intake
@@ -153,3 +154,43 @@ def test_a_default_socket_timeout_neither_blocks_the_master_nor_reaches_the_work
     finally:
         socket.setdefaulttimeout(previous)
         selector.close()
+
+
+def test_readable_with_nothing_new_is_not_taken_for_end_of_stream(listener: socket.socket) -> None:
+    selector = selectors.DefaultSelector()
+    routed: Routed = []
+    faults: list[tuple[int, ClientInfo, BaseException]] = []
+    intake = Intake(selector, settings(), lambda *args: routed.append(args), lambda *args: faults.append(args))
+    with socket.create_connection(listener.getsockname()) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.5 ")
+        time.sleep(0.05)
+        take_one(intake, listener)
+        assert intake.waiting == 1
+        # What Linux does to a socket that runs low on receive memory (a header in many
+        # tiny segments): report it readable below its low-water mark, with nothing new.
+        (fd,) = [key.fd for key in selector.get_map().values()]
+        selector.get_key(fd).data(selectors.EVENT_READ)
+        assert intake.waiting == 1 and not routed  # kept: no FIN came
+        assert intake.next_deadline() is not None
+        client.sendall(b"127.0.0.1 1000 80\r\nhello")
+        run(selector, intake, 0.3)  # peeked again on the poll interval
+        assert len(routed) == 1 and routed[0][2].host == "203.0.113.5"
+        os.close(routed[0][1])
+    selector.close()
+
+
+def test_an_error_while_parsing_closes_that_connection_only(listener: socket.socket, mocker: MockerFixture) -> None:
+    selector = selectors.DefaultSelector()
+    routed: Routed = []
+    faults: list[tuple[int, ClientInfo, BaseException]] = []
+    intake = Intake(selector, settings(), lambda *args: routed.append(args), lambda *args: faults.append(args))
+    mocker.patch.object(intake, "_parse", side_effect=RuntimeError("a bug in a parser"))
+    with socket.create_connection(listener.getsockname()) as client:
+        client.sendall(b"PROXY TCP4 203.0.113.5 127.0.0.1 1000 80\r\n")
+        time.sleep(0.05)
+        take_one(intake, listener)
+        assert intake.waiting == 0 and not selector.get_map() and not routed
+        ((fd, client_info, error),) = faults
+        assert isinstance(error, RuntimeError) and client_info.host == "127.0.0.1"
+        os.close(fd)
+    selector.close()

@@ -1,0 +1,521 @@
+"""Hostile input against a real master: nothing one client or one worker sends ends it, leaks its
+descriptors or drops other connections.
+
+Each defect found by the outside trial has its regression test here; the hypothesis
+suites at the end drive every parser the master runs on bytes it did not write (PROXY
+v1/v2 headers, forwarded headers, a worker's control frames, descriptors attached where
+none are declared) over real sockets, and check after each run that the master still
+serves and holds no more descriptors than before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sticky_server.wire import HEADER, FrameKind
+
+from .conftest import StartApp
+from .harness import (
+    CLIENT_IPS,
+    HERE,
+    SIGNATURE,
+    ServerProcess,
+    exchange,
+    open_fds,
+    proxy_v1,
+    proxy_v2,
+    reply_of,
+    request,
+    wait_until,
+)
+
+TIMEOUT = 15.0
+CLI = [sys.executable, "-m", "sticky_server", "apps.cli_apps:LineWorker", "-w", "2", "-b", "127.0.0.1:0"]
+LISTENING = r"listening on 127\.0\.0\.1:(\d+) with"
+HOSTILE = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def command(address: tuple[str, int], text: str, source: str = CLIENT_IPS[0]) -> dict[str, Any]:
+    return request(address, source=source, line=f"cmd {text}")
+
+
+def settle_fds(server: ServerProcess, at_most: int, timeout: float = TIMEOUT) -> int:
+    """The master's open descriptors once they are down to ``at_most`` (or what they are after ``timeout``)."""
+    wait_until(lambda: open_fds(server.process.pid) <= at_most, timeout)
+    return open_fds(server.process.pid)
+
+
+def http_exchange(address: tuple[str, int], head: bytes) -> dict[str, Any]:
+    return reply_of(exchange(address, head))
+
+
+# --- 1. forwarded headers: an entry must be an IP address to be believed or passed on ------------
+
+
+@pytest.mark.parametrize(
+    ("trusted", "header"),
+    [
+        ("", b"X-Forwarded-For: 127.0.0.1%" + b"A" * 300),  # a zone id: stripped to look trusted
+        ("", "X-Forwarded-For: 127.0.0.1%äöü".encode("latin-1")),  # non-ASCII
+        ("*", b"X-Forwarded-For: " + b"x" * 300),
+        ("*", b'X-Forwarded-For: for="[::1%' + b"B" * 300 + b']"'),
+    ],
+)
+def test_a_forwarded_entry_that_is_no_ip_address_is_never_routed_by(
+    start_app: StartApp, trusted: str, header: bytes
+) -> None:
+    forwarded = "forwarded" if b"for=" in header else "x-forwarded-for"
+    header = header.replace(b"X-Forwarded-For", b"Forwarded") if forwarded == "forwarded" else header
+    env = {"APP_WORKERS": "2", "APP_FORWARDED": forwarded, "APP_MODE": "http"}
+    if trusted:
+        env["APP_TRUSTED"] = trusted
+    server = start_app(env)
+    address = server.wait_listening()
+
+    for _ in range(3):
+        reply = http_exchange(address, b"GET / HTTP/1.1\r\nHost: t\r\n" + header + b"\r\n\r\n")
+        assert reply["client"] == reply["peer"], reply  # routed by the proxy's own address
+    assert server.process.poll() is None
+    assert http_exchange(address, b"GET / HTTP/1.1\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n")["line"]
+
+
+# --- 2 and settle: a worker's message that is no valid JSON, or too big, costs only that worker ---
+
+
+@pytest.mark.parametrize(
+    ("text", "logged"),
+    [
+        ("send-bigint", "message is not valid JSON"),  # past the int-string limit, through the public API
+        (f"raw {(HEADER.pack(FrameKind.SEND, 0, 0, 3) + b'NaN').hex()}", "NaN is not JSON"),
+        ("raw-send 2000000", "a message of 2000000 bytes .max_message_size is 1048576."),
+    ],
+)
+def test_an_invalid_message_from_a_worker_kills_that_worker_only(start_app: StartApp, text: str, logged: str) -> None:
+    server = start_app({"APP_WORKERS": "2", "APP_CHANNEL": "1"})
+    address = server.wait_listening()
+    first = request(address, source=CLIENT_IPS[0])
+
+    command(address, text)
+    server.wait_for(logged, TIMEOUT)
+    server.wait_for(rf"EXIT {first['slot']} -9", TIMEOUT)
+    assert server.process.poll() is None
+    assert wait_until(lambda: _serves(address), TIMEOUT)
+
+
+def _serves(address: tuple[str, int], source: str = CLIENT_IPS[0]) -> bool:
+    try:
+        return bool(request(address, source=source, timeout=2))
+    except OSError:
+        return False
+
+
+# --- 3. descriptors a worker attaches never stay in the master -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        HEADER.pack(FrameKind.SEND, 0, 0, 2) + b"{}",  # a valid message, with descriptors it does not declare
+        HEADER.pack(FrameKind.SEND, 0, 2, 2) + b"{}",  # declared, on a kind that carries none
+        b"",  # descriptors with no frame at all (a byte of nothing: one zero byte is sent)
+    ],
+)
+def test_descriptors_from_a_worker_are_closed_and_the_worker_replaced(start_app: StartApp, frame: bytes) -> None:
+    server = start_app({"APP_WORKERS": "2"})
+    address = server.wait_listening()
+    first = request(address, source=CLIENT_IPS[0])
+    time.sleep(0.6)  # the worker's first close report has gone out
+    before = open_fds(server.process.pid)
+
+    command(address, f"raw {(frame or bytes(1)).hex()} 2")
+    server.wait_for(r"sent an invalid frame .*descriptor", TIMEOUT)
+    assert wait_until(lambda: first["pid"] not in server.worker_pids(), TIMEOUT)
+    assert wait_until(lambda: _serves(address), TIMEOUT)
+    assert settle_fds(server, before) <= before
+
+
+# --- 4. a worker at its descriptor limit keeps what it has --------------------------------------
+
+
+def _hold(address: tuple[str, int], source: str) -> socket.socket:
+    sock = socket.create_connection(address, timeout=TIMEOUT, source_address=(source, 0))
+    sock.sendall(b"hold\n")
+    return sock
+
+
+def _reply(sock: socket.socket) -> dict[str, Any]:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+def test_workers_are_kept_under_their_descriptor_limit_and_lose_nothing(start_app: StartApp) -> None:
+    # Limit 64: rule 6 lets each worker hold 32 live connections; 70 clients from one address.
+    server = start_app({"APP_WORKERS": "2", "APP_MODE": "hold", "APP_WORKER_NOFILE": "64"})
+    address = server.wait_listening()
+    held = [_hold(address, CLIENT_IPS[0]) for _ in range(70)]
+    try:
+        replies = [_reply(sock) for sock in held[:64]]  # every one of the first 64 is served
+        assert {reply["slot"] for reply in replies} == {0, 1}
+        server.wait_for(r"reached its descriptor ceiling .*limit 64.*ulimit -n", TIMEOUT)
+        # The 6 others wait in the kernel's backlog; as clients leave, they are served.
+        for sock in held[:10]:
+            sock.close()
+        replies += [_reply(sock) for sock in held[64:]]
+        assert len(replies) == 70
+        for sock in held[10:64]:  # the connections the workers held all along are alive
+            sock.sendall(b"x")
+        assert server.count(r"lost \d+ connection\(s\) handed to worker") == 0
+        stats = _stats(server)
+        assert [worker["descriptor_limit"] for worker in stats["workers"]] == [64, 64]
+        assert stats["lost_no_room"] == 0
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_worker_that_runs_out_anyway_keeps_serving_and_says_so(start_app: StartApp) -> None:
+    # Its own code holds 40 descriptors, more than rule 6's reserve: the kernel truncates hand-offs.
+    server = start_app(
+        {"APP_WORKERS": "2", "APP_MODE": "hold", "APP_WORKER_NOFILE": "64", "APP_WORKER_EXTRA_FDS": "40"}
+    )
+    address = server.wait_listening()
+    pids = sorted(server.worker_pids())
+    held: list[socket.socket] = []
+    served: list[socket.socket] = []
+    waiting: list[socket.socket] = []
+    lost = 0
+    try:
+        for _ in range(40):
+            sock = _hold(address, CLIENT_IPS[0])
+            held.append(sock)
+            sock.settimeout(1.0)
+            try:
+                _reply(sock)
+                served.append(sock)
+            except TimeoutError:
+                waiting.append(sock)  # parked: both workers are at their ceiling
+            except OSError:
+                lost += 1
+        server.wait_for(r"lost \d+ connection\(s\) handed to worker \d: it is at its descriptor limit \(64\)", TIMEOUT)
+        assert sorted(server.worker_pids()) == pids  # no worker died
+        stats = _stats(server)
+        assert lost == stats["lost_no_room"] >= 1  # those, and only those, were closed
+        for sock in served:  # what the workers hold still works
+            sock.sendall(b"x")
+        for sock in served[: len(waiting) + 5]:
+            sock.close()
+        for sock in waiting:  # the parked ones are served once room is made
+            sock.settimeout(TIMEOUT)
+            assert _reply(sock)["line"] == "hold"
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: _serves(address, CLIENT_IPS[1]), TIMEOUT)
+
+
+def _stats(server: ServerProcess) -> dict[str, Any]:
+    server.send_signal(signal.SIGUSR1)
+    line = server.wait_for(r"^STATS (.*)$", TIMEOUT, start=len(server.lines))
+    stats: dict[str, Any] = json.loads(line.group(1))
+    return stats
+
+
+# --- 5. a header in tiny segments is not mistaken for end-of-stream -------------------------------
+
+
+def test_proxy_headers_in_one_byte_segments_all_arrive(start_app: StartApp) -> None:
+    server = start_app({"APP_WORKERS": "2", "APP_PROXY": "1"})
+    address = server.wait_listening()
+    results: list[Any] = [None] * 40
+
+    def client(n: int) -> None:
+        data = proxy_v2(f"203.0.113.{n + 1}", 6000 + n) + f"byte-by-byte {n}\n".encode()
+        try:
+            with socket.create_connection(address, timeout=TIMEOUT) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for byte in data:
+                    sock.send(bytes([byte]))
+                    time.sleep(0.001)
+                results[n] = reply_of(sock.makefile("rb").readline())
+        except (OSError, ValueError) as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    failed = [result for result in results if not isinstance(result, dict)]
+    assert not failed, f"{len(failed)} of 40 failed: {failed[:3]}"
+    assert sorted(result["client"][1] for result in results) == list(range(6000, 6040))
+
+
+# --- 6. the metrics port costs the master a bounded number of threads and nothing else -----------
+
+
+def test_idle_metrics_connections_never_hold_up_the_server(start_app: StartApp, free_port: int) -> None:
+    server = start_app(command=[*CLI, "--metrics", f"127.0.0.1:{free_port}"], cwd=HERE)
+    address = ("127.0.0.1", int(server.wait_for(LISTENING, TIMEOUT).group(1)))
+    threads_before = len(os.listdir(f"/proc/{server.process.pid}/task"))
+    idle = []
+    for _ in range(192):
+        with contextlib.suppress(OSError):
+            idle.append(socket.create_connection(("127.0.0.1", free_port), timeout=TIMEOUT))
+    try:
+        began = time.monotonic()
+        for ip in CLIENT_IPS[:10]:
+            assert "slot" in request(address, source=ip, timeout=5)
+        assert time.monotonic() - began < 5
+        threads = len(os.listdir(f"/proc/{server.process.pid}/task"))
+        assert threads <= threads_before + 8, threads  # MAX_SCRAPES scrape threads at most
+    finally:
+        for sock in idle:
+            sock.close()
+    # The idle ones went, so scrapes are answered, HEAD too (no body).
+    assert wait_until(lambda: _scrape(free_port, "HEAD") == b"", 10.0)
+    text = (_scrape(free_port, "GET") or b"").decode()
+    for name in ("process_open_fds", "process_resident_memory_bytes", "process_start_time_seconds"):
+        assert f"\n{name} " in text
+    assert "handoff_rate" not in text
+    assert 'sticky_server_connections_handed_off_total{slot="0"}' in text
+
+
+def _scrape(port: int, method: str) -> bytes | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            sock.sendall(f"{method} /metrics HTTP/1.0\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return body if head.startswith(b"HTTP/1.0 200") else None
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- settle: workers are non-dumpable; a graceful stop serves the backlog; resized worker counts ----
+
+
+def test_workers_are_not_dumpable(start_app: StartApp) -> None:
+    server = start_app({"APP_WORKERS": "1"})
+    address = server.wait_listening()
+    assert command(address, "dumpable")["result"] == 0
+
+
+def test_a_graceful_stop_serves_connections_still_in_the_backlog(start_app: StartApp) -> None:
+    server = start_app({"APP_WORKERS": "2"})
+    address = server.wait_listening()
+    assert _serves(address)
+    os.kill(server.process.pid, signal.SIGSTOP)  # the master accepts nothing meanwhile
+    waiting = []
+    try:
+        # More than one accept burst (64): the stop comes while some still wait in the backlog.
+        for n in range(100):
+            ip = CLIENT_IPS[n % len(CLIENT_IPS)]
+            sock = socket.create_connection(address, timeout=TIMEOUT, source_address=(ip, 0))
+            sock.sendall(b"in the backlog\n")
+            waiting.append(sock)
+        os.kill(server.process.pid, signal.SIGTERM)
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    for sock in waiting:
+        with sock:
+            assert _reply(sock)["line"] == "in the backlog"
+    assert server.wait_exit(TIMEOUT) == 0
+
+
+def test_send_reaches_a_slot_added_by_sigttin(start_app: StartApp) -> None:
+    server = start_app({"APP_WORKERS": "1", "APP_CHANNEL": "1"})
+    address = server.wait_listening()
+    server.send_signal(signal.SIGTTIN)
+    server.wait_for(r"^START 1$", TIMEOUT)
+    # A worker asks the master to send to slot 1, which did not exist at start.
+    command(address, 'send {"to": 1, "data": "to the new slot"}')
+    server.wait_for(r'^FROM \d \{"to": 1', TIMEOUT)
+    assert server.count("needs a worker id from 0 to 0") == 0
+    assert wait_until(lambda: _inbox_of_slot(address, 1) == [[None, "to the new slot"]], TIMEOUT)
+
+
+def _inbox_of_slot(address: tuple[str, int], slot: int) -> Any:
+    for ip in CLIENT_IPS:
+        reply = command(address, "inbox", source=ip)
+        if reply["slot"] == slot:
+            return reply["result"]
+    return None
+
+
+# --- 7. pid and stats files ------------------------------------------------------------------------
+
+
+def test_a_planted_symlink_is_refused_as_pid_file_and_replaced_as_stats_file(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    pid_file = tmp_path / "app.pid"
+    pid_file.symlink_to(victim)
+    refused = start_app(command=[*CLI, "--pid", str(pid_file)], cwd=HERE)
+    assert refused.wait_exit(TIMEOUT) == 2
+    assert "is a symbolic link; refusing to follow it" in refused.output
+    pid_file.unlink()
+
+    (tmp_path / "app.pid.stats").symlink_to(victim)
+    (tmp_path / "app.pid.stats.tmp").symlink_to(victim)
+    server = start_app(command=[*CLI, "--pid", str(pid_file)], cwd=HERE)
+    server.wait_for(LISTENING, TIMEOUT)
+    assert pid_file.read_text() == f"{server.process.pid}\n"
+    assert pid_file.stat().st_mode & 0o777 == 0o644
+    server.send_signal(signal.SIGUSR1)
+    assert wait_until(lambda: not (tmp_path / "app.pid.stats").is_symlink(), TIMEOUT)
+    assert json.loads((tmp_path / "app.pid.stats").read_text())["pid"] == server.process.pid
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file another user owns")
+def test_a_pid_file_another_user_owns_is_refused_by_the_server_and_by_status(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    tmp_path.chmod(0o755)
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text("1\n")
+    os.chown(pid_file, 65534, 65534)
+    server = start_app(command=[*CLI, "--pid", str(pid_file)], cwd=HERE)
+    assert server.wait_exit(TIMEOUT) == 2
+    assert "belongs to uid 65534, not to you or root; refusing to trust it" in server.output
+    assert pid_file.read_text() == "1\n"
+
+    status = subprocess.run(
+        [sys.executable, "-m", "sticky_server", "status", "--pid", str(pid_file)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert status.returncode == 1 and "refusing to trust it" in status.stderr
+
+
+# --- the class: hypothesis over real sockets -------------------------------------------------------
+
+
+def _proxy_bytes() -> st.SearchStrategy[bytes]:
+    valid = st.sampled_from([proxy_v1("203.0.113.5"), proxy_v2("203.0.113.6"), proxy_v2("2001:db8::7")])
+    mutated = st.tuples(valid, st.integers(0, 60), st.binary(min_size=1, max_size=4)).map(
+        lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + len(t[2]) :]
+    )
+    prefixed = st.binary(max_size=300).map(lambda b: SIGNATURE + b)
+    return st.one_of(st.binary(max_size=300), mutated, prefixed, st.binary(max_size=120).map(lambda b: b"PROXY " + b))
+
+
+def _send_in_pieces(address: tuple[str, int], data: bytes, cuts: list[int]) -> bytes:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):
+            for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+                sock.sendall(data[start:end])
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def test_hostile_proxy_headers_never_hurt_the_master(start_app: StartApp) -> None:
+    server = start_app({"APP_WORKERS": "2", "APP_PROXY": "1", "APP_HEADER_TIMEOUT": "1"})
+    address = server.wait_listening()
+    assert reply_of(exchange(address, proxy_v1("198.51.100.3") + b"first\n"))["line"] == "first"
+    before = open_fds(server.process.pid)
+
+    @HOSTILE
+    @given(_proxy_bytes(), st.lists(st.integers(1, 299), max_size=4, unique=True))
+    def run(data: bytes, cuts: list[int]) -> None:
+        _send_in_pieces(address, data + b"line\n", sorted(cut for cut in cuts if cut < len(data)))
+        assert server.process.poll() is None
+
+    run()
+    assert reply_of(exchange(address, proxy_v1("198.51.100.3") + b"still\n"))["line"] == "still"
+    assert server.count("Traceback") + server.count("could not be routed") == 0, server.output
+    assert settle_fds(server, before) <= before
+
+
+_LATIN1 = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters=",\r\n"), max_size=80)
+
+
+@pytest.mark.parametrize("forwarded", ["x-forwarded-for", "forwarded"])
+def test_hostile_forwarded_headers_never_hurt_the_master(start_app: StartApp, forwarded: str) -> None:
+    server = start_app({"APP_WORKERS": "2", "APP_FORWARDED": forwarded, "APP_TRUSTED": "*", "APP_MODE": "http"})
+    address = server.wait_listening()
+
+    @HOSTILE
+    @given(st.lists(_LATIN1, min_size=1, max_size=4))
+    def run(entries: list[str]) -> None:
+        value = ", ".join(entries if forwarded == "x-forwarded-for" else [f"for={entry}" for entry in entries])
+        head = b"GET / HTTP/1.1\r\n" + forwarded.encode() + b": " + value.encode("latin-1") + b"\r\n\r\n"
+        host = http_exchange(address, head)["client"][0]
+        # Routed by an address the header gave, in canonical form, or by the peer's.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        assert socket.inet_ntop(family, socket.inet_pton(family, host)) == host
+
+    run()
+    assert server.process.poll() is None
+
+
+def test_hostile_control_frames_from_a_worker_never_hurt_the_master(start_app: StartApp) -> None:
+    server = start_app({"APP_WORKERS": "2", "APP_CHANNEL": "1"})
+    address = server.wait_listening()
+    time.sleep(0.6)
+    before = open_fds(server.process.pid)
+
+    frames = st.tuples(
+        st.integers(0, 14),  # kinds, known and unknown, either direction
+        st.integers(0, 1),  # flags
+        st.integers(0, 3),  # declared descriptors
+        st.binary(max_size=24),
+    ).map(lambda f: HEADER.pack(f[0], f[1], f[2], len(f[3])) + f[3])
+
+    @HOSTILE
+    @given(st.lists(frames, min_size=1, max_size=3).map(b"".join), st.integers(0, 2))
+    def run(data: bytes, n_fds: int) -> None:
+        pids = set(server.worker_pids())
+        with contextlib.suppress(OSError):
+            command(address, f"raw {data.hex()} {n_fds}")
+        assert server.process.poll() is None
+        # Whatever became of that worker, the server serves (a killed one is replaced).
+        assert wait_until(lambda: _serves(address), TIMEOUT)
+        if set(server.worker_pids()) != pids:
+            time.sleep(1.0)  # let the replacement count as healthy, so restarts stay immediate
+
+    run()
+    assert server.process.poll() is None
+    assert settle_fds(server, before) <= before
