@@ -135,7 +135,7 @@ def test_worker_factory_on_tcp_and_unix_binds_with_status_and_pid_file(start_app
     assert wait_until(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 3, TIMEOUT)
     line_request(unix_at(unix_path))  # served: the new worker is in
     server.send_signal(signal.SIGUSR1)
-    assert server.wait_for(r"stats: 3 workers, \d+ connections handed off, \d+ live, 1 restarts", TIMEOUT)
+    assert server.wait_for(r"stats: 3 workers, \d+ connections accepted, \d+ handed off, \d+ live, 1 restarts", TIMEOUT)
 
     assert server.stop(TIMEOUT + 10) == 0
     assert not pid_file.exists() and not unix_path.exists()  # both cleaned up
