@@ -57,14 +57,14 @@ it had no room for, the worker keeps the rest and says how many it lost (NO_ROOM
 and the master lowers that worker's ceiling to what it holds.
 
 Error handling: nothing one client or one worker sends ends the master. An
-unexpected exception while routing one connection closes that connection and is
-logged (throttled); one while handling a worker's frames kills that worker, which
-is replaced. Out-of-descriptor errors from ``accept`` (EMFILE, ENFILE, ENOBUFS,
-ENOMEM) are logged (at most every ``ACCEPT_ERROR_LOG_INTERVAL`` seconds) and
-accepting pauses for ``ACCEPT_BACKOFF`` seconds instead of spinning; a connection
-aborted before ``accept`` is skipped. Any other error is a fault in the master's
-own state: it propagates, and the ``finally`` of ``run`` kills every worker so
-nothing is left behind.
+unexpected exception while reading one connection's proxy header or packing its
+client address closes that connection and is logged (throttled); one while handling
+a worker's frames kills that worker, which is replaced. Out-of-descriptor errors
+from ``accept`` (EMFILE, ENFILE, ENOBUFS, ENOMEM) are logged (at most every
+``ACCEPT_ERROR_LOG_INTERVAL`` seconds) and accepting pauses for ``ACCEPT_BACKOFF``
+seconds instead of spinning; a connection aborted before ``accept`` is skipped.
+Any other error is a fault in the master's own state: it propagates, and the
+``finally`` of ``run`` kills every worker so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -562,7 +562,8 @@ class Dispatcher:
                 break  # (a graceful stop drains the backlog while a slot can take connections)
 
     def connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
-        """An unexpected error while routing one connection: close it, log (throttled), go on."""
+        """An unexpected error while reading one connection's header or packing its hand-off: close it, log
+        (throttled), go on."""
         with contextlib.suppress(OSError):
             os.close(fd)
         self._connection_fault_log.note(1, client.host or "a Unix socket", f"{type(error).__name__}: {error}")
