@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import sys
@@ -19,6 +20,7 @@ from sticky_server.supervisor import (
     Supervisor,
     WorkerProcess,
     describe_exit,
+    describe_spawn_error,
     entry_command,
 )
 
@@ -189,3 +191,19 @@ def test_spawn_passes_user_and_group(clock: FakeClock) -> None:
     Supervisor(1, ["x"], spawn=spawn, clock=clock, user=65534, group=65534).start(0)
     Supervisor(1, ["x"], spawn=spawn, clock=clock).start(0)
     assert seen == [{"user": 65534, "group": 65534}, {}]
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (
+            BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"),
+            "ran out of processes; start fewer workers",
+        ),
+        (PermissionError(errno.EACCES, "Permission denied", "/opt/py/bin/python"), "user 1000 must be able to run"),
+        (OSError(errno.ENOMEM, "Cannot allocate memory"), "not enough memory for another process"),
+    ],
+)
+def test_a_worker_the_os_cannot_start_is_one_line_naming_the_fix(error: OSError, says: str) -> None:
+    text = describe_spawn_error(error, ["/opt/py/bin/python", "app.py"], user=1000)
+    assert says in text and "\n" not in text

@@ -89,12 +89,17 @@ def request(
             sock.bind((source, 0))
         sock.connect(address)
         sock.sendall(line.encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"connection closed after {data!r}")
-            data += chunk
+        return read_reply(sock)
+
+
+def read_reply(sock: socket.socket) -> dict[str, Any]:
+    """The worker's JSON reply line on ``sock``."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {data!r}")
+        data += chunk
     reply: dict[str, Any] = json.loads(data)
     return reply
 

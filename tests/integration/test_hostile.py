@@ -38,6 +38,7 @@ from .harness import (
     open_fds,
     proxy_v1,
     proxy_v2,
+    read_reply,
     reply_of,
     request,
     wait_until,
@@ -161,30 +162,19 @@ def _hold(address: tuple[str, int], source: str) -> socket.socket:
     return sock
 
 
-def _reply(sock: socket.socket) -> dict[str, Any]:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    result: dict[str, Any] = json.loads(data)
-    return result
-
-
 def test_workers_are_kept_under_their_descriptor_limit_and_lose_nothing(start_app: StartApp) -> None:
     # Limit 64: rule 6 lets each worker hold 32 live connections; 70 clients from one address.
     server = start_app({"APP_WORKERS": "2", "APP_MODE": "hold", "APP_WORKER_NOFILE": "64"})
     address = server.wait_listening()
     held = [_hold(address, CLIENT_IPS[0]) for _ in range(70)]
     try:
-        replies = [_reply(sock) for sock in held[:64]]  # every one of the first 64 is served
+        replies = [read_reply(sock) for sock in held[:64]]  # every one of the first 64 is served
         assert {reply["slot"] for reply in replies} == {0, 1}
         server.wait_for(r"reached its descriptor ceiling .*limit 64.*ulimit -n", TIMEOUT)
         # The 6 others wait in the kernel's backlog; as clients leave, they are served.
         for sock in held[:10]:
             sock.close()
-        replies += [_reply(sock) for sock in held[64:]]
+        replies += [read_reply(sock) for sock in held[64:]]
         assert len(replies) == 70
         for sock in held[10:64]:  # the connections the workers held all along are alive
             sock.sendall(b"x")
@@ -214,7 +204,7 @@ def test_a_worker_that_runs_out_anyway_keeps_serving_and_says_so(start_app: Star
             held.append(sock)
             sock.settimeout(1.0)
             try:
-                _reply(sock)
+                read_reply(sock)
                 served.append(sock)
             except TimeoutError:
                 waiting.append(sock)  # parked: both workers are at their ceiling
@@ -230,7 +220,7 @@ def test_a_worker_that_runs_out_anyway_keeps_serving_and_says_so(start_app: Star
             sock.close()
         for sock in waiting:  # the parked ones are served once room is made
             sock.settimeout(TIMEOUT)
-            assert _reply(sock)["line"] == "hold"
+            assert read_reply(sock)["line"] == "hold"
     finally:
         for sock in held:
             sock.close()
@@ -352,7 +342,7 @@ def test_a_graceful_stop_serves_connections_still_in_the_backlog(start_app: Star
         os.kill(server.process.pid, signal.SIGCONT)
     for sock in waiting:
         with sock:
-            assert _reply(sock)["line"] == "in the backlog"
+            assert read_reply(sock)["line"] == "in the backlog"
     assert server.wait_exit(TIMEOUT) == 0
 
 
