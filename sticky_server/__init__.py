@@ -16,7 +16,7 @@ from .balancer import (
     WorkerSet,
 )
 from .connections import client_address
-from .errors import BindError, ProtocolError, StickyServerError, WorkerBootError, WrongProcessError
+from .errors import BindError, PidFileError, ProtocolError, StickyServerError, WorkerBootError, WrongProcessError
 from .server import StickyServer
 from .worker import Worker, time_left_to_stop
 
@@ -27,6 +27,7 @@ __all__ = [
     "ClientInfo",
     "IPHashBalancer",
     "LeastConnectionsBalancer",
+    "PidFileError",
     "ProtocolError",
     "RandomBalancer",
     "RoundRobinBalancer",

@@ -20,28 +20,24 @@ through that adapter.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import importlib
 import inspect
-import json
 import logging
 import os
 import signal
 import ssl
-import stat
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .balancer import BALANCERS, Balancer
-from .errors import StickyServerError
+from .errors import PidFileError, StickyServerError
 from .listener import parse_bind
 from .metrics import MetricsServer
+from .pidfile import read_own_file, read_pid, remove_pid_file, stats_file_of, stats_writer, write_pid_file
 from .server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT, StickyServer
 
 __all__ = ["main"]
@@ -263,100 +259,6 @@ def _print_user_error(headline: str, exc: BaseException) -> None:
     traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 
 
-def _stats_file(pid_file: Path) -> Path:
-    """Where the master writes its stats on SIGUSR1: beside the pid file."""
-    return pid_file.with_name(pid_file.name + ".stats")
-
-
-def _write_file(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` the way careful daemons do.
-
-    The text goes to a private temporary file made in the same directory
-    (``mkstemp``: ``O_CREAT|O_EXCL``, a random name, never a link someone planted),
-    which is then renamed over ``path``: a link at ``path`` is replaced, not
-    followed, and readers never see half a file.
-    """
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(file.fileno(), 0o644)
-            file.write(text)
-        os.rename(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def _read_own_file(path: Path, what: str) -> str:
-    """The text of ``path``, refused unless it is a regular file of this user's or root's (no link followed).
-
-    A file another user could write must not decide what a root command does
-    (which pid ``status`` signals), nor make it read another file through a link.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _UsageError(f"{what} {path} is a symbolic link; refusing to follow it") from None
-        raise
-    with os.fdopen(fd) as file:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise _UsageError(f"{what} {path} is not a regular file")
-        if info.st_uid not in (os.geteuid(), 0):
-            raise _UsageError(
-                f"{what} {path} belongs to uid {info.st_uid}, not to you or root; refusing to trust it. "
-                "Keep pid files in a directory only the server's user can write (e.g. /run/APP/)"
-            )
-        return file.read()
-
-
-def _pid_in(text: str) -> int | None:
-    try:
-        return int(text.strip())
-    except ValueError:
-        return None
-
-
-def write_pid_file(path: Path) -> None:
-    """Write this process's pid to ``path`` (see ``_write_file``); refuse a file another user or master holds."""
-    try:
-        existing = _read_own_file(path, "--pid")
-    except FileNotFoundError:
-        existing = None
-    pid = _pid_in(existing or "")
-    if pid is not None and pid != os.getpid() and _running(pid):
-        raise _UsageError(f"--pid {path}: a master (pid {pid}) is already running with this pid file; stop it first")
-    _write_file(path, f"{os.getpid()}\n")
-
-
-def remove_pid_file(path: Path) -> None:
-    """Remove ``path`` and its stats file if the pid file still names this process."""
-    with contextlib.suppress(OSError, _UsageError):
-        if _pid_in(_read_own_file(path, "--pid")) == os.getpid():
-            for each in (path, _stats_file(path)):
-                with contextlib.suppress(FileNotFoundError):
-                    each.unlink()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_stats(path: Path) -> Callable[[dict[str, Any]], None]:
-    def write(stats: dict[str, Any]) -> None:
-        _write_file(path, json.dumps(stats, indent=2) + "\n")
-
-    return write
-
-
 def status(argv: Sequence[str]) -> int:
     """``sticky-server status --pid FILE``: ask the master (SIGUSR1) for its stats and print them."""
     parser = argparse.ArgumentParser(prog="sticky-server status", description=status.__doc__)
@@ -364,14 +266,14 @@ def status(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     pid_file = Path(args.pid)
     try:
-        pid = _pid_in(_read_own_file(pid_file, "the pid file"))
-    except (OSError, _UsageError) as exc:
+        pid = read_pid(pid_file)
+    except (OSError, PidFileError) as exc:
         print(f"sticky-server status: cannot read a pid from {pid_file}: {exc}", file=sys.stderr)
         return 1
-    if pid is None or pid <= 0:
+    if pid is None:
         print(f"sticky-server status: {pid_file} holds no pid", file=sys.stderr)
         return 1
-    stats_file = _stats_file(pid_file)
+    stats_file = stats_file_of(pid_file)
     before = stats_file.stat().st_mtime_ns if stats_file.exists() else None
     try:
         os.kill(pid, signal.SIGUSR1)
@@ -382,8 +284,8 @@ def status(argv: Sequence[str]) -> int:
     while time.monotonic() < deadline:
         if stats_file.exists() and stats_file.stat().st_mtime_ns != before:
             try:
-                sys.stdout.write(_read_own_file(stats_file, "the stats file"))
-            except (OSError, _UsageError) as exc:
+                sys.stdout.write(read_own_file(stats_file, "the stats file"))
+            except (OSError, PidFileError) as exc:
                 print(f"sticky-server status: {exc}", file=sys.stderr)
                 return 1
             return 0
@@ -445,11 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pid_file is not None:
         try:
             write_pid_file(pid_file)
-        except (OSError, _UsageError) as exc:
+        except (OSError, PidFileError) as exc:
             if metrics is not None:
                 metrics.close()
             parser.error(f"--pid {pid_file}: {exc}" if isinstance(exc, OSError) else str(exc))
-        sticky.on_stats(_write_stats(_stats_file(pid_file)))
+        sticky.on_stats(stats_writer(stats_file_of(pid_file)))
     try:
         sticky.listen_on(args.bind or ["127.0.0.1:8000"])
     except StickyServerError as exc:  # it says what went wrong and what to do: no traceback

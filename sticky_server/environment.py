@@ -15,7 +15,6 @@ still can, which is why the workers should run as a user of their own.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import socket
@@ -41,7 +40,7 @@ def make_undumpable() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # this process's symbols, libc's among them
         if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
             return True
         error = ctypes.get_errno()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BindError",
+    "PidFileError",
     "ProtocolError",
     "StickyServerError",
     "WorkerBootError",
@@ -24,6 +25,10 @@ class BindError(StickyServerError, OSError):
 
 class WorkerBootError(StickyServerError):
     """A worker exited before it was ready while the server was starting."""
+
+
+class PidFileError(StickyServerError, ValueError):
+    """A pid or stats file cannot be trusted: a link, another user's file, or a running master's."""
 
 
 class WrongProcessError(StickyServerError, RuntimeError):

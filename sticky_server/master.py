@@ -343,7 +343,7 @@ class Dispatcher:
         self._boot_error: WorkerBootError | None = None
         self._balancer_faults: set[str] = set()
         self._intake = (
-            Intake(self._selector, client_addresses, self._route, self.connection_failed) if client_addresses else None
+            Intake(self._selector, client_addresses, self._route, self._connection_failed) if client_addresses else None
         )
         self._stops_wait_for_intake = False
         self._frame_handlers: dict[FrameKind, Callable[[_Link, Frame], None]] = {
@@ -561,7 +561,7 @@ class Dispatcher:
             if not self._accepting and (self._parked or not self._stopping):
                 break  # (a graceful stop drains the backlog while a slot can take connections)
 
-    def connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
+    def _connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
         """An unexpected error while reading one connection's header or packing its hand-off: close it, log
         (throttled), go on."""
         with contextlib.suppress(OSError):
@@ -605,7 +605,7 @@ class Dispatcher:
 
     def _room_again(self, link: _Link) -> None:
         """Rule 6: back in the alive set once a tenth of its ceiling has closed."""
-        if link.no_room and link.max_live is not None and link.live <= link.max_live - max(1, link.max_live // 10):
+        if link.max_live is not None and link.live <= link.max_live - max(1, link.max_live // 10):
             link.no_room = False
             self._workers_changed()
 
@@ -932,7 +932,7 @@ class Dispatcher:
             except (ValueError, OverflowError, struct.error):
                 # The intake only routes by canonical addresses; should one slip through,
                 # its connection is closed, not its neighbours in the frame.
-                batch = [entry for entry in batch if self._packable(entry)]
+                batch = [entry for entry in batch if self._packable(link, entry)]
                 ids = [conn_id for conn_id, _, _ in batch]
                 fds = [fd for _, fd, _ in batch]
                 payload = pack_addressed(ids, [client[:2] for _, _, client in batch])
@@ -940,12 +940,14 @@ class Dispatcher:
                 link.outbox.put(FrameKind.HANDOFF_PROXIED, payload, fds)
         pending.clear()
 
-    def _packable(self, entry: tuple[int, int, ClientInfo]) -> bool:
+    def _packable(self, link: _Link, entry: tuple[int, int, ClientInfo]) -> bool:
+        """True if ``entry``'s client address packs; else its connection is closed and no longer ``link``'s."""
         conn_id, fd, client = entry
         try:
             pack_addressed([conn_id], [client[:2]])
         except (ValueError, OverflowError, struct.error) as exc:
-            self.connection_failed(fd, client, exc)
+            link.live -= 1
+            self._connection_failed(fd, client, exc)
             return False
         return True
 

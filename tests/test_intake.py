@@ -28,6 +28,18 @@ def settings(timeout: float = 5.0, forwarded: str | None = None) -> ClientAddres
     return ClientAddressSettings(forwarded is None, forwarded, TrustedProxies(["127.0.0.1"]), timeout, 8192)
 
 
+Faults = list[tuple[int, ClientInfo, BaseException]]
+
+
+def make_intake(intake_settings: ClientAddressSettings) -> tuple[selectors.BaseSelector, Intake, Routed, Faults]:
+    """An intake on a fresh selector that records what it routes and what it closes for a fault."""
+    selector = selectors.DefaultSelector()
+    routed: Routed = []
+    faults: Faults = []
+    intake = Intake(selector, intake_settings, lambda *args: routed.append(args), lambda *args: faults.append(args))
+    return selector, intake, routed, faults
+
+
 def take_one(intake: Intake, listener: socket.socket, conn_id: int = 1) -> None:
     fd, address = listener._accept()  # type: ignore[attr-defined]
     intake.take(conn_id, fd, listener.family, ClientInfo(address[0], address[1]))
@@ -46,10 +58,7 @@ def run(selector: selectors.BaseSelector, intake: Intake, seconds: float) -> int
 
 
 def test_a_partial_header_does_not_spin_the_loop(listener: socket.socket) -> None:
-    selector = selectors.DefaultSelector()
-    routed: Routed = []
-    faults: list[tuple[int, ClientInfo, BaseException]] = []
-    intake = Intake(selector, settings(), lambda *args: routed.append(args), lambda *args: faults.append(args))
+    selector, intake, routed, _faults = make_intake(settings())
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 203.0.113.5 ")
         time.sleep(0.05)
@@ -72,15 +81,7 @@ def test_a_partial_header_does_not_spin_the_loop(listener: socket.socket) -> Non
 
 
 def test_a_complete_header_is_routed_without_waiting(listener: socket.socket) -> None:
-    selector = selectors.DefaultSelector()
-    routed: Routed = []
-    faults: list[tuple[int, ClientInfo, BaseException]] = []
-    intake = Intake(
-        selector,
-        settings(forwarded="x-forwarded-for"),
-        lambda *args: routed.append(args),
-        lambda *args: faults.append(args),
-    )
+    selector, intake, routed, _faults = make_intake(settings(forwarded="x-forwarded-for"))
     request = b"GET / HTTP/1.1\r\nX-Forwarded-For: 198.51.100.3\r\n\r\n"
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(request)
@@ -94,12 +95,7 @@ def test_a_complete_header_is_routed_without_waiting(listener: socket.socket) ->
 
 
 def test_a_silent_client_is_closed_at_the_deadline_and_an_early_eof_at_once(listener: socket.socket) -> None:
-    selector = selectors.DefaultSelector()
-    routed: Routed = []
-    faults: list[tuple[int, ClientInfo, BaseException]] = []
-    intake = Intake(
-        selector, settings(timeout=0.3), lambda *args: routed.append(args), lambda *args: faults.append(args)
-    )
+    selector, intake, routed, _faults = make_intake(settings(timeout=0.3))
     with socket.create_connection(listener.getsockname()) as silent:
         take_one(intake, listener)
         assert intake.next_deadline() is not None
@@ -117,11 +113,8 @@ def test_a_silent_client_is_closed_at_the_deadline_and_an_early_eof_at_once(list
 
 
 def test_untrusted_peers_are_routed_at_once_and_nothing_is_read(listener: socket.socket) -> None:
-    selector = selectors.DefaultSelector()
-    routed: Routed = []
-    faults: list[tuple[int, ClientInfo, BaseException]] = []
     only_other = ClientAddressSettings(True, None, TrustedProxies(["10.0.0.1"]), 5.0, 8192)
-    intake = Intake(selector, only_other, lambda *args: routed.append(args), lambda *args: faults.append(args))
+    selector, intake, routed, _faults = make_intake(only_other)
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n")
         take_one(intake, listener)
@@ -133,10 +126,7 @@ def test_untrusted_peers_are_routed_at_once_and_nothing_is_read(listener: socket
 
 
 def test_a_default_socket_timeout_neither_blocks_the_master_nor_reaches_the_worker(listener: socket.socket) -> None:
-    selector = selectors.DefaultSelector()
-    routed: Routed = []
-    faults: list[tuple[int, ClientInfo, BaseException]] = []
-    intake = Intake(selector, settings(), lambda *args: routed.append(args), lambda *args: faults.append(args))
+    selector, intake, routed, _faults = make_intake(settings())
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(3.0)
     try:
@@ -157,10 +147,7 @@ def test_a_default_socket_timeout_neither_blocks_the_master_nor_reaches_the_work
 
 
 def test_readable_with_nothing_new_is_not_taken_for_end_of_stream(listener: socket.socket) -> None:
-    selector = selectors.DefaultSelector()
-    routed: Routed = []
-    faults: list[tuple[int, ClientInfo, BaseException]] = []
-    intake = Intake(selector, settings(), lambda *args: routed.append(args), lambda *args: faults.append(args))
+    selector, intake, routed, _faults = make_intake(settings())
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 203.0.113.5 ")
         time.sleep(0.05)
@@ -180,10 +167,7 @@ def test_readable_with_nothing_new_is_not_taken_for_end_of_stream(listener: sock
 
 
 def test_an_error_while_parsing_closes_that_connection_only(listener: socket.socket, mocker: MockerFixture) -> None:
-    selector = selectors.DefaultSelector()
-    routed: Routed = []
-    faults: list[tuple[int, ClientInfo, BaseException]] = []
-    intake = Intake(selector, settings(), lambda *args: routed.append(args), lambda *args: faults.append(args))
+    selector, intake, routed, faults = make_intake(settings())
     mocker.patch.object(intake, "_parse", side_effect=RuntimeError("a bug in a parser"))
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 203.0.113.5 127.0.0.1 1000 80\r\n")
