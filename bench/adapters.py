@@ -14,9 +14,11 @@ BENCH_ROLE=direct|sticky and BENCH_ADAPTER). For every adapter, two servers answ
 - sticky: a sticky_server master with one worker running the adapter.
 
 ``wrk`` keeps C connections open for S seconds against each, interleaved, R
-rounds; the driver prints the median requests/s of each and the ratio
-sticky/direct. Once a connection is handed off the master is out of the data
-path, so the target is a ratio of at least 0.95. (wsgiref closes every
+rounds, then one connection for 2 s; the driver prints the median requests/s of
+each, the ratio sticky/direct, the p99 latency under load and the p50 latency of
+the single connection (where a Nagle-class stall shows as ~40 ms). Once a
+connection is handed off the master is out of the data path, so the target is a
+ratio of at least 0.95. (wsgiref closes every
 connection after one answer, so its figure includes a new connection per
 request, through the master.)
 """
@@ -35,7 +37,7 @@ import subprocess
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NamedTuple
 
 ADAPTERS = ("http", "wsgi", "asyncio", "aiohttp", "asgi", "tornado")
 BODY = b"Hello, world!"
@@ -226,9 +228,27 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(5)
 
 
-def wrk(port: int, seconds: int, connections: int) -> float:
+class Run(NamedTuple):
+    """One wrk run: requests/s and latency percentiles in microseconds."""
+
+    rate: float
+    p50: float
+    p99: float
+
+
+_UNITS = {"us": 1.0, "ms": 1000.0, "s": 1_000_000.0}
+
+
+def _latency(output: str, percent: int) -> float:
+    match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no {percent}% latency:\n{output}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def wrk(port: int, seconds: int, connections: int) -> Run:
     result = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://{HOST}:{port}/"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", f"http://{HOST}:{port}/"],
         capture_output=True,
         text=True,
         timeout=seconds + 30,
@@ -240,15 +260,17 @@ def wrk(port: int, seconds: int, connections: int) -> float:
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", result.stdout)
     if errors:
         print(f"    wrk reported: {errors.group(0)}", flush=True)
-    return float(match.group(1))
+    return Run(float(match.group(1)), _latency(result.stdout, 50), _latency(result.stdout, 99))
 
 
-def measure(adapter: str, role: str, seconds: int, connections: int) -> float:
+def measure(adapter: str, role: str, seconds: int, connections: int) -> tuple[Run, Run]:
+    """The loaded run (``connections`` at once) and a one-connection run, whose latency shows stalls
+    (Nagle meeting a delayed ACK costs 40 ms per response there, and hides in a loaded rate)."""
     port = free_port()
     process = start(role, adapter, port)
     try:
         wrk(port, 1, connections)  # warm-up
-        return wrk(port, seconds, connections)
+        return wrk(port, seconds, connections), wrk(port, 2, 1)
     finally:
         stop(process)
 
@@ -267,16 +289,26 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown adapter(s) {sorted(unknown)}; choose from {', '.join(ADAPTERS)}")
     print(f"{args.rounds} rounds, {args.seconds} s each, {args.connections} keep-alive connections, wrk -t1")
-    print(f"{'adapter':<9} {'direct req/s':>13} {'sticky req/s':>13} {'ratio':>7}   rounds (direct/sticky)")
+    print("latency: p99 under that load, and p50 over one connection (2 s), direct/sticky, in ms")
+    print(
+        f"{'adapter':<9} {'direct req/s':>13} {'sticky req/s':>13} {'ratio':>7} {'p99 ms':>13} {'1-conn p50 ms':>15}"
+        "   rounds (direct/sticky req/s)"
+    )
     for adapter in adapters:
-        direct: list[float] = []
-        sticky: list[float] = []
+        direct: list[tuple[Run, Run]] = []
+        sticky: list[tuple[Run, Run]] = []
         for _ in range(args.rounds):
             direct.append(measure(adapter, "direct", args.seconds, args.connections))
             sticky.append(measure(adapter, "sticky", args.seconds, args.connections))
-        d, s = statistics.median(direct), statistics.median(sticky)
-        rounds = " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(direct, sticky, strict=True))
-        print(f"{adapter:<9} {d:>13.0f} {s:>13.0f} {s / d:>7.3f}   {rounds}", flush=True)
+        d, s = (statistics.median(run.rate for run, _ in side) for side in (direct, sticky))
+        d99, s99 = (statistics.median(run.p99 for run, _ in side) / 1000 for side in (direct, sticky))
+        d50, s50 = (statistics.median(one.p50 for _, one in side) / 1000 for side in (direct, sticky))
+        rounds = " ".join(f"{a.rate:.0f}/{b.rate:.0f}" for (a, _), (b, _) in zip(direct, sticky, strict=True))
+        print(
+            f"{adapter:<9} {d:>13.0f} {s:>13.0f} {s / d:>7.3f} {d99:>6.2f}/{s99:<6.2f} {d50:>7.3f}/{s50:<7.3f}"
+            f"   {rounds}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

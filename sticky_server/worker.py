@@ -108,6 +108,9 @@ _ID_BYTES = 8  # one packed connection id (wire.pack_ids)
 # A socket accepted from a non-blocking listener inherits O_NONBLOCK on macOS and the
 # BSDs, not on Linux (accept4 without SOCK_NONBLOCK); the master keeps it blocking there.
 _HANDOFFS_MAY_BE_NONBLOCKING = not sys.platform.startswith("linux")
+# Plain ints, looked up once (the socket module's are IntEnum members).
+_IPPROTO_TCP = int(socket.IPPROTO_TCP)
+_TCP_NODELAY = int(socket.TCP_NODELAY)
 # The master's default graceful_timeout; the StickyServer in the worker passes its own.
 DEFAULT_STOP_SECONDS = 30.0
 # When the master will kill this process, once a stop began (see time_left_to_stop).
@@ -150,7 +153,8 @@ class Worker:
         """Take ownership of a connected, blocking socket whose peer is the client.
 
         Called on the thread that called ``work()``, once per connection routed to
-        this worker. No byte of the connection has been read. Hand the socket to
+        this worker. No byte of the connection has been read. A TCP socket comes with
+        ``TCP_NODELAY`` on, as web servers set it. Hand the socket to
         your server and return quickly: the next connection waits for this call.
         If it raises, the error is logged and the socket is closed.
         """
@@ -502,9 +506,14 @@ class WorkerRuntime:
 
     def _deliver(self, fd: int, address: tuple[str, int] | None) -> None:
         try:
-            # Every hand-off is a stream socket: naming the type and protocol spares two
-            # getsockopt calls (the family still comes from the socket).
-            sock = socket.socket(type=socket.SOCK_STREAM, proto=0, fileno=fd)
+            # Every hand-off is a stream socket: naming the type spares a getsockopt. The
+            # family and the protocol come from the socket (asyncio, for one, looks at
+            # proto before it turns Nagle off).
+            sock = socket.socket(type=socket.SOCK_STREAM, fileno=fd)
+            if sock.proto == _IPPROTO_TCP:
+                # As every Python web server does: without it, a response written in two
+                # pieces waits for the client's delayed ACK (40 ms on Linux).
+                sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
         except OSError as exc:
             os.close(fd)
             logger.error("worker %d: a handed-off descriptor is not a socket (%s); closed it", self._slot, exc)

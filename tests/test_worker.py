@@ -362,3 +362,27 @@ def test_a_worker_whose_handlers_fall_behind_drops_its_oldest_messages(
         thread.join(10)
     assert seen == list(range(45, 50))  # the newest that fit, in order
     assert "dropped 35 oldest message(s) received by worker 4" in caplog.text
+
+
+def test_a_handed_off_tcp_socket_has_nagle_off_and_tells_its_protocol(master: Master) -> None:
+    """Pins what the hand-off may not skip: TCP_NODELAY, and proto IPPROTO_TCP, not 0 (asyncio checks it)."""
+    worker = Recorder()
+    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0))
+    assert master.next_frame().kind is FrameKind.READY
+    client, accepted = tcp_pair()
+    master.send(FrameKind.HANDOFF, pack_ids([1]), [accepted.detach()])
+    master.send(FrameKind.STOP)
+    thread.join(10)
+    (sock,) = worker.sockets
+    with sock, client:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+        async def wrap() -> int:
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, sock)
+            try:
+                return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            finally:
+                transport.abort()
+
+        assert asyncio.run(wrap()) != 0

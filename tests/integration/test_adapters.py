@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,20 @@ def test_adapter_terminates_tls(
             pass
     check_requests(adapter, address, CLIENT_IPS[2:3], client_tls)
     assert server.stop(timeout=TIMEOUT + 10) == 0, server.output_tail()
+
+
+@pytest.mark.parametrize("adapter", [name for name in ADAPTERS if name not in NO_KEEP_ALIVE])
+def test_keep_alive_requests_never_wait_for_a_delayed_ack(start_app: StartApp, adapter: str, tmp_path: Path) -> None:
+    """A gross-latency check, not a benchmark: with Nagle on, a response written in two pieces waits
+    for the client's delayed ACK (40 ms on Linux), so 200 requests would take about 8 s."""
+    _server, address = start(start_app, adapter, tmp_path)
+    conn = connection(address, CLIENT_IPS[0])
+    try:
+        get(conn)  # the connection is up and the worker warm
+        began = time.monotonic()
+        for _ in range(200):
+            get(conn)
+        elapsed = time.monotonic() - began
+    finally:
+        conn.close()
+    assert elapsed < 2.0, f"200 keep-alive requests took {elapsed:.2f} s"
