@@ -17,7 +17,7 @@ from .balancer import (
 )
 from .connections import client_address
 from .errors import BindError, PidFileError, ProtocolError, StickyServerError, WorkerBootError, WrongProcessError
-from .server import StickyServer
+from .server import StickyServer, current_server
 from .worker import Worker, time_left_to_stop
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "WorkerSet",
     "WrongProcessError",
     "client_address",
+    "current_server",
     "time_left_to_stop",
 ]
 

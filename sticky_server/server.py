@@ -17,7 +17,7 @@ import pwd
 import re
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from . import channel
 from .async_worker import AsyncWorkerRuntime, is_async_worker
@@ -33,7 +33,7 @@ from .supervisor import Supervisor
 from .wire import MAX_PAYLOAD, FrameKind
 from .worker import ConnectionHandler, WorkerChannel, WorkerRuntime, check_worker, exit_on_boot_failure
 
-__all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "group_id", "user_id"]
+__all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "current_server", "group_id", "user_id"]
 
 logger = logging.getLogger("sticky_server")
 
@@ -155,6 +155,8 @@ class StickyServer:
     valid header within this many seconds / bytes is closed (and logged).
     """
 
+    _current: ClassVar[StickyServer | None] = None  # the first one made in this process (see current_server)
+
     def __init__(
         self,
         workers: int | None = None,
@@ -208,6 +210,17 @@ class StickyServer:
         self._hooks = Hooks()
         self._dispatcher: Dispatcher | None = None
         self._identity = worker_identity()
+        if self._identity is not None:
+            if StickyServer._current is not None:
+                raise WrongProcessError(
+                    f"worker {self._identity.slot} already has its StickyServer (the sticky-server command, or your "
+                    "code, made one); a second one would not be connected to the master, and what it sends "
+                    "would go nowhere. Use sticky_server.current_server() to reach the first one (StickyManager() "
+                    "with no argument does), or pass it to your worker factory"
+                )
+            StickyServer._current = self
+        elif StickyServer._current is None:
+            StickyServer._current = self
         # In a worker, an error before work() is ready is a boot failure (see worker.py).
         self._disarm_boot_hook = exit_on_boot_failure() if self._identity is not None else None
         self._channel = WorkerChannel(self._identity.control) if self._identity is not None else None
@@ -463,3 +476,17 @@ class StickyServer:
         if self._dispatcher is None:
             raise RuntimeError("the master is not serving: send messages once listen() runs (e.g. from on_listening)")
         return self._dispatcher
+
+
+def current_server() -> StickyServer:
+    """The ``StickyServer`` of this process: in a worker, the one connected to the master.
+
+    For code that cannot be handed it, such as an app module run by the
+    ``sticky-server`` command. Raises RuntimeError when none has been made.
+    """
+    if StickyServer._current is None:
+        raise RuntimeError(
+            "no StickyServer has been made in this process: run under the sticky-server command, "
+            "or create one (StickyServer(...)) before asking for it"
+        )
+    return StickyServer._current

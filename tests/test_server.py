@@ -10,7 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from sticky_server import IPHashBalancer, RoundRobinBalancer, StickyServer, WrongProcessError, environment
+from sticky_server import (
+    IPHashBalancer,
+    RoundRobinBalancer,
+    StickyServer,
+    WrongProcessError,
+    current_server,
+    environment,
+)
 from sticky_server.environment import CONTROL_FD_ENV, WORKER_SLOT_ENV
 
 
@@ -19,6 +26,7 @@ def fresh_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let this test's StickyServer read the environment again."""
     monkeypatch.setattr(environment, "_read", False)
     monkeypatch.setattr(environment, "_identity", None)
+    monkeypatch.setattr(StickyServer, "_current", None)
 
 
 @pytest.fixture
@@ -154,3 +162,18 @@ def test_proxy_settings(fresh_identity: None) -> None:
     assert "127.0.0.9" in settings.trusted and "::1" in settings.trusted and "10.0.0.1" not in settings.trusted
     settings = StickyServer(proxy_protocol=True, trusted_proxies="10.0.0.0/8").client_addresses
     assert settings is not None and settings.proxy_protocol and "10.1.2.3" in settings.trusted
+
+
+def test_a_second_sticky_server_in_a_worker_is_refused_naming_current_server(as_worker: socket.socket) -> None:
+    first = StickyServer()
+    assert current_server() is first
+    with pytest.raises(WrongProcessError, match=r"worker 2 already has its StickyServer.*current_server\(\)"):
+        StickyServer()
+
+
+def test_current_server_is_the_first_made_in_the_master_too(fresh_identity: None) -> None:
+    with pytest.raises(RuntimeError, match="no StickyServer has been made in this process"):
+        current_server()
+    first = StickyServer()
+    StickyServer()  # a master may make several (tests do); the first is the process's
+    assert current_server() is first

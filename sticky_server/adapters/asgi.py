@@ -25,7 +25,7 @@ import uvicorn
 from ..async_worker import AsyncWorker
 from ._stopping import shutdown_budget
 
-__all__ = ["ASGIWorker"]
+__all__ = ["PROCESS_OPTIONS", "ASGIWorker"]
 
 
 class _HandedOffServer(uvicorn.Server):
@@ -45,8 +45,36 @@ class _HandedOffServer(uvicorn.Server):
         return protocol
 
 
+# uvicorn options that assume uvicorn owns the process or the listening socket, and what
+# does their job here. Every other uvicorn.Config option applies to each connection and is
+# honoured (root_path, timeout_keep_alive, limit_concurrency, ws*, lifespan, http, headers...).
+PROCESS_OPTIONS = {
+    "host": "the master listens: StickyServer.listen(port, host) or --bind",
+    "port": "the master listens: StickyServer.listen(port, host) or --bind",
+    "uds": "the master listens: StickyServer.listen_on(['unix:/PATH']) or --bind unix:/PATH",
+    "fd": "the master listens: give it the address to bind",
+    "backlog": "StickyServer(backlog=N) or --backlog",
+    "workers": "StickyServer(workers=N) or --workers",
+    "reload": "send the master SIGHUP: a zero-downtime reload that keeps every client on its slot",
+    "reload_dirs": "send the master SIGHUP to reload",
+    "reload_delay": "send the master SIGHUP to reload",
+    "reload_includes": "send the master SIGHUP to reload",
+    "reload_excludes": "send the master SIGHUP to reload",
+    "limit_max_requests": "StickyServer(max_connections_per_worker=N) recycles a worker without dropping a client",
+    "limit_max_requests_jitter": "max_connections_per_worker adds up to 10% of jitter itself",
+    "timeout_notify": "the master's heartbeat: StickyServer(timeout=...) or --timeout",
+    "callback_notify": "the master's heartbeat: StickyServer(timeout=...) or --timeout",
+    "timeout_worker_healthcheck": "the master's heartbeat: StickyServer(timeout=...) or --timeout",
+    "timeout_graceful_shutdown": "ASGIWorker(app, shutdown_timeout=...) or StickyServer(graceful_timeout=...)",
+}
+
+
 class ASGIWorker(AsyncWorker):
-    """A worker that serves the ASGI application ``app`` with uvicorn's protocols."""
+    """A worker that serves the ASGI application ``app`` with uvicorn's protocols.
+
+    ``config`` is passed to ``uvicorn.Config``; the options in ``PROCESS_OPTIONS``,
+    which assume uvicorn owns the process, are refused with what to use instead.
+    """
 
     def __init__(
         self,
@@ -55,6 +83,11 @@ class ASGIWorker(AsyncWorker):
         shutdown_timeout: float | None = None,
         **config: Any,
     ) -> None:
+        refused = [f"{name}: {PROCESS_OPTIONS[name]}" for name in config if name in PROCESS_OPTIONS]
+        if refused:
+            raise TypeError(
+                "ASGIWorker does not take uvicorn options that assume uvicorn owns the process; " + "; ".join(refused)
+            )
         self.config = uvicorn.Config(app, **config)
         self.ssl_context = ssl_context
         self.shutdown_timeout = shutdown_timeout

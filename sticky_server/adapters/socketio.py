@@ -9,6 +9,11 @@ manager instead (and put HAProxy or nginx with source hashing in front).
     ...
     sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=StickyManager(sticky))
 
+Under the ``sticky-server`` command there is no ``StickyServer`` to pass: write
+``StickyManager()`` and it uses the one the command made (``current_server()``).
+In the master, which imports the app but never serves it, such a manager does
+nothing.
+
 It behaves like python-socketio's Redis manager: every message goes to every worker,
 this one included; python-socketio itself skips what it already handled locally.
 Messages must be JSON (they are: python-socketio base64-encodes binary data).
@@ -23,30 +28,36 @@ from typing import Any
 
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
-from ..server import StickyServer
+from ..server import StickyServer, current_server
 
 __all__ = ["StickyManager"]
 
 
 class StickyManager(AsyncPubSubManager):  # type: ignore[misc]
-    """``socketio.AsyncPubSubManager`` over the master/worker channel of ``sticky``."""
+    """``socketio.AsyncPubSubManager`` over the master/worker channel of ``sticky`` (default: this process's)."""
 
     name = "sticky_server"
 
     def __init__(
         self,
-        sticky: StickyServer,
+        sticky: StickyServer | None = None,
         channel: str = "socketio",
         write_only: bool = False,
         logger: logging.Logger | None = None,
     ) -> None:
-        if sticky.is_master:
+        if sticky is not None and sticky is not StickyServer._current:
+            raise ValueError(
+                "this StickyServer is not the one this process runs (the sticky-server command made its own): "
+                "write StickyManager() with no argument to use that one (sticky_server.current_server())"
+            )
+        if sticky is not None and sticky.is_master:
             raise ValueError("StickyManager belongs in the workers (the branch that calls sticky.work())")
         super().__init__(channel=channel, write_only=write_only, logger=logger)
-        self.sticky = sticky
+        self.sticky = sticky or current_server()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Any] | None = None
-        sticky.on_message(self._on_channel_message)
+        if not self.sticky.is_master:  # (the command's master imports the app, and never serves it)
+            self.sticky.on_message(self._on_channel_message)
 
     def initialize(self) -> None:
         # python-socketio calls this on its event loop, before the first client.

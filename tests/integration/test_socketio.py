@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from typing import Any
 
 import pytest
@@ -124,3 +125,24 @@ def test_without_stickiness_the_handshake_breaks(start_app: StartApp) -> None:
     working = working_clients(result)
     print(f"round-robin: {len(result['failures'])} of 20 failed to connect, {len(working)} fully working")
     assert len(working) < len(CLIENTS), "without stickiness every client still worked: this test cannot fail"
+
+
+CLI_LISTENING = r"listening on 127\.0\.0\.1:(\d+) with"
+
+
+def test_socketio_asgi_app_under_the_command_broadcasts_across_workers(start_app: StartApp) -> None:
+    """As a CLI user writes it: StickyManager() with no argument, in the app module."""
+    command = [sys.executable, "-m", "sticky_server", "apps.socketio_asgi:app", "--asgi", "-w", "4"]
+    server = start_app(command=[*command, "-b", "127.0.0.1:0"], cwd=HERE)
+    port = int(server.wait_for(CLI_LISTENING, 60).group(1))
+    result = asyncio.run(chat(port))
+    working = working_clients(result)
+    assert len(working) == 20, result["failures"]
+    assert len(set(result["workers"].values())) > 1  # the broadcasts crossed workers
+
+
+def test_a_second_sticky_server_in_a_worker_fails_loudly(start_app: StartApp) -> None:
+    command = [sys.executable, "-m", "sticky_server", "apps.socketio_asgi:app", "--asgi", "-w", "2"]
+    server = start_app(command=[*command, "-b", "127.0.0.1:0"], cwd=HERE, env={"APP_SECOND_SERVER": "1"})
+    assert server.wait_exit(60) != 0
+    assert "write StickyManager() with no argument" in server.output
