@@ -235,7 +235,7 @@ def _worker_for(args: argparse.Namespace, target: Any, sticky: StickyServer) -> 
 
         return AiohttpWorker(target, ssl_context=tls)
     if args.kind == "wsgi":
-        from .adapters.stdlib import WSGIWorker
+        from .adapters.wsgi import WSGIWorker
 
         return WSGIWorker(target, ssl_context=tls)
     if args.kind == "tornado":

@@ -14,6 +14,21 @@ descriptor that is reused before the next sweep is not noticed.
 
 The record also keeps the client address the master learned from a proxy
 (PROXY protocol or a forwarded header), which ``client_address(sock)`` returns.
+
+Each handed-off socket is a ``HandedOffSocket``: its ``getpeername()`` and
+``getsockname()`` answer what a server running alone would see, so every
+framework's own idea of the client (``scope["client"]``, ``request.remote``,
+``REMOTE_ADDR``) is right with no adapter code:
+
+- behind a PROXY-protocol proxy, the peer is the client the header named (the
+  proxy said so for the whole connection);
+- an IPv4 client of a dual-stack listener is ``("127.0.0.1", port)``, not
+  ``("::ffff:127.0.0.1", port, 0, 0)``, so proxy allow-lists such as uvicorn's
+  ``forwarded_allow_ips`` match it.
+
+A forwarded header is per request, so there the peer stays the proxy: the
+framework's own proxy-header handling (given ``trusted_proxies``) reads each
+request's header.
 """
 
 from __future__ import annotations
@@ -22,9 +37,39 @@ import os
 import socket
 from typing import Any
 
-__all__ = ["CLOSE_SWEEP_INTERVAL", "ConnectionRecord", "client_address"]
+__all__ = ["CLOSE_SWEEP_INTERVAL", "ConnectionRecord", "HandedOffSocket", "client_address", "unmapped"]
 
 CLOSE_SWEEP_INTERVAL = 0.5
+_MAPPED_PREFIX = "::ffff:"
+
+
+def unmapped(address: Any) -> Any:
+    """``address`` with an IPv4-mapped IPv6 host (``::ffff:a.b.c.d``) as the IPv4 ``(host, port)`` it stands for."""
+    if type(address) is tuple and len(address) == 4 and address[0].startswith(_MAPPED_PREFIX) and "." in address[0]:
+        return address[0][len(_MAPPED_PREFIX) :], address[1]
+    return address
+
+
+class HandedOffSocket(socket.socket):
+    """A connection the master handed over, telling its addresses as a server running alone sees them.
+
+    ``told_peer``: the client a PROXY-protocol header named, or None to ask the
+    kernel. Costs nothing until an address is asked for.
+    """
+
+    told_peer: tuple[str, int] | None = None
+
+    def getpeername(self) -> Any:
+        told = self.told_peer
+        return told if told is not None else unmapped(super().getpeername())
+
+    def getsockname(self) -> Any:
+        return unmapped(super().getsockname())
+
+    def dup(self) -> HandedOffSocket:
+        twin = super().dup()
+        twin.told_peer = self.told_peer
+        return twin
 
 
 def _identity(fd: int) -> tuple[int, int] | None:

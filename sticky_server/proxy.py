@@ -227,6 +227,11 @@ class TrustedProxies:
                 ) from None
         self._cache: dict[str, bool] = {}
 
+    @property
+    def names(self) -> list[str]:
+        """The trusted networks as strings (``["*"]`` when everyone is), for a framework's own allow-list."""
+        return ["*"] if self.everyone else [str(network) for network in self._networks]
+
     def __contains__(self, host: object) -> bool:
         if self.everyone:
             return True

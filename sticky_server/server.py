@@ -386,7 +386,23 @@ class StickyServer:
             self._identity.slot,
             on_ready=self._disarm_boot_hook,
             graceful_timeout=self.graceful_timeout,
+            peer_from_proxy=self._peer_from_proxy(handler),
         )
+
+    def _peer_from_proxy(self, handler: object) -> bool:
+        """Whether handed-off sockets report the proxy-told client as their peer (see connections.py).
+
+        Yes behind a PROXY-protocol proxy; behind a forwarded header too, unless the
+        worker's framework reads that header itself, request by request
+        (``forwarded_headers_read``), and so needs to see the proxy as the peer.
+        """
+        settings = self.client_addresses
+        if settings is None:
+            return False
+        if settings.proxy_protocol:
+            return True
+        header = settings.forwarded_header
+        return header is not None and header not in getattr(handler, "forwarded_headers_read", ())
 
     def _worker_check(self, worker: object) -> ConnectionHandler:
         if self._identity is None:
@@ -490,3 +506,15 @@ def current_server() -> StickyServer:
             "or create one (StickyServer(...)) before asking for it"
         )
     return StickyServer._current
+
+
+def trusted_forwarders(header: str) -> list[str] | None:
+    """The trusted proxies, as strings, when this process's StickyServer routes by ``header``; else None.
+
+    For an adapter whose framework reads that header itself, request by request.
+    """
+    sticky = StickyServer._current
+    settings = None if sticky is None else sticky.client_addresses
+    if settings is None or settings.forwarded_header != header:
+        return None
+    return settings.trusted.names

@@ -57,7 +57,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from . import channel as channel_codec
 from .channel import MAX_QUEUED_MESSAGE_BYTES
-from .connections import CLOSE_SWEEP_INTERVAL, RECORD
+from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket
 from .errors import ProtocolError
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
@@ -294,8 +294,11 @@ class WorkerRuntime:
         slot: int,
         on_ready: Callable[[], None] | None = None,
         graceful_timeout: float = DEFAULT_STOP_SECONDS,
+        peer_from_proxy: bool = False,
     ) -> None:
         self._worker = worker
+        # PROXY protocol: the header named the client for the whole connection (connections.py).
+        self._peer_from_proxy = peer_from_proxy
         self._graceful_timeout = graceful_timeout
         self._channel = channel
         self._control = channel.control
@@ -509,7 +512,9 @@ class WorkerRuntime:
             # Every hand-off is a stream socket: naming the type spares a getsockopt. The
             # family and the protocol come from the socket (asyncio, for one, looks at
             # proto before it turns Nagle off).
-            sock = socket.socket(type=socket.SOCK_STREAM, fileno=fd)
+            sock = HandedOffSocket(type=socket.SOCK_STREAM, fileno=fd)
+            if address is not None and self._peer_from_proxy:
+                sock.told_peer = address
             if sock.proto == _IPPROTO_TCP:
                 # As every Python web server does: without it, a response written in two
                 # pieces waits for the client's delayed ACK (40 ms on Linux).

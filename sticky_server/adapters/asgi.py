@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from ..async_worker import AsyncWorker
+from ..server import trusted_forwarders
 from ._stopping import shutdown_budget
 
 __all__ = ["PROCESS_OPTIONS", "ASGIWorker"]
@@ -69,12 +70,28 @@ PROCESS_OPTIONS = {
 }
 
 
+def _trusting_the_proxies(config: dict[str, Any]) -> dict[str, Any]:
+    """uvicorn's proxy-header options, set from the StickyServer's trusted proxies unless given.
+
+    Behind ``forwarded_header="x-forwarded-for"`` the peer uvicorn sees is the
+    proxy, and uvicorn's own middleware reads each request's X-Forwarded-For and
+    X-Forwarded-Proto when that peer is in ``forwarded_allow_ips``.
+    """
+    trusted = trusted_forwarders("x-forwarded-for")
+    if trusted is None:
+        return config
+    return {"proxy_headers": True, "forwarded_allow_ips": trusted, **config}
+
+
 class ASGIWorker(AsyncWorker):
     """A worker that serves the ASGI application ``app`` with uvicorn's protocols.
 
     ``config`` is passed to ``uvicorn.Config``; the options in ``PROCESS_OPTIONS``,
     which assume uvicorn owns the process, are refused with what to use instead.
     """
+
+    # uvicorn reads this header itself, request by request: leave the proxy as the socket's peer.
+    forwarded_headers_read = frozenset({"x-forwarded-for"})
 
     def __init__(
         self,
@@ -88,7 +105,7 @@ class ASGIWorker(AsyncWorker):
             raise TypeError(
                 "ASGIWorker does not take uvicorn options that assume uvicorn owns the process; " + "; ".join(refused)
             )
-        self.config = uvicorn.Config(app, **config)
+        self.config = uvicorn.Config(app, **_trusting_the_proxies(config))
         self.ssl_context = ssl_context
         self.shutdown_timeout = shutdown_timeout
         self.server = _HandedOffServer(self.config)

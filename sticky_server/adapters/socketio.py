@@ -1,13 +1,13 @@
-"""A python-socketio client manager that shares emits across workers over the sticky channel.
+"""python-socketio client managers that share emits across workers over the sticky channel.
 
-With it, ``await sio.emit(...)`` to a room or to everyone reaches the clients of every
+With one, ``sio.emit(...)`` to a room or to everyone reaches the clients of every
 worker on this machine, with no Redis. Install the extra: ``pip install
 'sticky-server[socketio]'``. For many machines, use python-socketio's own Redis
 manager instead (and put HAProxy or nginx with source hashing in front).
 
-    sticky = StickyServer(workers=4)
-    ...
-    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=StickyManager(sticky))
+    sio = socketio.AsyncServer(async_mode="asgi", client_manager=StickyManager())      # asyncio servers
+    sio = socketio.Server(async_mode="threading", client_manager=SyncStickyManager())  # WSGI, Flask-SocketIO
+    socketio = SocketIO(app, client_manager=SyncStickyManager())                       # Flask-SocketIO
 
 Under the ``sticky-server`` command there is no ``StickyServer`` to pass: write
 ``StickyManager()`` and it uses the one the command made (``current_server()``).
@@ -23,14 +23,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import queue
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from socketio.async_pubsub_manager import AsyncPubSubManager
+from socketio.pubsub_manager import PubSubManager
 
 from ..server import StickyServer, current_server
 
-__all__ = ["StickyManager"]
+__all__ = ["StickyManager", "SyncStickyManager"]
+
+
+def _own_server(sticky: StickyServer | None) -> StickyServer:
+    if sticky is not None and sticky is not StickyServer._current:
+        raise ValueError(
+            "this StickyServer is not the one this process runs (the sticky-server command made its own): "
+            "leave the argument out to use that one (sticky_server.current_server())"
+        )
+    if sticky is not None and sticky.is_master:
+        raise ValueError("a sticky client manager belongs in the workers (the branch that calls sticky.work())")
+    return sticky or current_server()
+
+
+def _check_server_kind(server: Any, manager_is_asyncio: bool) -> None:
+    if server.is_asyncio_based() == manager_is_asyncio:
+        return
+    if manager_is_asyncio:
+        raise TypeError(
+            "StickyManager is for socketio.AsyncServer; socketio.Server and Flask-SocketIO need SyncStickyManager"
+        )
+    raise TypeError(
+        "SyncStickyManager is for socketio.Server and Flask-SocketIO; socketio.AsyncServer needs StickyManager"
+    )
 
 
 class StickyManager(AsyncPubSubManager):  # type: ignore[misc]
@@ -45,19 +70,16 @@ class StickyManager(AsyncPubSubManager):  # type: ignore[misc]
         write_only: bool = False,
         logger: logging.Logger | None = None,
     ) -> None:
-        if sticky is not None and sticky is not StickyServer._current:
-            raise ValueError(
-                "this StickyServer is not the one this process runs (the sticky-server command made its own): "
-                "write StickyManager() with no argument to use that one (sticky_server.current_server())"
-            )
-        if sticky is not None and sticky.is_master:
-            raise ValueError("StickyManager belongs in the workers (the branch that calls sticky.work())")
+        self.sticky = _own_server(sticky)
         super().__init__(channel=channel, write_only=write_only, logger=logger)
-        self.sticky = sticky or current_server()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[Any] | None = None
         if not self.sticky.is_master:  # (the command's master imports the app, and never serves it)
             self.sticky.on_message(self._on_channel_message)
+
+    def set_server(self, server: Any) -> None:
+        _check_server_kind(server, manager_is_asyncio=True)
+        super().set_server(server)
 
     def initialize(self) -> None:
         # python-socketio calls this on its event loop, before the first client.
@@ -79,3 +101,41 @@ class StickyManager(AsyncPubSubManager):  # type: ignore[misc]
         assert self._queue is not None
         while True:
             yield await self._queue.get()
+
+
+class SyncStickyManager(PubSubManager):  # type: ignore[misc]
+    """``socketio.PubSubManager`` over the sticky channel, for ``socketio.Server`` and Flask-SocketIO.
+
+    For the threading async mode (``adapters.wsgi.WSGIWorker``): messages from the
+    channel are queued for python-socketio's listening thread.
+    """
+
+    name = "sticky_server"
+
+    def __init__(
+        self,
+        sticky: StickyServer | None = None,
+        channel: str = "socketio",
+        write_only: bool = False,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.sticky = _own_server(sticky)
+        super().__init__(channel=channel, write_only=write_only, logger=logger)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        if not self.sticky.is_master:
+            self.sticky.on_message(self._on_channel_message)
+
+    def set_server(self, server: Any) -> None:
+        _check_server_kind(server, manager_is_asyncio=False)
+        super().set_server(server)
+
+    def _on_channel_message(self, sender: int | None, message: Any) -> None:
+        if isinstance(message, dict) and message.get("socketio") == self.channel:
+            self._queue.put(message["data"])
+
+    def _publish(self, data: Any) -> None:
+        self.sticky.publish({"socketio": self.channel, "data": data}, include_self=True)
+
+    def _listen(self) -> Iterator[Any]:
+        while True:
+            yield self._queue.get()

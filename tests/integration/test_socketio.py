@@ -145,4 +145,23 @@ def test_a_second_sticky_server_in_a_worker_fails_loudly(start_app: StartApp) ->
     command = [sys.executable, "-m", "sticky_server", "apps.socketio_asgi:app", "--asgi", "-w", "2"]
     server = start_app(command=[*command, "-b", "127.0.0.1:0"], cwd=HERE, env={"APP_SECOND_SERVER": "1"})
     assert server.wait_exit(60) != 0
-    assert "write StickyManager() with no argument" in server.output
+    assert "leave the argument out" in server.output
+
+
+@pytest.mark.parametrize("target", ["apps.socketio_wsgi:app", "apps.flask_socketio_app:app"])
+def test_synchronous_socketio_on_the_wsgi_worker_upgrades_and_broadcasts_across_workers(
+    start_app: StartApp, target: str
+) -> None:
+    """socketio.Server and Flask-SocketIO in threading mode: websockets through gunicorn's socket, sync manager."""
+    pytest.importorskip("gunicorn")
+    pytest.importorskip("simple_websocket")
+    if "flask" in target:
+        pytest.importorskip("flask_socketio")
+    command = [sys.executable, "-m", "sticky_server", target, "--wsgi", "-w", "4", "-b", "127.0.0.1:0"]
+    server = start_app(command=command, cwd=HERE)
+    port = int(server.wait_for(CLI_LISTENING, 60).group(1))
+    result = asyncio.run(chat(port))
+    working = working_clients(result)
+    assert not result["failures"], result["failures"]
+    assert len(set(result["workers"].values())) > 1, "every client on one worker proves nothing"
+    assert working == set(CLIENTS), {ip: (result["transports"].get(ip), result["heard"][ip]) for ip in CLIENTS}

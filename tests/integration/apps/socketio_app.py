@@ -23,6 +23,7 @@ def main() -> None:
         workers=int(os.environ.get("APP_WORKERS", "4")),
         balancer=os.environ.get("APP_BALANCER", "ip-hash"),
         proxy_protocol=bool(os.environ.get("APP_PROXY")),
+        graceful_timeout=float(os.environ.get("APP_GRACEFUL_TIMEOUT", "30")),
     )
     if sticky.is_master:
         pid_dir = os.environ.get("APP_PID_DIR")
@@ -47,7 +48,9 @@ def main() -> None:
 
     @sio.on("whoami")  # type: ignore[untyped-decorator]
     async def whoami(sid: str) -> dict[str, object]:
-        return {"worker": sticky.worker_id, "pid": os.getpid(), "master": os.environ.get("APP_NAME", "")}
+        client = sio.get_environ(sid)["aiohttp.request"].remote
+        master = os.environ.get("APP_NAME", "")
+        return {"worker": sticky.worker_id, "pid": os.getpid(), "master": master, "client": client}
 
     sticky.work(AiohttpWorker(app))
 

@@ -28,4 +28,5 @@ async def shout(sid: str, text: str) -> None:
 
 @sio.on("whoami")  # type: ignore[untyped-decorator]
 async def whoami(sid: str) -> dict[str, object]:
-    return {"worker": current_server().worker_id, "pid": os.getpid()}
+    client = sio.get_environ(sid)["asgi.scope"]["client"]
+    return {"worker": current_server().worker_id, "pid": os.getpid(), "client": client[0]}
