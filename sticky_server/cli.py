@@ -46,7 +46,7 @@ ENV_PREFIX = "STICKY_SERVER_"
 KINDS = {
     "asgi": "an ASGI app (served by uvicorn's protocols)",
     "aiohttp": "an aiohttp web.Application",
-    "wsgi": "a WSGI app (served by wsgiref, a thread per connection)",
+    "wsgi": "a WSGI app (gunicorn's HTTP/1.1 parser, a thread per connection; wsgiref without gunicorn)",
     "tornado": "a tornado web.Application",
 }
 EXIT_IMPORT = 1

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import socket
 
-from sticky_server.connections import ConnectionRecord
+import pytest
+
+from sticky_server.connections import ConnectionRecord, HandedOffSocket, unmapped
 
 
 def test_the_sweep_counts_closed_and_reused_descriptors() -> None:
@@ -47,3 +49,37 @@ def test_addresses_are_given_only_for_the_connection_they_came_with() -> None:
     finally:
         second.close()
         other.close()
+
+
+def test_a_handed_off_socket_reports_ipv4_clients_of_a_dual_stack_listener_unmapped() -> None:
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack IPv6 here")
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            fd = accepted.detach()
+            sock = HandedOffSocket(type=socket.SOCK_STREAM, fileno=fd)
+            with sock:
+                assert socket.socket.getpeername(sock)[0] == "::ffff:127.0.0.1"  # what the kernel says
+                assert sock.getpeername() == client.getsockname()  # what a server on 0.0.0.0 would see
+                assert sock.getsockname() == ("127.0.0.1", port)
+
+
+def test_a_handed_off_socket_reports_the_client_a_proxy_named_and_keeps_it_across_dup() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        sock = HandedOffSocket(family=left.family, type=socket.SOCK_STREAM, fileno=left.detach())
+        sock.told_peer = ("203.0.113.9", 41000)
+        with sock, sock.dup() as twin:
+            assert sock.getpeername() == ("203.0.113.9", 41000)
+            assert isinstance(twin, HandedOffSocket)
+            assert twin.getpeername() == ("203.0.113.9", 41000)
+
+
+def test_unmapped_leaves_other_addresses_alone() -> None:
+    assert unmapped(("::ffff:10.1.2.3", 80, 0, 0)) == ("10.1.2.3", 80)
+    assert unmapped(("::1", 80, 0, 0)) == ("::1", 80, 0, 0)
+    assert unmapped(("::ffff:abcd", 80, 0, 0)) == ("::ffff:abcd", 80, 0, 0)
+    assert unmapped(("10.1.2.3", 80)) == ("10.1.2.3", 80)
+    assert unmapped("/run/app.sock") == "/run/app.sock"

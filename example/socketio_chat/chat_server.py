@@ -1,15 +1,21 @@
 """A chat on python-socketio, on 4 sticky workers: every line reaches every client, whichever worker it is on.
 
     python example/socketio_chat/chat_server.py [PORT]        (default 3001)
-    python example/socketio_chat/chat_client.py alice [PORT]  (in as many terminals as you like)
+    python example/socketio_chat/chat_client.py alice [PORT] --source 127.0.0.2   (terminals, as many as you like)
+    http://127.0.0.1:3001/                                    (the same chat in a browser)
 
-Needs the socketio extras: pip install -e '.[test]' (or python-socketio[asyncio_client] and aiohttp).
+Clients from different addresses land on different workers (a terminal client picks
+its address with --source; each line shows the worker of the client who said it),
+and still hear each other: the emits cross workers on the sticky channel.
+
+Needs the socketio extra: pip install -e '.[socketio]'.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import socketio
 from aiohttp import web
@@ -18,11 +24,14 @@ from sticky_server import StickyServer
 from sticky_server.adapters.aiohttp import AiohttpWorker
 from sticky_server.adapters.socketio import StickyManager
 
+HERE = Path(__file__).resolve().parent
+
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
 
 port = int(sys.argv[1]) if len(sys.argv) > 1 else 3001
 sticky = StickyServer(workers=4)
 if sticky.is_master:
+    sticky.on_listening(lambda address: logging.info("chat on http://127.0.0.1:%d/", address[1]))
     sticky.listen(port)
 else:
     # Emits go to the clients of every worker through the sticky channel (no Redis).
@@ -30,8 +39,18 @@ else:
     app = web.Application()
     sio.attach(app)
 
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(HERE / "static" / "index.html")
+
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", HERE / "static")  # socket.io.min.js: the JavaScript client, 4.8
+
     @sio.on("say")  # type: ignore[untyped-decorator]
     async def say(sid: str, message: dict[str, str]) -> None:
-        await sio.emit("said", {**message, "worker": sticky.worker_id})
+        await sio.emit("said", {"name": str(message["name"]), "text": str(message["text"]), "worker": sticky.worker_id})
+
+    @sio.on("whoami")  # type: ignore[untyped-decorator]
+    async def whoami(sid: str) -> dict[str, object]:
+        return {"worker": sticky.worker_id, "client": sio.get_environ(sid)["aiohttp.request"].remote}
 
     sticky.work(AiohttpWorker(app))

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -7,7 +11,19 @@ from typing import Any
 
 import pytest
 
-from .harness import HERE, LINE_APP, ServerProcess, line_app_command
+from .harness import (
+    HAPROXY,
+    HAPROXY_CONFIG,
+    HERE,
+    LINE_APP,
+    NODE_DIR,
+    ServerProcess,
+    free_port,
+    line_app_command,
+    pid_alive,
+    stop_process,
+    wait_until,
+)
 
 if not sys.platform.startswith("linux"):
     pytest.skip("integration tests use 127.0.0.x source addresses and /proc (Linux)", allow_module_level=True)
@@ -55,3 +71,67 @@ def start_app(tmp_path: Path) -> Iterator[StartApp]:
             server.kill_leftovers(left)
             problems.append(f"processes left behind: {left}\n{server.output_tail()}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="session")
+def node_clients() -> Path:
+    """tests/node with its npm packages installed (npm ci on first use): socket.io-client, playwright-core."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        if os.environ.get("CI"):
+            pytest.fail("node and npm are needed for the socket.io-client tests; .ci/run installs them")
+        pytest.skip("node and npm are not installed (apt-get install nodejs npm)")
+    if not (NODE_DIR / "node_modules" / "socket.io-client").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300, stdout=subprocess.DEVNULL
+        )
+    return NODE_DIR
+
+
+HaproxyStarter = Callable[[int, int], dict[str, tuple[str, int]]]
+
+
+@pytest.fixture
+def start_haproxy(tmp_path: Path) -> Iterator[HaproxyStarter]:
+    """Run HAProxy (-db: foreground) in front of the given ports; stop it by pid afterwards.
+
+    ``start(tcp_port, http_backend_port)`` returns the frontends (see ``HAPROXY_CONFIG``).
+    """
+    if HAPROXY is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy is not installed; .ci/run installs it (apt-get install haproxy)")
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(tcp_port: int, http_backend_port: int) -> dict[str, tuple[str, int]]:
+        ports = {"v1_port": free_port(), "v2_port": free_port(), "http_port": free_port()}
+        config = tmp_path / f"haproxy{len(processes)}.cfg"
+        config.write_text(HAPROXY_CONFIG.format(tcp_port=tcp_port, http_backend_port=http_backend_port, **ports))
+        assert HAPROXY is not None
+        process = subprocess.Popen(
+            [HAPROXY, "-db", "-f", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+
+        def listening() -> bool:
+            for port in ports.values():
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                except OSError:
+                    return False
+            return True
+
+        if not wait_until(listening, timeout=15):
+            process.kill()
+            output = process.communicate(timeout=10)[0].decode(errors="replace")
+            raise AssertionError(f"haproxy did not start:\n{output}")
+        return {name: ("127.0.0.1", port) for name, port in ports.items()}
+
+    yield start
+
+    for process in processes:
+        stop_process(process)
+        assert not pid_alive(process.pid)

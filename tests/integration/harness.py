@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -17,12 +18,60 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sticky_server.balancer import IPHashBalancer, address_key
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 LINE_APP = HERE / "apps" / "line_app.py"
 
 # Distinct client addresses on the loopback network (Linux routes all of 127/8 to lo).
 CLIENT_IPS = [f"127.0.0.{n}" for n in range(2, 26)]
+NODE_DIR = HERE.parent / "node"  # package.json: the npm packages the tests drive (node_clients fixture)
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+# Frontends: tcp_v1 / tcp_v2 send PROXY headers to tcp_port; web adds X-Forwarded-For for http_backend_port.
+HAPROXY_CONFIG = """
+global
+    maxconn 2000
+defaults
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend tcp_v1
+    mode tcp
+    bind 127.0.0.1:{v1_port}
+    default_backend sticky_v1
+backend sticky_v1
+    mode tcp
+    server master 127.0.0.1:{tcp_port} send-proxy
+frontend tcp_v2
+    mode tcp
+    bind 127.0.0.1:{v2_port}
+    default_backend sticky_v2
+backend sticky_v2
+    mode tcp
+    server master 127.0.0.1:{tcp_port} send-proxy-v2
+frontend web
+    mode http
+    bind 127.0.0.1:{http_port}
+    option forwardfor
+    default_backend sticky_http
+backend sticky_http
+    mode http
+    http-reuse never
+    server master 127.0.0.1:{http_backend_port}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def expected_slot(host: str, workers: int) -> int:
+    """The worker the IP-hash balancer gives ``host`` among ``workers`` slots, all alive."""
+    return IPHashBalancer().slot_for_key(address_key(host), tuple(range(workers)))
 
 
 def pid_alive(pid: int) -> bool:

@@ -32,8 +32,8 @@ from .websocket_client import BlockingWebSocket
 
 ADAPTER_APP = HERE / "apps" / "adapter_app.py"
 WORKERS = 2
-ADAPTERS = ["http", "wsgi", "asyncio", "aiohttp", "asgi", "tornado"]
-WEBSOCKETS = {"aiohttp", "asgi", "tornado"}
+ADAPTERS = ["http", "wsgi", "gunicorn", "asyncio", "aiohttp", "asgi", "tornado"]
+WEBSOCKETS = {"gunicorn", "aiohttp", "asgi", "tornado"}
 NO_KEEP_ALIVE = {"wsgi"}  # wsgiref: HTTP/1.0, one request per connection
 TIMEOUT = 15.0
 

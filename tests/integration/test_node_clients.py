@@ -16,8 +16,6 @@ The clients come from ``tests/node`` (``npm ci`` there; the fixture runs it when
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +26,6 @@ import pytest
 from .conftest import StartApp
 from .harness import CLIENT_IPS, HERE
 
-NODE_DIR = HERE.parent / "node"
 CLIENTS = CLIENT_IPS[:20]
 SHOUTS = ["first", "second", "third"]
 CLI_LISTENING = r"listening on 127\.0\.0\.1:(\d+) with"
@@ -43,21 +40,6 @@ SERVERS = {
     "flask-socketio-cli": ("apps.flask_socketio_app:app", "--wsgi"),
 }
 TRANSPORTS = ["polling", "polling,websocket"]
-
-
-@pytest.fixture(scope="module")
-def node_clients() -> Path:
-    """tests/node with socket.io-client installed (npm ci on first use)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        if os.environ.get("CI"):
-            pytest.fail("node and npm are needed for the socket.io-client tests; .ci/run installs them")
-        pytest.skip("node and npm are not installed (apt-get install nodejs npm)")
-    if not (NODE_DIR / "node_modules" / "socket.io-client").is_dir():
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300, stdout=subprocess.DEVNULL
-        )
-    return NODE_DIR
 
 
 def serve(start_app: StartApp, server: str, balancer: str = "ip-hash") -> int:

@@ -106,6 +106,37 @@ def wsgi_worker(slot: int) -> Any:
     return Stopping(app, ssl_context=tls_context())
 
 
+def gunicorn_worker(slot: int) -> Any:
+    """adapters.wsgi.WSGIWorker: gunicorn's HTTP/1.1 parser, websockets through simple-websocket."""
+    import simple_websocket
+
+    from sticky_server.adapters.wsgi import WSGIWorker
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/ws":
+            ws = simple_websocket.Server(environ)
+            try:
+                while True:
+                    text = ws.receive()
+                    ws.send(json.dumps({"slot": slot, "echo": text}))
+            except simple_websocket.ConnectionClosed:
+                pass
+            raise StopIteration  # the connection was the websocket's: no HTTP response (as flask-sock does)
+        if environ["PATH_INFO"] == "/slow":
+            slow_started(slot)
+            time.sleep(SLOW_SECONDS)
+        body = reply(slot, (environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"])), True)
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    class Stopping(WSGIWorker):
+        def stop(self) -> None:
+            super().stop()
+            shutdown_ran(slot, "gunicorn wsgi stopped")
+
+    return Stopping(app, ssl_context=tls_context())
+
+
 def asyncio_worker(slot: int) -> Any:
     from sticky_server.adapters.asyncio import AsyncioWorker
 
@@ -265,6 +296,7 @@ def tornado_worker(slot: int) -> Any:
 WORKERS = {
     "http": http_worker,
     "wsgi": wsgi_worker,
+    "gunicorn": gunicorn_worker,
     "asyncio": asyncio_worker,
     "aiohttp": aiohttp_worker,
     "asgi": asgi_worker,

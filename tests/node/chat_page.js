@@ -1,0 +1,59 @@
+// The example chat page in headless Chromium (Debian's package), driven by playwright-core.
+//
+//   node chat_page.js URL
+//
+// Opens two pages, waits until each is connected (and upgraded to websocket), has
+// each say a line, and prints one JSON object: per page, its status line and the
+// lines it heard. Exits 0 whatever happened: the test judges.
+"use strict";
+const { chromium } = require("playwright-core");
+
+const url = process.argv[2];
+const LINES = { alice: "hello from alice", bob: "hello from bob" };
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  const result = {};
+  try {
+    const pages = {};
+    for (const name of Object.keys(LINES)) {
+      const page = await browser.newPage();
+      page.on("pageerror", (error) => (result[`${name}-error`] = String(error)));
+      await page.goto(url);
+      await page.waitForSelector("#status[data-transport=websocket]", { timeout: 15000 });
+      pages[name] = page;
+    }
+    for (const [name, page] of Object.entries(pages)) {
+      await page.fill("#name", name);
+      await page.fill("#text", LINES[name]);
+      await page.click("button");
+    }
+    for (const [name, page] of Object.entries(pages)) {
+      await page
+        .waitForFunction((count) => document.querySelectorAll("#log li").length >= count, 2, { timeout: 15000 })
+        .catch(() => {});
+      result[name] = {
+        status: await page.textContent("#status"),
+        heard: await page.$$eval("#log li", (items) => items.map((item) => item.textContent)),
+      };
+    }
+  } catch (error) {
+    result.fatal = String(error && error.stack);
+  } finally {
+    await browser.close();
+  }
+  process.stdout.write(JSON.stringify(result) + "\n");
+}
+
+main();
