@@ -17,7 +17,7 @@ from sticky_server.channel import pack_delivery
 from sticky_server.wire import FrameKind, pack_ids
 from sticky_server.worker import WorkerChannel, WorkerRuntime
 
-from .test_worker import Master, run_until_sigterm, tcp_pair
+from .worker_harness import Master, run_until_sigterm, tcp_pair
 
 TIMEOUT = 10.0
 

@@ -6,10 +6,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from pytest_mock import MockerFixture
@@ -19,6 +18,8 @@ from sticky_server.async_worker import AsyncWorkerRuntime
 from sticky_server.channel import pack_delivery
 from sticky_server.wire import WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids
 from sticky_server.worker import EARLY_FLUSH_BYTES, ORPHAN_EXIT_SECONDS, WorkerChannel, WorkerRuntime, check_worker
+
+from .worker_harness import Master, run_until_sigterm, tcp_pair
 
 
 class Recorder(Worker):
@@ -37,53 +38,11 @@ class Recorder(Worker):
         self.stopped.set()
 
 
-class Master:
-    """The master's end of a control socketpair, driven by hand."""
-
-    def __init__(self) -> None:
-        self.sock, self.worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.reader = FrameReader(WORKER_SENDS)
-        self.frames: list[Frame] = []
-
-    def send(self, kind: FrameKind, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        outbox = Outbox()
-        outbox.put(kind, payload, fds or [])
-        assert outbox.flush(self.sock)
-
-    def next_frame(self) -> Frame:
-        while not self.frames:
-            frames, closed = self.reader.read_from(self.sock)
-            assert not closed, "the worker closed its control socket"
-            self.frames += frames
-        return self.frames.pop(0)
-
-    def frames_until_closed(self) -> list[Frame]:
-        """Every frame the worker sends from now until it closes its end."""
-        while True:
-            frames, closed = self.reader.read_from(self.sock)
-            self.frames += frames
-            if closed:
-                frames, self.frames = self.frames, []
-                return frames
-
-    def close(self) -> None:
-        self.sock.close()
-        self.worker_end.close()
-
-
 @pytest.fixture
 def master() -> Iterator[Master]:
     control = Master()
     yield control
     control.close()
-
-
-def tcp_pair(source: str = "127.0.0.5") -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname(), timeout=10, source_address=(source, 0))
-        accepted, _ = listener.accept()
-    return client, accepted
 
 
 def start(runtime: WorkerRuntime) -> threading.Thread:
@@ -184,24 +143,6 @@ def test_a_hand_off_whose_ids_do_not_match_its_descriptors_is_refused(
     client.settimeout(10)
     assert client.recv(10) == b""  # the worker closed the descriptor it refused: the client sees the end
     client.close()
-
-
-def run_until_sigterm(master: Master, run: Callable[[], object]) -> None:
-    """Call ``run`` in the main thread (where a runtime installs its handlers); SIGTERM once the worker is ready.
-
-    Checks that the SIGTERM handler in place before is back afterwards.
-    """
-
-    def send_sigterm_when_ready() -> None:
-        master.next_frame()
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    helper = threading.Thread(target=send_sigterm_when_ready)
-    helper.start()
-    previous = signal.getsignal(signal.SIGTERM)
-    run()
-    helper.join(10)
-    assert signal.getsignal(signal.SIGTERM) == previous
 
 
 def test_sigterm_stops_the_worker_gracefully(master: Master) -> None:

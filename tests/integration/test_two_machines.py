@@ -24,7 +24,7 @@ import pytest
 
 from .conftest import StartApp
 from .harness import CLIENT_IPS, HERE, stop_process, wait_until
-from .test_socketio import SHOUTS, chat
+from .socketio_clients import SHOUTS, chat
 
 pytest.importorskip("socketio")
 pytest.importorskip("redis")
