@@ -10,7 +10,8 @@ BENCH_ROLE=direct|sticky and BENCH_ADAPTER). For every adapter, two servers answ
 
 - direct: the framework serving its own listening socket in one process (its
   usual way: ``serve_forever``, ``asyncio.start_server``, ``web.run_app``,
-  ``uvicorn.run``, ``app.listen``);
+  ``uvicorn.run``, ``app.listen``; for the WSGI worker on gunicorn's parser, gunicorn
+  itself with one gthread worker);
 - sticky: a sticky_server master with one worker running the adapter.
 
 ``wrk`` keeps C connections open for S seconds against each, interleaved, R
@@ -39,7 +40,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
-ADAPTERS = ("http", "wsgi", "asyncio", "aiohttp", "asgi", "tornado")
+ADAPTERS = ("http", "wsgi", "gunicorn", "asyncio", "aiohttp", "asgi", "tornado")
 BODY = b"Hello, world!"
 HOST = "127.0.0.1"
 
@@ -121,6 +122,8 @@ def serve_direct(adapter: str, port: int) -> None:
             daemon_threads = True
 
         make_server(HOST, port, wsgi_app, server_class=Threading, handler_class=Quiet).serve_forever()
+    elif adapter == "gunicorn":
+        serve_gunicorn(port)
     elif adapter == "asyncio":
 
         async def main() -> None:
@@ -145,6 +148,22 @@ def serve_direct(adapter: str, port: int) -> None:
         asyncio.run(main())
 
 
+def serve_gunicorn(port: int) -> None:
+    """gunicorn itself, its threaded worker: one worker process, a thread for each of wrk's connections."""
+    from gunicorn.app.base import BaseApplication
+
+    class Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            options = {"bind": f"{HOST}:{port}", "workers": 1, "worker_class": "gthread", "threads": 64}
+            for name, value in {**options, "keepalive": 5, "loglevel": "warning"}.items():
+                self.cfg.set(name, value)
+
+        def load(self) -> Any:
+            return wsgi_app
+
+    Gunicorn().run()
+
+
 def sticky_worker(adapter: str) -> Any:
     if adapter == "http":
         from sticky_server.adapters.stdlib import HTTPWorker
@@ -154,6 +173,10 @@ def sticky_worker(adapter: str) -> Any:
         from sticky_server.adapters.stdlib import WSGIWorker
 
         return WSGIWorker(wsgi_app)
+    if adapter == "gunicorn":
+        from sticky_server.adapters.wsgi import WSGIWorker as GunicornWSGIWorker
+
+        return GunicornWSGIWorker(wsgi_app, access_log=False)
     if adapter == "asyncio":
         from sticky_server.adapters.asyncio import AsyncioWorker
 

@@ -41,6 +41,8 @@ __all__ = ["CLOSE_SWEEP_INTERVAL", "ConnectionRecord", "HandedOffSocket", "clien
 
 CLOSE_SWEEP_INTERVAL = 0.5
 _MAPPED_PREFIX = "::ffff:"
+_getpeername = socket.socket.getpeername
+_getsockname = socket.socket.getsockname
 
 
 def unmapped(address: Any) -> Any:
@@ -59,12 +61,18 @@ class HandedOffSocket(socket.socket):
 
     told_peer: tuple[str, int] | None = None
 
+    # Asked once per connection by most servers: the common case (an IPv4 peer, a
+    # 2-tuple) costs one attribute read and a length check more than the plain call.
     def getpeername(self) -> Any:
         told = self.told_peer
-        return told if told is not None else unmapped(super().getpeername())
+        if told is not None:
+            return told
+        peer = _getpeername(self)
+        return unmapped(peer) if len(peer) == 4 else peer
 
     def getsockname(self) -> Any:
-        return unmapped(super().getsockname())
+        local = _getsockname(self)
+        return unmapped(local) if len(local) == 4 else local
 
     def dup(self) -> HandedOffSocket:
         twin = super().dup()

@@ -30,6 +30,7 @@ websocket sees the end of the stream while a request in flight is answered.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import socketserver
@@ -123,6 +124,10 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
             if trusted is not None:  # X-Forwarded-Proto and the like are believed from these peers
                 self.cfg.set("forwarded_allow_ips", ",".join(trusted))
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver's own prints to stderr
+        logger.exception("error serving a connection from %s", client_address[0])
+
     def shutdown_request(self, request: Any) -> None:
         gunicorn_util.close_graceful(request)  # FIN first, so the last response is not cut by a reset
 
@@ -136,7 +141,7 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
             sock.settimeout(self.keepalive)  # waiting for a request: an idle connection is closed
             try:
                 request = next(parser)
-            except (StopIteration, http_errors.NoMoreData, TimeoutError, ConnectionError):
+            except (StopIteration, http_errors.NoMoreData, OSError):  # gone, idle too long, or a failed TLS handshake
                 return
             except http_errors.ParseException as error:
                 status, reason = _TOO_LONG.get(type(error).__name__, (400, "Bad Request"))
@@ -164,12 +169,11 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
             response.close()
         except StopIteration:  # simple-websocket's way of saying the connection was a websocket and is done
             return False
-        except (ConnectionError, TimeoutError):
-            return False
-        except Exception:
-            logger.exception("error handling %s %s from %s", request.method, request.uri, client[0])
-            if response is None or not response.headers_sent:
-                _write_error(sock, 500, "Internal Server Error", "")
+        except Exception as error:
+            if not _client_gone(error):
+                logger.exception("error handling %s %s from %s", request.method, request.uri, client[0])
+                if response is None or not response.headers_sent:
+                    _write_error(sock, 500, "Internal Server Error", "")
             return False
         finally:
             if result is not None and hasattr(result, "close"):
@@ -189,6 +193,13 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
                     (time.perf_counter() - started) * 1000,
                 )
         return not response.should_close()
+
+
+def _client_gone(error: BaseException) -> bool:
+    """Whether ``error`` says the client left (as gunicorn's workers tell it), not that the app failed."""
+    if isinstance(error, (TimeoutError, ssl.SSLError)):
+        return True
+    return isinstance(error, OSError) and error.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
 
 
 def _kernel_peer(sock: socket.socket) -> Any:

@@ -1,10 +1,10 @@
-"""FastAPI, Flask and Django apps, written the way their docs show, run by the sticky-server command.
+"""FastAPI, Flask, aiohttp and Django apps, written the way their docs show, run by the sticky-server command.
 
 Behind the real HAProxy, as in production: with ``send-proxy-v2`` (TCP mode) and with
 ``option forwardfor`` (HTTP mode). Each client, from its own 127.x address, makes
 keep-alive requests on one connection (and a websocket, for FastAPI): every answer
 comes from the worker its address hashes to, and the app itself sees the client's
-address (``request.client``, ``REMOTE_ADDR``), not HAProxy's.
+address (``request.client``, ``REMOTE_ADDR``, ``request.remote``), not HAProxy's.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ REQUESTS_PER_CONNECTION = 3
 APPS = {
     "fastapi": ("apps.fastapi_app:app", "--asgi", "fastapi"),
     "flask": ("apps.flask_app:app", "--wsgi", "flask"),
+    "aiohttp": ("apps.aiohttp_app:app", "--aiohttp", "aiohttp"),
     "django-asgi": ("apps.django_app:asgi_application", "--asgi", "django"),
     "django-wsgi": ("apps.django_app:wsgi_application", "--wsgi", "django"),
 }
