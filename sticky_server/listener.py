@@ -13,6 +13,7 @@ from .errors import BindError
 __all__ = [
     "DEFAULT_BACKLOG",
     "Bind",
+    "adopt_listener",
     "bind_listener",
     "bind_unix_listener",
     "format_address",
@@ -93,20 +94,27 @@ def bind_listener(port: int, host: str | None = None, backlog: int = DEFAULT_BAC
 
 
 class Bind(NamedTuple):
-    """One address to listen on: a TCP host and port (host None: every interface), or a Unix socket path."""
+    """Where to listen: a TCP host and port (host None: every interface), a Unix socket path,
+    or a listening socket this process inherited, by descriptor (socket activation)."""
 
     host: str | None
     port: int
     path: str | None = None
+    fd: int | None = None
 
 
-_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, :PORT or PORT (every interface), or unix:/PATH"
+_BIND_FORMS = "HOST:PORT, [IPV6]:PORT, :PORT or PORT (every interface), unix:/PATH, or fd://N"
 
 
 def parse_bind(text: str) -> Bind:
     """A ``Bind`` from its text form (``_BIND_FORMS``); ValueError naming the forms otherwise."""
     if not isinstance(text, str):
         raise TypeError(f"a bind must be a str such as '127.0.0.1:3000', not {text!r}")
+    if text.startswith("fd://"):
+        number = text[len("fd://") :]
+        if not number.isdigit():
+            raise ValueError(f"bind {text!r} has no descriptor number; use fd://3 for descriptor 3")
+        return Bind(None, 0, None, int(number))
     if text.startswith("unix:"):
         path = text[len("unix:") :]
         if not path:
@@ -155,8 +163,29 @@ def bind_unix_listener(path: str, backlog: int = DEFAULT_BACKLOG) -> socket.sock
     return listener
 
 
+def adopt_listener(fd: int) -> socket.socket:
+    """The listening stream socket this process inherited as descriptor ``fd`` (from systemd, or a supervisor)."""
+    try:
+        listener = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise BindError(exc.errno or errno.EBADF, f"cannot listen on fd://{fd}: it is not an open socket") from None
+    try:
+        listening = listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 1  # macOS has no SO_ACCEPTCONN for every socket kind: accept() will tell
+    if listener.type != socket.SOCK_STREAM or not listening:
+        listener.detach()
+        raise BindError(
+            errno.EINVAL, f"cannot listen on fd://{fd}: it is not a listening stream socket (bind and listen it first)"
+        )
+    listener.setblocking(False)
+    return listener
+
+
 def open_bind(bind: Bind, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
     """The listening socket for ``bind``; BindError with the reason and the fix."""
+    if bind.fd is not None:
+        return adopt_listener(bind.fd)
     if bind.path is not None:
         return bind_unix_listener(bind.path, backlog)
     return bind_listener(bind.port, bind.host, backlog)

@@ -270,6 +270,7 @@ class Dispatcher:
         graceful_timeout: float,
         timeout: float | None = None,
         max_connections_per_worker: int | None = None,
+        max_connections_jitter: int | None = None,
         on_ready: Callable[[], None] | None = None,
         hooks: Hooks | None = None,
         client_addresses: ClientAddressSettings | None = None,
@@ -283,6 +284,7 @@ class Dispatcher:
         self._graceful_timeout = graceful_timeout
         self._timeout = timeout
         self._max_connections = max_connections_per_worker
+        self._max_connections_jitter = max_connections_jitter
         self._max_message_size = max_message_size
         self._on_ready = on_ready
         self._hooks = hooks or Hooks()
@@ -757,7 +759,10 @@ class Dispatcher:
     def _add_link(self, worker: WorkerProcess, incoming: bool = False) -> None:
         recycle_after = None
         if self._max_connections:
-            recycle_after = self._max_connections + random.randint(0, int(self._max_connections * RECYCLE_JITTER))
+            jitter = self._max_connections_jitter
+            if jitter is None:
+                jitter = int(self._max_connections * RECYCLE_JITTER)
+            recycle_after = self._max_connections + random.randint(0, jitter)
         link = _Link(worker, last_heard=time.monotonic(), recycle_after=recycle_after)
         self._by_worker[worker] = link
         (self._incoming if incoming else self._links)[worker.slot] = link

@@ -10,6 +10,7 @@ No dependency: the text format is simple enough to write directly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -154,8 +155,20 @@ class _BoundedServer(ThreadingHTTPServer):
             self.slots.release()
 
 
+def as_json(stats: dict[str, Any]) -> str:
+    """``stats()`` as the JSON that ``sticky-server status`` prints."""
+    return json.dumps(stats, indent=2, sort_keys=True) + "\n"
+
+
+# Path: (content type, how the stats are written).
+FORMATS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "/metrics": (CONTENT_TYPE, render),
+    "/stats": ("application/json", as_json),
+}
+
+
 class MetricsServer:
-    """Serve ``render(stats())`` at ``/metrics`` on ``bind`` (TCP), on a daemon thread, until ``close()``.
+    """Serve ``render(stats())`` at ``/metrics`` and the stats as JSON at ``/stats``, on a daemon thread.
 
     Resource handling: each scrape has ``READ_TIMEOUT`` seconds for its request and
     answer, and at most ``MAX_SCRAPES`` run at once, so idle or slow connections to
@@ -177,17 +190,19 @@ class MetricsServer:
                 self._answer(with_body=False)
 
             def _answer(self, with_body: bool) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "the metrics are at /metrics")
+                path = self.path.split("?")[0]
+                if path not in FORMATS:
+                    self.send_error(404, "the metrics are at /metrics (Prometheus) and /stats (JSON)")
                     return
+                content_type, format_stats = FORMATS[path]
                 try:
-                    body = render(stats()).encode()
+                    body = format_stats(stats()).encode()
                 except Exception:
                     logger.exception("could not collect the stats for a scrape")
                     self.send_error(503, "the master did not answer")
                     return
                 self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if with_body:

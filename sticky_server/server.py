@@ -137,7 +137,8 @@ class StickyServer:
     ``timeout``: seconds a ready worker may leave the master's heartbeat unanswered before it
     is killed and replaced (None: no heartbeat).
     ``max_connections_per_worker``: replace a worker after it took about this many
-    connections (plus up to 10% at random per worker); None: never.
+    connections (plus up to ``max_connections_jitter`` at random per worker, default
+    10% of it, so that workers started together are not all replaced at once); None: never.
     ``user`` / ``group``: run the workers as this user / group (name or id); the
     master keeps its own (e.g. root, to bind port 80).
     ``max_message_size``: the largest channel message, in bytes of JSON (default 1 MiB).
@@ -165,6 +166,7 @@ class StickyServer:
         graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT,
         timeout: float | None = DEFAULT_TIMEOUT,
         max_connections_per_worker: int | None = None,
+        max_connections_jitter: int | None = None,
         user: str | int | None = None,
         group: str | int | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -191,6 +193,14 @@ class StickyServer:
             raise ValueError(
                 f"max_connections_per_worker must be a positive int, or None; got {max_connections_per_worker!r}"
             )
+        if max_connections_jitter is not None and (
+            isinstance(max_connections_jitter, bool)
+            or not isinstance(max_connections_jitter, int)
+            or max_connections_jitter < 0
+        ):
+            raise ValueError(
+                f"max_connections_jitter must be an int, 0 or more, or None; got {max_connections_jitter!r}"
+            )
         if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
             raise ValueError(f"backlog must be a positive int; got {backlog!r}")
         if not isinstance(max_message_size, int) or not 1 <= max_message_size <= MAX_PAYLOAD - 2:
@@ -205,6 +215,7 @@ class StickyServer:
         self.graceful_timeout = float(graceful_timeout)
         self.timeout = None if timeout is None else float(timeout)
         self.max_connections_per_worker = max_connections_per_worker
+        self.max_connections_jitter = max_connections_jitter
         self.max_message_size = max_message_size
         self.backlog = backlog
         self._hooks = Hooks()
@@ -319,6 +330,7 @@ class StickyServer:
                 graceful_timeout=self.graceful_timeout,
                 timeout=self.timeout,
                 max_connections_per_worker=self.max_connections_per_worker,
+                max_connections_jitter=self.max_connections_jitter,
                 on_ready=self._notify_listening,
                 hooks=self._hooks,
                 client_addresses=self.client_addresses,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
+from pytest_mock import MockerFixture
 
-from sticky_server.cli import _environment_defaults, build_parser
+from sticky_server.cli import parse_settings
 from sticky_server.listener import Bind, format_address, parse_bind
 
 
@@ -38,13 +40,7 @@ def test_unix_addresses_are_formatted_as_binds() -> None:
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
-    parser = build_parser()
-    repeated = _environment_defaults(parser, environ)
-    args = parser.parse_args(argv)
-    for dest, value in repeated.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, value)
-    return args
+    return parse_settings(argv, environ)
 
 
 def test_environment_sets_defaults_and_the_command_line_wins() -> None:
@@ -74,13 +70,145 @@ def test_a_bad_environment_value_is_a_usage_error(capsys: pytest.CaptureFixture[
 
 def test_a_balancer_by_module_and_class() -> None:
     from sticky_server import RoundRobinBalancer
-    from sticky_server.cli import _balancer, _UsageError
+    from sticky_server.cli.options import UsageError
+    from sticky_server.cli.run import _custom_balancer
 
-    assert _balancer("least-connections") == "least-connections"
-    assert isinstance(_balancer("sticky_server:RoundRobinBalancer"), RoundRobinBalancer)
-    with pytest.raises(_UsageError, match=r"is a OrderedDict, not a sticky_server\.Balancer subclass"):
-        _balancer("collections:OrderedDict")
-    with pytest.raises(_UsageError, match="cannot create it with no arguments"):
-        _balancer("sticky_server.listener:Bind")
-    with pytest.raises(_UsageError, match="must be one of ip-hash"):
-        _balancer("fastest")
+    assert isinstance(_custom_balancer("sticky_server:RoundRobinBalancer", None), RoundRobinBalancer)
+    with pytest.raises(UsageError, match=r"is a OrderedDict, not a sticky_server\.Balancer subclass"):
+        _custom_balancer("collections:OrderedDict", None)
+    with pytest.raises(UsageError, match="cannot create it with no arguments"):
+        _custom_balancer("sticky_server.listener:Bind", None)
+    with pytest.raises(UsageError, match="must be one of ip-hash"):
+        _custom_balancer("fastest", None)
+
+
+def test_web_concurrency_sets_the_workers_and_sticky_server_workers_wins() -> None:
+    assert parse(["m:f"], {"WEB_CONCURRENCY": "6"}).workers == 6
+    assert parse(["m:f"], {"WEB_CONCURRENCY": "6", "STICKY_SERVER_WORKERS": "2"}).workers == 2
+    assert parse(["m:f", "-w", "3"], {"WEB_CONCURRENCY": "6"}).workers == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "binds"),
+    [
+        ([], ["127.0.0.1:8000"]),
+        (["--port", "9000"], ["127.0.0.1:9000"]),
+        (["--host", "0.0.0.0", "--port", "9000"], ["0.0.0.0:9000"]),
+        (["--host", "::"], ["[::]:8000"]),
+        (["--uds", "/run/app.sock"], ["unix:/run/app.sock"]),
+        (["--fd", "3"], ["fd://3"]),
+        (["-b", ":1", "--port", "2"], [":1", "127.0.0.1:2"]),
+    ],
+)
+def test_uvicorns_and_gunicorns_ways_of_saying_where_to_listen(argv: list[str], binds: list[str]) -> None:
+    assert parse(["m:f", *argv], {}).bind == binds
+
+
+def test_systemd_sockets_are_the_default_binds_for_this_process_only() -> None:
+    import os
+
+    mine = {"LISTEN_FDS": "2", "LISTEN_PID": str(os.getpid())}
+    assert parse(["m:f"], mine).bind == ["fd://3", "fd://4"]
+    assert parse(["m:f"], {**mine, "LISTEN_PID": "1"}).bind == ["127.0.0.1:8000"]
+    assert parse(["m:f", "--port", "5"], mine).bind == ["127.0.0.1:5"]
+
+
+def test_proxy_habits_mean_the_forwarded_header_and_its_trusted_proxies() -> None:
+    args = parse(["m:f", "--proxy-headers", "--forwarded-allow-ips", "10.0.0.1, 10.1.0.0/16"], {})
+    assert (args.forwarded_header, args.trusted_proxy) == ("x-forwarded-for", ["10.0.0.1", "10.1.0.0/16"])
+    args = parse(["m:f", "--proxy-protocol", "--forwarded-allow-ips", "*"], {})
+    assert (args.proxy_protocol, args.trusted_proxy) == (True, ["*"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["-k", "uvicorn.workers.UvicornWorker", "m:f"], "-k does not apply to sticky-server: sticky-server picks"),
+        (["m:f", "--threads", "4"], "--threads does not apply to sticky-server: the WSGI worker serves each"),
+        (["m:f", "--daemon"], "--daemon does not apply to sticky-server: run it in the foreground"),
+    ],
+)
+def test_habits_that_do_not_apply_say_why(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv, {})
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_version_is_the_packages(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    import sticky_server
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--version"], {})
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sticky-server {sticky_server.__version__}"
+    assert version("sticky-server") == sticky_server.__version__
+
+
+def test_a_config_file_sits_between_the_environment_and_the_command_line(tmp_path: Path) -> None:
+    toml = tmp_path / "sticky.toml"
+    toml.write_text('workers = 7\nbind = ["127.0.0.1:7000"]\nforwarded-header = "forwarded"\npreload = true\n')
+    environ = {"STICKY_SERVER_WORKERS": "2", "STICKY_SERVER_TIMEOUT": "9"}
+    args = parse(["m:f", "-c", str(toml)], environ)
+    assert (args.workers, args.bind, args.forwarded_header, args.preload, args.timeout) == (
+        7,
+        ["127.0.0.1:7000"],
+        "forwarded",
+        True,
+        9.0,
+    )
+    assert parse(["m:f", "-c", str(toml), "-w", "1"], environ).workers == 1
+    python = tmp_path / "gunicorn_conf.py"
+    python.write_text('import multiprocessing\nworkers = 2 * 2\npidfile = "/tmp/x.pid"\nkeepalive = 3\n')
+    args = parse(["m:f", "-c", str(python)], {})
+    assert (args.workers, args.pid, args.timeout_keep_alive) == (4, "/tmp/x.pid", 3.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("wrokers = 2\n", "unknown setting 'wrokers'"),
+        ("workers = 0\n", "workers = 0 in"),
+        ("worker_class = 'gevent'\n", "'worker_class' does not apply to sticky-server"),
+    ],
+)
+def test_a_bad_config_file_says_which_setting(
+    tmp_path: Path, text: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SystemExit):
+        parse(["m:f", "-c", str(path)], {})
+    assert says in capsys.readouterr().err
+
+
+def test_check_config_prints_the_settings_in_effect(capsys: pytest.CaptureFixture[str]) -> None:
+    from sticky_server.cli import main
+
+    assert main(["m:f", "-w", "3", "--proxy-headers", "--check-config"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert lines["workers"] == "3" and lines["forwarded-header"] == "'x-forwarded-for'"
+    assert lines["bind"] == "['127.0.0.1:8000']"
+
+
+def test_loop_auto_takes_uvloop_only_when_installed(mocker: MockerFixture) -> None:
+    import asyncio
+    import sys
+
+    from sticky_server.cli.run import _choose_loop
+
+    set_policy = mocker.patch.object(asyncio, "set_event_loop_policy")
+    mocker.patch.dict(sys.modules, {"uvloop": None})  # not installed
+    _choose_loop("auto")
+    set_policy.assert_not_called()
+    with pytest.raises(SystemExit, match="--loop uvloop needs uvloop: pip install uvloop"):
+        _choose_loop("uvloop")
+    fake = mocker.MagicMock()
+    mocker.patch.dict(sys.modules, {"uvloop": fake})
+    _choose_loop("auto")
+    set_policy.assert_called_once_with(fake.EventLoopPolicy.return_value)
+    _choose_loop("asyncio")
+    assert set_policy.call_count == 1

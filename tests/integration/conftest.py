@@ -51,7 +51,8 @@ def start_app(tmp_path: Path) -> Iterator[StartApp]:
         cwd = HERE if module else kwargs.pop("cwd", HERE.parent.parent)
         if command is None:
             command = line_app_command(module, python) if script == LINE_APP else [python, str(script)]
-        server = ServerProcess(command, pid_dir=pid_dir, env=env, cwd=cwd, marker=script.stem, **kwargs)
+        marker = kwargs.pop("marker", script.stem)
+        server = ServerProcess(command, pid_dir=pid_dir, env=env, cwd=cwd, marker=marker, **kwargs)
         started.append(server)
         return server
 

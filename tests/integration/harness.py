@@ -165,6 +165,7 @@ class ServerProcess:
         cwd: Path = REPO,
         marker: str = "",
         preexec_fn: Callable[[], None] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.pid_dir = pid_dir
         self.marker = marker or str(command[-1])
@@ -182,6 +183,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=preexec_fn,
+            pass_fds=pass_fds,
         )
         self.known_pids: set[int] = {self.process.pid}
         threading.Thread(target=self._collect, daemon=True).start()

@@ -123,7 +123,11 @@ def stop_with_request_in_flight(adapter: str, server: ServerProcess, address: tu
 
     client = threading.Thread(target=slow, daemon=True)
     client.start()
-    server.wait_for(r"^SLOW STARTED \d+$", TIMEOUT)
+    try:
+        server.wait_for(r"^SLOW STARTED \d+$", TIMEOUT)
+    except AssertionError as exc:
+        client.join(1)
+        raise AssertionError(f"{adapter}: /slow never reached the app; the client got {answers}") from exc
     assert server.stop(timeout=TIMEOUT + 10) == 0, f"{adapter}: the master did not exit 0\n{server.output_tail()}"
     client.join(TIMEOUT)
     assert len(answers) == 1 and isinstance(answers[0], dict), f"{adapter}: the request in flight got {answers}"

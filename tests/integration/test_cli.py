@@ -191,9 +191,10 @@ def test_bad_arguments_are_a_usage_error_and_start_nothing() -> None:
         (["apps.cli_apps:LineWorker", "--balancer", "fastest"], "--balancer must be one of ip-hash"),
         (["apps.cli_apps:LineWorker", "--asgi", "--wsgi"], "not allowed with argument"),
         (["apps.cli_apps"], "TARGET must be module:name"),
-        (["apps.cli_apps:missing"], "module 'apps.cli_apps' has no 'missing'"),
-        (["apps.cli_apps:STATE"], "is not a worker class or factory; for an app, add --asgi"),
+        (["apps.cli_apps:missing", "--preload"], "module 'apps.cli_apps' has no 'missing'"),
+        (["apps.cli_apps:STATE", "--preload"], "TARGET is a dict, not an app, a worker or a factory"),
         (["apps.cli_apps:LineWorker", "--forwarded-header", "bad header"], "forwarded_header must be an HTTP header"),
+        (["-k", "uvicorn.workers.UvicornWorker", "apps.cli_apps:app"], "-k does not apply to sticky-server"),
     ]
     for args, message in cases:
         result = run_cli(args)
@@ -208,9 +209,36 @@ def test_bad_arguments_are_a_usage_error_and_start_nothing() -> None:
     )
 
 
-def test_an_import_error_shows_the_users_traceback_and_starts_no_worker() -> None:
+def test_a_target_the_workers_cannot_use_fails_the_start_with_one_line() -> None:
+    """Without --preload the master never imports TARGET: the workers find the mistake, before 'listening'."""
+    for target, message in [
+        ("apps.cli_apps:missing", "sticky-server: module 'apps.cli_apps' has no 'missing'"),
+        ("apps.cli_apps:STATE", "sticky-server: TARGET is a dict, not an app, a worker or a factory"),
+    ]:
+        result = run_cli([target, "-w", "2", "-b", "127.0.0.1:0"])
+        assert result.returncode == 1, result.stderr
+        assert message in result.stderr
+        assert "listening on" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("sticky-server: worker"), result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_an_import_error_shows_the_users_traceback_before_the_server_is_up() -> None:
+    result = run_cli(["apps.cli_broken:app", "-w", "2", "-b", "127.0.0.1:0"])
+    assert result.returncode == 1
+    stderr = result.stderr
+    assert "listening on" not in stderr
+    assert stderr.count("Traceback") <= 1  # worker 0's; any other worker says it in one line
+    if "Traceback" in stderr:
+        assert "sticky-server: importing apps.cli_broken:app failed:" in stderr
+        assert 'apps/cli_broken.py", line 3, in <module>' in stderr  # the user's frame
+    assert "RuntimeError: boom in the user's module" in stderr
+    assert "before it was ready, so the server did not start" in stderr.strip().splitlines()[-1]
+
+
+def test_with_preload_an_import_error_shows_the_users_traceback_and_starts_no_worker() -> None:
     process = subprocess.Popen(
-        [*CLI, "apps.cli_broken:app", "-w", "2", "-b", "127.0.0.1:0"],
+        [*CLI, "apps.cli_broken:app", "--preload", "-w", "2", "-b", "127.0.0.1:0"],
         cwd=HERE,
         env=clean_env(),
         stdout=subprocess.PIPE,

@@ -39,9 +39,10 @@ MODES = {
 
 
 def serve(start_app: StartApp, app: str, options: list[str]) -> int:
-    target, kind, package = APPS[app]
+    target, _kind, package = APPS[app]
     pytest.importorskip(package)
-    command = [sys.executable, "-m", "sticky_server", target, kind, "-w", "4", "-b", "127.0.0.1:0"]
+    # No kind flag: the command tells the apps apart, as a user would expect (the flag is in APPS for reference).
+    command = [sys.executable, "-m", "sticky_server", target, "-w", "4", "-b", "127.0.0.1:0"]
     server = start_app(command=[*command, *options, "--graceful-timeout", "2"], cwd=HERE)
     return int(server.wait_for(CLI_LISTENING, 60).group(1))
 

@@ -1,0 +1,11 @@
+"""The ``sticky-server`` command (also ``python -m sticky_server``).
+
+``options`` reads the settings (command line, config file, environment), ``target``
+imports the app and makes its worker, ``run`` serves, ``status`` asks a running
+master for its stats, ``reload`` is ``--reload``'s file watcher.
+"""
+
+from .options import build_parser, parse_settings
+from .run import main
+
+__all__ = ["build_parser", "main", "parse_settings"]

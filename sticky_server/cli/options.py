@@ -1,0 +1,538 @@
+"""The command's options, and where each setting comes from.
+
+Precedence, highest first: the command line; the config file (``-c FILE``: TOML, or a
+Python file as gunicorn's ``-c`` takes); the environment (``STICKY_SERVER_<OPTION>``,
+and ``WEB_CONCURRENCY`` for ``--workers``); the defaults. Every value, wherever it
+comes from, is checked as the command line checks it.
+
+The options a uvicorn or gunicorn user types by habit are accepted with their
+meaning (``--host``/``--port``/``--uds``/``--fd``, ``--factory``, ``--app-dir``,
+``--env-file``, ``--max-requests``, ``-t``, ``-u``/``-g``, ``-p``, ``--proxy-headers``,
+``--forwarded-allow-ips``, ``--access-log``, ``--log-config``...); those that make no
+sense here (``REFUSED``) are an error saying why and what to use instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..balancer import BALANCERS
+from ..listener import parse_bind
+from ..server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT
+
+__all__ = [
+    "ENV_PREFIX",
+    "KINDS",
+    "REFUSED",
+    "UVICORN_OPTIONS",
+    "UsageError",
+    "build_parser",
+    "effective_settings",
+    "parse_settings",
+]
+
+ENV_PREFIX = "STICKY_SERVER_"
+KINDS = {
+    "asgi": "an ASGI app (served by uvicorn's protocols)",
+    "aiohttp": "an aiohttp web.Application",
+    "wsgi": "a WSGI app (gunicorn's HTTP/1.1 parser, a thread per connection; wsgiref without gunicorn)",
+    "tornado": "a tornado web.Application",
+}
+DEFAULT_BIND = "127.0.0.1:8000"
+DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
+
+# Options of uvicorn's that apply to one connection or one app: dest -> uvicorn.Config keyword.
+UVICORN_OPTIONS = {
+    "root_path": "root_path",
+    "timeout_keep_alive": "timeout_keep_alive",
+    "limit_concurrency": "limit_concurrency",
+    "ws": "ws",
+    "ws_max_size": "ws_max_size",
+    "ws_max_queue": "ws_max_queue",
+    "ws_ping_interval": "ws_ping_interval",
+    "ws_ping_timeout": "ws_ping_timeout",
+    "ws_per_message_deflate": "ws_per_message_deflate",
+    "lifespan": "lifespan",
+    "http": "http",
+    "h11_max_incomplete_event_size": "h11_max_incomplete_event_size",
+    "header": "headers",
+    "server_header": "server_header",
+    "date_header": "date_header",
+}
+
+# Options of uvicorn's or gunicorn's that do not apply here: (flags, arguments it takes, why / what instead).
+REFUSED: list[tuple[tuple[str, ...], int, str]] = [
+    (
+        ("-k", "--worker-class"),
+        1,
+        "sticky-server picks the server from the app: give the app (ASGI, WSGI, aiohttp, tornado) and, "
+        "only if it cannot tell, --asgi/--wsgi/--aiohttp/--tornado",
+    ),
+    (
+        ("--threads",),
+        1,
+        "the WSGI worker serves each connection on a thread of its own; there is no pool to size",
+    ),
+    (
+        ("--worker-connections",),
+        1,
+        "there are no eventlet/gevent workers; each worker takes every connection routed to it",
+    ),
+    (("-D", "--daemon"), 0, "run it in the foreground under systemd or another supervisor (see the README)"),
+    (
+        ("--reload-delay",),
+        1,
+        "--reload sends the master SIGHUP as soon as a file changes; the reload itself is gradual",
+    ),
+    (
+        ("--timeout-notify",),
+        1,
+        "the master's heartbeat does that job: -t/--timeout SECONDS",
+    ),
+    (
+        ("--limit-max-requests-jitter",),
+        1,
+        "use --max-requests-jitter N",
+    ),
+]
+
+
+class UsageError(Exception):
+    """A mistake in the command line, the config file or the environment: reported as argparse does, exit 2."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _whole(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _bind(text: str) -> str:
+    try:
+        parse_bind(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _header(text: str) -> list[str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"--header {text!r} is not NAME:VALUE")
+    return [name.strip(), value.strip()]
+
+
+_positive_int.__name__ = "positive whole number"
+_whole.__name__ = "whole number"
+_seconds.__name__ = "number of seconds"
+
+
+class _Refuse(argparse.Action):
+    """An option of uvicorn's or gunicorn's with no meaning here: the error says why."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, why: str = "", **kwargs: Any) -> None:
+        self.why = why
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: str | None = None) -> None:
+        parser.error(f"{option} does not apply to sticky-server: {self.why}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sticky-server",
+        description="Serve TARGET from several worker processes, each client always on the same worker.",
+        epilog="Settings come from the command line, then -c FILE, then STICKY_SERVER_<OPTION> variables "
+        "(e.g. STICKY_SERVER_WORKERS=4; WEB_CONCURRENCY also sets --workers). "
+        "'sticky-server status' prints a running master's stats.",
+    )
+    parser.add_argument("--version", action="version", version=f"sticky-server {__version__}")
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="module:name of an app (ASGI, WSGI, aiohttp, tornado; its kind is detected), "
+        "a worker class or a worker factory",
+    )
+
+    app = parser.add_argument_group("the app")
+    kind = app.add_mutually_exclusive_group()
+    for name, what in KINDS.items():
+        kind.add_argument(f"--{name}", dest="kind", action="store_const", const=name, help=f"TARGET is {what}")
+    app.add_argument("--factory", action="store_true", help="TARGET is a function that returns the app")
+    app.add_argument("--app-dir", metavar="DIR", help="import TARGET from this folder (default: the current one)")
+    app.add_argument("--chdir", metavar="DIR", help="change to this folder before importing TARGET")
+    app.add_argument("--env-file", metavar="FILE", help="set environment variables from this .env file")
+    app.add_argument(
+        "--preload", action="store_true", help="import TARGET in the master too (default: only workers import it)"
+    )
+    app.add_argument("--reload", action="store_true", help="development: reload the workers when a file changes")
+    app.add_argument(
+        "--reload-dir", action="append", metavar="DIR", help="watch this folder for --reload (default: the app's)"
+    )
+
+    bind = parser.add_argument_group("where to listen")
+    bind.add_argument(
+        "-b",
+        "--bind",
+        action="append",
+        metavar="ADDRESS",
+        type=_bind,
+        help=f"HOST:PORT, [IPV6]:PORT, :PORT, unix:/PATH or fd://N; repeat for several (default: {DEFAULT_BIND})",
+    )
+    bind.add_argument("--host", help=f"listen on this address (with --port; default {DEFAULT_HOST})")
+    bind.add_argument("--port", type=_whole, help=f"listen on this port (with --host; default {DEFAULT_PORT})")
+    bind.add_argument("--uds", metavar="PATH", help="listen on this Unix socket")
+    bind.add_argument("--fd", type=_whole, metavar="N", help="listen on the socket inherited as descriptor N")
+    bind.add_argument("--backlog", type=_positive_int, metavar="N", help="listen backlog (default: 4096)")
+
+    workers = parser.add_argument_group("workers")
+    workers.add_argument(
+        "-w",
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="worker processes (default: $WEB_CONCURRENCY, else one per CPU)",
+    )
+    workers.add_argument(
+        "--balancer",
+        default="ip-hash",
+        metavar="NAME",
+        help=f"{'|'.join(BALANCERS)} or module:Class (default: ip-hash)",
+    )
+    workers.add_argument(
+        "--graceful-timeout",
+        "--timeout-graceful-shutdown",
+        type=_seconds,
+        default=DEFAULT_GRACEFUL_TIMEOUT,
+        metavar="SECONDS",
+        help="time workers get to finish when stopped or replaced (default: 30)",
+    )
+    workers.add_argument(
+        "-t",
+        "--timeout",
+        "--timeout-worker-healthcheck",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="a worker silent this long is replaced; 0 turns the heartbeat off (default: 30)",
+    )
+    workers.add_argument(
+        "--max-requests",
+        "--limit-max-requests",
+        type=_positive_int,
+        metavar="N",
+        help="replace a worker after it took N connections (a connection, not a request: see the README)",
+    )
+    workers.add_argument(
+        "--max-requests-jitter", type=_whole, metavar="N", help="add up to N at random per worker (default: 10%%)"
+    )
+    workers.add_argument("-u", "--user", help="run the workers as this user")
+    workers.add_argument("-g", "--group", help="run the workers as this group")
+
+    proxy = parser.add_argument_group("behind a proxy")
+    proxy.add_argument("--proxy-protocol", action="store_true", help="trusted peers send a PROXY v1/v2 header")
+    proxy.add_argument("--forwarded-header", metavar="NAME", help="route by this header: x-forwarded-for|forwarded")
+    proxy.add_argument(
+        "--proxy-headers",
+        action="store_true",
+        help="route by X-Forwarded-For from trusted proxies (as --forwarded-header x-forwarded-for)",
+    )
+    proxy.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="ADDRESS",
+        help="an address or network whose headers are believed; repeat for several (default: loopback)",
+    )
+    proxy.add_argument(
+        "--forwarded-allow-ips",
+        metavar="LIST",
+        help="comma-separated trusted proxies, as uvicorn and gunicorn take them ('*': all)",
+    )
+
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--certfile", "--ssl-certfile", metavar="FILE", help="certificate (PEM); needs --keyfile")
+    tls.add_argument("--keyfile", "--ssl-keyfile", metavar="FILE", help="private key (PEM)")
+
+    logs = parser.add_argument_group("logging and operations")
+    logs.add_argument(
+        "--log-level",
+        default="info",
+        choices=["trace", "debug", "info", "warning", "error", "critical"],
+        help="(default: info; trace is debug)",
+    )
+    logs.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one line per request at INFO (default: on)",
+    )
+    logs.add_argument("--log-config", metavar="FILE", help="logging configuration: dictConfig JSON or YAML, or INI")
+    logs.add_argument("-p", "--pid", metavar="FILE", help="write the master's pid here; removed at exit")
+    logs.add_argument(
+        "--metrics", metavar="HOST:PORT", type=_bind, help="serve /metrics (Prometheus) and /stats (JSON) there"
+    )
+    logs.add_argument("-c", "--config", metavar="FILE", help="read settings from this TOML or Python file")
+    logs.add_argument("--check-config", action="store_true", help="print the settings in effect and exit")
+
+    uvicorn = parser.add_argument_group("uvicorn's options, for ASGI apps")
+    uvicorn.add_argument("--root-path", metavar="PATH", help="the ASGI root_path (behind a proxy on a sub-path)")
+    uvicorn.add_argument(
+        "--timeout-keep-alive",
+        "--keep-alive",
+        type=_seconds,
+        metavar="SECONDS",
+        help="close a keep-alive connection idle this long (ASGI, and WSGI's keepalive; default: 5)",
+    )
+    uvicorn.add_argument("--limit-concurrency", type=_positive_int, metavar="N", help="answer 503 beyond N at once")
+    uvicorn.add_argument("--ws", choices=["auto", "none", "websockets", "websockets-sansio", "wsproto"])
+    uvicorn.add_argument("--ws-max-size", type=_positive_int, metavar="BYTES")
+    uvicorn.add_argument("--ws-max-queue", type=_positive_int, metavar="N")
+    uvicorn.add_argument("--ws-ping-interval", type=_seconds, metavar="SECONDS")
+    uvicorn.add_argument("--ws-ping-timeout", type=_seconds, metavar="SECONDS")
+    uvicorn.add_argument("--ws-per-message-deflate", action=argparse.BooleanOptionalAction, default=None)
+    uvicorn.add_argument("--lifespan", choices=["auto", "on", "off"])
+    uvicorn.add_argument("--http", choices=["auto", "h11", "httptools"])
+    uvicorn.add_argument(
+        "--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="(auto: uvloop when installed)"
+    )
+    uvicorn.add_argument("--h11-max-incomplete-event-size", type=_positive_int, metavar="BYTES")
+    uvicorn.add_argument(
+        "--header", action="append", type=_header, metavar="NAME:VALUE", help="a response header; repeat"
+    )
+    uvicorn.add_argument("--server-header", action=argparse.BooleanOptionalAction, default=None)
+    uvicorn.add_argument("--date-header", action=argparse.BooleanOptionalAction, default=None)
+
+    refused = parser.add_argument_group("not here (each one says why)")
+    for flags, nargs, why in REFUSED:
+        refused.add_argument(*flags, action=_Refuse, nargs=nargs or 0, why=why, help=argparse.SUPPRESS)
+    return parser
+
+
+# --- where settings come from ------------------------------------------------------------
+
+
+def _settable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The options a config file or the environment may set, by dest."""
+    return {
+        action.dest: action
+        for action in parser._actions
+        if action.option_strings
+        and action.dest not in ("help", "version", "config", "check_config")
+        and not isinstance(action, _Refuse)
+    }
+
+
+def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
+    """``value`` checked as the command line would check it (a string, or a TOML/Python value)."""
+    long_flags = [flag for flag in action.option_strings if flag.startswith("--")]
+    flag = long_flags[0] if action.dest != "kind" else "--asgi/--wsgi/--aiohttp/--tornado"
+    try:
+        if action.dest == "kind":
+            if value not in KINDS:
+                raise ValueError(value)
+            return value
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                raise ValueError(value)
+            return text in ("1", "true", "yes", "on")
+        if isinstance(action, argparse._AppendAction):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [action.type(str(item)) if action.type else str(item) for item in items if item != ""]  # type: ignore[operator]
+        text = str(value)
+        converted = action.type(text) if action.type else text  # type: ignore[operator]
+        if action.choices is not None and converted not in action.choices:
+            raise ValueError(value)
+        return converted
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise UsageError(f"{where} is not a valid {flag}: {exc}") from None
+
+
+# gunicorn's setting names in a config file, where they differ from ours.
+_FILE_ALIASES = {
+    "pidfile": "pid",
+    "keepalive": "timeout_keep_alive",
+    "loglevel": "log_level",
+    "preload_app": "preload",
+    "accesslog": None,  # gunicorn writes to a file; here access lines go to the logging tree
+    "worker_class": None,
+}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file (``key = value``) or a Python file (module-level names), by option name."""
+    if not path.is_file():
+        raise UsageError(f"-c {path}: no such file")
+    if path.suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise UsageError("-c FILE.toml needs Python 3.11 or the tomli package: pip install tomli") from None
+        try:
+            with path.open("rb") as file:
+                values: dict[str, Any] = tomllib.load(file)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"-c {path}: {exc}") from None
+        table = values.get("tool", {}).get("sticky-server") if "tool" in values else None
+        return dict(table) if isinstance(table, dict) else values
+    if path.suffix == ".py":
+        try:
+            namespace = runpy.run_path(str(path))
+        except Exception as exc:
+            raise UsageError(f"-c {path}: running it failed: {type(exc).__name__}: {exc}") from None
+        return {
+            name: value
+            for name, value in namespace.items()
+            if not name.startswith("_") and isinstance(value, (str, int, float, bool, list, tuple))
+        }
+    raise UsageError(f"-c {path}: a config file is TOML (.toml) or Python (.py)")
+
+
+def _file_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    settable = _settable(parser)
+    settings: dict[str, Any] = {}
+    for key, value in load_config_file(path).items():
+        name = key.replace("-", "_")
+        if name in _FILE_ALIASES:
+            alias = _FILE_ALIASES[name]
+            if alias is None:
+                raise UsageError(f"-c {path}: {key!r} does not apply to sticky-server")
+            name = alias
+        if name not in settable:
+            known = ", ".join(sorted(settable))
+            raise UsageError(f"-c {path}: unknown setting {key!r}; the settings are the options' names: {known}")
+        settings[name] = _coerce(settable[name], value, f"{key} = {value!r} in {path}")
+    return settings
+
+
+def _environment_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> dict[str, Any]:
+    settable = _settable(parser)
+    settings: dict[str, Any] = {}
+    concurrency = environ.get("WEB_CONCURRENCY")
+    if concurrency:
+        settings["workers"] = _coerce(settable["workers"], concurrency, f"WEB_CONCURRENCY={concurrency!r}")
+    for dest, action in settable.items():
+        name = ENV_PREFIX + dest.upper()
+        if name in environ:
+            settings[dest] = _coerce(action, environ[name], f"environment variable {name}={environ[name]!r}")
+    return settings
+
+
+def parse_settings(argv: Sequence[str], environ: dict[str, str]) -> argparse.Namespace:
+    """The settings in effect: the command line over the config file over the environment over the defaults.
+
+    A mistake anywhere is a usage error (exit 2) naming where it was.
+    """
+    parser = build_parser()
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("-c", "--config")
+    known, _ = early.parse_known_args(argv)
+    config = known.config or environ.get(ENV_PREFIX + "CONFIG")
+    try:
+        layered = _environment_defaults(parser, environ)
+        if config:
+            layered.update(_file_defaults(parser, Path(config)))
+    except UsageError as exc:
+        parser.error(str(exc))
+    # Repeatable options from a file or the environment apply only when the command line gives none
+    # (argparse would add the command line's to them).
+    settable = _settable(parser)
+    repeated = {dest: layered.pop(dest) for dest in list(layered) if isinstance(settable[dest], argparse._AppendAction)}
+    parser.set_defaults(**layered)
+    args = parser.parse_args(argv)
+    for dest, value in repeated.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    args.config = config
+    try:
+        _resolve(args, environ)
+    except UsageError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def _resolve(args: argparse.Namespace, environ: dict[str, str]) -> None:
+    """Turn the habits' options into the settings they mean (binds, proxies, log level)."""
+    module, sep, name = args.target.partition(":")
+    if not sep or not module or not name:
+        raise UsageError(f"TARGET must be module:name (e.g. main:app), got {args.target!r}")
+    binds = list(args.bind or [])
+    if args.host is not None or args.port is not None:
+        host = args.host if args.host is not None else DEFAULT_HOST
+        port = args.port if args.port is not None else DEFAULT_PORT
+        binds.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if args.uds:
+        binds.append(f"unix:{args.uds}")
+    if args.fd is not None:
+        binds.append(f"fd://{args.fd}")
+    if not binds:
+        binds = systemd_binds(environ) or [DEFAULT_BIND]
+    for text in binds:
+        _bind(text)
+    args.bind = binds
+    if args.proxy_headers:
+        if args.forwarded_header not in (None, "x-forwarded-for"):
+            raise UsageError("--proxy-headers means --forwarded-header x-forwarded-for; give one of them")
+        args.forwarded_header = "x-forwarded-for"
+    if args.forwarded_allow_ips:
+        args.trusted_proxy = [*(args.trusted_proxy or []), *_split(args.forwarded_allow_ips)]
+    if args.log_level == "trace":
+        args.log_level = "debug"
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def systemd_binds(environ: dict[str, str], pid: int | None = None) -> list[str]:
+    """``fd://N`` for each socket systemd passed this process (``LISTEN_FDS``, ``LISTEN_PID``), else []."""
+    import os
+
+    count, owner = environ.get("LISTEN_FDS"), environ.get("LISTEN_PID")
+    if not count or not count.isdigit() or owner != str(pid if pid is not None else os.getpid()):
+        return []
+    first = 3  # SD_LISTEN_FDS_START
+    return [f"fd://{fd}" for fd in range(first, first + int(count))]
+
+
+# --- --check-config ----------------------------------------------------------------------
+
+_NOT_SHOWN = ("check_config", "host", "port", "uds", "fd", "proxy_headers", "forwarded_allow_ips")
+
+
+def effective_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings in effect, by option name, as ``--check-config`` prints them."""
+    return {name: value for name, value in sorted(vars(args).items()) if name not in _NOT_SHOWN}
+
+
+def format_settings(args: argparse.Namespace, describe: Callable[[Any], str] = repr) -> str:
+    settings = effective_settings(args)
+    width = max(len(name) for name in settings)
+    return "".join(f"{name.replace('_', '-'):<{width}}  {describe(value)}\n" for name, value in settings.items())

@@ -1,0 +1,102 @@
+"""``--reload``: watch the app's files and send the master SIGHUP when one changes.
+
+SIGHUP is the production reload: new workers take over slot by slot, so a client
+keeps its worker slot across the reload, as it would in production. The watcher is
+watchfiles (uvicorn's) when installed, else a poll of modification times once a
+second. It runs on a daemon thread of the master, which never imports the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+__all__ = ["POLL_SECONDS", "WATCHED_SUFFIXES", "Reloader"]
+
+logger = logging.getLogger("sticky_server.reload")
+
+POLL_SECONDS = 1.0
+WATCHED_SUFFIXES = (".py",)
+_SKIPPED_FOLDERS = {".git", "__pycache__", ".venv", "venv", "node_modules", ".mypy_cache", ".ruff_cache"}
+
+
+def _watched(path: Path) -> bool:
+    return path.suffix in WATCHED_SUFFIXES and not _SKIPPED_FOLDERS.intersection(path.parts)
+
+
+class Reloader:
+    """Calls ``on_change(paths)`` (default: SIGHUP to this process) after files under ``folders`` change."""
+
+    def __init__(self, folders: Iterable[str], on_change: Callable[[list[Path]], None] | None = None) -> None:
+        self.folders = [Path(folder).resolve() for folder in folders]
+        self.on_change = on_change or _sighup_self
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sticky-reload", daemon=True)
+
+    def start(self) -> None:
+        try:
+            import watchfiles  # noqa: F401
+        except ImportError:
+            how = f"polling every {POLL_SECONDS:g} s (pip install watchfiles to be told at once)"
+        else:
+            how = "watchfiles"
+        logger.info("reloading the workers when a .py file under %s changes (%s)", _listed(self.folders), how)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(POLL_SECONDS * 2)
+
+    def _run(self) -> None:
+        try:
+            import watchfiles
+        except ImportError:
+            self._poll()
+            return
+        for changes in watchfiles.watch(*self.folders, stop_event=self._stop, watch_filter=self._filter):
+            self._changed(sorted({Path(path) for _, path in changes}))
+
+    def _filter(self, change: object, path: str) -> bool:
+        return _watched(Path(path))
+
+    def _poll(self) -> None:
+        seen = self._snapshot()
+        while not self._stop.wait(POLL_SECONDS):
+            now = self._snapshot()
+            changed = sorted(path for path in now.keys() | seen.keys() if now.get(path) != seen.get(path))
+            seen = now
+            if changed:
+                self._changed(changed)
+
+    def _snapshot(self) -> dict[Path, int]:
+        found: dict[Path, int] = {}
+        for folder in self.folders:
+            for root, folders, files in os.walk(folder):
+                folders[:] = [name for name in folders if name not in _SKIPPED_FOLDERS]
+                for name in files:
+                    path = Path(root, name)
+                    if _watched(path):
+                        try:
+                            found[path] = path.stat().st_mtime_ns
+                        except OSError:
+                            continue  # removed meanwhile
+        return found
+
+    def _changed(self, paths: list[Path]) -> None:
+        logger.info("%s changed: reloading the workers", _listed(paths))
+        self.on_change(paths)
+
+
+def _listed(paths: list[Path]) -> str:
+    names = [str(path) for path in paths[:3]]
+    return ", ".join(names) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+
+def _sighup_self(paths: list[Path]) -> None:
+    time.sleep(0.05)  # an editor that saves in steps: let it finish
+    os.kill(os.getpid(), signal.SIGHUP)
