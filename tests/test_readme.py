@@ -41,3 +41,26 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
     assert test_command in ci_lines
     assert any("example/server.py" in command and "pip install -e ." in command for command in commands)
+
+
+def test_the_version_is_the_same_everywhere() -> None:
+    import sticky_server
+
+    version = sticky_server.__version__
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert re.search(r"^## (\S+)", changelog, re.M).group(1) == version  # type: ignore[union-attr]
+    mentioned = set(re.findall(r"sticky-server (\d+\.\d+\.\d+)", README))
+    assert mentioned == {version}, mentioned
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and 'attr = "sticky_server.__version__"' in pyproject
+
+
+def test_the_readme_lists_every_command_line_option() -> None:
+    from sticky_server.cli import build_parser
+
+    parser = build_parser()
+    documented = set(re.findall(r"`(--?[a-z][a-z0-9-]*)", README))
+    for action in parser._actions:
+        if action.help == "==SUPPRESS==" or not action.option_strings or action.dest == "help":
+            continue
+        assert any(flag in documented for flag in action.option_strings), action.option_strings

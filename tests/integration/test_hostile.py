@@ -114,7 +114,8 @@ def test_an_invalid_message_from_a_worker_kills_that_worker_only(start_app: Star
     address = server.wait_listening()
     first = request(address, source=CLIENT_IPS[0])
 
-    command(address, text)
+    with contextlib.suppress(ConnectionError):  # the master may kill the worker before it answers
+        command(address, text)
     server.wait_for(logged, TIMEOUT)
     server.wait_for(rf"EXIT {first['slot']} -9", TIMEOUT)
     assert server.process.poll() is None
