@@ -37,7 +37,7 @@ import os
 import socket
 from typing import Any
 
-__all__ = ["CLOSE_SWEEP_INTERVAL", "ConnectionRecord", "HandedOffSocket", "client_address", "unmapped"]
+__all__ = ["CLOSE_SWEEP_INTERVAL", "ConnectionRecord", "HandedOffSocket", "ProxiedSocket", "client_address", "unmapped"]
 
 CLOSE_SWEEP_INTERVAL = 0.5
 _MAPPED_PREFIX = "::ffff:"
@@ -59,6 +59,7 @@ class HandedOffSocket(socket.socket):
     kernel. Costs nothing until an address is asked for.
     """
 
+    __slots__ = ()  # no per-connection __dict__
     told_peer: tuple[str, int] | None = None
 
     # Asked once per connection by most servers: the common case (an IPv4 peer, a
@@ -76,8 +77,21 @@ class HandedOffSocket(socket.socket):
 
     def dup(self) -> HandedOffSocket:
         twin = super().dup()
-        twin.told_peer = self.told_peer
+        if self.told_peer is not None:
+            twin = ProxiedSocket.told(twin.detach(), self.family, self.told_peer)
         return twin
+
+
+class ProxiedSocket(HandedOffSocket):
+    """A ``HandedOffSocket`` whose client a PROXY-protocol header named."""
+
+    __slots__ = ("told_peer",)
+
+    @classmethod
+    def told(cls, fd: int, family: int, peer: tuple[str, int]) -> ProxiedSocket:
+        sock = cls(family, socket.SOCK_STREAM, fileno=fd)
+        sock.told_peer = peer
+        return sock
 
 
 def _identity(fd: int) -> tuple[int, int] | None:

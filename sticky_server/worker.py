@@ -57,7 +57,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from . import channel as channel_codec
 from .channel import MAX_QUEUED_MESSAGE_BYTES
-from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket
+from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedSocket
 from .errors import ProtocolError
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
@@ -512,9 +512,11 @@ class WorkerRuntime:
             # Every hand-off is a stream socket: naming the type spares a getsockopt. The
             # family and the protocol come from the socket (asyncio, for one, looks at
             # proto before it turns Nagle off).
-            sock = HandedOffSocket(type=socket.SOCK_STREAM, fileno=fd)
             if address is not None and self._peer_from_proxy:
+                sock: HandedOffSocket = ProxiedSocket(type=socket.SOCK_STREAM, fileno=fd)
                 sock.told_peer = address
+            else:
+                sock = HandedOffSocket(type=socket.SOCK_STREAM, fileno=fd)
             if sock.proto == _IPPROTO_TCP:
                 # As every Python web server does: without it, a response written in two
                 # pieces waits for the client's delayed ACK (40 ms on Linux).

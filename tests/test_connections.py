@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from sticky_server.connections import ConnectionRecord, HandedOffSocket, unmapped
+from sticky_server.connections import ConnectionRecord, HandedOffSocket, ProxiedSocket, unmapped
 
 
 def test_the_sweep_counts_closed_and_reused_descriptors() -> None:
@@ -69,12 +69,16 @@ def test_a_handed_off_socket_reports_ipv4_clients_of_a_dual_stack_listener_unmap
 def test_a_handed_off_socket_reports_the_client_a_proxy_named_and_keeps_it_across_dup() -> None:
     left, right = socket.socketpair()
     with left, right:
-        sock = HandedOffSocket(family=left.family, type=socket.SOCK_STREAM, fileno=left.detach())
-        sock.told_peer = ("203.0.113.9", 41000)
+        sock = ProxiedSocket.told(left.detach(), left.family, ("203.0.113.9", 41000))
         with sock, sock.dup() as twin:
             assert sock.getpeername() == ("203.0.113.9", 41000)
-            assert isinstance(twin, HandedOffSocket)
+            assert isinstance(twin, ProxiedSocket)
             assert twin.getpeername() == ("203.0.113.9", 41000)
+        plain = HandedOffSocket(family=right.family, type=socket.SOCK_STREAM, fileno=right.detach())
+        with plain:
+            assert not hasattr(plain, "__dict__")  # nothing per connection beyond the socket itself
+            with pytest.raises(AttributeError):
+                plain.told_peer = ("203.0.113.9", 1)
 
 
 def test_unmapped_leaves_other_addresses_alone() -> None:
