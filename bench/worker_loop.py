@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from connections import answer  # the trivial job of every server in bench/connections.py
 
-from sticky_server.wire import FrameKind, encode, pack_ids
+from sticky_server.frames import FrameKind, encode, pack_ids
 from sticky_server.worker import WorkerChannel, WorkerRuntime
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"

@@ -8,7 +8,7 @@ valid message, from a worker (not UTF-8 JSON, NaN, an integer past Python's digi
 limit, nesting too deep, over ``max_message_size``), are a protocol error: the master
 kills and replaces that worker.
 
-Envelopes (the payload of the frames in ``wire``):
+Envelopes (the payload of the frames in ``frames``):
   SEND     worker -> master   the JSON text
   PUBLISH  worker -> master   u8 include-sender flag, then the JSON text; the
                               master checks it and relays the text unchanged

@@ -92,28 +92,27 @@ from .balancer import PICK_TIME_LIMIT, Balancer, ClientInfo, IPHashBalancer, Wor
 from .channel import DEFAULT_MAX_MESSAGE_SIZE, MAX_QUEUED_MESSAGE_BYTES, sender_prefix, unpack_publish
 from .channel import decode as decode_message
 from .errors import ProtocolError, WorkerBootError
-from .intake import ClientAddressSettings, Intake
-from .listener import format_address
-from .signals import SignalQueue
-from .slices import SLICE_SECONDS, run_for
-from .supervisor import MAX_BOOT_FAILURES, Supervisor, WorkerProcess, describe_exit
-from .throttle import ThrottledLog
-from .waker import Waker
-from .wire import (
+from .frames import (
     MAX_FDS_PER_FRAME,
     WORKER_SENDS,
     Frame,
     FrameKind,
-    FrameReader,
-    Outbox,
     encode_joined,
     pack_addressed,
     pack_ids,
-    read_back,
     unpack_addressed,
     unpack_ids,
-    unread_bytes,
 )
+from .intake import ClientAddressSettings, Intake
+from .listener import format_address
+from .outbox import Outbox
+from .process import WorkerProcess, describe_exit
+from .signals import SignalQueue
+from .slices import SLICE_SECONDS, run_for
+from .supervisor import MAX_BOOT_FAILURES, Supervisor
+from .throttle import ThrottledLog
+from .waker import Waker
+from .wire import FrameReader, read_back, unread_bytes
 
 __all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_QUEUED", "Dispatcher", "Hooks", "StopMode"]
 

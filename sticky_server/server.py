@@ -25,12 +25,12 @@ from .balancer import Balancer, balancer_from
 from .channel import DEFAULT_MAX_MESSAGE_SIZE
 from .environment import worker_identity
 from .errors import WrongProcessError
+from .frames import MAX_PAYLOAD, FrameKind
 from .intake import ClientAddressSettings
 from .listener import DEFAULT_BACKLOG, Bind, open_bind, parse_bind, validate_port
 from .master import Dispatcher, Hooks
 from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from .supervisor import Supervisor
-from .wire import MAX_PAYLOAD, FrameKind
 from .worker import ConnectionHandler, WorkerChannel, WorkerRuntime, check_worker, exit_on_boot_failure
 
 __all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "current_server", "group_id", "user_id"]

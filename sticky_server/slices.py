@@ -24,7 +24,7 @@ _Item_co = TypeVar("_Item_co", covariant=True)
 
 
 class _Queue(Protocol[_Item_co]):
-    """What ``run_for`` takes from: a ``collections.deque``, or ``wire.DropOldestQueue``."""
+    """What ``run_for`` takes from: a ``collections.deque``, or ``outbox.DropOldestQueue``."""
 
     def __len__(self) -> int: ...
 

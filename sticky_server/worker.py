@@ -59,20 +59,13 @@ from . import channel as channel_codec
 from .channel import MAX_QUEUED_MESSAGE_BYTES
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedSocket
 from .errors import ProtocolError
+from .frames import LOST_FD, MASTER_SENDS, Frame, FrameKind, unpack_addressed
+from .outbox import DropOldestQueue, Outbox
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
 from .throttle import ThrottledLog
 from .waker import Waker
-from .wire import (
-    LOST_FD,
-    MASTER_SENDS,
-    DropOldestQueue,
-    Frame,
-    FrameKind,
-    FrameReader,
-    Outbox,
-    unpack_addressed,
-)
+from .wire import FrameReader
 
 __all__ = [
     "EXIT_BOOT_FAILURE",
@@ -104,7 +97,7 @@ _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
 _HANDOFF = FrameKind.HANDOFF
-_ID_BYTES = 8  # one packed connection id (wire.pack_ids)
+_ID_BYTES = 8  # one packed connection id (frames.pack_ids)
 # A socket accepted from a non-blocking listener inherits O_NONBLOCK on macOS and the
 # BSDs, not on Linux (accept4 without SOCK_NONBLOCK); the master keeps it blocking there.
 _HANDOFFS_MAY_BE_NONBLOCKING = not sys.platform.startswith("linux")

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,19 +13,12 @@ import pytest
 from sticky_server import AsyncWorker, Worker
 from sticky_server.async_worker import AsyncWorkerRuntime, is_async_worker
 from sticky_server.channel import pack_delivery
-from sticky_server.wire import FrameKind, pack_ids
+from sticky_server.frames import FrameKind, pack_ids
 from sticky_server.worker import WorkerChannel, WorkerRuntime
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
 
 TIMEOUT = 10.0
-
-
-@pytest.fixture
-def master() -> Iterator[Master]:
-    control = Master()
-    yield control
-    control.close()
 
 
 class Recorder(AsyncWorker):

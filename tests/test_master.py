@@ -21,10 +21,13 @@ from pytest_mock import MockerFixture
 from sticky_server import master as master_module
 from sticky_server.balancer import ClientInfo, IPHashBalancer
 from sticky_server.channel import encode, pack_publish, unpack_delivery
+from sticky_server.frames import MASTER_SENDS, FrameKind, pack_ids
+from sticky_server.frames import encode as encode_frame
 from sticky_server.master import Dispatcher
-from sticky_server.supervisor import Supervisor, WorkerProcess
-from sticky_server.wire import MASTER_SENDS, FrameKind, FrameReader, Outbox, pack_ids
-from sticky_server.wire import encode as encode_frame
+from sticky_server.outbox import Outbox
+from sticky_server.process import WorkerProcess
+from sticky_server.supervisor import Supervisor
+from sticky_server.wire import FrameReader
 
 WORKERS = 2
 

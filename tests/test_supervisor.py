@@ -12,17 +12,8 @@ from unittest.mock import Mock
 import pytest
 from pytest_mock import MockerFixture
 
-from sticky_server.supervisor import (
-    BACKOFF_FIRST,
-    BACKOFF_MAX,
-    MAX_BOOT_FAILURES,
-    RestartPolicy,
-    Supervisor,
-    WorkerProcess,
-    describe_exit,
-    describe_spawn_error,
-    entry_command,
-)
+from sticky_server.process import WorkerProcess, describe_exit, describe_spawn_error, entry_command
+from sticky_server.supervisor import BACKOFF_FIRST, BACKOFF_MAX, MAX_BOOT_FAILURES, RestartPolicy, Supervisor
 
 
 class FakeClock:

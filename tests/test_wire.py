@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sticky_server.errors import ProtocolError
-from sticky_server.wire import (
+from sticky_server.frames import (
     HEADER,
     LOST_FD,
     MASTER_SENDS,
@@ -24,16 +24,14 @@ from sticky_server.wire import (
     WORKER_SENDS,
     Frame,
     FrameKind,
-    FrameReader,
-    Outbox,
     encode,
     pack_addressed,
     pack_ids,
-    read_back,
     unpack_addressed,
     unpack_ids,
-    unread_bytes,
 )
+from sticky_server.outbox import Outbox
+from sticky_server.wire import FrameReader, read_back, unread_bytes
 
 
 @pytest.fixture

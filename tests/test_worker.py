@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 from pytest_mock import MockerFixture
@@ -16,7 +15,9 @@ from pytest_mock import MockerFixture
 from sticky_server import Worker
 from sticky_server.async_worker import AsyncWorkerRuntime
 from sticky_server.channel import pack_delivery
-from sticky_server.wire import WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox, pack_ids
+from sticky_server.frames import WORKER_SENDS, Frame, FrameKind, pack_ids
+from sticky_server.outbox import Outbox
+from sticky_server.wire import FrameReader
 from sticky_server.worker import EARLY_FLUSH_BYTES, ORPHAN_EXIT_SECONDS, WorkerChannel, WorkerRuntime, check_worker
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
@@ -36,13 +37,6 @@ class Recorder(Worker):
 
     def stop(self) -> None:
         self.stopped.set()
-
-
-@pytest.fixture
-def master() -> Iterator[Master]:
-    control = Master()
-    yield control
-    control.close()
 
 
 def start(runtime: WorkerRuntime) -> threading.Thread:

@@ -8,7 +8,9 @@ import socket
 import threading
 from collections.abc import Callable
 
-from sticky_server.wire import WORKER_SENDS, Frame, FrameKind, FrameReader, Outbox
+from sticky_server.frames import WORKER_SENDS, Frame, FrameKind
+from sticky_server.outbox import Outbox
+from sticky_server.wire import FrameReader
 
 
 class Master:

@@ -35,33 +35,11 @@ from ..server import StickyServer, current_server
 __all__ = ["StickyManager", "SyncStickyManager"]
 
 
-def _own_server(sticky: StickyServer | None) -> StickyServer:
-    if sticky is not None and sticky is not StickyServer._current:
-        raise ValueError(
-            "this StickyServer is not the one this process runs (the sticky-server command made its own): "
-            "leave the argument out to use that one (sticky_server.current_server())"
-        )
-    if sticky is not None and sticky.is_master:
-        raise ValueError("a sticky client manager belongs in the workers (the branch that calls sticky.work())")
-    return sticky or current_server()
-
-
-def _check_server_kind(server: Any, manager_is_asyncio: bool) -> None:
-    if server.is_asyncio_based() == manager_is_asyncio:
-        return
-    if manager_is_asyncio:
-        raise TypeError(
-            "StickyManager is for socketio.AsyncServer; socketio.Server and Flask-SocketIO need SyncStickyManager"
-        )
-    raise TypeError(
-        "SyncStickyManager is for socketio.Server and Flask-SocketIO; socketio.AsyncServer needs StickyManager"
-    )
-
-
-class StickyManager(AsyncPubSubManager):  # type: ignore[misc]
-    """``socketio.AsyncPubSubManager`` over the master/worker channel of ``sticky`` (default: this process's)."""
+class _OverTheChannel:
+    """What both managers share: the server they use, and the server kind they serve."""
 
     name = "sticky_server"
+    asyncio_based: bool  # which python-socketio server this manager is for
 
     def __init__(
         self,
@@ -70,16 +48,41 @@ class StickyManager(AsyncPubSubManager):  # type: ignore[misc]
         write_only: bool = False,
         logger: logging.Logger | None = None,
     ) -> None:
-        self.sticky = _own_server(sticky)
-        super().__init__(channel=channel, write_only=write_only, logger=logger)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[Any] | None = None
-        if not self.sticky.is_master:  # (the command's master imports the app, and never serves it)
+        if sticky is not None and sticky is not StickyServer._current:
+            raise ValueError(
+                "this StickyServer is not the one this process runs (the sticky-server command made its own): "
+                "leave the argument out to use that one (sticky_server.current_server())"
+            )
+        if sticky is not None and sticky.is_master:
+            raise ValueError("a sticky client manager belongs in the workers (the branch that calls sticky.work())")
+        self.sticky = sticky or current_server()
+        super().__init__(channel=channel, write_only=write_only, logger=logger)  # type: ignore[call-arg]
+        if not self.sticky.is_master:  # (the command's master with --preload imports the app, and never serves it)
             self.sticky.on_message(self._on_channel_message)
 
     def set_server(self, server: Any) -> None:
-        _check_server_kind(server, manager_is_asyncio=True)
-        super().set_server(server)
+        if server.is_asyncio_based() != self.asyncio_based:
+            raise TypeError(
+                "StickyManager is for socketio.AsyncServer; socketio.Server and Flask-SocketIO need SyncStickyManager"
+                if self.asyncio_based
+                else "SyncStickyManager is for socketio.Server and Flask-SocketIO; socketio.AsyncServer needs "
+                "StickyManager"
+            )
+        super().set_server(server)  # type: ignore[misc]
+
+    def _on_channel_message(self, sender: int | None, message: Any) -> None:
+        raise NotImplementedError
+
+    def _envelope(self, data: Any) -> dict[str, Any]:
+        return {"socketio": self.channel, "data": data}  # type: ignore[attr-defined]
+
+
+class StickyManager(_OverTheChannel, AsyncPubSubManager):  # type: ignore[misc]
+    """``socketio.AsyncPubSubManager`` over the master/worker channel of ``sticky`` (default: this process's)."""
+
+    asyncio_based = True
+    _loop: asyncio.AbstractEventLoop | None = None
+    _queue: asyncio.Queue[Any] | None = None
 
     def initialize(self) -> None:
         # python-socketio calls this on its event loop, before the first client.
@@ -95,7 +98,7 @@ class StickyManager(AsyncPubSubManager):  # type: ignore[misc]
             self._loop.call_soon_threadsafe(self._queue.put_nowait, message["data"])
 
     async def _publish(self, data: Any) -> None:
-        self.sticky.publish({"socketio": self.channel, "data": data}, include_self=True)
+        self.sticky.publish(self._envelope(data), include_self=True)
 
     async def _listen(self) -> AsyncIterator[Any]:
         assert self._queue is not None
@@ -103,38 +106,25 @@ class StickyManager(AsyncPubSubManager):  # type: ignore[misc]
             yield await self._queue.get()
 
 
-class SyncStickyManager(PubSubManager):  # type: ignore[misc]
+class SyncStickyManager(_OverTheChannel, PubSubManager):  # type: ignore[misc]
     """``socketio.PubSubManager`` over the sticky channel, for ``socketio.Server`` and Flask-SocketIO.
 
     For the threading async mode (``adapters.wsgi.WSGIWorker``): messages from the
     channel are queued for python-socketio's listening thread.
     """
 
-    name = "sticky_server"
+    asyncio_based = False
 
-    def __init__(
-        self,
-        sticky: StickyServer | None = None,
-        channel: str = "socketio",
-        write_only: bool = False,
-        logger: logging.Logger | None = None,
-    ) -> None:
-        self.sticky = _own_server(sticky)
-        super().__init__(channel=channel, write_only=write_only, logger=logger)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        if not self.sticky.is_master:
-            self.sticky.on_message(self._on_channel_message)
-
-    def set_server(self, server: Any) -> None:
-        _check_server_kind(server, manager_is_asyncio=False)
-        super().set_server(server)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # before messages can arrive
+        super().__init__(*args, **kwargs)
 
     def _on_channel_message(self, sender: int | None, message: Any) -> None:
         if isinstance(message, dict) and message.get("socketio") == self.channel:
             self._queue.put(message["data"])
 
     def _publish(self, data: Any) -> None:
-        self.sticky.publish({"socketio": self.channel, "data": data}, include_self=True)
+        self.sticky.publish(self._envelope(data), include_self=True)
 
     def _listen(self) -> Iterator[Any]:
         while True:

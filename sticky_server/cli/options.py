@@ -108,18 +108,19 @@ class UsageError(Exception):
     """A mistake in the command line, the config file or the environment: reported as argparse does, exit 2."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
+def _at_least(minimum: int, name: str) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(text)
+        return value
+
+    convert.__name__ = name  # what argparse says is invalid
+    return convert
 
 
-def _whole(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
+_positive_int = _at_least(1, "positive whole number")
+_whole = _at_least(0, "whole number")
 
 
 def _seconds(text: str) -> float:
@@ -144,8 +145,6 @@ def _header(text: str) -> list[str]:
     return [name.strip(), value.strip()]
 
 
-_positive_int.__name__ = "positive whole number"
-_whole.__name__ = "whole number"
 _seconds.__name__ = "number of seconds"
 
 

@@ -18,19 +18,12 @@ from typing import Any
 from sticky_server.balancer import IPHashBalancer, address_key
 
 from .conftest import StartApp
-from .harness import CLIENT_IPS, HERE, ServerProcess, children_of, wait_until
+from .harness import CLIENT_IPS, HERE, ServerProcess, children_of, free_port, wait_until
 
 TIMEOUT = 15.0
 CLI = [sys.executable, "-m", "sticky_server"]
 # The master says where it listens once every worker is ready.
 LISTENING = r"listening on (.+) with (\d+) workers \(master pid (\d+)\)"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sticky_server.wire import HEADER, FrameKind
+from sticky_server.frames import HEADER, FrameKind
 
 from .conftest import StartApp
 from .harness import (
@@ -35,6 +35,7 @@ from .harness import (
     SIGNATURE,
     ServerProcess,
     exchange,
+    free_port,
     open_fds,
     proxy_v1,
     proxy_v2,
@@ -268,14 +269,15 @@ def test_proxy_headers_in_one_byte_segments_all_arrive(start_app: StartApp) -> N
 # --- 6. the metrics port costs the master a bounded number of threads and nothing else -----------
 
 
-def test_idle_metrics_connections_never_hold_up_the_server(start_app: StartApp, free_port: int) -> None:
-    server = start_app(command=[*CLI, "--metrics", f"127.0.0.1:{free_port}"], cwd=HERE)
+def test_idle_metrics_connections_never_hold_up_the_server(start_app: StartApp) -> None:
+    port = free_port()
+    server = start_app(command=[*CLI, "--metrics", f"127.0.0.1:{port}"], cwd=HERE)
     address = ("127.0.0.1", int(server.wait_for(LISTENING, TIMEOUT).group(1)))
     threads_before = len(os.listdir(f"/proc/{server.process.pid}/task"))
     idle = []
     for _ in range(192):
         with contextlib.suppress(OSError):
-            idle.append(socket.create_connection(("127.0.0.1", free_port), timeout=TIMEOUT))
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))
     try:
         began = time.monotonic()
         for ip in CLIENT_IPS[:10]:
@@ -287,8 +289,8 @@ def test_idle_metrics_connections_never_hold_up_the_server(start_app: StartApp, 
         for sock in idle:
             sock.close()
     # The idle ones went, so scrapes are answered, HEAD too (no body).
-    assert wait_until(lambda: _scrape(free_port, "HEAD") == b"", 10.0)
-    text = (_scrape(free_port, "GET") or b"").decode()
+    assert wait_until(lambda: _scrape(port, "HEAD") == b"", 10.0)
+    text = (_scrape(port, "GET") or b"").decode()
     for name in ("process_open_fds", "process_resident_memory_bytes", "process_start_time_seconds"):
         assert f"\n{name} " in text
     assert "handoff_rate" not in text
@@ -306,14 +308,6 @@ def _scrape(port: int, method: str) -> bytes | None:
         return None
     head, _, body = data.partition(b"\r\n\r\n")
     return body if head.startswith(b"HTTP/1.0 200") else None
-
-
-@pytest.fixture
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- settle: workers are non-dumpable; a graceful stop serves the backlog; resized worker counts ----

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import StartApp
-from .harness import CLIENT_IPS, HERE, stop_process, wait_until
+from .harness import CLIENT_IPS, HERE, free_port, stop_process, wait_until
 from .socketio_clients import SHOUTS, chat
 
 pytest.importorskip("socketio")
@@ -54,13 +54,6 @@ backend machines
     server machine_a 127.0.0.1:{port_a} send-proxy
     server machine_b 127.0.0.1:{port_b} send-proxy
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def listening(port: int) -> bool:
