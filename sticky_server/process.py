@@ -30,10 +30,11 @@ __all__ = ["WorkerProcess", "describe_exit", "describe_spawn_error", "entry_comm
 
 @dataclass(eq=False)
 class WorkerProcess:
-    """One running worker process and the master's end of its control socket (owned here).
+    """One running worker process and the master's ends of its control socketpair.
 
-    ``worker_end`` is the master's copy of the worker's end, never read while the
-    worker lives; the master closes it once it has read back what the worker left.
+    The master closes both: ``control`` when it lets go of the worker's link, and
+    ``worker_end`` (its copy of the worker's end, never read while the worker lives)
+    once it has read back what the worker left there.
     """
 
     slot: int

@@ -1,0 +1,37 @@
+"""What the hot path's shortcuts assume, pinned: if one of these fails, the shortcut beside it is wrong now.
+
+- the master builds ``ClientInfo`` with ``tuple.__new__`` (its NamedTuple ``__new__`` is Python code);
+- ``wire.FrameReader`` builds ``Frame`` the same way;
+- the master accepts with ``socket._accept()`` (a raw descriptor and address, no socket object).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from sticky_server.balancer import ClientInfo
+from sticky_server.frames import Frame, FrameKind
+
+
+def test_client_info_is_the_four_field_tuple_the_master_builds() -> None:
+    assert ClientInfo._fields == ("host", "port", "proxy", "local")
+    built = tuple.__new__(ClientInfo, ("10.0.0.1", 5000, None, ("0.0.0.0", 80)))
+    assert built == ClientInfo("10.0.0.1", 5000, None, ("0.0.0.0", 80))
+    assert (built.host, built.port, built.proxy, built.local) == ("10.0.0.1", 5000, None, ("0.0.0.0", 80))
+
+
+def test_frame_is_the_three_field_tuple_the_reader_builds() -> None:
+    assert Frame._fields == ("kind", "payload", "fds")
+    built = tuple.__new__(Frame, (FrameKind.PING, b"", ()))
+    assert built == Frame(FrameKind.PING, b"", ()) and built.kind is FrameKind.PING
+
+
+def test_socket_accept_gives_a_raw_descriptor_and_the_address() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        fd, address = listener._accept()  # type: ignore[attr-defined]
+        try:
+            assert isinstance(fd, int) and address == client.getsockname()
+        finally:
+            socket.socket(fileno=fd).close()
+            client.close()
