@@ -239,9 +239,9 @@ def _receive_buffer() -> bytearray:
     """This thread's buffer for ``recvmsg_into``.
 
     ``recvmsg(RECV_BYTES)`` would allocate a fresh RECV_BYTES object per call, which
-    the allocator maps, shrinks and unmaps each time: measured as a tenth of the
-    master's CPU under a connection load. Readers on one thread never read at once,
-    so they share one buffer (``feed`` copies out what it keeps).
+    the allocator maps, shrinks and unmaps each time, a real cost in the master's
+    loop under a connection load. Readers on one thread never read at once, so they
+    share one buffer (``feed`` copies out what it keeps).
     """
     buffer: bytearray | None = getattr(_receive_buffers, "buffer", None)
     if buffer is None:
