@@ -79,7 +79,6 @@ import random
 import selectors
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -93,26 +92,20 @@ from .channel import DEFAULT_MAX_MESSAGE_SIZE, MAX_QUEUED_MESSAGE_BYTES, sender_
 from .channel import decode as decode_message
 from .errors import ProtocolError, WorkerBootError
 from .frames import (
-    MAX_FDS_PER_FRAME,
-    WORKER_SENDS,
     Frame,
     FrameKind,
     encode_joined,
-    pack_addressed,
-    pack_ids,
-    unpack_addressed,
-    unpack_ids,
 )
 from .intake import ClientAddressSettings, Intake
+from .link import MAX_QUEUED, Link, descriptor_headroom, owed_in
 from .listener import format_address
-from .outbox import Outbox
 from .process import WorkerProcess, describe_exit
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
 from .supervisor import MAX_BOOT_FAILURES, Supervisor
 from .throttle import ThrottledLog
 from .waker import Waker
-from .wire import FrameReader, read_back, unread_bytes
+from .wire import read_back
 
 __all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_QUEUED", "Dispatcher", "Hooks", "StopMode"]
 
@@ -122,7 +115,6 @@ ACCEPT_BURST = 64
 ACCEPT_BACKOFF = 0.1
 # Running out of descriptors is logged at most once per this many seconds.
 ACCEPT_ERROR_LOG_INTERVAL = 10.0
-MAX_QUEUED = 1024
 # How often the master looks whether a full worker has caught up (it says nothing when it reads).
 FULL_CHECK_INTERVAL = 0.05
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -150,17 +142,6 @@ MAX_STOP_DRAIN = 65536
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
 _COUNT_BYTES = 4  # the u32 payload of READY, CLOSED and NO_ROOM
-
-
-def descriptor_headroom(limit: int) -> int | None:
-    """Rule 6: the live connections a worker with descriptor limit ``limit`` may hold (None: no ceiling).
-
-    The rest is left for what the worker's own code opens (files, outgoing
-    connections, its event loop): an eighth of the limit, at least 32.
-    """
-    if limit <= 0:
-        return None
-    return max(1, limit - max(32, limit // 8))
 
 
 def _count(frame: Frame) -> int:
@@ -205,31 +186,6 @@ class StopMode(enum.Enum):
     KILL = "kill"
 
 
-@dataclass(eq=False, slots=True)
-class _Link:
-    """The master's view of one worker process: its socket traffic and the connections it owes."""
-
-    worker: WorkerProcess
-    last_heard: float
-    recycle_after: int | None = None
-    reader: FrameReader = field(default_factory=lambda: FrameReader(WORKER_SENDS))
-    outbox: Outbox = field(default_factory=Outbox)
-    # (id, descriptor, client) routed here during this accept burst, not yet in a frame.
-    pending: list[tuple[int, int, ClientInfo]] = field(default_factory=list)
-    # frames read from the worker and not yet handled (see Dispatcher._handle_frames).
-    unhandled: deque[Frame] = field(default_factory=deque)
-    taken: int = 0
-    live: int = 0  # routed here and not yet reported closed (for WorkerSet.connections)
-    max_live: int | None = None  # rule 6: at this many live connections the worker has no room
-    descriptor_limit: int = 0  # as the worker told it (0: none known)
-    connected: bool = True
-    no_room: bool = False
-    full: bool = False
-    writing: bool = False
-    hung: bool = False
-    recycling: bool = False
-
-
 class _LiveCounts(Sequence[int]):
     """``WorkerSet.connections``: the live connections of each slot's current worker, read from its link.
 
@@ -237,7 +193,7 @@ class _LiveCounts(Sequence[int]):
     (no longer current) does not count, and a slot without a worker counts 0.
     """
 
-    def __init__(self, links: dict[int, _Link], supervisor: Supervisor) -> None:
+    def __init__(self, links: dict[int, Link], supervisor: Supervisor) -> None:
         self._links = links
         self._supervisor = supervisor
 
@@ -320,15 +276,15 @@ class Dispatcher:
             FAULT_LOG_INTERVAL,
         )
         self._selector = selectors.DefaultSelector()
-        self._links: dict[int, _Link] = {}  # the current worker of each slot
-        self._incoming: dict[int, _Link] = {}  # replacements that are starting
-        self._by_worker: dict[WorkerProcess, _Link] = {}  # every live link
+        self._links: dict[int, Link] = {}  # the current worker of each slot
+        self._incoming: dict[int, Link] = {}  # replacements that are starting
+        self._by_worker: dict[WorkerProcess, Link] = {}  # every live link
         self._replace_queue: deque[int] = deque()
         self._connections = _LiveCounts(self._links, supervisor)
         self._workers = WorkerSet(supervisor.size, (), self._connections)
         self._alive: frozenset[int] = frozenset()
-        self._touched: set[_Link] = set()
-        self._busy: dict[_Link, None] = {}  # links with unhandled frames, in order
+        self._touched: set[Link] = set()
+        self._busy: dict[Link, None] = {}  # links with unhandled frames, in order
         self._parked: deque[tuple[int, int, ClientInfo]] = deque()
         self._next_id = 0
         self._created_at = time.monotonic()
@@ -347,7 +303,7 @@ class Dispatcher:
             Intake(self._selector, client_addresses, self._route, self._connection_failed) if client_addresses else None
         )
         self._stops_wait_for_intake = False
-        self._frame_handlers: dict[FrameKind, Callable[[_Link, Frame], None]] = {
+        self._frame_handlers: dict[FrameKind, Callable[[Link, Frame], None]] = {
             FrameKind.READY: self._on_ready_frame,
             FrameKind.PONG: lambda link, frame: None,  # any frame counts as a heartbeat
             FrameKind.SEND: self._on_send,
@@ -508,11 +464,11 @@ class Dispatcher:
         if body_size > self._max_message_size:
             raise ProtocolError(f"a message of {body_size} bytes (max_message_size is {self._max_message_size})")
 
-    def _on_send(self, link: _Link, frame: Frame) -> None:
+    def _on_send(self, link: Link, frame: Frame) -> None:
         self._check_message_size(len(frame.payload))
         _run_hooks(self._hooks.message, link.worker.slot, decode_message(frame.payload))
 
-    def _on_publish(self, link: _Link, frame: Frame) -> None:
+    def _on_publish(self, link: Link, frame: Frame) -> None:
         self._check_message_size(len(frame.payload) - 1)
         include_sender, body = unpack_publish(frame.payload)
         slot = link.worker.slot
@@ -582,31 +538,30 @@ class Dispatcher:
             self._update_accepting()
             return
         link = self._links[slot]
-        link.pending.append((conn_id, fd, client))
-        link.live += 1
+        link.owe((conn_id, fd, client))
         self._touched.add(link)
-        if link.max_live is not None and link.live >= link.max_live and not link.no_room:
+        if link.at_ceiling() and not link.no_room:
             self._out_of_room(link)
-        if self._unread(link) >= MAX_QUEUED and self._unread(link, ask_kernel=True) >= MAX_QUEUED:
+        if link.unread() >= MAX_QUEUED and link.unread(ask_kernel=True) >= MAX_QUEUED:
             link.full = True
             if self._next_full_check is None:
                 self._next_full_check = time.monotonic() + FULL_CHECK_INTERVAL
             logger.warning(
                 "worker %d has %d connections it has not taken yet; routing its clients elsewhere until it catches up",
                 slot,
-                self._unread(link),
+                link.unread(),
             )
             self._workers_changed()
 
-    def _out_of_room(self, link: _Link) -> None:
+    def _out_of_room(self, link: Link) -> None:
         """Rule 6: ``link``'s worker is at its descriptor ceiling; route its clients elsewhere until some close."""
         link.no_room = True
         self._no_room_log.note(1, link.worker.slot, link.live, link.descriptor_limit)
         self._workers_changed()
 
-    def _room_again(self, link: _Link) -> None:
+    def _room_again(self, link: Link) -> None:
         """Rule 6: back in the alive set once a tenth of its ceiling has closed."""
-        if link.max_live is not None and link.live <= link.max_live - max(1, link.max_live // 10):
+        if link.has_room_again():
             link.no_room = False
             self._workers_changed()
 
@@ -654,11 +609,7 @@ class Dispatcher:
 
     def _workers_changed(self) -> None:
         """Recompute the alive set after any change of links; re-route parked connections."""
-        alive = tuple(
-            slot
-            for slot, link in sorted(self._links.items())
-            if link.connected and not link.full and not link.no_room and not link.hung and not link.worker.stopping
-        )
+        alive = tuple(slot for slot, link in sorted(self._links.items()) if link.takes_connections)
         size = self._supervisor.size
         if alive != self._workers.alive or size != self._workers.size:
             self._workers = WorkerSet(size, alive, self._connections)
@@ -762,14 +713,14 @@ class Dispatcher:
             if jitter is None:
                 jitter = int(self._max_connections * RECYCLE_JITTER)
             recycle_after = self._max_connections + random.randint(0, jitter)
-        link = _Link(worker, last_heard=time.monotonic(), recycle_after=recycle_after)
+        link = Link(worker, last_heard=time.monotonic(), recycle_after=recycle_after)
         self._by_worker[worker] = link
         (self._incoming if incoming else self._links)[worker.slot] = link
         self._selector.register(worker.control, selectors.EVENT_READ, functools.partial(self._on_control, link))
         if self._stopping:
             self._send_stop(link)
 
-    def _on_control(self, link: _Link, mask: int) -> None:
+    def _on_control(self, link: Link, mask: int) -> None:
         # One select() batch can hold an event for a link an earlier callback closed.
         if not link.connected:
             return
@@ -778,7 +729,7 @@ class Dispatcher:
         if link.connected and mask & selectors.EVENT_WRITE:
             self._flush_link(link)
 
-    def _read_link(self, link: _Link, seconds: float | None = SLICE_SECONDS) -> bool:
+    def _read_link(self, link: Link, seconds: float | None = SLICE_SECONDS) -> bool:
         """Handle the worker's frames for about ``seconds`` (None: all), reading more once none wait.
 
         Returns True if it found something to do and the link is still open.
@@ -810,12 +761,12 @@ class Dispatcher:
             return False
         return True
 
-    def _kill_for_fault(self, link: _Link) -> None:
+    def _kill_for_fault(self, link: Link) -> None:
         """A worker whose frames cannot be handled is killed; reaping replaces it (error handling)."""
         link.worker.process.kill()
         self._disconnect(link)
 
-    def _handle_frames(self, link: _Link, seconds: float | None) -> None:
+    def _handle_frames(self, link: Link, seconds: float | None) -> None:
         """Handle read frames in order for about ``seconds`` (None: all); a link left with some is busy.
 
         A worker can send thousands of small messages in one read. Handled a
@@ -831,27 +782,18 @@ class Dispatcher:
             else:
                 self._busy.pop(link, None)
 
-    def _count_sent(self, link: _Link) -> None:
+    def _count_sent(self, link: Link) -> None:
         """Account for the hand-offs the last flush sent (rule 1: they are the worker's now)."""
-        outbox = link.outbox
-        sent = outbox.sent_fds - link.taken
+        sent = link.count_sent()
         if sent:
-            link.taken += sent
             slot = link.worker.slot
             self._handed_off[slot] = self._handed_off.get(slot, 0) + sent
             if link.recycle_after is not None and link.taken >= link.recycle_after and not link.recycling:
                 link.recycling = True
                 self._replace(slot, f"it took {link.taken} connections (max_connections_per_worker)")
-        if link.full and self._unread(link) <= MAX_QUEUED // 2:
+        if link.full and link.unread() <= MAX_QUEUED // 2:
             link.full = False
             self._workers_changed()
-
-    def _unread(self, link: _Link, ask_kernel: bool = False) -> int:
-        """Connections routed to ``link`` that its worker has not read, at most (exactly just after ``ask_kernel``)."""
-        outbox = link.outbox
-        if ask_kernel and link.worker.worker_end is not None and outbox.sent_hand_offs:
-            outbox.forget_read(unread_bytes(link.worker.worker_end))
-        return len(link.pending) + outbox.queued_fds + outbox.unconfirmed_fds
 
     def _check_full(self, now: float) -> bool:
         """Rule 3: put full workers that have caught up back in the alive set; True if one was."""
@@ -859,7 +801,7 @@ class Dispatcher:
         still_full = False
         for link in list(self._by_worker.values()):
             if link.full and link.connected:
-                if self._unread(link, ask_kernel=True) <= MAX_QUEUED // 2:
+                if link.unread(ask_kernel=True) <= MAX_QUEUED // 2:
                     link.full = False
                     changed = True
                 else:
@@ -867,31 +809,30 @@ class Dispatcher:
         self._next_full_check = now + FULL_CHECK_INTERVAL if still_full else None
         return changed
 
-    def _on_closed(self, link: _Link, frame: Frame) -> None:
+    def _on_closed(self, link: Link, frame: Frame) -> None:
         self._forget_closed(link, _count(frame))
 
-    def _forget_closed(self, link: _Link, count: int) -> None:
-        count = min(count, link.live)
-        link.live -= count
+    def _forget_closed(self, link: Link, count: int) -> None:
+        count = link.closed(count)
         slot = link.worker.slot
         if self._links.get(slot) is link:
             self._notify_balancer(self._balancer.connections_closed, slot, count)
         if link.no_room:
             self._room_again(link)
 
-    def _on_no_room(self, link: _Link, frame: Frame) -> None:
+    def _on_no_room(self, link: Link, frame: Frame) -> None:
         """Rule 6: the worker lost hand-offs at its descriptor limit; its ceiling is what it holds now."""
         lost = _count(frame)
         slot = link.worker.slot
         self._lost_no_room[slot] = self._lost_no_room.get(slot, 0) + lost
         self._forget_closed(link, lost)
-        held = max(1, link.live - self._unread(link, ask_kernel=True))
+        held = max(1, link.live - link.unread(ask_kernel=True))
         if link.max_live is None or held < link.max_live:
             link.max_live = held
         if link.live >= link.max_live and not link.no_room:
             self._out_of_room(link)
 
-    def _on_ready_frame(self, link: _Link, frame: Frame) -> None:
+    def _on_ready_frame(self, link: Link, frame: Frame) -> None:
         link.descriptor_limit = _count(frame) if frame.payload else 0  # empty: no limit known
         link.max_live = descriptor_headroom(link.descriptor_limit)
         worker = link.worker
@@ -917,45 +858,13 @@ class Dispatcher:
             touched, self._touched = self._touched, set()
             for link in touched:
                 if link.connected:
-                    self._frame_pending(link)
+                    link.frame_pending(self._intake is not None, self._unpackable)
                     self._flush_link(link)
 
-    def _frame_pending(self, link: _Link) -> None:
-        """Put the hand-offs routed to ``link`` since the last pass into frames, in order."""
-        pending = link.pending
-        for start in range(0, len(pending), MAX_FDS_PER_FRAME):
-            batch = pending[start : start + MAX_FDS_PER_FRAME]
-            ids = [conn_id for conn_id, _, _ in batch]
-            fds = [fd for _, fd, _ in batch]
-            if self._intake is None:
-                link.outbox.put(FrameKind.HANDOFF, pack_ids(ids), fds)
-                continue
-            # The worker's server cannot see the real client address: it travels with the fd.
-            try:
-                payload = pack_addressed(ids, [client[:2] for _, _, client in batch])
-            except (ValueError, OverflowError, struct.error):
-                # The intake only routes by canonical addresses; should one slip through,
-                # its connection is closed, not its neighbours in the frame.
-                batch = [entry for entry in batch if self._packable(link, entry)]
-                ids = [conn_id for conn_id, _, _ in batch]
-                fds = [fd for _, fd, _ in batch]
-                payload = pack_addressed(ids, [client[:2] for _, _, client in batch])
-            if fds:
-                link.outbox.put(FrameKind.HANDOFF_PROXIED, payload, fds)
-        pending.clear()
+    def _unpackable(self, entry: tuple[int, int, ClientInfo], error: BaseException) -> None:
+        self._connection_failed(entry[1], entry[2], error)
 
-    def _packable(self, link: _Link, entry: tuple[int, int, ClientInfo]) -> bool:
-        """True if ``entry``'s client address packs; else its connection is closed and no longer ``link``'s."""
-        conn_id, fd, client = entry
-        try:
-            pack_addressed([conn_id], [client[:2]])
-        except (ValueError, OverflowError, struct.error) as exc:
-            link.live -= 1
-            self._connection_failed(fd, client, exc)
-            return False
-        return True
-
-    def _flush_link(self, link: _Link) -> None:
+    def _flush_link(self, link: Link) -> None:
         try:
             drained = link.outbox.flush(link.worker.control)
         except OSError:
@@ -968,17 +877,12 @@ class Dispatcher:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.writing else 0)
             self._selector.modify(link.worker.control, events, functools.partial(self._on_control, link))
 
-    def _disconnect(self, link: _Link) -> None:
+    def _disconnect(self, link: Link) -> None:
         """Close the link and route again the connections it holds that were not sent yet (rule 2)."""
         if not link.connected:
             return
-        link.connected = False
         self._selector.unregister(link.worker.control)
-        link.worker.control.close()
-        link.reader.close()
-        owed = link.pending + [entry for frame in link.outbox.clear() for entry in self._hand_offs_in(frame)]
-        link.pending = []
-        link.unhandled.clear()
+        owed = link.close()
         self._busy.pop(link, None)
         self._workers_changed()
         self._route_again(link, owed)
@@ -988,7 +892,7 @@ class Dispatcher:
             deadline = time.monotonic() + self._graceful_timeout
             self._kill_at[link.worker] = (deadline, "lost its control socket and did not exit")
 
-    def _route_again(self, link: _Link, owed: list[tuple[int, int, ClientInfo]]) -> None:
+    def _route_again(self, link: Link, owed: list[tuple[int, int, ClientInfo]]) -> None:
         """Rule 2: route the connections ``link``'s worker never took to the balancer's choice among the others."""
         if owed and not self._stopping:
             logger.warning(
@@ -1001,20 +905,8 @@ class Dispatcher:
         for conn_id, fd, client in owed:
             self._route(conn_id, fd, client)
 
-    def _hand_offs_in(self, frame: Frame) -> list[tuple[int, int, ClientInfo]]:
-        """The (id, descriptor, client) of each connection in a hand-off frame this master made."""
-        addresses: Sequence[tuple[str, int] | None]
-        if frame.kind is FrameKind.HANDOFF_PROXIED:
-            ids, addresses = unpack_addressed(frame.payload)
-        else:
-            ids, addresses = unpack_ids(frame.payload), [None] * len(frame.fds)
-        return [
-            (conn_id, fd, self._client_of(fd, address))
-            for conn_id, fd, address in zip(ids, frame.fds, addresses, strict=True)
-        ]
-
-    def _client_of(self, fd: int, proxied: tuple[str, int] | None) -> ClientInfo:
-        """What the balancer was told of a connection, asked of its socket again (to route it again)."""
+    def _client_of(self, fd: int) -> ClientInfo:
+        """A connection's client, asked of its socket (for descriptors read back that no frame accounts for)."""
         sock = socket.socket(fileno=fd)
         try:
             peer: Any = sock.getpeername()
@@ -1025,13 +917,11 @@ class Dispatcher:
             sock.detach()
         own_port = own[1] if isinstance(own, tuple) else own
         local = next((name for name in self._listening if name[1] == own_port or name[0] == own_port), None)
-        if proxied is not None:
-            return ClientInfo(proxied[0], proxied[1], peer[:2] if isinstance(peer, tuple) else None, local)
         if isinstance(peer, tuple):
             return ClientInfo(peer[0], peer[1], None, local)
         return ClientInfo("", 0, None, local)
 
-    def _read_back(self, link: _Link) -> None:
+    def _read_back(self, link: Link) -> None:
         """Rule 2: route again what a gone worker never read; then close the master's copy of its end."""
         worker_end, link.worker.worker_end = link.worker.worker_end, None
         if worker_end is None:
@@ -1051,7 +941,7 @@ class Dispatcher:
             logger.error(
                 "worker %d (pid %d): %s; routing them by their own addresses", link.worker.slot, link.worker.pid, exc
             )
-            self._route_again(link, [(0, fd, self._client_of(fd, None)) for fd in fds])
+            self._route_again(link, [(0, fd, self._client_of(fd)) for fd in fds])
             return
         if lost:
             logger.warning(
@@ -1060,7 +950,7 @@ class Dispatcher:
                 link.worker.pid,
                 lost,
             )
-        self._route_again(link, [entry for frame in frames for entry in self._hand_offs_in(frame)])
+        self._route_again(link, owed_in(frames))
 
     def _reap(self) -> None:
         for worker, returncode in self._supervisor.reap():
@@ -1164,7 +1054,7 @@ class Dispatcher:
                 continue
             return
 
-    def _promote(self, link: _Link) -> None:
+    def _promote(self, link: Link) -> None:
         slot = link.worker.slot
         del self._incoming[slot]
         previous = self._links.get(slot)
@@ -1254,12 +1144,12 @@ class Dispatcher:
             if not link.worker.stopping:
                 self._send_stop(link)
 
-    def _send_stop(self, link: _Link) -> None:
+    def _send_stop(self, link: Link) -> None:
         link.worker.stopping = True
         deadline = time.monotonic() + self._graceful_timeout
         self._kill_at[link.worker] = (deadline, f"did not exit within {self._graceful_timeout:.1f} s")
         if link.connected:
-            self._frame_pending(link)  # connections routed here this pass go before STOP
+            link.frame_pending(self._intake is not None, self._unpackable)  # routed this pass: before STOP
             link.outbox.put(FrameKind.STOP)
             self._flush_link(link)
 

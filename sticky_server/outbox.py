@@ -63,11 +63,13 @@ class DropOldestQueue:
 
 
 class _SentHandOff(NamedTuple):
-    """A frame with descriptors that went out: where it starts in the stream, its bytes, its descriptor count."""
+    """A frame with descriptors that went out: where it starts in the stream, its bytes, its descriptor count,
+    and the caller's tag."""
 
     start: int
     frame: bytes
     n_fds: int
+    tag: object
 
 
 class Outbox:
@@ -87,11 +89,12 @@ class Outbox:
     gives back those not sent yet. Frames with descriptors that went out are
     remembered until ``forget_read`` learns that the peer read them whole, so that
     ``unread_hand_offs`` can tell, after the peer is gone, which ones it never read
-    (module docstring, rule 4).
+    (``wire``, rule 4). A frame with descriptors may carry a ``tag`` (what the
+    caller knows of them), given back with it by ``clear`` and ``unread_hand_offs``.
     """
 
     def __init__(self) -> None:
-        self._control: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
+        self._control: collections.deque[tuple[bytes, tuple[int, ...], object]] = collections.deque()
         self._messages = DropOldestQueue()
         self._current: memoryview | None = None  # the rest of a frame partly written
         self._current_is_message = False
@@ -109,9 +112,9 @@ class Outbox:
         """Bytes of messages queued (not counting one partly written)."""
         return self._messages.size
 
-    def put(self, kind: FrameKind, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
+    def put(self, kind: FrameKind, payload: bytes = b"", fds: Sequence[int] = (), tag: object = None) -> None:
         """Queue one control frame; the outbox owns ``fds`` from now on."""
-        self._control.append((encode(kind, payload, len(fds)), tuple(fds)))
+        self._control.append((encode(kind, payload, len(fds)), tuple(fds), tag))
         self.queued_fds += len(fds)
 
     def put_message(self, kind: FrameKind, payload: bytes, max_bytes: int) -> int:
@@ -122,9 +125,10 @@ class Outbox:
         """``put_message`` for a frame already encoded (one frame can go to many outboxes)."""
         return self._messages.put(frame, max_bytes)
 
-    def clear(self) -> list[Frame]:
-        """Forget every queued frame; return the unsent ones with descriptors (the caller owns those now)."""
-        unsent = [decode_whole(data, fds) for data, fds in self._control if fds]
+    def clear(self) -> list[tuple[Frame, object]]:
+        """Forget every queued frame; return the unsent ones with descriptors and their tags (the caller owns
+        the descriptors now)."""
+        unsent = [(decode_whole(data, fds), tag) for data, fds, tag in self._control if fds]
         self._control.clear()
         self._messages.clear()
         self._current = None
@@ -142,9 +146,9 @@ class Outbox:
         while sent and sent[0].start + len(sent[0].frame) <= read:
             self.unconfirmed_fds -= sent.popleft().n_fds
 
-    def unread_hand_offs(self, unread: int, fds: Sequence[int]) -> tuple[list[Frame], int]:
-        """Once the peer is gone: the sent frames with descriptors it never read, and how many descriptors it took
-        with frames it did not read whole (so never handled).
+    def unread_hand_offs(self, unread: int, fds: Sequence[int]) -> tuple[list[tuple[Frame, object]], int]:
+        """Once the peer is gone: the sent frames with descriptors it never read (with their tags), and how many
+        descriptors it took with frames it did not read whole (so never handled).
 
         ``unread`` is the count of bytes read back from the peer's end of the socket,
         ``fds`` the descriptors that came with them, in order: by rule 4 they are
@@ -169,14 +173,15 @@ class Outbox:
         for sent in unread_frames:
             frame_fds = tuple(fds[offset : offset + sent.n_fds])
             offset += sent.n_fds
-            frames.append(decode_whole(sent.frame, frame_fds))
+            frames.append((decode_whole(sent.frame, frame_fds), sent.tag))
         return frames, taken_partly
 
-    def _next_batch(self) -> tuple[list[memoryview], list[bool], tuple[int, ...]]:
-        """Buffers for one sendmsg, which of them are messages, and the first one's descriptors."""
+    def _next_batch(self) -> tuple[list[memoryview], list[bool], tuple[int, ...], object]:
+        """Buffers for one sendmsg, which of them are messages, and the first one's descriptors and tag."""
         buffers: list[memoryview] = []
         kinds: list[bool] = []
         fds: tuple[int, ...] = ()
+        tag: object = None
         size = 0
         if self._current is not None:
             buffers.append(self._current)
@@ -184,18 +189,18 @@ class Outbox:
             size = len(self._current)
             self._current = None
         elif self._control:
-            data, fds = self._control.popleft()
+            data, fds, tag = self._control.popleft()
             buffers.append(memoryview(data))
             kinds.append(False)
             size = len(data)
         # Gather what follows: control frames without descriptors first, then messages.
         while self._control and not self._control[0][1] and size < GATHER_BYTES and len(buffers) < GATHER_FRAMES:
-            data, _ = self._control.popleft()
+            data = self._control.popleft()[0]
             buffers.append(memoryview(data))
             kinds.append(False)
             size += len(data)
         if self._control and buffers:
-            return buffers, kinds, fds  # a hand-off is next: it starts the next call
+            return buffers, kinds, fds, tag  # a hand-off is next: it starts the next call
         # A run of messages goes out as one joined buffer: one copy of small frames is
         # cheaper than a memoryview and an iovec each (and _put_back splits it again).
         run: list[bytes] = []
@@ -207,9 +212,9 @@ class Outbox:
         if run:
             buffers.append(memoryview(run[0] if len(run) == 1 else b"".join(run)))
             kinds.append(True)
-        return buffers, kinds, fds
+        return buffers, kinds, fds, tag
 
-    def _put_back(self, buffers: list[memoryview], kinds: list[bool], fds: tuple[int, ...]) -> None:
+    def _put_back(self, buffers: list[memoryview], kinds: list[bool], fds: tuple[int, ...], tag: object) -> None:
         """Return unwritten whole frames to the front of their queues, in order."""
         for index in range(len(buffers) - 1, -1, -1):
             data = bytes(buffers[index])
@@ -218,7 +223,7 @@ class Outbox:
                 for frame in reversed(split_frames(data)):
                     self._messages.put_back(frame)
             else:
-                self._control.appendleft((data, fds if index == 0 else ()))
+                self._control.appendleft((data, fds, tag) if index == 0 else (data, (), None))
 
     def flush(self, sock: socket.socket) -> bool:
         """Write as much as the socket takes; return True when nothing is left.
@@ -227,7 +232,7 @@ class Outbox:
         """
         while self._current is not None or self._control or self._messages:
             resuming = self._current is not None
-            buffers, kinds, fds = self._next_batch()
+            buffers, kinds, fds, tag = self._next_batch()
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             try:
                 sent = sock.sendmsg(buffers, ancillary)
@@ -236,19 +241,19 @@ class Outbox:
             except OSError as exc:
                 # macOS reports a full socket buffer during fd passing as ENOBUFS.
                 if exc.errno != errno.ENOBUFS:
-                    self._put_back(buffers, kinds, fds)
+                    self._put_back(buffers, kinds, fds, tag)
                     raise
                 sent = 0
             if sent == 0:
                 if resuming:
                     self._current, self._current_is_message = buffers[0], kinds[0]
                     buffers, kinds = buffers[1:], kinds[1:]
-                self._put_back(buffers, kinds, fds)
+                self._put_back(buffers, kinds, fds, tag)
                 return False
             if fds:
                 # The frame with them is buffers[0] and starts this call (rule 4); the
                 # message holds the descriptors now, so this copy goes.
-                self.sent_hand_offs.append(_SentHandOff(self.written, bytes(buffers[0]), len(fds)))
+                self.sent_hand_offs.append(_SentHandOff(self.written, bytes(buffers[0]), len(fds), tag))
                 self.sent_fds += len(fds)
                 self.unconfirmed_fds += len(fds)
                 self.queued_fds -= len(fds)
@@ -262,6 +267,6 @@ class Outbox:
                 # Partly written: keep its rest for the next call (its descriptors went
                 # with its first byte); the frames after it are whole and go back.
                 self._current, self._current_is_message = buffer[sent:], kinds[index]
-                self._put_back(buffers[index + 1 :], kinds[index + 1 :], ())
+                self._put_back(buffers[index + 1 :], kinds[index + 1 :], (), None)
                 return False
         return True

@@ -473,10 +473,10 @@ def test_an_outbox_closes_each_descriptor_once_sent_and_gives_back_those_not_sen
         with contextlib.suppress(BlockingIOError):
             while True:
                 master.send(encode(FrameKind.PING))  # fill the socket: the next hand-off cannot go
-        outbox.put(FrameKind.HANDOFF, pack_ids([2]), [second])
+        outbox.put(FrameKind.HANDOFF, pack_ids([2]), [second], tag="what the caller knows")
         outbox.put(FrameKind.STOP)
         assert not outbox.flush(master)
-        assert outbox.clear() == [Frame(FrameKind.HANDOFF, pack_ids([2]), (second,))]
+        assert outbox.clear() == [(Frame(FrameKind.HANDOFF, pack_ids([2]), (second,)), "what the caller knows")]
         assert is_open(second) and outbox.queued_fds == 0
         os.close(second)
     finally:
@@ -492,7 +492,7 @@ def test_hand_offs_a_gone_reader_never_touched_are_told_apart_from_those_it_took
         outbox = Outbox()
         frames = []
         for ids in ([0], [1, 2], [3, 4, 5]):  # three hand-offs, each with a message behind it
-            outbox.put(FrameKind.HANDOFF, pack_ids(ids), [os.dup(pipes[n][1]) for n in ids])
+            outbox.put(FrameKind.HANDOFF, pack_ids(ids), [os.dup(pipes[n][1]) for n in ids], tag=tuple(ids))
             outbox.put_message(FrameKind.MESSAGE, b"m" * 10, 1 << 20)
             frames.append(encode(FrameKind.HANDOFF, pack_ids(ids), len(ids)))
             assert outbox.flush(master)
@@ -507,7 +507,8 @@ def test_hand_offs_a_gone_reader_never_touched_are_told_apart_from_those_it_took
         # The reader is gone; what is left comes back.
         unread, fds = read_back(worker)
         assert unread == len(frames[1]) - 3 + message + len(frames[2]) + message
-        (frame,), lost = outbox.unread_hand_offs(unread, fds)
+        ((frame, tag),), lost = outbox.unread_hand_offs(unread, fds)
+        assert tag == (3, 4, 5)  # what the caller said of them comes back with them
         assert lost == 2  # the second frame's descriptors went with its first 3 bytes
         assert frame.kind is FrameKind.HANDOFF and unpack_ids(frame.payload) == (3, 4, 5)
         for conn_id, fd in zip((3, 4, 5), frame.fds, strict=True):

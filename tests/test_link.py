@@ -1,0 +1,119 @@
+"""One worker's link, without processes: what it owes, its counters, and whether it takes connections."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sticky_server.balancer import ClientInfo
+from sticky_server.frames import MASTER_SENDS, MAX_FDS_PER_FRAME, FrameKind, unpack_addressed, unpack_ids
+from sticky_server.link import Link, descriptor_headroom
+from sticky_server.process import WorkerProcess
+from sticky_server.wire import FrameReader
+
+
+@pytest.fixture
+def link() -> Iterator[Link]:
+    master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    master_end.setblocking(False)
+    process: Any = None  # a link never touches the process
+    worker = WorkerProcess(slot=2, process=process, control=master_end, started_at=0.0, worker_end=worker_end)
+    made = Link(worker, last_heard=time.monotonic())
+    yield made
+    master_end.close()
+    worker_end.close()
+
+
+def connection(n: int, host: str = "10.0.0.1") -> tuple[int, int, ClientInfo]:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return n, write_end, ClientInfo(host, 40000 + n, None, ("0.0.0.0", 80))
+
+
+def test_each_condition_takes_the_worker_out_of_routing(link: Link) -> None:
+    assert link.takes_connections
+    for flag in ("full", "no_room", "hung"):
+        setattr(link, flag, True)
+        assert not link.takes_connections, flag
+        setattr(link, flag, False)
+    link.worker.stopping = True
+    assert not link.takes_connections
+    link.worker.stopping = False
+    link.close()
+    assert not link.takes_connections
+
+
+def test_owed_connections_come_back_with_what_the_balancer_was_told(link: Link) -> None:
+    entries = [connection(n) for n in range(MAX_FDS_PER_FRAME + 3)]
+    for entry in entries:
+        link.owe(entry)
+    assert (link.live, link.unread()) == (len(entries), len(entries))
+    link.frame_pending(addressed=False, unpackable=lambda entry, error: None)
+    assert link.pending == [] and link.outbox.queued_fds == len(entries) and link.unread() == len(entries)
+    late = connection(999)
+    link.owe(late)  # routed after the frames were made: still owed, in order
+    owed = link.close()
+    assert owed == [*entries, late]
+    assert not link.connected
+    for _, fd, _ in owed:
+        os.close(fd)
+
+
+def test_sent_hand_offs_are_counted_once_and_carry_the_ids(link: Link) -> None:
+    entries = [connection(n) for n in range(3)]
+    for entry in entries:
+        link.owe(entry)
+    link.frame_pending(addressed=True, unpackable=lambda entry, error: None)
+    assert link.outbox.flush(link.worker.control)
+    assert (link.count_sent(), link.count_sent()) == (3, 0)
+    assert link.taken == 3 and link.unread() == 3  # sent, not known to be read
+    reader = FrameReader(MASTER_SENDS)
+    assert link.worker.worker_end is not None
+    frames, _ = reader.read_from(link.worker.worker_end)
+    (frame,) = frames
+    assert frame.kind is FrameKind.HANDOFF_PROXIED
+    ids, addresses = unpack_addressed(frame.payload)
+    assert ids == (0, 1, 2) and addresses == [("10.0.0.1", 40000), ("10.0.0.1", 40001), ("10.0.0.1", 40002)]
+    assert link.unread(ask_kernel=True) == 0  # the kernel says the worker read them
+    for fd in frame.fds:
+        os.close(fd)
+
+
+def test_an_address_that_does_not_pack_costs_only_its_own_connection(link: Link) -> None:
+    good, bad = connection(1), connection(2, host="x" * 300)
+    link.owe(good)
+    link.owe(bad)
+    failed: list[Any] = []
+    link.frame_pending(addressed=True, unpackable=lambda entry, error: failed.append(entry))
+    assert failed == [bad] and link.live == 1
+    ((frame, tag),) = link.outbox.clear()
+    assert unpack_addressed(frame.payload)[0] == (1,) and tag == ((1, good[2]),)
+    os.close(frame.fds[0])
+    os.close(bad[1])
+
+
+def test_plain_hand_offs_carry_only_ids(link: Link) -> None:
+    entry = connection(7)
+    link.owe(entry)
+    link.frame_pending(addressed=False, unpackable=lambda entry, error: None)
+    ((frame, _),) = link.outbox.clear()
+    assert frame.kind is FrameKind.HANDOFF and unpack_ids(frame.payload) == (7,)
+    os.close(frame.fds[0])
+
+
+def test_the_descriptor_ceiling_and_room_again(link: Link) -> None:
+    link.max_live = descriptor_headroom(1024)
+    assert link.max_live == 1024 - 128
+    link.live = link.max_live
+    assert link.at_ceiling() and not link.has_room_again()
+    assert link.closed(50) == 50 and not link.has_room_again()
+    link.closed(40)
+    assert link.has_room_again()  # a tenth of the ceiling closed
+    assert link.closed(10**6) == link.max_live - 90  # never below zero
+    assert link.live == 0
+    assert descriptor_headroom(0) is None and descriptor_headroom(40) == 8
