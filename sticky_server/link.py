@@ -4,8 +4,8 @@ A link owns the master's end of the worker's control socket, the reader of what
 the worker sends and the outbox of what goes to it. It keeps a record of each
 connection routed to the worker and not yet in the worker's hands: the ones still
 pending (routed during this pass of the loop), and those in hand-off frames, queued
-or sent but maybe not read (``Outbox`` carries each frame's ``(id, ClientInfo)``
-list as its tag). Closing the link gives them all back, with the ``ClientInfo`` the
+or sent but maybe not read (``Outbox`` keeps the entries each frame was made from
+as its tag). Closing the link gives them all back, with the ``ClientInfo`` the
 balancer was told, so the master can route them again without asking their sockets.
 
 Counters, one meaning each:
@@ -120,9 +120,9 @@ class Link:
         """
         pending = self.pending
         for start in range(0, len(pending), MAX_FDS_PER_FRAME):
-            batch = pending[start : start + MAX_FDS_PER_FRAME]
+            batch = pending[start : start + MAX_FDS_PER_FRAME]  # a new list: the frame's tag
             if not addressed:
-                self.outbox.put(FrameKind.HANDOFF, pack_ids([entry[0] for entry in batch]), _fds(batch), _tag(batch))
+                self.outbox.put(FrameKind.HANDOFF, pack_ids([entry[0] for entry in batch]), _fds(batch), batch)
                 continue
             # The worker's server cannot see the real client address: it travels with the fd.
             try:
@@ -131,7 +131,7 @@ class Link:
                 batch = [entry for entry in batch if self._packs(entry, unpackable)]
                 payload = pack_addressed([entry[0] for entry in batch], [entry[2][:2] for entry in batch])
             if batch:
-                self.outbox.put(FrameKind.HANDOFF_PROXIED, payload, _fds(batch), _tag(batch))
+                self.outbox.put(FrameKind.HANDOFF_PROXIED, payload, _fds(batch), batch)
         pending.clear()
 
     def _packs(self, entry: Owed, unpackable: Callable[[Owed, BaseException], None]) -> bool:
@@ -164,14 +164,11 @@ def _fds(batch: list[Owed]) -> list[int]:
     return [entry[1] for entry in batch]
 
 
-def _tag(batch: list[Owed]) -> tuple[tuple[int, ClientInfo], ...]:
-    return tuple((entry[0], entry[2]) for entry in batch)
-
-
 def owed_in(frames: list[tuple[Frame, object]]) -> list[Owed]:
-    """The connections in hand-off frames given back by the outbox, from each frame's tag and descriptors."""
+    """The connections in hand-off frames given back by the outbox: each frame's tag is the entries it was
+    made from; the descriptors are the frame's own (read back, they have new numbers)."""
     owed: list[Owed] = []
     for frame, tag in frames:
-        assert isinstance(tag, tuple) and len(tag) == len(frame.fds), "a hand-off frame without its tag"
-        owed += [(conn_id, fd, client) for (conn_id, client), fd in zip(tag, frame.fds, strict=True)]
+        assert isinstance(tag, list) and len(tag) == len(frame.fds), "a hand-off frame without its tag"
+        owed += [(entry[0], fd, entry[2]) for entry, fd in zip(tag, frame.fds, strict=True)]
     return owed
