@@ -24,6 +24,12 @@ from typing import Any
 
 from sticky_server import StickyServer, client_address
 
+
+def say(line: str) -> None:
+    """One line on stdout in one write: lines from the master and its workers never interleave."""
+    os.write(1, (line + "\n").encode())
+
+
 ADAPTER = os.environ.get("APP_ADAPTER", "http")
 SLOW_SECONDS = 1.0
 
@@ -51,7 +57,7 @@ def tls_context() -> ssl.SSLContext | None:
 
 def slow_started(slot: int) -> None:
     """Tests wait for this line before they stop the server, so the request is surely in flight."""
-    print(f"SLOW STARTED {slot}", flush=True)
+    say(f"SLOW STARTED {slot}")
 
 
 def reply(slot: int, client: tuple[str, int], started: bool) -> bytes:
@@ -313,13 +319,13 @@ def main() -> None:
     )
     if sticky.is_master:
         record_pid("master")
-        sticky.on_listening(lambda address: print(f"LISTENING {address[0]} {address[1]}", flush=True))
+        sticky.on_listening(lambda address: say(f"LISTENING {address[0]} {address[1]}"))
         sticky.listen(0, host="127.0.0.1")
         return
     record_pid(f"worker{sticky.worker_id}")
     slot = sticky.worker_id or 0
     worker = WORKERS[ADAPTER](slot)
-    print(f"WORKER {slot} {ADAPTER} ready to serve", flush=True)
+    say(f"WORKER {slot} {ADAPTER} ready to serve")
     sticky.work(worker)
 
 

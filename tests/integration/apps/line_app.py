@@ -36,6 +36,11 @@ from sticky_server import (
 )
 
 
+def say(line: str) -> None:
+    """One line on stdout in one write: lines from the master and its workers never interleave."""
+    os.write(1, (line + "\n").encode())
+
+
 class GarbageBalancer(Balancer):
     """Returns a slot that does not exist."""
 
@@ -60,7 +65,7 @@ class ReportingLeastConnections(LeastConnectionsBalancer):
     """Least connections that prints every close report it is told of (the tests wait for these lines)."""
 
     def connections_closed(self, slot: int, count: int) -> None:
-        print(f"CLOSED {slot} {count}", flush=True)
+        say(f"CLOSED {slot} {count}")
 
 
 class LineWorker(Worker):
@@ -84,7 +89,7 @@ class LineWorker(Worker):
         self.inbox.append([sender, message])
         if self.slow_messages and isinstance(message, dict) and "flood" in message:
             if message["flood"] == 0:
-                print(f"SLOW FLOOD STARTED {self.slot}", flush=True)
+                say(f"SLOW FLOOD STARTED {self.slot}")
             time.sleep(self.slow_messages)  # a handler doing real work on each message
 
     def add_connection(self, sock: socket.socket) -> None:
@@ -212,7 +217,7 @@ def serve_channel(sticky: StickyServer) -> None:
 
     @sticky.on_message
     def relay(worker_id: int, message: Any) -> None:
-        print(f"FROM {worker_id} {json.dumps(message)}", flush=True)
+        say(f"FROM {worker_id} {json.dumps(message)}")
         if isinstance(message, dict):
             if "broadcast" in message:
                 sticky.broadcast(message["broadcast"])
@@ -223,8 +228,8 @@ def serve_channel(sticky: StickyServer) -> None:
                 for n in range(count):
                     sticky.broadcast({"flood": n, "pad": "x" * size})
 
-    sticky.on_worker_start(lambda worker_id: print(f"START {worker_id}", flush=True))
-    sticky.on_worker_exit(lambda worker_id, returncode: print(f"EXIT {worker_id} {returncode}", flush=True))
+    sticky.on_worker_start(lambda worker_id: say(f"START {worker_id}"))
+    sticky.on_worker_exit(lambda worker_id, returncode: say(f"EXIT {worker_id} {returncode}"))
 
 
 def record_pid(role: str) -> None:
@@ -261,8 +266,8 @@ def main() -> None:
         record_pid("master")
         if mode == "work_in_master":
             sticky.work(LineWorker(0))
-        sticky.on_listening(lambda address: print(f"LISTENING {address[0]} {address[1]}", flush=True))
-        sticky.on_stats(lambda stats: print(f"STATS {json.dumps(stats)}", flush=True))
+        sticky.on_listening(lambda address: say(f"LISTENING {address[0]} {address[1]}"))
+        sticky.on_stats(lambda stats: say(f"STATS {json.dumps(stats)}"))
         if os.environ.get("APP_CHANNEL"):
             serve_channel(sticky)
         port_text = os.environ.get("APP_PORT", "0")
@@ -280,11 +285,11 @@ def main() -> None:
         sys.exit(3)
     slow_file = os.environ.get("APP_SLOW_BOOT_FILE")
     if slow_file and os.path.exists(slow_file):
-        print(f"SLOW BOOT {sticky.worker_id}", flush=True)
+        say(f"SLOW BOOT {sticky.worker_id}")
         time.sleep(10)
     stall_file = os.environ.get("APP_STALL_BOOT_FILE")
     if stall_file and os.path.exists(stall_file):
-        print(f"STALLED {sticky.worker_id} {os.getpid()}", flush=True)
+        say(f"STALLED {sticky.worker_id} {os.getpid()}")
         time.sleep(60)
     if mode == "listen_in_worker":
         sticky.listen(0)
