@@ -27,6 +27,7 @@ from .errors import ProtocolError
 __all__ = [
     "CARRIES_FDS",
     "HEADER",
+    "ID_BYTES",
     "KIND_BY_VALUE",
     "LOST_FD",
     "MASTER_SENDS",
@@ -40,9 +41,11 @@ __all__ = [
     "encode",
     "encode_joined",
     "pack_addressed",
+    "pack_count",
     "pack_ids",
     "split_frames",
     "unpack_addressed",
+    "unpack_count",
     "unpack_ids",
 ]
 
@@ -50,6 +53,8 @@ HEADER = struct.Struct(">BBHI")
 MAX_FDS_PER_FRAME = 64
 MAX_PAYLOAD = 16 * 1024 * 1024
 _ID = struct.Struct(">Q")
+ID_BYTES = _ID.size  # one packed connection id
+_U32 = struct.Struct(">I")  # the payload of READY, CLOSED and NO_ROOM
 _COUNT = struct.Struct(">H")
 _ADDRESSED = struct.Struct(">QHB")
 
@@ -107,6 +112,19 @@ def encode_joined(kind: FrameKind, head: bytes, body: bytes) -> bytes:
     if length > MAX_PAYLOAD:
         raise ValueError(f"frame payload of {length} bytes is over the {MAX_PAYLOAD} byte limit")
     return HEADER.pack(kind, 0, 0, length) + head + body
+
+
+def pack_count(count: int) -> bytes:
+    """The u32 payload of READY (the worker's descriptor limit), CLOSED and NO_ROOM (connections)."""
+    return _U32.pack(count)
+
+
+def unpack_count(frame: Frame) -> int:
+    """What ``pack_count`` packed in ``frame``; any other payload is a protocol error."""
+    if len(frame.payload) != _U32.size:
+        raise ProtocolError(f"{frame.kind.name} frame with a {len(frame.payload)} byte payload ({_U32.size} expected)")
+    value: int = _U32.unpack(frame.payload)[0]
+    return value
 
 
 def pack_ids(ids: Sequence[int]) -> bytes:

@@ -95,6 +95,7 @@ from .frames import (
     Frame,
     FrameKind,
     encode_joined,
+    unpack_count,
 )
 from .intake import ClientAddressSettings, Intake
 from .link import MAX_QUEUED, Link, descriptor_headroom, owed_in
@@ -141,13 +142,6 @@ FAULT_LOG_INTERVAL = 10.0
 MAX_STOP_DRAIN = 65536
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
-_COUNT_BYTES = 4  # the u32 payload of READY, CLOSED and NO_ROOM
-
-
-def _count(frame: Frame) -> int:
-    if len(frame.payload) != _COUNT_BYTES:
-        raise ProtocolError(f"{frame.kind.name} frame with a {len(frame.payload)} byte payload (4 expected)")
-    return int.from_bytes(frame.payload, "big")
 
 
 @dataclass
@@ -810,7 +804,7 @@ class Dispatcher:
         return changed
 
     def _on_closed(self, link: Link, frame: Frame) -> None:
-        self._forget_closed(link, _count(frame))
+        self._forget_closed(link, unpack_count(frame))
 
     def _forget_closed(self, link: Link, count: int) -> None:
         count = link.closed(count)
@@ -822,7 +816,7 @@ class Dispatcher:
 
     def _on_no_room(self, link: Link, frame: Frame) -> None:
         """Rule 6: the worker lost hand-offs at its descriptor limit; its ceiling is what it holds now."""
-        lost = _count(frame)
+        lost = unpack_count(frame)
         slot = link.worker.slot
         self._lost_no_room[slot] = self._lost_no_room.get(slot, 0) + lost
         self._forget_closed(link, lost)
@@ -833,7 +827,7 @@ class Dispatcher:
             self._out_of_room(link)
 
     def _on_ready_frame(self, link: Link, frame: Frame) -> None:
-        link.descriptor_limit = _count(frame) if frame.payload else 0  # empty: no limit known
+        link.descriptor_limit = unpack_count(frame) if frame.payload else 0  # empty: no limit known
         link.max_live = descriptor_headroom(link.descriptor_limit)
         worker = link.worker
         self._supervisor.note_ready(worker)

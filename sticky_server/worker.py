@@ -59,7 +59,7 @@ from . import channel as channel_codec
 from .channel import MAX_QUEUED_MESSAGE_BYTES
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedSocket
 from .errors import ProtocolError
-from .frames import LOST_FD, MASTER_SENDS, Frame, FrameKind, unpack_addressed
+from .frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
 from .outbox import DropOldestQueue, Outbox
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
@@ -97,7 +97,6 @@ _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
 _MESSAGE = FrameKind.MESSAGE
 _HANDOFF = FrameKind.HANDOFF
-_ID_BYTES = 8  # one packed connection id (frames.pack_ids)
 # A socket accepted from a non-blocking listener inherits O_NONBLOCK on macOS and the
 # BSDs, not on Linux (accept4 without SOCK_NONBLOCK); the master keeps it blocking there.
 _HANDOFFS_MAY_BE_NONBLOCKING = not sys.platform.startswith("linux")
@@ -372,7 +371,7 @@ class WorkerRuntime:
     # --- the parts both loops share (see async_worker.py for the asyncio one) ---------
 
     def _announce_ready(self) -> None:
-        self._channel.put_control(FrameKind.READY, descriptor_limit().to_bytes(4, "big"))
+        self._channel.put_control(FrameKind.READY, pack_count(descriptor_limit()))
         if self._on_ready is not None:
             self._on_ready()
         logger.debug("worker %d (pid %d) ready", self._slot, os.getpid())
@@ -385,7 +384,7 @@ class WorkerRuntime:
     def _sweep(self) -> None:
         closed = RECORD.sweep()
         if closed:
-            self._channel.put_control(FrameKind.CLOSED, closed.to_bytes(4, "big"))
+            self._channel.put_control(FrameKind.CLOSED, pack_count(closed))
 
     def _on_control_readable(self) -> None:
         frames: list[Frame] = []
@@ -401,7 +400,7 @@ class WorkerRuntime:
                 if kind is _MESSAGE:  # the most frequent kind first
                     dropped += inbox.put(frame.payload, MAX_QUEUED_MESSAGE_BYTES)
                 elif kind is _HANDOFF:
-                    if len(frame.payload) != _ID_BYTES * len(frame.fds):
+                    if len(frame.payload) != ID_BYTES * len(frame.fds):
                         raise ProtocolError(
                             f"hand-off with {len(frame.payload)} bytes of ids and {len(frame.fds)} descriptors"
                         )
@@ -450,7 +449,7 @@ class WorkerRuntime:
         routes this worker's clients elsewhere until some of its connections close.
         """
         self._no_room_log.note(lost, self._slot, descriptor_limit())
-        self._channel.put_control(FrameKind.NO_ROOM, lost.to_bytes(4, "big"))
+        self._channel.put_control(FrameKind.NO_ROOM, pack_count(lost))
 
     def _on_protocol_error(self, error: ProtocolError) -> None:
         logger.error("worker %d: the master sent an invalid frame (%s); stopping", self._slot, error)

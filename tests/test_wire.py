@@ -525,3 +525,13 @@ def test_read_back_descriptors_that_match_no_frame_are_refused() -> None:
     outbox = Outbox()
     with pytest.raises(ProtocolError, match="1 descriptors read back for unread hand-offs carrying 0"):
         outbox.unread_hand_offs(8, [99])
+
+
+def test_count_payloads_are_one_u32_and_nothing_else() -> None:
+    from sticky_server.frames import pack_count, unpack_count
+
+    assert pack_count(7) == b"\x00\x00\x00\x07"
+    assert unpack_count(Frame(FrameKind.CLOSED, pack_count(2**32 - 1), ())) == 2**32 - 1
+    for payload in (b"", b"\x00" * 3, b"\x00" * 5):
+        with pytest.raises(ProtocolError, match=f"CLOSED frame with a {len(payload)} byte payload .4 expected."):
+            unpack_count(Frame(FrameKind.CLOSED, payload, ()))
