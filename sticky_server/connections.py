@@ -75,23 +75,16 @@ class HandedOffSocket(socket.socket):
         local = _getsockname(self)
         return unmapped(local) if len(local) == 4 else local
 
-    def dup(self) -> HandedOffSocket:
-        twin = super().dup()
-        if self.told_peer is not None:
-            twin = ProxiedSocket.told(twin.detach(), self.family, self.told_peer)
-        return twin
-
 
 class ProxiedSocket(HandedOffSocket):
-    """A ``HandedOffSocket`` whose client a PROXY-protocol header named."""
+    """A ``HandedOffSocket`` whose client a PROXY-protocol header named (set ``told_peer`` once made)."""
 
     __slots__ = ("told_peer",)
 
-    @classmethod
-    def told(cls, fd: int, family: int, peer: tuple[str, int]) -> ProxiedSocket:
-        sock = cls(family, socket.SOCK_STREAM, fileno=fd)
-        sock.told_peer = peer
-        return sock
+    def dup(self) -> ProxiedSocket:
+        twin = super().dup()  # socket.dup makes one of this class
+        twin.told_peer = self.told_peer
+        return twin
 
 
 def _identity(fd: int) -> tuple[int, int] | None:

@@ -91,12 +91,7 @@ from .balancer import PICK_TIME_LIMIT, Balancer, ClientInfo, IPHashBalancer, Wor
 from .channel import DEFAULT_MAX_MESSAGE_SIZE, MAX_QUEUED_MESSAGE_BYTES, sender_prefix, unpack_publish
 from .channel import decode as decode_message
 from .errors import ProtocolError, WorkerBootError
-from .frames import (
-    Frame,
-    FrameKind,
-    encode_joined,
-    unpack_count,
-)
+from .frames import Frame, FrameKind, encode_joined, unpack_count
 from .intake import ClientAddressSettings, Intake
 from .link import MAX_QUEUED, Link, descriptor_headroom, owed_in
 from .listener import format_address

@@ -69,7 +69,8 @@ def test_a_handed_off_socket_reports_ipv4_clients_of_a_dual_stack_listener_unmap
 def test_a_handed_off_socket_reports_the_client_a_proxy_named_and_keeps_it_across_dup() -> None:
     left, right = socket.socketpair()
     with left, right:
-        sock = ProxiedSocket.told(left.detach(), left.family, ("203.0.113.9", 41000))
+        sock = ProxiedSocket(left.family, socket.SOCK_STREAM, fileno=left.detach())
+        sock.told_peer = ("203.0.113.9", 41000)
         with sock, sock.dup() as twin:
             assert sock.getpeername() == ("203.0.113.9", 41000)
             assert isinstance(twin, ProxiedSocket)

@@ -15,6 +15,7 @@ sense here (``REFUSED``) are an error saying why and what to use instead.
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 from collections.abc import Callable, Sequence
@@ -512,8 +513,6 @@ def _split(text: str) -> list[str]:
 
 def systemd_binds(environ: dict[str, str], pid: int | None = None) -> list[str]:
     """``fd://N`` for each socket systemd passed this process (``LISTEN_FDS``, ``LISTEN_PID``), else []."""
-    import os
-
     count, owner = environ.get("LISTEN_FDS"), environ.get("LISTEN_PID")
     if not count or not count.isdigit() or owner != str(pid if pid is not None else os.getpid()):
         return []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import logging
 import logging.config
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..balancer import BALANCERS, Balancer
 from ..errors import PidFileError, StickyServerError
 from ..listener import parse_bind
 from ..metrics import MetricsServer
@@ -127,8 +129,6 @@ def _log_config(path: str) -> None:
 
 
 def _server(args: argparse.Namespace) -> StickyServer:
-    from ..balancer import BALANCERS, Balancer
-
     balancer: Balancer | str = args.balancer
     if args.balancer not in BALANCERS:
         balancer = _custom_balancer(args.balancer, args.app_dir)
@@ -149,10 +149,6 @@ def _server(args: argparse.Namespace) -> StickyServer:
 
 
 def _custom_balancer(text: str, app_dir: str | None) -> Any:
-    import inspect
-
-    from ..balancer import BALANCERS, Balancer
-
     if ":" not in text:
         raise UsageError(f"--balancer must be one of {', '.join(BALANCERS)} or module:Class, got {text!r}")
     made = import_target(text, app_dir)
