@@ -16,15 +16,14 @@ Counters, one meaning each:
 | ``taken`` | connections whose hand-off went out (``outbox.sent_fds``, seen at the last ``count_sent``) |
 | ``unread()`` | pending + queued + sent-but-maybe-unread: what the worker has not taken yet, at most |
 
-Whether the worker takes new connections is ``takes_connections``:
+Whether the link takes new connections is ``takes_connections`` (the worker's
+lifecycle, ``supervisor.Supervisor.takes_connections``, decides the rest):
 
 | condition | set when | cleared when |
 |---|---|---|
 | not ``connected`` | the control socket closed or broke | never: a new process gets a new link |
 | ``full`` | ``unread()`` reached ``MAX_QUEUED`` (rule 3) | it is back to half that |
 | ``no_room`` | ``live`` reached ``max_live``, its descriptor ceiling (rule 6) | a tenth of the ceiling closed |
-| ``hung`` | a heartbeat went unanswered past ``timeout`` | (the worker is killed) |
-| ``worker.stopping`` | the master told it to stop | (the worker exits) |
 """
 
 from __future__ import annotations
@@ -80,12 +79,11 @@ class Link:
     no_room: bool = False
     full: bool = False
     writing: bool = False
-    hung: bool = False
     recycling: bool = False
 
     @property
     def takes_connections(self) -> bool:
-        return self.connected and not self.full and not self.no_room and not self.hung and not self.worker.stopping
+        return self.connected and not self.full and not self.no_room
 
     def owe(self, entry: Owed) -> None:
         """A connection routed here: pending until ``frame_pending``, live until the worker says it closed."""

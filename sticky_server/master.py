@@ -2,12 +2,20 @@
 
 Theory of operation
 -------------------
+The loop and nothing else: it accepts, picks a slot for each connection (guarding
+against a faulty balancer), parks what no slot can take, and flushes each worker's
+link once per pass. What it carries out is decided elsewhere: each worker's
+traffic and what it owes by its ``link.Link``, the workers' lifecycle by
+``supervisor.Supervisor`` (the loop tells it events and carries out its
+decisions), messages by ``channel.MessageRouter``, a proxy header by ``intake``.
+
 One selector watches the listening sockets, every worker's control socket and the
-signal wake-up socket; restarts, heartbeats, kill deadlines and accept pauses are
-deadlines for ``select``. Nothing in the loop blocks on a client or on a worker.
-Nothing in it runs long either: a worker's frames and the calls other threads queue
-(sends) are handled ``slices.SLICE_SECONDS`` at a time, and while some wait the loop polls
-instead of sleeping, so accepts and hand-offs get a turn between slices.
+signal wake-up socket; the supervisor's deadlines (restarts, heartbeats, kills),
+accept pauses and full-worker checks are deadlines for ``select``. Nothing in the
+loop blocks on a client or on a worker. Nothing in it runs long either: a worker's
+frames and the calls other threads queue (sends) are handled ``slices.SLICE_SECONDS``
+at a time, and while some wait the loop polls instead of sleeping, so accepts and
+hand-offs get a turn between slices.
 
 Rule 1 (ownership): an accepted descriptor belongs to the master until the
 ``sendmsg`` that carries it to its worker succeeds (a HANDOFF frame; batched: one
@@ -70,7 +78,6 @@ Any other error is a fault in the master's own state: it propagates, and the
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import functools
 import logging
@@ -79,26 +86,25 @@ import random
 import selectors
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, overload
 
 from .balancer import PICK_TIME_LIMIT, Balancer, ClientInfo, IPHashBalancer, WorkerSet
-from .channel import DEFAULT_MAX_MESSAGE_SIZE, MAX_QUEUED_MESSAGE_BYTES, sender_prefix, unpack_publish
-from .channel import decode as decode_message
+from .channel import DEFAULT_MAX_MESSAGE_SIZE, MessageRouter
 from .errors import ProtocolError, WorkerBootError
-from .frames import Frame, FrameKind, encode_joined, unpack_count
+from .frames import Frame, FrameKind, unpack_count
+from .hooks import Hooks, run_hooks
 from .intake import ClientAddressSettings, Intake
-from .link import MAX_QUEUED, Link, descriptor_headroom, owed_in
+from .link import MAX_QUEUED, Link, Owed, descriptor_headroom, owed_in
 from .listener import format_address
-from .process import WorkerProcess, describe_exit
+from .process import WorkerProcess
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
-from .supervisor import MAX_BOOT_FAILURES, Supervisor
+from .stats import SlotCounters, collect, log_stats
+from .supervisor import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode, Supervisor
 from .throttle import ThrottledLog
 from .waker import Waker
 from .wire import read_back
@@ -118,35 +124,14 @@ OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno
 ABORTED_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # How many reads of a dead worker's socket at most (each reads up to 256 KiB).
 MAX_DRAIN_READS = 64
-# How long the final clean-up waits for a SIGKILLed worker to be reaped.
-KILL_WAIT = 5.0
-# A quick stop kills workers still running this long after their SIGQUIT.
-QUICK_STOP_SECONDS = 2.0
-# Heartbeats per `timeout`; a hung worker gets this long after SIGABRT before SIGKILL.
-HEARTBEATS_PER_TIMEOUT = 3
-ABORT_GRACE = 1.0
 # max_connections_per_worker is raised by up to this fraction, per worker, at random,
 # so that workers started together are not all recycled at once.
 RECYCLE_JITTER = 0.1
-# Messages dropped for slow workers are logged at most once per this many seconds.
-MESSAGE_DROP_LOG_INTERVAL = 10.0
 # Connections that failed in routing, and workers at their descriptor ceiling, are
 # logged at most once per this many seconds.
 FAULT_LOG_INTERVAL = 10.0
 # A graceful stop accepts at most this many connections still in each listener's backlog.
 MAX_STOP_DRAIN = 65536
-# Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
-_MESSAGE = FrameKind.MESSAGE
-
-
-@dataclass
-class Hooks:
-    """The user's callbacks in the master; each runs in the master's loop, errors logged."""
-
-    message: list[Callable[[int, Any], None]] = field(default_factory=list)
-    worker_start: list[Callable[[int], None]] = field(default_factory=list)
-    worker_exit: list[Callable[[int, int], None]] = field(default_factory=list)
-    stats: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
 
 def _listening_address(listener: socket.socket) -> tuple[str, int]:
@@ -159,22 +144,6 @@ def _call(call: Callable[[], None]) -> None:
     call()
 
 
-def _run_hooks(hooks: Sequence[Callable[..., None]], *args: Any) -> None:
-    for hook in hooks:
-        try:
-            hook(*args)
-        except Exception:
-            logger.exception("%s raised", getattr(hook, "__qualname__", hook))
-
-
-class StopMode(enum.Enum):
-    """How the server stops (rule 5)."""
-
-    GRACEFUL = "graceful"
-    QUICK = "quick"
-    KILL = "kill"
-
-
 class _LiveCounts(Sequence[int]):
     """``WorkerSet.connections``: the live connections of each slot's current worker, read from its link.
 
@@ -182,8 +151,8 @@ class _LiveCounts(Sequence[int]):
     (no longer current) does not count, and a slot without a worker counts 0.
     """
 
-    def __init__(self, links: dict[int, Link], supervisor: Supervisor) -> None:
-        self._links = links
+    def __init__(self, current: dict[int, Link], supervisor: Supervisor) -> None:
+        self._current = current
         self._supervisor = supervisor
 
     def __len__(self) -> int:
@@ -198,12 +167,12 @@ class _LiveCounts(Sequence[int]):
     def __getitem__(self, index: int | slice) -> int | list[int]:
         if isinstance(index, slice):
             return [self[slot] for slot in range(len(self))[index]]
-        link = self._links.get(range(len(self))[index])
+        link = self._current.get(range(len(self))[index])
         return 0 if link is None else link.live
 
 
 class Dispatcher:
-    """Accepts, routes and hands off connections, and keeps the worker slots filled."""
+    """Accepts, routes and hands off connections; carries out the supervisor's decisions."""
 
     def __init__(
         self,
@@ -211,8 +180,6 @@ class Dispatcher:
         supervisor: Supervisor,
         balancer: Balancer,
         *,
-        graceful_timeout: float,
-        timeout: float | None = None,
         max_connections_per_worker: int | None = None,
         max_connections_jitter: int | None = None,
         on_ready: Callable[[], None] | None = None,
@@ -225,11 +192,8 @@ class Dispatcher:
         self._supervisor = supervisor
         self._balancer = balancer
         self._fallback = IPHashBalancer()
-        self._graceful_timeout = graceful_timeout
-        self._timeout = timeout
         self._max_connections = max_connections_per_worker
         self._max_connections_jitter = max_connections_jitter
-        self._max_message_size = max_message_size
         self._on_ready = on_ready
         self._hooks = hooks or Hooks()
         self._calls: deque[Callable[[], None]] = deque()  # from other threads, under _calls_lock
@@ -237,12 +201,6 @@ class Dispatcher:
         self._calls_lock = threading.Lock()
         self._waker = Waker()
         self._loop_thread: int | None = None
-        self._dropped_log = ThrottledLog(
-            logger,
-            logging.WARNING,
-            "dropped %d oldest message(s) queued for slow workers (latest: worker %d, over %d bytes waiting)",
-            MESSAGE_DROP_LOG_INTERVAL,
-        )
         self._accept_error_log = ThrottledLog(
             logger,
             logging.ERROR,
@@ -265,38 +223,35 @@ class Dispatcher:
             FAULT_LOG_INTERVAL,
         )
         self._selector = selectors.DefaultSelector()
-        self._links: dict[int, Link] = {}  # the current worker of each slot
-        self._incoming: dict[int, Link] = {}  # replacements that are starting
-        self._by_worker: dict[WorkerProcess, Link] = {}  # every live link
-        self._replace_queue: deque[int] = deque()
-        self._connections = _LiveCounts(self._links, supervisor)
-        self._workers = WorkerSet(supervisor.size, (), self._connections)
+        self._links: dict[WorkerProcess, Link] = {}  # every live process's link
+        self._current: dict[int, Link] = {}  # each slot's current worker's link, as the supervisor says
+        self._workers = WorkerSet(supervisor.size, (), _LiveCounts(self._current, supervisor))
         self._alive: frozenset[int] = frozenset()
-        self._touched: set[Link] = set()
+        self._touched: set[Link] = set()  # links with something queued this pass
         self._busy: dict[Link, None] = {}  # links with unhandled frames, in order
-        self._parked: deque[tuple[int, int, ClientInfo]] = deque()
+        self._parked: deque[Owed] = deque()  # waiting for a slot: none could take them, or their worker left
         self._next_id = 0
-        self._created_at = time.monotonic()
-        self._handed_off: dict[int, int] = {}  # per slot, over all its workers
-        self._lost_no_room: dict[int, int] = {}  # per slot: hand-offs the kernel closed at the descriptor limit
+        self._counters = SlotCounters()
         self._accepting = False
         self._accept_paused_until: float | None = None
         self._next_full_check: float | None = None
-        self._kill_at: dict[WorkerProcess, tuple[float, str]] = {}
-        self._next_heartbeat: float | None = None
-        self._started = False
-        self._stopping = False
         self._boot_error: WorkerBootError | None = None
         self._balancer_faults: set[str] = set()
         self._intake = (
             Intake(self._selector, client_addresses, self._route, self._connection_failed) if client_addresses else None
         )
         self._stops_wait_for_intake = False
+        self.messages = MessageRouter(
+            self._current,
+            self._touched,
+            lambda slot, message: run_hooks(self._hooks.message, slot, message),
+            max_message_size,
+        )
         self._frame_handlers: dict[FrameKind, Callable[[Link, Frame], None]] = {
             FrameKind.READY: self._on_ready_frame,
             FrameKind.PONG: lambda link, frame: None,  # any frame counts as a heartbeat
-            FrameKind.SEND: self._on_send,
-            FrameKind.PUBLISH: self._on_publish,
+            FrameKind.SEND: self.messages.on_send,
+            FrameKind.PUBLISH: self.messages.on_publish,
             FrameKind.CLOSED: self._on_closed,
             FrameKind.NO_ROOM: self._on_no_room,
         }
@@ -304,9 +259,9 @@ class Dispatcher:
             signal.SIGTERM: functools.partial(self._stop, "SIGTERM", StopMode.GRACEFUL),
             signal.SIGINT: functools.partial(self._stop, "SIGINT", StopMode.QUICK),
             signal.SIGQUIT: functools.partial(self._stop, "SIGQUIT", StopMode.QUICK),
-            signal.SIGHUP: self._reload,
-            signal.SIGTTIN: self._grow,
-            signal.SIGTTOU: self._shrink,
+            signal.SIGHUP: lambda: self._carry_out(self._supervisor.reload()),
+            signal.SIGTTIN: lambda: self._carry_out(self._supervisor.grow()),
+            signal.SIGTTOU: lambda: self._carry_out(self._supervisor.shrink()),
             signal.SIGCHLD: self._reap,
             signal.SIGUSR1: self._dump_stats,
         }
@@ -327,18 +282,10 @@ class Dispatcher:
         self._selector.register(signals.fileno(), selectors.EVENT_READ, lambda mask: self._on_signals(signals))
         self._selector.register(self._waker.fileno(), selectors.EVENT_READ, self._run_calls)
         self._loop_thread = threading.get_ident()
+        supervisor = self._supervisor
         try:
-            for slot in range(self._supervisor.size):
-                try:
-                    self._add_link(self._supervisor.start(slot))
-                except OSError as exc:
-                    raise WorkerBootError(
-                        f"{self._supervisor.spawn_error(slot, exc)}; the server did not start"
-                    ) from None
-            self._workers_changed()
-            if self._timeout:
-                self._next_heartbeat = time.monotonic() + self._timeout / HEARTBEATS_PER_TIMEOUT
-            while not (self._stopping and not self._supervisor.processes):
+            self._carry_out(supervisor.boot())
+            while not (supervisor.stopping and not supervisor.processes):
                 for link in list(self._busy):  # before select: one slice per link per turn
                     self._read_link(link)
                 if self._call_backlog:
@@ -348,10 +295,8 @@ class Dispatcher:
                 self._run_timers()
                 if self._stops_wait_for_intake and not (self._intake and self._intake.waiting):
                     self._stops_wait_for_intake = False
-                    self._send_stops()
-                # Hand-offs and messages queued by anything above go out here: one
-                # frame per worker per pass, many frames per sendmsg.
-                self._flush_touched()
+                    self._carry_out(supervisor.stop_workers())
+                self._flush()
         finally:
             self._loop_thread = None
             self._shut_down()
@@ -365,13 +310,10 @@ class Dispatcher:
     def _select_timeout(self) -> float | None:
         if self._busy or self._call_backlog:
             return 0.0  # only look for accepts and hand-offs, then go on with the frames
-        # Asked on every turn of the loop: no list unless a kill is scheduled.
-        earliest = min(when for when, _ in self._kill_at.values()) if self._kill_at else None
+        earliest = self._supervisor.next_deadline
         for deadline in (
-            self._supervisor.next_restart(),
             self._accept_paused_until,
             self._next_full_check,
-            self._next_heartbeat,
             self._intake.next_deadline() if self._intake else None,
         ):
             if deadline is not None and (earliest is None or deadline < earliest):
@@ -382,32 +324,143 @@ class Dispatcher:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        decisions = self._supervisor.due(now, self._last_heard)
+        if decisions is not None:
+            self._carry_out(decisions)
         changed = False
-        for slot in self._supervisor.due_restarts():
-            changed = True
-            try:
-                self._add_link(self._supervisor.start(slot))
-            except OSError as exc:
-                self._supervisor.spawn_failed(slot, exc)
-        for worker, (when, why) in list(self._kill_at.items()):
-            if when <= now:
-                del self._kill_at[worker]
-                if worker.process.poll() is None:
-                    logger.warning("worker %d (pid %d) %s; killing it", worker.slot, worker.pid, why)
-                    worker.process.kill()
         if self._accept_paused_until is not None and self._accept_paused_until <= now:
             self._accept_paused_until = None
             changed = True
         if self._next_full_check is not None and self._next_full_check <= now:
             changed |= self._check_full(now)
-        if self._next_heartbeat is not None and self._next_heartbeat <= now:
-            changed |= self._heartbeat(now)
         if self._intake is not None:
             self._intake.expire(now)
         if changed:
             self._workers_changed()
 
-    # --- the channel (see channel.py) -------------------------------------------
+    def _flush(self) -> None:
+        """Route what is parked (if a slot can take it now), then send what is queued: one frame per worker.
+
+        A flush that finds a worker gone parks what it owed; the next round routes
+        those to the other slots and sends them. Each round closes a link at most
+        once, so this ends.
+        """
+        touched = self._touched
+        while True:
+            if self._parked and self._alive:
+                self._route_parked()
+            if not touched:
+                return
+            links = list(touched)
+            touched.clear()
+            for link in links:
+                if link.connected:
+                    link.frame_pending(self._intake is not None, self._unpackable)
+                    self._flush_link(link)
+
+    # --- the supervisor's decisions ---------------------------------------------
+
+    def _carry_out(self, decisions: list[Decision]) -> None:
+        for decision in decisions:
+            match decision:
+                case Connect(worker=worker):
+                    self._add_link(worker)
+                case SendStop(worker=worker):
+                    link = self._links.get(worker)
+                    if link is not None and link.connected:
+                        link.frame_pending(self._intake is not None, self._unpackable)  # routed this pass: first
+                        link.outbox.put(FrameKind.STOP)
+                        self._flush_link(link)
+                case Ping(worker=worker):
+                    link = self._links.get(worker)
+                    if link is not None and link.connected:
+                        link.outbox.put(FrameKind.PING)
+                        self._flush_link(link)
+                case Listening():
+                    addresses = ", ".join(format_address(listener.getsockname()) for listener in self._listeners)
+                    logger.info("listening on %s with %d workers (master pid %d)", addresses, self.size, os.getpid())
+                    if self._on_ready is not None:
+                        self._on_ready()
+                case Halt(error=error):
+                    if self._boot_error is None:
+                        self._boot_error = error
+                    self._stop("workers cannot start", StopMode.KILL)
+        self._workers_changed()
+
+    def _last_heard(self, worker: WorkerProcess) -> float | None:
+        link = self._links.get(worker)
+        return link.last_heard if link is not None and link.connected else None
+
+    def _reap(self) -> None:
+        for worker, returncode in self._supervisor.reap():
+            link = self._links.pop(worker)
+            for _ in range(MAX_DRAIN_READS):  # its last messages
+                if not link.connected or not self._read_link(link, seconds=None):
+                    break
+            self._disconnect(link)
+            self._read_back(link)
+            run_hooks(self._hooks.worker_exit, worker.slot, returncode)
+            self._carry_out(self._supervisor.exited(worker, returncode))
+        self._workers_changed()
+
+    def _stop(self, why: str, mode: StopMode) -> None:
+        supervisor = self._supervisor
+        if supervisor.stopping:
+            supervisor.stop(why, mode)  # a second stop: kill now
+            return
+        supervisor.stop(why, mode)
+        if self._parked and self._alive:
+            self._route_parked()
+        for listener, local in zip(self._listeners, self._listening, strict=True):
+            if self._accepting:
+                self._selector.unregister(listener)
+            if mode is StopMode.GRACEFUL and self._workers.alive:
+                # Clients whose handshake the kernel completed are served, not reset (rule 5).
+                self._accept_from(listener, local, MAX_STOP_DRAIN)
+            listener.close()
+        self._accepting = False
+        self._close_parked("the server is stopping")
+        if self._intake is not None and mode is not StopMode.GRACEFUL:
+            self._intake.close_all("the server is stopping")
+        if mode is StopMode.GRACEFUL:
+            if self._intake is not None and self._intake.waiting:
+                # Accepted connections still sending their header are served too: the
+                # workers get STOP once those are routed or timed out (header_timeout).
+                self._stops_wait_for_intake = True
+            else:
+                self._carry_out(supervisor.stop_workers())
+        self._workers_changed()
+
+    def _close_parked(self, why: str) -> None:
+        if self._parked:
+            logger.warning("closing %d accepted connection(s) no worker could take: %s", len(self._parked), why)
+        while self._parked:
+            _, fd, _ = self._parked.popleft()
+            os.close(fd)
+
+    def _shut_down(self) -> None:
+        """Leave nothing behind: no worker process, no descriptor (runs on every exit of ``run``)."""
+        for worker in self._supervisor.shut_down():
+            if worker not in self._links:  # never linked (the OS refused a later slot at boot)
+                worker.control.close()
+        for link in list(self._links.values()):
+            self._disconnect(link)
+        for worker in self._links:
+            if worker.worker_end is not None:
+                worker.worker_end.close()  # the kernel closes what the worker never read
+                worker.worker_end = None
+        self._links.clear()
+        self._workers_changed()
+        if self._intake is not None:
+            self._intake.close_all("the server stopped")
+        self._close_parked("the server stopped")
+        for listener in self._listeners:
+            if self._accepting:
+                self._selector.unregister(listener)
+            listener.close()
+        self._accepting = False
+
+    # --- calls from other threads, signals --------------------------------------
 
     def call_soon_threadsafe(self, call: Callable[[], None]) -> None:
         """Run ``call`` in the master's loop: now if this is the loop's thread, else soon."""
@@ -427,41 +480,6 @@ class Dispatcher:
             fresh, self._calls = self._calls, deque()
         self._call_backlog.extend(fresh)
         run_for(self._call_backlog, _call, SLICE_SECONDS)
-
-    def send_message(self, slot: int, body: bytes, sender: int | None = None) -> bool:
-        """Queue an encoded message for the current worker of ``slot``; False if the slot has none now."""
-        return self._queue_delivery(slot, encode_joined(_MESSAGE, sender_prefix(sender), body))
-
-    def broadcast_message(self, body: bytes, sender: int | None = None, skip: int | None = None) -> None:
-        """Queue an encoded message for the current worker of every slot but ``skip``."""
-        frame = encode_joined(_MESSAGE, sender_prefix(sender), body)  # built once for every receiver
-        for slot in list(self._links):
-            if slot != skip:
-                self._queue_delivery(slot, frame)
-
-    def _queue_delivery(self, slot: int, frame: bytes) -> bool:
-        link = self._links.get(slot)
-        if link is None or not link.connected:
-            return False
-        dropped = link.outbox.put_message_frame(frame, MAX_QUEUED_MESSAGE_BYTES)
-        if dropped:
-            self._dropped_log.note(dropped, slot, MAX_QUEUED_MESSAGE_BYTES)
-        self._touched.add(link)
-        return True
-
-    def _check_message_size(self, body_size: int) -> None:
-        if body_size > self._max_message_size:
-            raise ProtocolError(f"a message of {body_size} bytes (max_message_size is {self._max_message_size})")
-
-    def _on_send(self, link: Link, frame: Frame) -> None:
-        self._check_message_size(len(frame.payload))
-        _run_hooks(self._hooks.message, link.worker.slot, decode_message(frame.payload))
-
-    def _on_publish(self, link: Link, frame: Frame) -> None:
-        self._check_message_size(len(frame.payload) - 1)
-        include_sender, body = unpack_publish(frame.payload)
-        slot = link.worker.slot
-        self.broadcast_message(body, sender=slot, skip=None if include_sender else slot)
 
     def _on_signals(self, signals: SignalQueue) -> None:
         for signum in signals.drain():
@@ -504,7 +522,7 @@ class Dispatcher:
                 self._route(self._next_id, fd, client)
             else:
                 intake.take(self._next_id, fd, listener.family, client)  # (its own errors close only this one)
-            if not self._accepting and (self._parked or not self._stopping):
+            if not self._accepting and (self._parked or not self._supervisor.stopping):
                 break  # (a graceful stop drains the backlog while a slot can take connections)
 
     def _connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
@@ -514,6 +532,9 @@ class Dispatcher:
             os.close(fd)
         self._connection_fault_log.note(1, client.host or "a Unix socket", f"{type(error).__name__}: {error}")
         logger.debug("routing a connection failed", exc_info=error)
+
+    def _unpackable(self, entry: Owed, error: BaseException) -> None:
+        self._connection_failed(entry[1], entry[2], error)
 
     def _pause_accepting(self, exc: OSError) -> None:
         self._accept_error_log.note(1, os.strerror(exc.errno or 0), ACCEPT_BACKOFF)
@@ -526,7 +547,7 @@ class Dispatcher:
             self._parked.append((conn_id, fd, client))
             self._update_accepting()
             return
-        link = self._links[slot]
+        link = self._current[slot]
         link.owe((conn_id, fd, client))
         self._touched.add(link)
         if link.at_ceiling() and not link.no_room:
@@ -542,17 +563,12 @@ class Dispatcher:
             )
             self._workers_changed()
 
-    def _out_of_room(self, link: Link) -> None:
-        """Rule 6: ``link``'s worker is at its descriptor ceiling; route its clients elsewhere until some close."""
-        link.no_room = True
-        self._no_room_log.note(1, link.worker.slot, link.live, link.descriptor_limit)
-        self._workers_changed()
-
-    def _room_again(self, link: Link) -> None:
-        """Rule 6: back in the alive set once a tenth of its ceiling has closed."""
-        if link.has_room_again():
-            link.no_room = False
-            self._workers_changed()
+    def _route_parked(self) -> None:
+        """Route the parked connections, oldest first (those no slot takes stay parked, in order)."""
+        parked, self._parked = self._parked, deque()
+        for conn_id, fd, client in parked:
+            self._route(conn_id, fd, client)
+        self._update_accepting()
 
     def _pick(self, client: ClientInfo) -> int | None:
         workers = self._workers
@@ -597,29 +613,39 @@ class Dispatcher:
             )
 
     def _workers_changed(self) -> None:
-        """Recompute the alive set after any change of links; re-route parked connections."""
-        alive = tuple(slot for slot, link in sorted(self._links.items()) if link.takes_connections)
-        size = self._supervisor.size
+        """Read the current links from the supervisor and recompute the alive set (parked ones route in ``_flush``)."""
+        supervisor = self._supervisor
+        current = self._current
+        current.clear()
+        for slot, worker in supervisor.current.items():
+            link = self._links.get(worker)
+            if link is not None:
+                current[slot] = link
+        alive = tuple(
+            slot
+            for slot, link in sorted(current.items())
+            if link.takes_connections and supervisor.takes_connections(link.worker)
+        )
+        size = supervisor.size
         if alive != self._workers.alive or size != self._workers.size:
-            self._workers = WorkerSet(size, alive, self._connections)
+            self._workers = WorkerSet(size, alive, self._workers.connections)
             self._alive = frozenset(alive)
             self._notify_balancer(self._balancer.workers_changed, self._workers)
-        if alive and self._parked:
-            parked, self._parked = self._parked, deque()
-            for conn_id, fd, client in parked:
-                self._route(conn_id, fd, client)
         self._update_accepting()
 
     def _update_accepting(self) -> None:
         should = (
-            not self._stopping and bool(self._workers.alive) and not self._parked and self._accept_paused_until is None
+            not self._supervisor.stopping
+            and bool(self._workers.alive)
+            and not self._parked
+            and self._accept_paused_until is None
         )
         if should == self._accepting:
             return
         self._accepting = should
-        for listener in self._listeners:
+        for listener, local in zip(self._listeners, self._listening, strict=True):
             if should:
-                callback = functools.partial(self._on_listener, listener, _listening_address(listener))
+                callback = functools.partial(self._on_listener, listener, local)
                 self._selector.register(listener, selectors.EVENT_READ, callback)
             else:
                 self._selector.unregister(listener)
@@ -628,33 +654,7 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         """Live figures (README, Stats); call on the loop's thread."""
-        now = time.monotonic()
-        slots: list[dict[str, Any]] = []
-        for slot in range(self._supervisor.size):
-            link = self._links.get(slot)
-            slots.append(
-                {
-                    "slot": slot,
-                    "pid": link.worker.pid if link is not None else None,
-                    "uptime": round(now - link.worker.started_at, 3) if link is not None else 0.0,
-                    "ready": bool(link is not None and link.worker.ready),
-                    "handed_off": self._handed_off.get(slot, 0),
-                    "live": link.live if link is not None else 0,
-                    "restarts": self._supervisor.restarts.get(slot, 0),
-                    "descriptor_limit": link.descriptor_limit if link is not None else 0,
-                    "lost_no_room": self._lost_no_room.get(slot, 0),
-                }
-            )
-        return {
-            "pid": os.getpid(),
-            "uptime": round(now - self._created_at, 3),
-            "workers": slots,
-            "accepted": self._next_id,
-            "handed_off": sum(entry["handed_off"] for entry in slots),
-            "live": sum(entry["live"] for entry in slots),
-            "restarts": sum(entry["restarts"] for entry in slots),
-            "lost_no_room": sum(entry["lost_no_room"] for entry in slots),
-        }
+        return collect(self._supervisor, self._current, self._counters, self._next_id)
 
     def stats_from_any_thread(self, timeout: float = 1.0) -> dict[str, Any]:
         if self._loop_thread in (None, threading.get_ident()):
@@ -662,40 +662,23 @@ class Dispatcher:
         answer: list[dict[str, Any]] = []
         done = threading.Event()
 
-        def collect() -> None:
+        def collect_on_the_loop() -> None:
             answer.append(self.stats())
             done.set()
 
-        self.call_soon_threadsafe(collect)
+        self.call_soon_threadsafe(collect_on_the_loop)
         if not done.wait(timeout):
             raise TimeoutError(f"the master's loop did not answer within {timeout} s")
         return answer[0]
 
     def _dump_stats(self) -> None:
         figures = self.stats()
-        logger.info(
-            "stats: %d workers, %d connections accepted, %d handed off, %d live, %d restarts",
-            len(figures["workers"]),
-            figures["accepted"],
-            figures["handed_off"],
-            figures["live"],
-            figures["restarts"],
-        )
-        for worker in figures["workers"]:
-            logger.info(
-                "stats: worker %d pid %s up %.0f s: %d handed off, %d live, %d restarts",
-                worker["slot"],
-                worker["pid"],
-                worker["uptime"],
-                worker["handed_off"],
-                worker["live"],
-                worker["restarts"],
-            )
-        _run_hooks(self._hooks.stats, figures)
+        log_stats(figures)
+        run_hooks(self._hooks.stats, figures)
 
     # --- worker links -----------------------------------------------------------
 
-    def _add_link(self, worker: WorkerProcess, incoming: bool = False) -> None:
+    def _add_link(self, worker: WorkerProcess) -> None:
         recycle_after = None
         if self._max_connections:
             jitter = self._max_connections_jitter
@@ -703,11 +686,8 @@ class Dispatcher:
                 jitter = int(self._max_connections * RECYCLE_JITTER)
             recycle_after = self._max_connections + random.randint(0, jitter)
         link = Link(worker, last_heard=time.monotonic(), recycle_after=recycle_after)
-        self._by_worker[worker] = link
-        (self._incoming if incoming else self._links)[worker.slot] = link
+        self._links[worker] = link
         self._selector.register(worker.control, selectors.EVENT_READ, functools.partial(self._on_control, link))
-        if self._stopping:
-            self._send_stop(link)
 
     def _on_control(self, link: Link, mask: int) -> None:
         # One select() batch can hold an event for a link an earlier callback closed.
@@ -752,7 +732,7 @@ class Dispatcher:
 
     def _kill_for_fault(self, link: Link) -> None:
         """A worker whose frames cannot be handled is killed; reaping replaces it (error handling)."""
-        link.worker.process.kill()
+        self._supervisor.kill(link.worker)
         self._disconnect(link)
 
     def _handle_frames(self, link: Link, seconds: float | None) -> None:
@@ -771,88 +751,6 @@ class Dispatcher:
             else:
                 self._busy.pop(link, None)
 
-    def _count_sent(self, link: Link) -> None:
-        """Account for the hand-offs the last flush sent (rule 1: they are the worker's now)."""
-        sent = link.count_sent()
-        if sent:
-            slot = link.worker.slot
-            self._handed_off[slot] = self._handed_off.get(slot, 0) + sent
-            if link.recycle_after is not None and link.taken >= link.recycle_after and not link.recycling:
-                link.recycling = True
-                self._replace(slot, f"it took {link.taken} connections (max_connections_per_worker)")
-        if link.full and link.unread() <= MAX_QUEUED // 2:
-            link.full = False
-            self._workers_changed()
-
-    def _check_full(self, now: float) -> bool:
-        """Rule 3: put full workers that have caught up back in the alive set; True if one was."""
-        changed = False
-        still_full = False
-        for link in list(self._by_worker.values()):
-            if link.full and link.connected:
-                if link.unread(ask_kernel=True) <= MAX_QUEUED // 2:
-                    link.full = False
-                    changed = True
-                else:
-                    still_full = True
-        self._next_full_check = now + FULL_CHECK_INTERVAL if still_full else None
-        return changed
-
-    def _on_closed(self, link: Link, frame: Frame) -> None:
-        self._forget_closed(link, unpack_count(frame))
-
-    def _forget_closed(self, link: Link, count: int) -> None:
-        count = link.closed(count)
-        slot = link.worker.slot
-        if self._links.get(slot) is link:
-            self._notify_balancer(self._balancer.connections_closed, slot, count)
-        if link.no_room:
-            self._room_again(link)
-
-    def _on_no_room(self, link: Link, frame: Frame) -> None:
-        """Rule 6: the worker lost hand-offs at its descriptor limit; its ceiling is what it holds now."""
-        lost = unpack_count(frame)
-        slot = link.worker.slot
-        self._lost_no_room[slot] = self._lost_no_room.get(slot, 0) + lost
-        self._forget_closed(link, lost)
-        held = max(1, link.live - link.unread(ask_kernel=True))
-        if link.max_live is None or held < link.max_live:
-            link.max_live = held
-        if link.live >= link.max_live and not link.no_room:
-            self._out_of_room(link)
-
-    def _on_ready_frame(self, link: Link, frame: Frame) -> None:
-        link.descriptor_limit = unpack_count(frame) if frame.payload else 0  # empty: no limit known
-        link.max_live = descriptor_headroom(link.descriptor_limit)
-        worker = link.worker
-        self._supervisor.note_ready(worker)
-        logger.debug("worker %d (pid %d) is ready", worker.slot, worker.pid)
-        if self._stopping:
-            return
-        _run_hooks(self._hooks.worker_start, worker.slot)
-        if self._incoming.get(worker.slot) is link:
-            self._promote(link)  # (a reload can finish before the server has started)
-        size = self._supervisor.size
-        if not self._started and all(slot in self._links and self._links[slot].worker.ready for slot in range(size)):
-            self._started = True
-            addresses = ", ".join(format_address(listener.getsockname()) for listener in self._listeners)
-            logger.info("listening on %s with %d workers (master pid %d)", addresses, size, os.getpid())
-            if self._on_ready is not None:
-                self._on_ready()
-
-    def _flush_touched(self) -> None:
-        # A flush can find a worker gone; re-routing its connections touches other
-        # links, so take the set first and go round until nothing new is touched.
-        while self._touched:
-            touched, self._touched = self._touched, set()
-            for link in touched:
-                if link.connected:
-                    link.frame_pending(self._intake is not None, self._unpackable)
-                    self._flush_link(link)
-
-    def _unpackable(self, entry: tuple[int, int, ClientInfo], error: BaseException) -> None:
-        self._connection_failed(entry[1], entry[2], error)
-
     def _flush_link(self, link: Link) -> None:
         try:
             drained = link.outbox.flush(link.worker.control)
@@ -866,24 +764,90 @@ class Dispatcher:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if link.writing else 0)
             self._selector.modify(link.worker.control, events, functools.partial(self._on_control, link))
 
+    def _count_sent(self, link: Link) -> None:
+        """Account for the hand-offs the last flush sent (rule 1: they are the worker's now)."""
+        sent = link.count_sent()
+        if sent:
+            slot = link.worker.slot
+            handed_off = self._counters.handed_off
+            handed_off[slot] = handed_off.get(slot, 0) + sent
+            if link.recycle_after is not None and link.taken >= link.recycle_after and not link.recycling:
+                link.recycling = True
+                self._carry_out(
+                    self._supervisor.replace(slot, f"it took {link.taken} connections (max_connections_per_worker)")
+                )
+        if link.full and link.unread() <= MAX_QUEUED // 2:
+            link.full = False
+            self._workers_changed()
+
+    def _check_full(self, now: float) -> bool:
+        """Rule 3: put full workers that have caught up back in the alive set; True if one was."""
+        changed = False
+        still_full = False
+        for link in list(self._links.values()):
+            if link.full and link.connected:
+                if link.unread(ask_kernel=True) <= MAX_QUEUED // 2:
+                    link.full = False
+                    changed = True
+                else:
+                    still_full = True
+        self._next_full_check = now + FULL_CHECK_INTERVAL if still_full else None
+        return changed
+
+    def _out_of_room(self, link: Link) -> None:
+        """Rule 6: ``link``'s worker is at its descriptor ceiling; route its clients elsewhere until some close."""
+        link.no_room = True
+        self._no_room_log.note(1, link.worker.slot, link.live, link.descriptor_limit)
+        self._workers_changed()
+
+    def _on_ready_frame(self, link: Link, frame: Frame) -> None:
+        link.descriptor_limit = unpack_count(frame) if frame.payload else 0  # empty: no limit known
+        link.max_live = descriptor_headroom(link.descriptor_limit)
+        worker = link.worker
+        logger.debug("worker %d (pid %d) is ready", worker.slot, worker.pid)
+        if not self._supervisor.stopping:
+            run_hooks(self._hooks.worker_start, worker.slot)
+        self._carry_out(self._supervisor.ready(worker))
+
+    def _on_closed(self, link: Link, frame: Frame) -> None:
+        self._forget_closed(link, unpack_count(frame))
+
+    def _forget_closed(self, link: Link, count: int) -> None:
+        count = link.closed(count)
+        slot = link.worker.slot
+        if self._current.get(slot) is link:
+            self._notify_balancer(self._balancer.connections_closed, slot, count)
+        if link.no_room and link.has_room_again():
+            link.no_room = False  # rule 6: back once a tenth of its ceiling has closed
+            self._workers_changed()
+
+    def _on_no_room(self, link: Link, frame: Frame) -> None:
+        """Rule 6: the worker lost hand-offs at its descriptor limit; its ceiling is what it holds now."""
+        lost = unpack_count(frame)
+        slot = link.worker.slot
+        lost_no_room = self._counters.lost_no_room
+        lost_no_room[slot] = lost_no_room.get(slot, 0) + lost
+        self._forget_closed(link, lost)
+        held = max(1, link.live - link.unread(ask_kernel=True))
+        if link.max_live is None or held < link.max_live:
+            link.max_live = held
+        if link.live >= link.max_live and not link.no_room:
+            self._out_of_room(link)
+
     def _disconnect(self, link: Link) -> None:
-        """Close the link and route again the connections it holds that were not sent yet (rule 2)."""
+        """Close the link and park the connections it held that were not sent yet, to route again (rule 2)."""
         if not link.connected:
             return
         self._selector.unregister(link.worker.control)
         owed = link.close()
         self._busy.pop(link, None)
-        self._workers_changed()
         self._route_again(link, owed)
-        if not self._stopping and link.worker.process.poll() is None and link.worker not in self._kill_at:
-            # A worker without its control socket can do nothing useful: give it
-            # the graceful timeout to exit on its own, then kill it.
-            deadline = time.monotonic() + self._graceful_timeout
-            self._kill_at[link.worker] = (deadline, "lost its control socket and did not exit")
+        self._workers_changed()
+        self._supervisor.lost_control(link.worker)
 
-    def _route_again(self, link: Link, owed: list[tuple[int, int, ClientInfo]]) -> None:
-        """Rule 2: route the connections ``link``'s worker never took to the balancer's choice among the others."""
-        if owed and not self._stopping:
+    def _route_again(self, link: Link, owed: list[Owed]) -> None:
+        """Rule 2: park the connections ``link``'s worker never took; ``_flush`` routes them among the others."""
+        if owed and not self._supervisor.stopping:
             logger.warning(
                 "worker %d (pid %d) went away holding %d connection(s) it had not taken; routing them again",
                 link.worker.slot,
@@ -891,8 +855,7 @@ class Dispatcher:
                 len(owed),
             )
         link.live = max(0, link.live - len(owed))
-        for conn_id, fd, client in owed:
-            self._route(conn_id, fd, client)
+        self._parked.extend(owed)
 
     def _client_of(self, fd: int) -> ClientInfo:
         """A connection's client, asked of its socket (for descriptors read back that no frame accounts for)."""
@@ -940,242 +903,3 @@ class Dispatcher:
                 lost,
             )
         self._route_again(link, owed_in(frames))
-
-    def _reap(self) -> None:
-        for worker, returncode in self._supervisor.reap():
-            link = self._by_worker.pop(worker)
-            for _ in range(MAX_DRAIN_READS):
-                if not link.connected or not self._read_link(link, seconds=None):
-                    break
-            self._disconnect(link)
-            self._read_back(link)
-            self._kill_at.pop(worker, None)
-            slot = worker.slot
-            _run_hooks(self._hooks.worker_exit, slot, returncode)
-            if self._incoming.get(slot) is link:
-                del self._incoming[slot]
-                self._replace_queue.clear()
-                logger.error(
-                    "the new worker for slot %d (pid %d) %s before it was ready; keeping the running worker "
-                    "and abandoning the reload (its error is printed above)",
-                    slot,
-                    worker.pid,
-                    describe_exit(returncode),
-                )
-                continue
-            if self._links.get(slot) is link:
-                del self._links[slot]
-            if not self._started and not worker.ready and not self._stopping:
-                self._supervisor.schedule_restart(worker, returncode)
-                self._fail_to_start(
-                    f"worker {slot} (pid {worker.pid}) {describe_exit(returncode)} before it was ready, "
-                    "so the server did not start. Its own error is printed above; fix it and start again."
-                )
-                continue
-            if not self._supervisor.schedule_restart(worker, returncode):
-                self._fail_to_start(
-                    f"the workers of slot {slot} failed to start {MAX_BOOT_FAILURES} times in a row "
-                    f"(the last {describe_exit(returncode)}), so the server stopped. "
-                    "Their error is printed above; fix it and start again."
-                )
-        self._workers_changed()
-        self._next_replacement()
-
-    def _fail_to_start(self, message: str) -> None:
-        if self._boot_error is None:
-            self._boot_error = WorkerBootError(message)
-        self._stop("workers cannot start", StopMode.KILL)
-
-    # --- heartbeat --------------------------------------------------------------
-
-    def _heartbeat(self, now: float) -> bool:
-        """Ping every ready worker; abort those silent for ``timeout``. Returns True if one was aborted."""
-        assert self._timeout is not None
-        self._next_heartbeat = now + self._timeout / HEARTBEATS_PER_TIMEOUT
-        aborted = False
-        for link in list(self._links.values()):
-            worker = link.worker
-            if not link.connected or link.hung or worker.stopping or not worker.ready:
-                continue
-            if now - link.last_heard > self._timeout:
-                link.hung = aborted = True
-                logger.error(
-                    "worker %d (pid %d) has not answered for %.1f s; killing it (SIGABRT, then SIGKILL)",
-                    worker.slot,
-                    worker.pid,
-                    now - link.last_heard,
-                )
-                worker.process.send_signal(signal.SIGABRT)
-                self._kill_at[worker] = (now + ABORT_GRACE, "did not exit on SIGABRT")
-                continue
-            link.outbox.put(FrameKind.PING)
-            self._flush_link(link)
-        return aborted
-
-    # --- reload, resize, recycle ------------------------------------------------
-
-    def _reload(self) -> None:
-        if self._stopping:
-            return
-        logger.info("SIGHUP: replacing %d workers one by one", len(self._links))
-        for slot in sorted(self._links):
-            self._replace(slot, "reload")
-
-    def _replace(self, slot: int, why: str) -> None:
-        """Queue ``slot`` for a replacement worker (rule 4)."""
-        if slot in self._replace_queue or slot in self._incoming:
-            return
-        logger.info("replacing worker %d: %s", slot, why)
-        self._replace_queue.append(slot)
-        self._next_replacement()
-
-    def _next_replacement(self) -> None:
-        if self._incoming or self._stopping:
-            return
-        while self._replace_queue:
-            slot = self._replace_queue.popleft()
-            if slot >= self._supervisor.size or slot not in self._links:
-                continue  # gone, or restarting anyway: its next worker runs the new code
-            try:
-                self._add_link(self._supervisor.spawn(slot), incoming=True)
-            except OSError as exc:
-                logger.error("could not start a replacement for worker %d (%s); keeping the running one", slot, exc)
-                continue
-            return
-
-    def _promote(self, link: Link) -> None:
-        slot = link.worker.slot
-        del self._incoming[slot]
-        previous = self._links.get(slot)
-        self._supervisor.promote(link.worker)
-        self._links[slot] = link
-        if previous is not None:
-            logger.info("worker %d replaced: pid %d now, pid %d finishing", slot, link.worker.pid, previous.worker.pid)
-            self._send_stop(previous)
-        self._workers_changed()
-        self._next_replacement()
-
-    def _grow(self) -> None:
-        if self._stopping:
-            return
-        slot = self._supervisor.size
-        self._supervisor.resize(slot + 1)
-        logger.info("SIGTTIN: %d workers now", slot + 1)
-        try:
-            self._add_link(self._supervisor.start(slot))
-        except OSError as exc:
-            self._supervisor.spawn_failed(slot, exc)
-        self._workers_changed()
-
-    def _shrink(self) -> None:
-        if self._stopping:
-            return
-        if self._supervisor.size == 1:
-            logger.warning("SIGTTOU: already down to one worker; keeping it")
-            return
-        slot = self._supervisor.size - 1
-        self._supervisor.resize(slot)
-        logger.info("SIGTTOU: %d workers now; stopping worker %d", slot, slot)
-        for links in (self._links, self._incoming):
-            link = links.pop(slot, None)
-            if link is not None:
-                self._send_stop(link)
-        self._workers_changed()
-
-    # --- stopping ---------------------------------------------------------------
-
-    def _stop(self, why: str, mode: StopMode) -> None:
-        if self._stopping:
-            logger.warning("%s while stopping: killing the workers now", why)
-            self._supervisor.kill_all()
-            return
-        self._stopping = True
-        self._supervisor.stop()
-        self._replace_queue.clear()
-        for listener, local in zip(self._listeners, self._listening, strict=True):
-            if self._accepting:
-                self._selector.unregister(listener)
-            if mode is StopMode.GRACEFUL and self._workers.alive:
-                # Clients whose handshake the kernel completed are served, not reset (rule 5).
-                self._accept_from(listener, local, MAX_STOP_DRAIN)
-            listener.close()
-        self._accepting = False
-        self._close_parked("the server is stopping")
-        if self._intake is not None and mode is not StopMode.GRACEFUL:
-            self._intake.close_all("the server is stopping")
-        if mode is StopMode.KILL:
-            self._supervisor.kill_all()
-            return
-        if mode is StopMode.QUICK:
-            logger.info("%s: quick stop", why)
-            deadline = time.monotonic() + min(QUICK_STOP_SECONDS, self._graceful_timeout)
-            for worker in self._supervisor.processes:
-                worker.stopping = True
-                self._kill_at[worker] = (deadline, f"did not exit within {QUICK_STOP_SECONDS:.1f} s of SIGQUIT")
-            self._supervisor.kill_all(signal.SIGQUIT)
-        else:
-            logger.info(
-                "%s: stopping; waiting up to %.1f s for %d workers to finish",
-                why,
-                self._graceful_timeout,
-                len(self._supervisor.processes),
-            )
-            if self._intake is not None and self._intake.waiting:
-                # Accepted connections still sending their header are served too: the
-                # workers get STOP once those are routed or timed out (header_timeout).
-                self._stops_wait_for_intake = True
-            else:
-                self._send_stops()
-        self._workers_changed()
-
-    def _send_stops(self) -> None:
-        for link in list(self._by_worker.values()):
-            if not link.worker.stopping:
-                self._send_stop(link)
-
-    def _send_stop(self, link: Link) -> None:
-        link.worker.stopping = True
-        deadline = time.monotonic() + self._graceful_timeout
-        self._kill_at[link.worker] = (deadline, f"did not exit within {self._graceful_timeout:.1f} s")
-        if link.connected:
-            link.frame_pending(self._intake is not None, self._unpackable)  # routed this pass: before STOP
-            link.outbox.put(FrameKind.STOP)
-            self._flush_link(link)
-
-    def _close_parked(self, why: str) -> None:
-        if self._parked:
-            logger.warning("closing %d accepted connection(s) no worker could take: %s", len(self._parked), why)
-        while self._parked:
-            _, fd, _ = self._parked.popleft()
-            os.close(fd)
-
-    def _shut_down(self) -> None:
-        """Leave nothing behind: no worker process, no descriptor (runs on every exit of ``run``)."""
-        self._stopping = True
-        self._supervisor.stop()
-        self._supervisor.kill_all()
-        for worker in list(self._supervisor.processes):
-            try:
-                worker.process.wait(timeout=KILL_WAIT)
-            except subprocess.TimeoutExpired:
-                logger.error("worker %d (pid %d) survived SIGKILL for %.0f s", worker.slot, worker.pid, KILL_WAIT)
-        self._supervisor.processes.clear()
-        self._supervisor.workers.clear()
-        for link in self._by_worker.values():
-            link.worker.stopping = True  # so nothing is routed to a link about to close
-        for link in list(self._by_worker.values()):
-            self._disconnect(link)
-            if link.worker.worker_end is not None:
-                link.worker.worker_end.close()  # the kernel closes what the worker never read
-                link.worker.worker_end = None
-        self._by_worker.clear()
-        self._links.clear()
-        self._incoming.clear()
-        if self._intake is not None:
-            self._intake.close_all("the server stopped")
-        self._close_parked("the server stopped")
-        for listener in self._listeners:
-            if self._accepting:
-                self._selector.unregister(listener)
-            listener.close()
-        self._accepting = False

@@ -13,6 +13,7 @@ supplementary groups.
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import signal
@@ -25,25 +26,35 @@ from typing import Any
 
 from .environment import CONTROL_FD_ENV, WORKER_SLOT_ENV
 
-__all__ = ["WorkerProcess", "describe_exit", "describe_spawn_error", "entry_command", "spawn_worker"]
+__all__ = ["WorkerProcess", "WorkerState", "describe_exit", "describe_spawn_error", "entry_command", "spawn_worker"]
+
+
+class WorkerState(enum.Enum):
+    """Where a worker process is in its life; the supervisor's table says what moves it."""
+
+    STARTING = "starting"
+    READY = "ready"
+    HUNG = "hung"
+    STOPPING = "stopping"
 
 
 @dataclass(eq=False)
 class WorkerProcess:
     """One running worker process and the master's ends of its control socketpair.
 
-    The master closes both: ``control`` when it lets go of the worker's link, and
-    ``worker_end`` (its copy of the worker's end, never read while the worker lives)
-    once it has read back what the worker left there.
+    The master's loop closes both: ``control`` when it lets go of the worker's link,
+    and ``worker_end`` (its copy of the worker's end, never read while the worker
+    lives) once it has read back what the worker left there. ``state`` and
+    ``ready_at`` are the supervisor's to set.
     """
 
     slot: int
     process: subprocess.Popen[bytes]
     control: socket.socket
     started_at: float
-    ready: bool = False
-    stopping: bool = False
     worker_end: socket.socket | None = None
+    state: WorkerState = WorkerState.STARTING
+    ready_at: float | None = None  # when it said READY
 
     @property
     def pid(self) -> int:

@@ -22,16 +22,17 @@ from typing import Any, ClassVar, TypeVar
 from . import channel
 from .async_worker import AsyncWorkerRuntime, is_async_worker
 from .balancer import Balancer, balancer_from
-from .channel import DEFAULT_MAX_MESSAGE_SIZE
+from .channel import DEFAULT_MAX_MESSAGE_SIZE, WorkerChannel
 from .environment import worker_identity
 from .errors import WrongProcessError
-from .frames import MAX_PAYLOAD, FrameKind
+from .frames import MAX_PAYLOAD
+from .hooks import Hooks
 from .intake import ClientAddressSettings
 from .listener import DEFAULT_BACKLOG, Bind, open_bind, parse_bind, validate_port
-from .master import Dispatcher, Hooks
+from .master import Dispatcher
 from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from .supervisor import Supervisor
-from .worker import ConnectionHandler, WorkerChannel, WorkerRuntime, check_worker, exit_on_boot_failure
+from .worker import ConnectionHandler, WorkerRuntime, check_worker, exit_on_boot_failure
 
 __all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "current_server", "group_id", "user_id"]
 
@@ -322,13 +323,17 @@ class StickyServer:
             for bind in binds:
                 listeners.append(open_bind(bind, self.backlog))
             self.addresses = [listener.getsockname() for listener in listeners]
-            supervisor = Supervisor(self._workers, user=self.user, group=self.group)
+            supervisor = Supervisor(
+                self._workers,
+                user=self.user,
+                group=self.group,
+                graceful_timeout=self.graceful_timeout,
+                timeout=self.timeout,
+            )
             dispatcher = Dispatcher(
                 listeners,
                 supervisor,
                 self.balancer,
-                graceful_timeout=self.graceful_timeout,
-                timeout=self.timeout,
                 max_connections_per_worker=self.max_connections_per_worker,
                 max_connections_jitter=self.max_connections_jitter,
                 on_ready=self._notify_listening,
@@ -460,14 +465,14 @@ class StickyServer:
         if self._channel is not None:
             if to is not None:
                 raise TypeError("in a worker, send() goes to the master; use publish() to reach the other workers")
-            self._channel.put_message(FrameKind.SEND, channel.encode(message, self.max_message_size))
+            self._channel.send(channel.encode(message, self.max_message_size))
             return
         if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < self.workers:
             raise ValueError(f"send(message, to=...) needs a worker id from 0 to {self.workers - 1}; got {to!r}")
         body = channel.encode(message, self.max_message_size)
 
         def deliver() -> None:
-            if not self._running().send_message(to, body):
+            if not self._running().messages.send(to, body):
                 logger.warning("message for worker %d dropped: that slot has no worker right now", to)
 
         self._running().call_soon_threadsafe(deliver)
@@ -477,7 +482,7 @@ class StickyServer:
         if self._channel is not None:
             raise WrongProcessError("broadcast() is for the master; a worker reaches all workers with publish()")
         body = channel.encode(message, self.max_message_size)
-        self._running().call_soon_threadsafe(lambda: self._running().broadcast_message(body))
+        self._running().call_soon_threadsafe(lambda: self._running().messages.broadcast(body))
 
     def publish(self, message: Any, include_self: bool = False) -> None:
         """Worker only: send a JSON ``message`` to every other worker (and this one, with ``include_self``).
@@ -487,7 +492,7 @@ class StickyServer:
         if self._channel is None:
             raise WrongProcessError("publish() is for workers; the master reaches all workers with broadcast()")
         body = channel.encode(message, self.max_message_size)
-        self._channel.put_message(FrameKind.PUBLISH, channel.pack_publish(include_self, body))
+        self._channel.publish(body, include_self)
 
     def message_queue(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Queue[tuple[Any, Any]]:
         """An asyncio queue of ``(sender, message)`` for every message from now on: ``await queue.get()``.

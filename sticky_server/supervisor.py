@@ -1,38 +1,75 @@
-"""Worker slots: spawn, reap, respawn with back-off, stop (one process is ``process.py``'s).
+"""The worker slots' lifecycle: the supervisor decides, the master's loop carries out.
 
 Theory of operation
 -------------------
-Each slot has one *current* process; during a reload or a recycle it also has a
-replacement that is starting (it becomes current once ready) and may have old
-processes that are finishing. When the current process exits, the slot is
-started again after a delay from ``RestartPolicy``: at once if the worker had
-been up and healthy, otherwise after an exponentially growing back-off, so a
-worker that crashes at start-up costs a few spawns a second at first and one
-every ``BACKOFF_MAX`` seconds after that, never a fork loop. A slot whose workers
-fail to start ``MAX_BOOT_FAILURES`` times in a row stops the server.
+A slot is a place for one worker. It has one *current* process, the one its
+connections are routed to; during a reload or a recycle also a *replacement*
+that is starting, which becomes current once it is ready (master, rule 4); and
+perhaps old processes *finishing* what they hold. Each process moves through
+these states, and only the supervisor moves it:
+
+| state | entered when | left when |
+|---|---|---|
+| ``STARTING`` | spawned | it says READY (-> ``READY``); told to stop |
+| ``READY`` | it said READY | silent past ``timeout`` (-> ``HUNG``); told to stop |
+| ``HUNG`` | silent past ``timeout``: SIGABRT now, SIGKILL ``ABORT_GRACE`` later | it exits |
+| ``STOPPING`` | sent STOP or SIGQUIT, or lost its control socket; SIGKILL at a deadline | it exits |
+
+Every state ends when the process exits (``exited``): a current process's slot
+restarts after a delay from ``RestartPolicy``, at once if the worker had been up
+and healthy, otherwise after an exponentially growing back-off, so a worker that
+crashes at start-up costs a few spawns a second at first and one every
+``BACKOFF_MAX`` seconds after that, never a fork loop. A slot whose workers fail
+to start ``MAX_BOOT_FAILURES`` times in a row, or any worker that fails before
+the server first started, stops the server.
+
+Events come in as method calls (``boot``, ``ready``, ``exited``, ``due``,
+``reload``, ``replace``, ``grow``, ``shrink``, ``stop``, ``stop_workers``,
+``lost_control``). Each returns the decisions for the loop, to carry out in
+order: ``Connect`` (a new process: open its link), ``SendStop`` (STOP after every
+hand-off already queued for it), ``Ping``, ``Listening`` (every slot's first
+worker is ready) and ``Halt`` (workers cannot start: stop the server). Signals to
+processes the supervisor sends itself. Its deadlines (restarts, kills, the next
+heartbeat) have one earliest time, ``next_deadline``, kept up to date for the
+loop's ``select`` timeout.
 
 The supervisor never blocks: reaping is ``Popen.poll()`` on each live process
-when the master's loop sees SIGCHLD, and respawns are deadlines the loop waits for.
+when the loop sees SIGCHLD, and respawns are deadlines. The only wait is in
+``shut_down``, for processes just sent SIGKILL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import signal
+import subprocess
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .environment import LAUNCH_CWD
-from .process import WorkerProcess, describe_exit, describe_spawn_error, entry_command, spawn_worker
+from .errors import WorkerBootError
+from .process import WorkerProcess, WorkerState, describe_exit, describe_spawn_error, entry_command, spawn_worker
 
 __all__ = [
+    "ABORT_GRACE",
     "BACKOFF_FIRST",
     "BACKOFF_MAX",
     "HEALTHY_UPTIME",
+    "HEARTBEATS_PER_TIMEOUT",
     "MAX_BOOT_FAILURES",
+    "QUICK_STOP_SECONDS",
+    "Connect",
+    "Decision",
+    "Halt",
+    "Listening",
+    "Ping",
     "RestartPolicy",
+    "SendStop",
+    "StopMode",
     "Supervisor",
 ]
 
@@ -44,6 +81,57 @@ BACKOFF_MAX = 10.0
 HEALTHY_UPTIME = 1.0
 # Workers of one slot that die before they are ready this many times in a row stop the server.
 MAX_BOOT_FAILURES = 5
+# Heartbeats per `timeout`; a hung worker gets this long after SIGABRT before SIGKILL.
+HEARTBEATS_PER_TIMEOUT = 3
+ABORT_GRACE = 1.0
+# A quick stop kills workers still running this long after their SIGQUIT.
+QUICK_STOP_SECONDS = 2.0
+# How long shut_down waits for a SIGKILLed worker to be reaped.
+KILL_WAIT = 5.0
+
+
+class StopMode(enum.Enum):
+    """How the server stops (master, rule 5)."""
+
+    GRACEFUL = "graceful"
+    QUICK = "quick"
+    KILL = "kill"
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """A new process: open the master's link to it."""
+
+    worker: WorkerProcess
+
+
+@dataclass(frozen=True, slots=True)
+class SendStop:
+    """Send STOP to ``worker`` after every hand-off already queued for it."""
+
+    worker: WorkerProcess
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Send ``worker`` a heartbeat PING."""
+
+    worker: WorkerProcess
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """Every slot's first worker is ready: the server has started."""
+
+
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """Workers cannot start: stop the server at once, and raise ``error`` from ``listen()``."""
+
+    error: WorkerBootError
+
+
+Decision = Connect | SendStop | Ping | Listening | Halt
 
 
 @dataclass
@@ -69,7 +157,7 @@ SpawnFunction = Callable[..., WorkerProcess]
 
 
 class Supervisor:
-    """The worker slots of one master: which process runs in each, and when empty ones restart."""
+    """The worker slots of one master and every decision about their processes (module docstring)."""
 
     def __init__(
         self,
@@ -82,51 +170,66 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         user: int | None = None,
         group: int | None = None,
+        graceful_timeout: float = 30.0,
+        timeout: float | None = None,
     ) -> None:
         self.size = size
         self.command = list(command) if command is not None else entry_command()
         self.cwd = cwd
         self.policy = policy or RestartPolicy()
-        self.workers: dict[int, WorkerProcess] = {}  # the current process of each slot
+        self.graceful_timeout = graceful_timeout
+        self.timeout = timeout  # heartbeat: a ready worker silent this long is killed (None: no heartbeat)
+        self.current: dict[int, WorkerProcess] = {}
+        self.replacements: dict[int, WorkerProcess] = {}  # starting, current once ready (one at a time)
         self.processes: set[WorkerProcess] = set()  # every live process: current, starting, finishing
-        self.restart_at: dict[int, float] = {}
-        self.boot_failures: dict[int, int] = {}
         self.restarts: dict[int, int] = {}  # per slot: workers restarted after an unexpected exit
+        self.started = False  # every slot's first worker was ready once
         self.stopping = False
+        self.next_deadline: float | None = None  # the earliest of the deadlines below
+        self._restart_at: dict[int, float] = {}
+        self._kill_at: dict[WorkerProcess, tuple[float, str]] = {}
+        self._next_heartbeat: float | None = None
+        self._replace_queue: deque[int] = deque()
+        self._boot_failures: dict[int, int] = {}
         self._spawn = spawn
         self._clock = clock
         self._credentials = {name: value for name, value in (("user", user), ("group", group)) if value is not None}
 
-    def spawn(self, slot: int) -> WorkerProcess:
-        """Start a process for ``slot`` without making it current; raises OSError if it cannot."""
-        worker = self._spawn(slot, self.command, self.cwd, self._clock(), **self._credentials)
-        self.processes.add(worker)
-        logger.info("worker %d started (pid %d)", slot, worker.pid)
-        return worker
+    # --- events -----------------------------------------------------------------
 
-    def start(self, slot: int) -> WorkerProcess:
-        """Start the current process of the empty ``slot``; raises OSError if it cannot."""
-        worker = self.spawn(slot)
-        self.workers[slot] = worker
-        self.restart_at.pop(slot, None)
-        return worker
+    def boot(self) -> list[Decision]:
+        """Start every slot's first worker; raises WorkerBootError if the OS cannot create one."""
+        decisions: list[Decision] = []
+        for slot in range(self.size):
+            try:
+                decisions.append(Connect(self._start(slot)))
+            except OSError as exc:
+                raise WorkerBootError(f"{self.spawn_error(slot, exc)}; the server did not start") from None
+        if self.timeout:
+            self._next_heartbeat = self._clock() + self.timeout / HEARTBEATS_PER_TIMEOUT
+            self._deadlines_changed()
+        return decisions
 
-    def promote(self, worker: WorkerProcess) -> WorkerProcess | None:
-        """Make ``worker`` its slot's current process; return the one it replaces."""
-        previous = self.workers.get(worker.slot)
-        self.workers[worker.slot] = worker
-        return previous
-
-    def note_ready(self, worker: WorkerProcess) -> None:
-        """``worker`` said it is ready: its slot's boot-failure streak ends."""
-        worker.ready = True
-        self.boot_failures[worker.slot] = 0
-
-    def is_current(self, worker: WorkerProcess) -> bool:
-        return self.workers.get(worker.slot) is worker
+    def ready(self, worker: WorkerProcess) -> list[Decision]:
+        """``worker`` said READY: promote it if it is a replacement; say when the server has started."""
+        worker.ready_at = self._clock()
+        if worker.state is WorkerState.STARTING:
+            worker.state = WorkerState.READY
+        self._boot_failures[worker.slot] = 0
+        if self.stopping:
+            return []
+        decisions: list[Decision] = []
+        if self.replacements.get(worker.slot) is worker:
+            decisions += self._promote(worker)  # (a reload can finish before the server has started)
+        if not self.started and all(
+            slot in self.current and self.current[slot].ready_at is not None for slot in range(self.size)
+        ):
+            self.started = True
+            decisions.append(Listening())
+        return decisions
 
     def reap(self) -> list[tuple[WorkerProcess, int]]:
-        """Collect the processes that exited, with their return codes; empty the slots they held."""
+        """The processes that exited, with their return codes (call ``exited`` for each once its link is closed)."""
         exited: list[tuple[WorkerProcess, int]] = []
         for worker in list(self.processes):
             returncode = worker.process.poll()
@@ -135,40 +238,65 @@ class Supervisor:
                 exited.append((worker, returncode))
         return exited
 
-    def schedule_restart(self, worker: WorkerProcess, returncode: int) -> bool:
-        """Log the exit of ``worker`` and, if it was a slot's current process, set when the slot restarts.
-
-        Returns False when the slot failed to start ``MAX_BOOT_FAILURES`` times in a row.
-        """
+    def exited(self, worker: WorkerProcess, returncode: int) -> list[Decision]:
+        """``worker`` exited: abandon a reload, restart its slot, or halt (module docstring)."""
+        if self._kill_at.pop(worker, None) is not None:
+            self._deadlines_changed()
+        slot = worker.slot
         how = describe_exit(returncode)
-        current = self.is_current(worker)
-        if current:
-            del self.workers[worker.slot]
-        if self.stopping or not current or worker.slot >= self.size:
-            logger.info("worker %d (pid %d) %s", worker.slot, worker.pid, how)
-            return True
-        if not worker.ready:
-            self.boot_failures[worker.slot] = self.boot_failures.get(worker.slot, 0) + 1
-        uptime = self._clock() - worker.started_at
-        delay = self.policy.delay(worker.slot, worker.ready, uptime)
-        phase = "" if worker.ready else " before it was ready"
-        failures = self.policy.failures.get(worker.slot, 0)
-        streak = f" ({failures} quick failures in a row)" if failures > 1 else ""
-        if self.boot_failures.get(worker.slot, 0) >= MAX_BOOT_FAILURES:
+        if self.replacements.get(slot) is worker:
+            del self.replacements[slot]
+            self._replace_queue.clear()
             logger.error(
-                "worker %d (pid %d) %s%s: %d failed starts in a row",
-                worker.slot,
+                "the new worker for slot %d (pid %d) %s before it was ready; keeping the running worker "
+                "and abandoning the reload (its error is printed above)",
+                slot,
                 worker.pid,
                 how,
-                phase,
-                MAX_BOOT_FAILURES,
             )
-            return False
-        self.restart_at[worker.slot] = self._clock() + delay
-        self.restarts[worker.slot] = self.restarts.get(worker.slot, 0) + 1
+            return []
+        current = self.current.get(slot) is worker
+        if current:
+            del self.current[slot]
+        if self.stopping or not current or slot >= self.size:
+            logger.info("worker %d (pid %d) %s", slot, worker.pid, how)
+            return self._next_replacement()
+        if not self.started and worker.ready_at is None:
+            logger.error("worker %d (pid %d) %s before it was ready", slot, worker.pid, how)
+            return [
+                Halt(
+                    WorkerBootError(
+                        f"worker {slot} (pid {worker.pid}) {how} before it was ready, so the server did not "
+                        "start. Its own error is printed above; fix it and start again."
+                    )
+                )
+            ]
+        if worker.ready_at is None:
+            self._boot_failures[slot] = self._boot_failures.get(slot, 0) + 1
+        phase = "" if worker.ready_at is not None else " before it was ready"
+        if self._boot_failures.get(slot, 0) >= MAX_BOOT_FAILURES:
+            logger.error(
+                "worker %d (pid %d) %s%s: %d failed starts in a row", slot, worker.pid, how, phase, MAX_BOOT_FAILURES
+            )
+            return [
+                Halt(
+                    WorkerBootError(
+                        f"the workers of slot {slot} failed to start {MAX_BOOT_FAILURES} times in a row "
+                        f"(the last {how}), so the server stopped. "
+                        "Their error is printed above; fix it and start again."
+                    )
+                )
+            ]
+        uptime = self._clock() - worker.started_at
+        delay = self.policy.delay(slot, worker.ready_at is not None, uptime)
+        failures = self.policy.failures.get(slot, 0)
+        streak = f" ({failures} quick failures in a row)" if failures > 1 else ""
+        self._restart_at[slot] = self._clock() + delay
+        self._deadlines_changed()
+        self.restarts[slot] = self.restarts.get(slot, 0) + 1
         logger.warning(
             "worker %d (pid %d) %s%s after %.1f s; restarting it in %.1f s%s",
-            worker.slot,
+            slot,
             worker.pid,
             how,
             phase,
@@ -176,12 +304,170 @@ class Supervisor:
             delay,
             streak,
         )
-        return True
+        return self._next_replacement()
+
+    def due(self, now: float, last_heard: Callable[[WorkerProcess], float | None]) -> list[Decision] | None:
+        """What is due at ``now``: restarts, kills, the heartbeat; None if nothing was (the loop asks every turn).
+
+        ``last_heard(worker)`` is when the loop last read from the worker (None: its link is closed).
+        """
+        if self.next_deadline is None or now < self.next_deadline:
+            return None
+        decisions: list[Decision] = []
+        for slot in sorted(slot for slot, when in self._restart_at.items() if when <= now):
+            del self._restart_at[slot]
+            try:
+                decisions.append(Connect(self._start(slot)))
+            except OSError as exc:
+                self.spawn_failed(slot, exc)
+        for worker, (when, why) in list(self._kill_at.items()):
+            if when <= now:
+                del self._kill_at[worker]
+                if worker.process.poll() is None:
+                    logger.warning("worker %d (pid %d) %s; killing it", worker.slot, worker.pid, why)
+                    worker.process.kill()
+        if self._next_heartbeat is not None and self._next_heartbeat <= now:
+            decisions += self._heartbeat(now, last_heard)
+        self._deadlines_changed()
+        return decisions
+
+    def reload(self) -> list[Decision]:
+        """SIGHUP: replace every slot's worker, one slot at a time (rule 4)."""
+        if self.stopping:
+            return []
+        logger.info("SIGHUP: replacing %d workers one by one", len(self.current))
+        for slot in sorted(self.current):
+            self._queue_replacement(slot, "reload")
+        return self._next_replacement()
+
+    def replace(self, slot: int, why: str) -> list[Decision]:
+        """Replace ``slot``'s worker (a recycle), after any replacement under way."""
+        if self.stopping:
+            return []
+        self._queue_replacement(slot, why)
+        return self._next_replacement()
+
+    def grow(self) -> list[Decision]:
+        """SIGTTIN: one slot more."""
+        if self.stopping:
+            return []
+        slot = self.size
+        self.size += 1
+        logger.info("SIGTTIN: %d workers now", self.size)
+        try:
+            return [Connect(self._start(slot))]
+        except OSError as exc:
+            self.spawn_failed(slot, exc)
+            return []
+
+    def shrink(self) -> list[Decision]:
+        """SIGTTOU: one slot fewer; the last slot's workers stop gracefully and are not restarted."""
+        if self.stopping:
+            return []
+        if self.size == 1:
+            logger.warning("SIGTTOU: already down to one worker; keeping it")
+            return []
+        self.size -= 1
+        slot = self.size
+        logger.info("SIGTTOU: %d workers now; stopping worker %d", slot, slot)
+        if self._restart_at.pop(slot, None) is not None:
+            self._deadlines_changed()
+        decisions: list[Decision] = []
+        for table in (self.current, self.replacements):
+            worker = table.pop(slot, None)
+            if worker is not None:
+                decisions += self._stop_worker(worker)
+        return decisions + self._next_replacement()
+
+    def stop(self, why: str, mode: StopMode) -> None:
+        """Begin stopping (rule 5); a second stop kills every worker now.
+
+        A graceful stop sends nothing yet: the loop calls ``stop_workers`` once every
+        accepted connection is routed.
+        """
+        if self.stopping:
+            logger.warning("%s while stopping: killing the workers now", why)
+            self.kill_all()
+            return
+        self.stopping = True
+        self._restart_at.clear()
+        self._replace_queue.clear()
+        self._deadlines_changed()
+        if mode is StopMode.KILL:
+            self.kill_all()
+        elif mode is StopMode.QUICK:
+            logger.info("%s: quick stop", why)
+            seconds = min(QUICK_STOP_SECONDS, self.graceful_timeout)
+            for worker in self.processes:
+                worker.state = WorkerState.STOPPING
+                self._kill_after(worker, seconds, f"did not exit within {QUICK_STOP_SECONDS:.1f} s of SIGQUIT")
+            self.kill_all(signal.SIGQUIT)
+        else:
+            logger.info(
+                "%s: stopping; waiting up to %.1f s for %d workers to finish",
+                why,
+                self.graceful_timeout,
+                len(self.processes),
+            )
+
+    def stop_workers(self) -> list[Decision]:
+        """Graceful stop: STOP to every process not told yet, each killed ``graceful_timeout`` later."""
+        decisions: list[Decision] = []
+        for worker in sorted(self.processes, key=lambda worker: (worker.slot, worker.started_at)):
+            if worker.state is not WorkerState.STOPPING:
+                decisions += self._stop_worker(worker)
+        return decisions
+
+    def lost_control(self, worker: WorkerProcess) -> None:
+        """``worker``'s control socket closed: it can do nothing useful; kill it if it does not exit on its own."""
+        if self.stopping or worker.process.poll() is not None or worker in self._kill_at:
+            return
+        worker.state = WorkerState.STOPPING
+        self._kill_after(worker, self.graceful_timeout, "lost its control socket and did not exit")
+
+    def kill(self, worker: WorkerProcess) -> None:
+        """SIGKILL ``worker`` now (its frames could not be handled); it is reaped and replaced."""
+        worker.state = WorkerState.STOPPING
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.kill()
+
+    def kill_all(self, signum: int = signal.SIGKILL) -> None:
+        """Send ``signum`` to every live worker process."""
+        for worker in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signum)
+
+    def shut_down(self) -> list[WorkerProcess]:
+        """Kill every process and wait for them; return them all (the loop closes what it holds of each)."""
+        self.stopping = True
+        self._restart_at.clear()
+        self._kill_at.clear()
+        self._next_heartbeat = None
+        self._deadlines_changed()
+        self.kill_all()
+        for worker in self.processes:
+            worker.state = WorkerState.STOPPING
+            try:
+                worker.process.wait(timeout=KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                logger.error("worker %d (pid %d) survived SIGKILL for %.0f s", worker.slot, worker.pid, KILL_WAIT)
+        gone = list(self.processes)
+        self.processes.clear()
+        self.current.clear()
+        self.replacements.clear()
+        return gone
+
+    # --- what the loop asks -----------------------------------------------------
+
+    def takes_connections(self, worker: WorkerProcess) -> bool:
+        """Whether ``worker`` may be routed to, as far as its lifecycle goes (the link says the rest)."""
+        return worker.state in _ROUTABLE and self.current.get(worker.slot) is worker
 
     def spawn_failed(self, slot: int, error: OSError) -> None:
         """Back off after the OS refused to create a process for ``slot``."""
         delay = self.policy.delay(slot, False, 0.0)
-        self.restart_at[slot] = self._clock() + delay
+        self._restart_at[slot] = self._clock() + delay
+        self._deadlines_changed()
         logger.error("%s; trying again in %.1f s", self.spawn_error(slot, error), delay)
 
     def spawn_error(self, slot: int, error: OSError) -> str:
@@ -189,30 +475,91 @@ class Supervisor:
         why = describe_spawn_error(error, self.command, self._credentials.get("user"))
         return f"could not start worker {slot}: {why}"
 
-    def next_restart(self) -> float | None:
-        """The earliest clock time at which an empty slot is due to start."""
-        return min(self.restart_at.values()) if self.restart_at else None
+    # --- the parts --------------------------------------------------------------
 
-    def due_restarts(self) -> list[int]:
-        """The empty slots whose restart time has come (the caller starts them)."""
-        if not self.restart_at:  # the master asks on every turn of its loop
+    def _spawn_process(self, slot: int) -> WorkerProcess:
+        worker = self._spawn(slot, self.command, self.cwd, self._clock(), **self._credentials)
+        self.processes.add(worker)
+        logger.info("worker %d started (pid %d)", slot, worker.pid)
+        return worker
+
+    def _start(self, slot: int) -> WorkerProcess:
+        """Start the current process of the empty ``slot``; raises OSError if it cannot."""
+        worker = self._spawn_process(slot)
+        self.current[slot] = worker
+        return worker
+
+    def _promote(self, worker: WorkerProcess) -> list[Decision]:
+        slot = worker.slot
+        del self.replacements[slot]
+        previous = self.current.get(slot)
+        self.current[slot] = worker
+        decisions: list[Decision] = []
+        if previous is not None:
+            logger.info("worker %d replaced: pid %d now, pid %d finishing", slot, worker.pid, previous.pid)
+            decisions += self._stop_worker(previous)
+        return decisions + self._next_replacement()
+
+    def _queue_replacement(self, slot: int, why: str) -> None:
+        if slot in self._replace_queue or slot in self.replacements:
+            return
+        logger.info("replacing worker %d: %s", slot, why)
+        self._replace_queue.append(slot)
+
+    def _next_replacement(self) -> list[Decision]:
+        if self.replacements or self.stopping:
             return []
-        now = self._clock()
-        return sorted(slot for slot, when in self.restart_at.items() if when <= now)
+        while self._replace_queue:
+            slot = self._replace_queue.popleft()
+            if slot >= self.size or slot not in self.current:
+                continue  # gone, or restarting anyway: its next worker runs the new code
+            try:
+                worker = self._spawn_process(slot)
+            except OSError as exc:
+                logger.error("could not start a replacement for worker %d (%s); keeping the running one", slot, exc)
+                continue
+            self.replacements[slot] = worker
+            return [Connect(worker)]
+        return []
 
-    def resize(self, size: int) -> None:
-        """Change the number of slots; slots at or above ``size`` are no longer restarted."""
-        self.size = size
-        for slot in [slot for slot in self.restart_at if slot >= size]:
-            del self.restart_at[slot]
+    def _stop_worker(self, worker: WorkerProcess) -> list[Decision]:
+        worker.state = WorkerState.STOPPING
+        self._kill_after(worker, self.graceful_timeout, f"did not exit within {self.graceful_timeout:.1f} s")
+        return [SendStop(worker)]
 
-    def stop(self) -> None:
-        """No more restarts from now on."""
-        self.stopping = True
-        self.restart_at.clear()
+    def _heartbeat(self, now: float, last_heard: Callable[[WorkerProcess], float | None]) -> list[Decision]:
+        """Ping every ready current worker; abort those silent for ``timeout``."""
+        assert self.timeout is not None
+        self._next_heartbeat = now + self.timeout / HEARTBEATS_PER_TIMEOUT
+        decisions: list[Decision] = []
+        for worker in list(self.current.values()):
+            heard = last_heard(worker)
+            if worker.state is not WorkerState.READY or heard is None:
+                continue
+            if now - heard > self.timeout:
+                worker.state = WorkerState.HUNG
+                logger.error(
+                    "worker %d (pid %d) has not answered for %.1f s; killing it (SIGABRT, then SIGKILL)",
+                    worker.slot,
+                    worker.pid,
+                    now - heard,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGABRT)
+                self._kill_after(worker, ABORT_GRACE, "did not exit on SIGABRT", now)
+            else:
+                decisions.append(Ping(worker))
+        return decisions
 
-    def kill_all(self, signum: int = signal.SIGKILL) -> None:
-        """Send ``signum`` to every live worker process."""
-        for worker in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.send_signal(signum)
+    def _kill_after(self, worker: WorkerProcess, seconds: float, why: str, now: float | None = None) -> None:
+        self._kill_at[worker] = ((self._clock() if now is None else now) + seconds, why)
+        self._deadlines_changed()
+
+    def _deadlines_changed(self) -> None:
+        deadlines = [*self._restart_at.values(), *(when for when, _ in self._kill_at.values())]
+        if self._next_heartbeat is not None:
+            deadlines.append(self._next_heartbeat)
+        self.next_deadline = min(deadlines) if deadlines else None
+
+
+_ROUTABLE = frozenset({WorkerState.STARTING, WorkerState.READY})

@@ -34,13 +34,13 @@ the control socket closes (the master is gone; the worker then exits within
 stop calls ``worker.stop()`` if the object has one; then ``work()`` returns.
 
 Until it has told the master it is ready, an uncaught exception ends the worker
-process with ``EXIT_BOOT_FAILURE``, so the master can tell a worker that cannot
-start from one that crashed while serving.
+process with ``EXIT_BOOT_FAILURE`` (3, gunicorn's code for the same), for whoever
+reads its exit status. The master itself tells a worker that cannot start from one
+that crashed while serving by whether READY came (``supervisor``), not by the code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import os
@@ -56,15 +56,14 @@ from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from . import channel as channel_codec
-from .channel import MAX_QUEUED_MESSAGE_BYTES
+from .channel import MAX_QUEUED_MESSAGE_BYTES, WorkerChannel
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedSocket
 from .errors import ProtocolError
 from .frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
-from .outbox import DropOldestQueue, Outbox
+from .outbox import DropOldestQueue
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
 from .throttle import ThrottledLog
-from .waker import Waker
 from .wire import FrameReader
 
 __all__ = [
@@ -72,7 +71,6 @@ __all__ = [
     "ORPHAN_EXIT_SECONDS",
     "ConnectionHandler",
     "Worker",
-    "WorkerChannel",
     "WorkerRuntime",
     "check_worker",
     "exit_on_boot_failure",
@@ -90,8 +88,6 @@ EXIT_BOOT_FAILURE = 3
 DROP_LOG_INTERVAL = 10.0
 # Connections lost at the descriptor limit are logged at most once per this many seconds.
 NO_ROOM_LOG_INTERVAL = 60.0
-# Messages queued beyond this many bytes are written by the sender's own call.
-EARLY_FLUSH_BYTES = 64 * 1024
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 _QUICK_SIGNALS = frozenset({signal.SIGQUIT})
 # Looked up once: on Python 3.11 each FrameKind.NAME runs a Python-level descriptor.
@@ -209,71 +205,6 @@ def _describe_peer(sock: socket.socket) -> str:
     if isinstance(peer, tuple):
         return f"{peer[0]}:{peer[1]}"
     return repr(peer)
-
-
-MessageHandler = Callable[[int | None, Any], object]
-
-
-class WorkerChannel:
-    """The worker's side of its control socket: every write goes through here, from any thread.
-
-    Writes are queued (control frames before messages, see ``Outbox``) and written
-    by the worker loop; another thread that queues a message wakes the loop. So
-    ``send``/``publish`` never block the caller and never interleave bytes.
-    """
-
-    def __init__(self, control: socket.socket) -> None:
-        control.setblocking(False)
-        self.control = control
-        self.handlers: list[MessageHandler] = []
-        self.closed = False
-        self._outbox = Outbox()
-        self._flush_early_at = EARLY_FLUSH_BYTES
-        self._lock = threading.Lock()
-        self.waker = Waker()  # other threads' messages wake the worker loop
-        self._dropped_log = ThrottledLog(
-            logger,
-            logging.WARNING,
-            "dropped %d oldest message(s) for the master: over %d bytes were waiting (is the master stuck?)",
-            DROP_LOG_INTERVAL,
-        )
-
-    def put_control(self, kind: FrameKind, payload: bytes = b"") -> None:
-        with self._lock:
-            self._outbox.put(kind, payload)
-
-    def put_message(self, kind: FrameKind, payload: bytes) -> None:
-        """Queue a message frame for the master and wake the loop."""
-        if self.closed:
-            raise RuntimeError("this worker has stopped: it can no longer send messages")
-        with self._lock:
-            outbox = self._outbox
-            dropped = outbox.put_message(kind, payload, MAX_QUEUED_MESSAGE_BYTES)
-            if outbox.message_bytes >= self._flush_early_at:
-                # A burst of sends (say, a loop publishing thousands of messages in one
-                # handler) starts going out now rather than when the loop next turns, so
-                # the master relays while this process is still producing.
-                with contextlib.suppress(OSError):  # the loop sees a gone master
-                    outbox.flush(self.control)
-                self._flush_early_at = outbox.message_bytes + EARLY_FLUSH_BYTES
-        if dropped:
-            self._dropped_log.note(dropped, MAX_QUEUED_MESSAGE_BYTES)
-        self.waker.wake()
-
-    def pending(self) -> bool:
-        """True while anything is queued for the master (a hint: another thread may be queueing now)."""
-        return bool(self._outbox)
-
-    def flush(self) -> bool:
-        """Write what the socket takes; True when nothing is left. Raises when the master is gone."""
-        with self._lock:
-            drained = self._outbox.flush(self.control)
-            self._flush_early_at = self._outbox.message_bytes + EARLY_FLUSH_BYTES
-            return drained
-
-    def close(self) -> None:
-        self.closed = True
-        self.waker.close()
 
 
 class WorkerRuntime:

@@ -38,7 +38,7 @@ class Setup:
         self.worker_ends = worker_ends
 
     def link(self, slot: int) -> Any:
-        return self.dispatcher._links[slot]
+        return self.dispatcher._current[slot]
 
     def write(self, slot: int, outbox: Outbox) -> None:
         """What a worker would write: all of ``outbox`` in one go."""
@@ -71,12 +71,11 @@ def setup(mocker: MockerFixture) -> Iterator[Setup]:
         process.poll.return_value = None
         return WorkerProcess(slot=slot, process=process, control=master_end, started_at=now)
 
-    supervisor = Supervisor(WORKERS, ["not run"], spawn=spawn)
-    dispatcher = Dispatcher([], supervisor, IPHashBalancer(), graceful_timeout=1.0)
-    for slot in range(WORKERS):
-        dispatcher._add_link(supervisor.start(slot))
+    supervisor = Supervisor(WORKERS, ["not run"], spawn=spawn, graceful_timeout=1.0)
+    dispatcher = Dispatcher([], supervisor, IPHashBalancer())
+    dispatcher._carry_out(supervisor.boot())
     yield Setup(dispatcher, worker_ends)
-    for link in list(dispatcher._by_worker.values()):
+    for link in list(dispatcher._links.values()):
         link.worker.control.close()
     for sock in worker_ends.values():
         sock.close()
@@ -101,13 +100,13 @@ def test_a_flood_of_publishes_is_relayed_a_slice_at_a_time(setup: Setup, mocker:
     setup.write(0, publishes(range(100)))
 
     assert dispatcher._read_link(sender, 0.0)  # one frame per slice: the test counts, not times
-    dispatcher._flush_touched()
+    dispatcher._flush()
     # One frame handled; the other 99 wait, and the loop will not sleep while they do.
     assert setup.received(1) == [0]
     assert dispatcher._select_timeout() == 0.0
     for _ in range(99):
         dispatcher._read_link(sender, 0.0)  # one frame per slice: the test counts, not times
-    dispatcher._flush_touched()
+    dispatcher._flush()
     assert setup.received(1) == list(range(1, 100))  # the rest, in order
     assert dispatcher._select_timeout() is None  # nothing left: the loop may sleep again
 
@@ -121,10 +120,10 @@ def test_frames_read_before_a_worker_closed_are_all_handled(setup: Setup, mocker
 
     while sender.connected:
         dispatcher._read_link(sender, 0.0)  # one frame per slice: the test counts, not times
-    dispatcher._flush_touched()
+    dispatcher._flush()
     # Once the close was seen, what came before it was handled whole: every message relayed.
     assert setup.received(1) == list(range(20))
-    assert sender.worker.ready
+    assert sender.worker.ready_at is not None
 
 
 def test_hand_offs_a_dead_worker_never_read_are_routed_again_and_only_those(
@@ -138,7 +137,7 @@ def test_hand_offs_a_dead_worker_never_read_are_routed_again_and_only_those(
     for conn_id, (client, accepted) in enumerate(pairs):  # four passes of the loop: four frames
         link.pending.append((conn_id, accepted.detach(), ClientInfo(*client.getsockname())))
         dispatcher._touched.add(link)
-        dispatcher._flush_touched()
+        dispatcher._flush()
     frame_size = len(encode_frame(FrameKind.HANDOFF, pack_ids([0]), 1))
     # The worker reads the first hand-off whole and 2 bytes of the second, then dies.
     for size in (frame_size, 2):
@@ -151,15 +150,17 @@ def test_hand_offs_a_dead_worker_never_read_are_routed_again_and_only_those(
         dispatcher._disconnect(link)
         dispatcher._read_back(link)
 
-    assert [call.args[0] for call in route.call_args_list] == [2, 3]
-    assert [call.args[2].host for call in route.call_args_list] == ["127.0.0.32", "127.0.0.33"]
-    for call, (client, _) in zip(route.call_args_list, pairs[2:], strict=True):
-        with socket.socket(fileno=os.dup(call.args[1])) as sock:
+    parked = list(dispatcher._parked)  # to route among the others at the end of this pass
+    assert [entry[0] for entry in parked] == [2, 3]
+    assert [entry[2].host for entry in parked] == ["127.0.0.32", "127.0.0.33"]
+    for (_, fd, _), (client, _) in zip(parked, pairs[2:], strict=True):
+        with socket.socket(fileno=os.dup(fd)) as sock:
             assert sock.getpeername() == client.getsockname()  # each id came back with its own connection
+    dispatcher._flush()  # routed to worker 1 (which closes the master's copies)
+    assert [call.args[0] for call in route.call_args_list] == [2, 3] and not dispatcher._parked
     assert "died while reading a hand-off; its 1 connection(s) are lost" in caplog.text
     assert "went away holding 2 connection(s) it had not taken; routing them again" in caplog.text
     assert link.worker.worker_end is None
-    dispatcher._flush_touched()  # on to worker 1 (which closes the master's copies)
     for client, _ in pairs:
         client.close()
 
@@ -172,15 +173,15 @@ def test_hand_offs_not_sent_yet_are_routed_again_when_the_link_closes(setup: Set
     client, accepted = tcp_pair("127.0.0.40")
     link.pending.append((9, accepted.detach(), ClientInfo(*client.getsockname())))
     dispatcher._touched.add(link)
-    dispatcher._flush_touched()
+    dispatcher._flush()
     assert link.outbox.queued_fds == 1  # could not go: still the master's
     route = mocker.spy(dispatcher, "_route")
 
     dispatcher._disconnect(link)
+    dispatcher._flush()
 
     (call,) = route.call_args_list
     assert call.args[0] == 9 and call.args[2].host == "127.0.0.40"
-    dispatcher._flush_touched()
     client.close()
 
 

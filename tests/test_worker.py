@@ -14,11 +14,11 @@ from pytest_mock import MockerFixture
 
 from sticky_server import Worker
 from sticky_server.async_worker import AsyncWorkerRuntime
-from sticky_server.channel import pack_delivery
+from sticky_server.channel import EARLY_FLUSH_BYTES, WorkerChannel, pack_delivery
 from sticky_server.frames import WORKER_SENDS, Frame, FrameKind, pack_ids
 from sticky_server.outbox import Outbox
 from sticky_server.wire import FrameReader
-from sticky_server.worker import EARLY_FLUSH_BYTES, ORPHAN_EXIT_SECONDS, WorkerChannel, WorkerRuntime, check_worker
+from sticky_server.worker import ORPHAN_EXIT_SECONDS, WorkerRuntime, check_worker
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
 
