@@ -29,6 +29,8 @@ from sticky_server.process import WorkerProcess
 from sticky_server.supervisor import Supervisor
 from sticky_server.wire import FrameReader
 
+from .worker_harness import tcp_pair
+
 WORKERS = 2
 
 
@@ -79,13 +81,6 @@ def setup(mocker: MockerFixture) -> Iterator[Setup]:
         link.worker.control.close()
     for sock in worker_ends.values():
         sock.close()
-
-
-def tcp_pair(source: str) -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname(), timeout=10, source_address=(source, 0))
-        accepted, _ = listener.accept()
-    return client, accepted
 
 
 def publishes(messages: range) -> Outbox:

@@ -113,6 +113,13 @@ def all_ready(supervisor: Supervisor, workers: list[WorkerProcess]) -> list[Deci
     return decisions
 
 
+def serving(supervisor: Supervisor) -> list[WorkerProcess]:
+    """Boot, and every first worker says READY."""
+    workers = booted(supervisor)
+    assert all_ready(supervisor, workers) == [Listening()]
+    return workers
+
+
 def reap_one(supervisor: Supervisor, worker: WorkerProcess, returncode: int) -> list[Decision]:
     exit_(worker, returncode)
     assert supervisor.reap() == [(worker, returncode)]
@@ -142,8 +149,7 @@ def test_a_worker_the_os_cannot_start_at_boot_is_one_error(clock: FakeClock) -> 
 
 
 def test_a_healthy_worker_that_dies_restarts_at_once(supervisor: Supervisor, clock: FakeClock) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     clock.now += 30
     assert reap_one(supervisor, workers[1], -signal.SIGKILL) == []
     assert sorted(supervisor.current) == [0, 2] and supervisor.restarts == {1: 1}
@@ -154,8 +160,7 @@ def test_a_healthy_worker_that_dies_restarts_at_once(supervisor: Supervisor, clo
 
 
 def test_a_worker_that_dies_young_restarts_after_a_growing_back_off(supervisor: Supervisor, clock: FakeClock) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     worker = workers[0]
     delays = []
     for _ in range(3):
@@ -181,8 +186,7 @@ def test_a_worker_that_fails_before_the_server_started_halts_it(supervisor: Supe
 def test_a_slot_that_never_starts_again_halts_the_server_after_max_boot_failures(
     supervisor: Supervisor, clock: FakeClock
 ) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     clock.now += 60
     reap_one(supervisor, workers[0], -signal.SIGKILL)  # a healthy worker killed: restarts at once
     decisions: list[Decision] = []
@@ -197,8 +201,7 @@ def test_a_slot_that_never_starts_again_halts_the_server_after_max_boot_failures
 
 
 def test_a_ready_worker_ends_the_boot_failure_streak(supervisor: Supervisor, clock: FakeClock) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     worker = workers[0]
     for failures in range(2 * MAX_BOOT_FAILURES):
         clock.now += 60
@@ -214,8 +217,7 @@ def test_a_ready_worker_ends_the_boot_failure_streak(supervisor: Supervisor, clo
 def test_a_reload_replaces_one_slot_at_a_time_and_stops_each_old_worker_once_its_replacement_is_ready(
     supervisor: Supervisor,
 ) -> None:
-    old = booted(supervisor)
-    all_ready(supervisor, old)
+    old = serving(supervisor)
     new: list[WorkerProcess] = []
     decisions = supervisor.reload()
     for slot in range(3):
@@ -233,8 +235,7 @@ def test_a_reload_replaces_one_slot_at_a_time_and_stops_each_old_worker_once_its
 
 
 def test_a_second_reload_during_one_queues_nothing_twice(supervisor: Supervisor) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    serving(supervisor)
     first = started(supervisor.reload())
     assert started(supervisor.reload()) == [] and started(supervisor.replace(0, "recycle")) == []
     decisions = supervisor.ready(first[0])
@@ -242,8 +243,7 @@ def test_a_second_reload_during_one_queues_nothing_twice(supervisor: Supervisor)
 
 
 def test_a_replacement_that_fails_keeps_the_running_worker_and_abandons_the_reload(supervisor: Supervisor) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     (replacement,) = started(supervisor.reload())
     assert reap_one(supervisor, replacement, 3) == []
     assert supervisor.current == dict(enumerate(workers)) and supervisor.replacements == {}
@@ -252,8 +252,7 @@ def test_a_replacement_that_fails_keeps_the_running_worker_and_abandons_the_relo
 
 def test_the_heartbeat_pings_ready_workers_and_kills_a_silent_one(clock: FakeClock, supervisor: Supervisor) -> None:
     supervisor.timeout = 3.0
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     heard = {worker: clock.now for worker in workers}
     assert supervisor.next_deadline == clock.now + 1.0  # timeout / HEARTBEATS_PER_TIMEOUT
     clock.now += 1.0
@@ -270,8 +269,7 @@ def test_the_heartbeat_pings_ready_workers_and_kills_a_silent_one(clock: FakeClo
 
 
 def test_grow_adds_a_slot_and_shrink_stops_the_last(supervisor: Supervisor) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     (added,) = started(supervisor.grow())
     assert added.slot == 3 and supervisor.size == 4
     assert supervisor.shrink() == [SendStop(added)]
@@ -282,8 +280,7 @@ def test_grow_adds_a_slot_and_shrink_stops_the_last(supervisor: Supervisor) -> N
 
 
 def test_a_removed_slot_is_not_restarted(supervisor: Supervisor, clock: FakeClock) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     clock.now += 60
     reap_one(supervisor, workers[2], -signal.SIGKILL)
     supervisor.shrink()
@@ -294,8 +291,7 @@ def test_graceful_stop_stops_every_worker_once_asked_then_kills_late_ones(
     supervisor: Supervisor, clock: FakeClock
 ) -> None:
     supervisor.graceful_timeout = 5.0
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     supervisor.stop("SIGTERM", StopMode.GRACEFUL)
     assert all(worker.state is WorkerState.READY for worker in workers)  # STOP waits for the loop's word
     assert supervisor.stop_workers() == [SendStop(worker) for worker in workers]
@@ -331,8 +327,7 @@ def test_a_second_stop_kills_at_once(supervisor: Supervisor) -> None:
 
 
 def test_nothing_restarts_or_is_replaced_once_stopping(supervisor: Supervisor, clock: FakeClock) -> None:
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
     clock.now += 60
     reap_one(supervisor, workers[0], 1)
     supervisor.stop("SIGTERM", StopMode.GRACEFUL)
@@ -344,8 +339,8 @@ def test_a_worker_that_lost_its_control_socket_is_killed_if_it_does_not_exit(
     supervisor: Supervisor, clock: FakeClock
 ) -> None:
     supervisor.graceful_timeout = 5.0
-    workers = booted(supervisor)
-    all_ready(supervisor, workers)
+    workers = serving(supervisor)
+    assert supervisor.next_deadline is None
     supervisor.lost_control(workers[0])
     assert not supervisor.takes_connections(workers[0])
     clock.now += 5.0
