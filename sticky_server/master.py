@@ -405,10 +405,10 @@ class Dispatcher:
 
     def _stop(self, why: str, mode: StopMode) -> None:
         supervisor = self._supervisor
-        if supervisor.stopping:
-            supervisor.stop(why, mode)  # a second stop: kill now
+        first = not supervisor.stopping
+        supervisor.stop(why, mode)  # (a second stop kills the workers now: nothing more to do here)
+        if not first:
             return
-        supervisor.stop(why, mode)
         if self._parked and self._alive:
             self._route_parked()
         for listener, local in zip(self._listeners, self._listening, strict=True):

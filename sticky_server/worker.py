@@ -56,7 +56,7 @@ from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
 from . import channel as channel_codec
-from .channel import MAX_QUEUED_MESSAGE_BYTES, WorkerChannel
+from .channel import DROP_LOG_INTERVAL, MAX_QUEUED_MESSAGE_BYTES, WorkerChannel
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedSocket
 from .errors import ProtocolError
 from .frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
@@ -84,8 +84,6 @@ ORPHAN_EXIT_SECONDS = 1.0
 EXIT_ORPHANED = 0
 # The exit code of a worker that failed before it was ready (gunicorn uses 3 too).
 EXIT_BOOT_FAILURE = 3
-# Dropped messages are logged at most once per this many seconds.
-DROP_LOG_INTERVAL = 10.0
 # Connections lost at the descriptor limit are logged at most once per this many seconds.
 NO_ROOM_LOG_INTERVAL = 60.0
 _GRACEFUL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
