@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import socket
@@ -29,6 +30,7 @@ import ssl
 from typing import Any
 
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD
+from .listener import ACCEPT_BACKOFF
 from .signals import SignalQueue
 from .worker import _GRACEFUL_SIGNALS, _QUICK_SIGNALS, WorkerRuntime, _describe_peer
 
@@ -94,10 +96,11 @@ class AsyncWorkerRuntime(WorkerRuntime):
             loop.add_reader(signals.fileno(), self._event, lambda: self._on_signals(signals.drain()))
             loop.add_reader(channel.waker.fileno(), self._event, channel.waker.clear)
             self._event(self._announce_ready)
+            self._watch_listeners()
 
             def sweep() -> None:
                 nonlocal sweeper
-                if len(RECORD):
+                if len(RECORD) or self._accepted:
                     self._event(self._sweep)
                 sweeper = loop.call_later(CLOSE_SWEEP_INTERVAL, sweep)
 
@@ -108,6 +111,7 @@ class AsyncWorkerRuntime(WorkerRuntime):
                 sweeper.cancel()
             for fd in (control.fileno(), signals.fileno(), channel.waker.fileno()):
                 loop.remove_reader(fd)
+            self._unwatch_listeners()
             if self._writing:
                 loop.remove_writer(control.fileno())
             if self._dispatching is not None:
@@ -130,6 +134,24 @@ class AsyncWorkerRuntime(WorkerRuntime):
         if self._tasks:
             await asyncio.wait(self._tasks)
         self._end()
+
+    def _watch_listeners(self) -> None:
+        for listener in self._listeners:
+            self._loop.add_reader(listener.fileno(), self._event, functools.partial(self._on_listener, listener))
+
+    def _unwatch_listeners(self) -> None:
+        for listener in self._listeners:
+            self._loop.remove_reader(listener.fileno())
+
+    def _on_listener(self, listener: socket.socket) -> None:
+        if not self._accept_from(listener):  # out of descriptors: pause (WorkerRuntime._accept_from)
+            self._unwatch_listeners()
+            self._loop.call_later(ACCEPT_BACKOFF, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused_until = None
+        if not self._stopping.done():
+            self._watch_listeners()
 
     def _event(self, handle: Any) -> None:
         """Run one event's handler, then write what it queued and see whether it asked to stop."""

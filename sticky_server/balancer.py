@@ -21,18 +21,20 @@ IP hash is rendezvous (highest-random-weight) hashing: every (client, slot) pair
 gets a pseudo-random score and the client goes to the alive slot with the highest
 score. Removing a slot moves exactly the clients whose best slot it was (each to
 its second best); bringing the slot back returns exactly those clients. No other
-client ever moves.
+client ever moves. The function (``rendezvous``) is 32-bit arithmetic that a
+classic BPF program computes too: on the kernel path (``steering``) the kernel
+makes the same choice without the master.
 """
 
 from __future__ import annotations
 
 import abc
-import hashlib
 import itertools
 import random
-import socket
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
+
+from .rendezvous import address_key, best_slot, slot_seed
 
 __all__ = [
     "BALANCERS",
@@ -47,8 +49,6 @@ __all__ = [
     "balancer_from",
 ]
 
-_MASK64 = (1 << 64) - 1
-_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 # Cached picks; cleared whenever the worker set changes or the cache is full.
 IP_CACHE_SIZE = 65536
 # A pick that takes longer than this (seconds) stalls the master; its answer is not used.
@@ -104,37 +104,6 @@ class Balancer(abc.ABC):
         """Called when ``count`` connections of ``slot`` were seen closed (``workers.connections`` already says so)."""
 
 
-def _mix64(value: int) -> int:
-    """SplitMix64's finaliser: a fast bijective 64-bit mix with full avalanche."""
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def address_key(host: str, ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> int:
-    """A 64-bit hash of a client address; IPv4-mapped IPv6 hashes like the IPv4 address.
-
-    Only the first ``ipv4_prefix`` / ``ipv6_prefix`` bits count, so every address of
-    one network hashes alike. Text that is not an IP address (a Unix socket path,
-    '') is hashed as bytes.
-    """
-    try:
-        number = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
-        number &= ~((1 << (32 - ipv4_prefix)) - 1)
-    except OSError:
-        try:
-            packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
-        except OSError:
-            return int.from_bytes(hashlib.blake2b(host.encode(), digest_size=8).digest(), "big")
-        if packed.startswith(_V4_MAPPED_PREFIX):
-            number = int.from_bytes(packed[12:], "big") & ~((1 << (32 - ipv4_prefix)) - 1)
-        else:
-            number = int.from_bytes(packed, "big") & ~((1 << (128 - ipv6_prefix)) - 1)
-            # Keep the families apart: an IPv6 network never hashes like an IPv4 address.
-            number |= 1 << 128
-    return _mix64((number >> 64) ^ _mix64(number & _MASK64))
-
-
 class IPHashBalancer(Balancer):
     """Consistent client-IP hash (rendezvous hashing); the default strategy.
 
@@ -163,26 +132,12 @@ class IPHashBalancer(Balancer):
         self._seeds: list[int] = []
         self._turn = 0
 
-    def _seed(self, slot: int) -> int:
-        while len(self._seeds) <= slot:
-            self._seeds.append(_mix64(len(self._seeds) * 0x9E3779B97F4A7C15 & _MASK64))
-        return self._seeds[slot]
-
     def slot_for_key(self, key: int, alive: tuple[int, ...]) -> int:
         """The alive slot with the highest score for ``key`` (an ``address_key``)."""
-        self._seed(alive[-1])
         seeds = self._seeds
-        best_slot = alive[0]
-        best_score = -1
-        for slot in alive:
-            # _mix64(key ^ seed), inlined: this loop is the cost of a cache miss.
-            score = key ^ seeds[slot]
-            score = ((score ^ (score >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-            score = ((score ^ (score >> 27)) * 0x94D049BB133111EB) & _MASK64
-            score ^= score >> 31
-            if score > best_score:
-                best_slot, best_score = slot, score
-        return best_slot
+        while len(seeds) <= alive[-1]:
+            seeds.append(slot_seed(len(seeds)))
+        return best_slot(key, alive, seeds)
 
     def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
         if not client.host:  # a Unix-socket client has no address to stick to: take turns

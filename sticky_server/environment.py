@@ -1,7 +1,8 @@
 """How a worker process learns that it is one: the variables the master sets when it spawns it.
 
 The master re-executes the entry script with two extra environment variables: the
-number of the inherited control-socket descriptor and the worker's slot. This
+number of the inherited control-socket descriptor and the worker's slot; on the
+kernel path (``steering``) a third, the numbers of the slot's own listeners. This
 module reads them once and removes them from ``os.environ`` so that programs the
 worker starts do not mistake themselves for workers.
 
@@ -23,12 +24,21 @@ from typing import NamedTuple
 
 from .errors import WrongProcessError
 
-__all__ = ["CONTROL_FD_ENV", "LAUNCH_CWD", "WORKER_SLOT_ENV", "WorkerIdentity", "make_undumpable", "worker_identity"]
+__all__ = [
+    "CONTROL_FD_ENV",
+    "LAUNCH_CWD",
+    "LISTENER_FDS_ENV",
+    "WORKER_SLOT_ENV",
+    "WorkerIdentity",
+    "make_undumpable",
+    "worker_identity",
+]
 
 logger = logging.getLogger("sticky_server.environment")
 
 CONTROL_FD_ENV = "STICKY_SERVER_CONTROL_FD"
 WORKER_SLOT_ENV = "STICKY_SERVER_WORKER_SLOT"
+LISTENER_FDS_ENV = "STICKY_SERVER_LISTENER_FDS"
 # Workers are started in the directory the program was started in, so that a
 # relative script path or `-m package` resolves the same way in every worker.
 LAUNCH_CWD = os.getcwd()
@@ -57,6 +67,7 @@ class WorkerIdentity(NamedTuple):
 
     slot: int
     control: socket.socket
+    listeners: tuple[socket.socket, ...] = ()  # the slot's own listeners, on the kernel path
 
 
 _identity: WorkerIdentity | None = None
@@ -70,6 +81,7 @@ def worker_identity() -> WorkerIdentity | None:
         return _identity
     fd_text = os.environ.pop(CONTROL_FD_ENV, None)
     slot_text = os.environ.pop(WORKER_SLOT_ENV, None)
+    listeners_text = os.environ.pop(LISTENER_FDS_ENV, "")
     _read = True
     if fd_text is None:
         return None
@@ -89,6 +101,17 @@ def worker_identity() -> WorkerIdentity | None:
         raise WrongProcessError(f"{CONTROL_FD_ENV}={fd} is not a Unix socket{not_ours}")
     # Keep it out of anything this worker spawns: only this process talks to the master.
     control.set_inheritable(False)
+    listeners = tuple(_listener(text, not_ours) for text in listeners_text.split(",") if text)
     make_undumpable()
-    _identity = WorkerIdentity(slot, control)
+    _identity = WorkerIdentity(slot, control, listeners)
     return _identity
+
+
+def _listener(fd_text: str, not_ours: str) -> socket.socket:
+    try:
+        listener = socket.socket(fileno=int(fd_text))
+    except (ValueError, OSError):
+        raise WrongProcessError(f"{LISTENER_FDS_ENV} names {fd_text!r}, not an open socket{not_ours}") from None
+    listener.set_inheritable(False)
+    listener.setblocking(False)
+    return listener

@@ -54,7 +54,7 @@ MAX_FDS_PER_FRAME = 64
 MAX_PAYLOAD = 16 * 1024 * 1024
 _ID = struct.Struct(">Q")
 ID_BYTES = _ID.size  # one packed connection id
-_U32 = struct.Struct(">I")  # the payload of READY, CLOSED and NO_ROOM
+_U32 = struct.Struct(">I")  # the payload of READY, CLOSED, NO_ROOM and ACCEPTED
 _COUNT = struct.Struct(">H")
 _ADDRESSED = struct.Struct(">QHB")
 
@@ -73,6 +73,7 @@ class FrameKind(enum.IntEnum):
     CLOSED = 10  # worker -> master: payload: u32 count of handed-off connections seen closed
     HANDOFF_PROXIED = 11  # master -> worker: as HANDOFF, plus each client's address (see pack_addressed)
     NO_ROOM = 12  # worker -> master: payload: u32 count of handed-off connections lost at the descriptor limit
+    ACCEPTED = 13  # worker -> master: payload: u32 count of connections it accepted from its own listener
 
 
 KIND_BY_VALUE = {kind.value: kind for kind in FrameKind}
@@ -80,7 +81,15 @@ MASTER_SENDS = frozenset(
     {FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE}
 )
 WORKER_SENDS = frozenset(
-    {FrameKind.READY, FrameKind.PONG, FrameKind.SEND, FrameKind.PUBLISH, FrameKind.CLOSED, FrameKind.NO_ROOM}
+    {
+        FrameKind.READY,
+        FrameKind.PONG,
+        FrameKind.SEND,
+        FrameKind.PUBLISH,
+        FrameKind.CLOSED,
+        FrameKind.NO_ROOM,
+        FrameKind.ACCEPTED,
+    }
 )
 CARRIES_FDS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
 # In a frame's fds: a descriptor the kernel dropped because the receiver had no room for it (rule 3).
@@ -115,7 +124,7 @@ def encode_joined(kind: FrameKind, head: bytes, body: bytes) -> bytes:
 
 
 def pack_count(count: int) -> bytes:
-    """The u32 payload of READY (the worker's descriptor limit), CLOSED and NO_ROOM (connections)."""
+    """The u32 payload of READY (the worker's descriptor limit), CLOSED, NO_ROOM and ACCEPTED (connections)."""
     return _U32.pack(count)
 
 

@@ -14,6 +14,7 @@ Counters, one meaning each:
 |---|---|
 | ``live`` | connections routed here and not reported closed by the worker (``WorkerSet.connections``) |
 | ``taken`` | connections whose hand-off went out (``outbox.sent_fds``, seen at the last ``count_sent``) |
+| ``accepted`` | connections the worker accepted from its own listener (kernel path), as it reported them |
 | ``unread()`` | pending + queued + sent-but-maybe-unread: what the worker has not taken yet, at most |
 
 Whether the link takes new connections is ``takes_connections`` (the worker's
@@ -24,6 +25,7 @@ lifecycle, ``supervisor.Supervisor.takes_connections``, decides the rest):
 | not ``connected`` | the control socket closed or broke | never: a new process gets a new link |
 | ``full`` | ``unread()`` reached ``MAX_QUEUED`` (rule 3) | it is back to half that |
 | ``no_room`` | ``live`` reached ``max_live``, its descriptor ceiling (rule 6) | a tenth of the ceiling closed |
+| ``backed_up`` | kernel path: connections pile up on its listener (rule 7) | the worker is heard from again |
 """
 
 from __future__ import annotations
@@ -72,18 +74,22 @@ class Link:
     # frames read from the worker and not yet handled (see Dispatcher._handle_frames)
     unhandled: deque[Frame] = field(default_factory=deque)
     taken: int = 0
+    accepted: int = 0
     live: int = 0
     max_live: int | None = None
     descriptor_limit: int = 0  # as the worker told it (0: none known)
     connected: bool = True
     no_room: bool = False
     full: bool = False
+    backed_up: bool = False
+    backed_up_at: float = 0.0  # when it was found backed up
+    queue_seen: int = 0  # its listeners' queue length at the last look (kernel path)
     writing: bool = False
     recycling: bool = False
 
     @property
     def takes_connections(self) -> bool:
-        return self.connected and not self.full and not self.no_room
+        return self.connected and not self.full and not self.no_room and not self.backed_up
 
     def owe(self, entry: Owed) -> None:
         """A connection routed here: pending until ``frame_pending``, live until the worker says it closed."""

@@ -11,17 +11,31 @@ from typing import Any, NamedTuple
 from .errors import BindError
 
 __all__ = [
+    "ABORTED_BEFORE_ACCEPT",
+    "ACCEPT_BACKOFF",
+    "ACCEPT_BURST",
     "DEFAULT_BACKLOG",
+    "OUT_OF_DESCRIPTORS",
     "Bind",
     "adopt_listener",
+    "bind_error",
     "bind_listener",
     "bind_unix_listener",
     "format_address",
+    "listen_at",
     "open_bind",
     "parse_bind",
+    "resolve_address",
     "validate_port",
 ]
 
+# Connections taken from a listener per wake-up, before the loop looks at anything else.
+ACCEPT_BURST = 64
+# Accepting pauses this long (seconds) when the process has no descriptor left for a connection.
+ACCEPT_BACKOFF = 0.1
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The client went away between the handshake and accept(): nothing to serve.
+ABORTED_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # The kernel caps this at its own limit (net.core.somaxconn on Linux); a small
 # backlog makes a burst of connections stall in SYN retries.
 DEFAULT_BACKLOG = 4096
@@ -53,42 +67,63 @@ def format_address(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bind_error(where: str, exc: OSError) -> BindError:
+def bind_error(where: str, exc: OSError) -> BindError:
     advice = _BIND_ADVICE.get(exc.errno or 0, exc.strerror or str(exc))
     return BindError(exc.errno or 0, f"cannot listen on {where}: {advice}")
 
 
-def bind_listener(port: int, host: str | None = None, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+def resolve_address(port: int, host: str | None) -> tuple[socket.AddressFamily, tuple[Any, ...], bool]:
+    """(family, address, dual-stack) for a TCP bind; BindError when ``host`` does not resolve.
+
+    ``host=None`` (or ``""``) is every interface, IPv6 and IPv4 on one socket where
+    the system can, IPv4 only where it cannot.
+    """
+    if host is None or host == "":
+        if socket.has_dualstack_ipv6():
+            return socket.AF_INET6, ("::", port, 0, 0), True
+        return socket.AF_INET, ("0.0.0.0", port), False
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a str (an address or name) or None for every interface, not {host!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(
+            errno.EADDRNOTAVAIL,
+            f"cannot listen on {host!r}: the name does not resolve ({exc.strerror}). "
+            "Use an IP address, or host=None for every interface",
+        ) from None
+    family, _, _, _, address = infos[0]
+    return family, address, False
+
+
+def bind_listener(
+    port: int, host: str | None = None, backlog: int = DEFAULT_BACKLOG, *, reuse_port: bool = False
+) -> socket.socket:
     """A bound, listening, non-blocking TCP socket; raises BindError with the reason and the fix.
 
     ``host=None`` (or ``""``) listens on every interface, IPv6 and IPv4 on one
     socket where the system can, IPv4 only where it cannot.
     """
     validate_port(port)
-    address: tuple[Any, ...]
-    if host is None or host == "":
-        if socket.has_dualstack_ipv6():
-            family, address, dualstack = socket.AF_INET6, ("::", port, 0, 0), True
-        else:
-            family, address, dualstack = socket.AF_INET, ("0.0.0.0", port), False
-    elif isinstance(host, str):
-        try:
-            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise BindError(
-                errno.EADDRNOTAVAIL,
-                f"cannot listen on {host!r}: the name does not resolve ({exc.strerror}). "
-                "Use an IP address, or host=None for every interface",
-            ) from None
-        family, _, _, _, address = infos[0]
-        dualstack = False
-    else:
-        raise TypeError(f"host must be a str (an address or name) or None for every interface, not {host!r}")
-    where = format_address(address)
+    family, address, dualstack = resolve_address(port, host)
+    return listen_at(family, address, dualstack, backlog, reuse_port=reuse_port)
+
+
+def listen_at(
+    family: socket.AddressFamily,
+    address: tuple[Any, ...],
+    dualstack: bool,
+    backlog: int = DEFAULT_BACKLOG,
+    *,
+    reuse_port: bool = False,
+) -> socket.socket:
+    """``bind_listener`` for an address ``resolve_address`` gave."""
     try:
-        listener = socket.create_server(address, family=family, backlog=backlog, dualstack_ipv6=dualstack)
+        listener = socket.create_server(
+            address, family=family, backlog=backlog, reuse_port=reuse_port, dualstack_ipv6=dualstack
+        )
     except OSError as exc:
-        raise _bind_error(where, exc) from None
+        raise bind_error(format_address(address), exc) from None
     listener.setblocking(False)
     return listener
 
@@ -149,7 +184,7 @@ def bind_unix_listener(path: str, backlog: int = DEFAULT_BACKLOG) -> socket.sock
             except (ConnectionRefusedError, FileNotFoundError):
                 os.unlink(path)  # nobody listens: left by a server that did not clean up
             except OSError as exc:
-                raise _bind_error(f"unix:{path}", exc) from None
+                raise bind_error(f"unix:{path}", exc) from None
             else:
                 raise BindError(errno.EADDRINUSE, f"cannot listen on unix:{path}: another server listens there")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -158,7 +193,7 @@ def bind_unix_listener(path: str, backlog: int = DEFAULT_BACKLOG) -> socket.sock
         listener.listen(backlog)
     except OSError as exc:
         listener.close()
-        raise _bind_error(f"unix:{path}", exc) from None
+        raise bind_error(f"unix:{path}", exc) from None
     listener.setblocking(False)
     return listener
 

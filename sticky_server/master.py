@@ -78,7 +78,6 @@ Any other error is a fault in the master's own state: it propagates, and the
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -99,11 +98,12 @@ from .frames import Frame, FrameKind, unpack_count
 from .hooks import Hooks, run_hooks
 from .intake import ClientAddressSettings, Intake
 from .link import MAX_QUEUED, Link, Owed, descriptor_headroom, owed_in
-from .listener import format_address
-from .process import WorkerProcess
+from .listener import ABORTED_BEFORE_ACCEPT, ACCEPT_BACKOFF, ACCEPT_BURST, OUT_OF_DESCRIPTORS, format_address
+from .process import WorkerProcess, WorkerState
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
 from .stats import SlotCounters, collect, log_stats
+from .steering import KernelSteering
 from .supervisor import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode, Supervisor
 from .throttle import ThrottledLog
 from .waker import Waker
@@ -113,15 +113,10 @@ __all__ = ["ACCEPT_BACKOFF", "ACCEPT_BURST", "MAX_QUEUED", "Dispatcher", "Hooks"
 
 logger = logging.getLogger("sticky_server.master")
 
-ACCEPT_BURST = 64
-ACCEPT_BACKOFF = 0.1
 # Running out of descriptors is logged at most once per this many seconds.
 ACCEPT_ERROR_LOG_INTERVAL = 10.0
 # How often the master looks whether a full worker has caught up (it says nothing when it reads).
 FULL_CHECK_INTERVAL = 0.05
-OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# The client went away between the handshake and accept(): nothing to hand off.
-ABORTED_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # How many reads of a dead worker's socket at most (each reads up to 256 KiB).
 MAX_DRAIN_READS = 64
 # max_connections_per_worker is raised by up to this fraction, per worker, at random,
@@ -132,6 +127,10 @@ RECYCLE_JITTER = 0.1
 FAULT_LOG_INTERVAL = 10.0
 # A graceful stop accepts at most this many connections still in each listener's backlog.
 MAX_STOP_DRAIN = 65536
+# Rule 7 (kernel path): a slot whose listeners hold this many connections at two looks in a
+# row, and no fewer at the second, is backed up; the master looks every QUEUE_CHECK_INTERVAL.
+BACKED_UP_QUEUE = 128
+QUEUE_CHECK_INTERVAL = 0.1
 
 
 def _listening_address(listener: socket.socket) -> tuple[str, int]:
@@ -186,9 +185,26 @@ class Dispatcher:
         hooks: Hooks | None = None,
         client_addresses: ClientAddressSettings | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        steering: KernelSteering | None = None,
     ) -> None:
-        self._listeners = list(listeners)
-        self._listening = [_listening_address(listener) for listener in self._listeners]
+        self._steering = steering
+        if steering is not None:
+            self._listening = [group.address[:2] for group in steering.groups]
+        else:
+            self._listening = [_listening_address(listener) for listener in listeners]
+        # The listeners the master accepts from while it accepts: every bind's, on the master
+        # path; on the kernel path those of the slots the program leaves out (rule 7).
+        self._drained: dict[socket.socket, tuple[str, int]] = (
+            {} if steering is not None else dict(zip(listeners, self._listening, strict=True))
+        )
+        self._watched: set[socket.socket] = set()  # registered in the selector now
+        self._next_queue_check: float | None = None
+        self._steer_fault_log = ThrottledLog(
+            logger,
+            logging.ERROR,
+            "the kernel refused the steering program %d time(s) (latest: %s); the previous one stays",
+            FAULT_LOG_INTERVAL,
+        )
         self._supervisor = supervisor
         self._balancer = balancer
         self._fallback = IPHashBalancer()
@@ -254,6 +270,7 @@ class Dispatcher:
             FrameKind.PUBLISH: self.messages.on_publish,
             FrameKind.CLOSED: self._on_closed,
             FrameKind.NO_ROOM: self._on_no_room,
+            FrameKind.ACCEPTED: self._on_accepted,
         }
         self._signal_handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: functools.partial(self._stop, "SIGTERM", StopMode.GRACEFUL),
@@ -314,6 +331,7 @@ class Dispatcher:
         for deadline in (
             self._accept_paused_until,
             self._next_full_check,
+            self._next_queue_check,
             self._intake.next_deadline() if self._intake else None,
         ):
             if deadline is not None and (earliest is None or deadline < earliest):
@@ -333,6 +351,8 @@ class Dispatcher:
             changed = True
         if self._next_full_check is not None and self._next_full_check <= now:
             changed |= self._check_full(now)
+        if self._next_queue_check is not None and self._next_queue_check <= now:
+            changed |= self._check_queues(now)
         if self._intake is not None:
             self._intake.expire(now)
         if changed:
@@ -377,8 +397,14 @@ class Dispatcher:
                         link.outbox.put(FrameKind.PING)
                         self._flush_link(link)
                 case Listening():
-                    addresses = ", ".join(format_address(listener.getsockname()) for listener in self._listeners)
-                    logger.info("listening on %s with %d workers (master pid %d)", addresses, self.size, os.getpid())
+                    addresses = ", ".join(format_address(local) for local in self._listening)
+                    logger.info(
+                        "listening on %s with %d workers (master pid %d, %s path)",
+                        addresses,
+                        self.size,
+                        os.getpid(),
+                        "kernel" if self._steering is not None else "master",
+                    )
                     if self._on_ready is not None:
                         self._on_ready()
                 case Halt(error=error):
@@ -411,11 +437,11 @@ class Dispatcher:
             return
         if self._parked and self._alive:
             self._route_parked()
-        for listener, local in zip(self._listeners, self._listening, strict=True):
-            if self._accepting:
-                self._selector.unregister(listener)
+        self._watch({})
+        for listener, local in self._every_listener():
             if mode is StopMode.GRACEFUL and self._workers.alive:
-                # Clients whose handshake the kernel completed are served, not reset (rule 5).
+                # Clients whose handshake the kernel completed are served, not reset (rule 5). On the
+                # kernel path a worker takes what reaches its own listener after this (worker.py).
                 self._accept_from(listener, local, MAX_STOP_DRAIN)
             listener.close()
         self._accepting = False
@@ -454,9 +480,8 @@ class Dispatcher:
         if self._intake is not None:
             self._intake.close_all("the server stopped")
         self._close_parked("the server stopped")
-        for listener in self._listeners:
-            if self._accepting:
-                self._selector.unregister(listener)
+        self._watch({})
+        for listener, _ in self._every_listener():
             listener.close()
         self._accepting = False
 
@@ -621,17 +646,78 @@ class Dispatcher:
             link = self._links.get(worker)
             if link is not None:
                 current[slot] = link
+        ready_only = self._steering is not None  # rule 7: a starting worker's clients go to their next choice
         alive = tuple(
             slot
             for slot, link in sorted(current.items())
-            if link.takes_connections and supervisor.takes_connections(link.worker)
+            if link.takes_connections
+            and supervisor.takes_connections(link.worker)
+            and (not ready_only or link.worker.state is WorkerState.READY)
         )
         size = supervisor.size
         if alive != self._workers.alive or size != self._workers.size:
             self._workers = WorkerSet(size, alive, self._workers.connections)
             self._alive = frozenset(alive)
             self._notify_balancer(self._balancer.workers_changed, self._workers)
+        if self._steering is not None:
+            self._steer(self._steering)
         self._update_accepting()
+
+    def _steer(self, steering: KernelSteering) -> None:
+        """Rule 7: the program includes the alive slots; the master drains the listeners of the others.
+
+        Until every slot's first worker is ready the program includes every slot and
+        the master drains nothing: each worker takes its own clients once it starts.
+        Once stopping it stays as it is (the stop drains every listener).
+        """
+        supervisor = self._supervisor
+        if not supervisor.started or supervisor.stopping:
+            return
+        alive = self._workers.alive
+        if alive and alive != steering.steered:
+            try:
+                steering.steer(alive)
+            except (OSError, ValueError) as exc:
+                self._steer_fault_log.note(1, exc)
+        steered = set(steering.steered)
+        self._drained = {
+            steering.groups[index].listeners[slot]: local
+            for index, local in enumerate(self._listening)
+            for slot in range(steering.slots)
+            if slot not in steered
+        }
+        if self._next_queue_check is None:
+            self._next_queue_check = time.monotonic() + QUEUE_CHECK_INTERVAL
+
+    def _check_queues(self, now: float) -> bool:
+        """Rule 7: find the backed-up slots, and those heard from again since; True if any changed."""
+        assert self._steering is not None
+        if self._supervisor.stopping:  # the listeners are closed or drained by the stop
+            self._next_queue_check = None
+            return False
+        self._next_queue_check = now + QUEUE_CHECK_INTERVAL
+        changed = False
+        for slot, link in self._current.items():
+            if link.backed_up:
+                if link.last_heard > link.backed_up_at:
+                    link.backed_up = False
+                    link.queue_seen = 0
+                    changed = True
+                continue
+            if slot not in self._steering.steered:
+                continue
+            seen, link.queue_seen = link.queue_seen, self._steering.queue_length(slot)
+            if link.queue_seen >= max(BACKED_UP_QUEUE, seen) and seen >= BACKED_UP_QUEUE:
+                link.backed_up, link.backed_up_at = True, now
+                changed = True
+                logger.warning(
+                    "worker %d (pid %d) leaves %d connections waiting on its listener; routing its clients "
+                    "elsewhere until it is heard from again",
+                    slot,
+                    link.worker.pid,
+                    link.queue_seen,
+                )
+        return changed
 
     def _update_accepting(self) -> None:
         should = (
@@ -640,21 +726,36 @@ class Dispatcher:
             and not self._parked
             and self._accept_paused_until is None
         )
-        if should == self._accepting:
-            return
         self._accepting = should
-        for listener, local in zip(self._listeners, self._listening, strict=True):
-            if should:
+        self._watch(self._drained if should else {})
+
+    def _watch(self, listeners: dict[socket.socket, tuple[str, int]]) -> None:
+        """Watch exactly ``listeners`` for connections to accept."""
+        watched = self._watched
+        if len(watched) == len(listeners) and all(listener in listeners for listener in watched):
+            return
+        for listener in list(watched):
+            if listener not in listeners:
+                self._selector.unregister(listener)
+                watched.discard(listener)
+        for listener, local in listeners.items():
+            if listener not in watched:
                 callback = functools.partial(self._on_listener, listener, local)
                 self._selector.register(listener, selectors.EVENT_READ, callback)
-            else:
-                self._selector.unregister(listener)
+                watched.add(listener)
+
+    def _every_listener(self) -> list[tuple[socket.socket, tuple[str, int]]]:
+        """Every listener the master holds, with its bound address."""
+        if self._steering is None:
+            return list(self._drained.items())
+        return [(listener, group.address[:2]) for group in self._steering.groups for listener in group.listeners]
 
     # --- stats ------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Live figures (README, Stats); call on the loop's thread."""
-        return collect(self._supervisor, self._current, self._counters, self._next_id)
+        steering = "kernel" if self._steering is not None else "master"
+        return collect(self._supervisor, self._current, self._counters, self._next_id, steering)
 
     def stats_from_any_thread(self, timeout: float = 1.0) -> dict[str, Any]:
         if self._loop_thread in (None, threading.get_ident()):
@@ -768,17 +869,30 @@ class Dispatcher:
         """Account for the hand-offs the last flush sent (rule 1: they are the worker's now)."""
         sent = link.count_sent()
         if sent:
-            slot = link.worker.slot
-            handed_off = self._counters.handed_off
-            handed_off[slot] = handed_off.get(slot, 0) + sent
-            if link.recycle_after is not None and link.taken >= link.recycle_after and not link.recycling:
-                link.recycling = True
-                self._carry_out(
-                    self._supervisor.replace(slot, f"it took {link.taken} connections (max_connections_per_worker)")
-                )
+            self._took(link, sent)
         if link.full and link.unread() <= MAX_QUEUED // 2:
             link.full = False
             self._workers_changed()
+
+    def _took(self, link: Link, count: int) -> None:
+        """``count`` more connections are the worker's: count them, and recycle it once it took its share."""
+        slot = link.worker.slot
+        handed_off = self._counters.handed_off
+        handed_off[slot] = handed_off.get(slot, 0) + count
+        took = link.taken + link.accepted
+        if link.recycle_after is not None and took >= link.recycle_after and not link.recycling:
+            link.recycling = True
+            self._carry_out(self._supervisor.replace(slot, f"it took {took} connections (max_connections_per_worker)"))
+
+    def _on_accepted(self, link: Link, frame: Frame) -> None:
+        """Kernel path: the worker accepted connections from its own listener; they count as its hand-offs."""
+        count = unpack_count(frame)
+        link.accepted += count
+        link.live += count
+        self._counters.accepted_by_workers += count
+        self._took(link, count)
+        if link.at_ceiling() and not link.no_room:
+            self._out_of_room(link)
 
     def _check_full(self, now: float) -> bool:
         """Rule 3: put full workers that have caught up back in the alive set; True if one was."""

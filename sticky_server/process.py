@@ -4,8 +4,9 @@ A worker is the entry script run again (``sys.executable`` plus the interpreter'
 original arguments, so ``python app.py`` and ``python -m pkg.app`` both work), in
 the directory the program started in, in a session of its own (a terminal's
 Ctrl-C reaches the master only; the master decides how workers stop). It inherits
-exactly one descriptor beyond stdio: its end of a fresh control socketpair, whose
-number is in the environment (see ``environment``). The master keeps that end open
+one descriptor beyond stdio, its end of a fresh control socketpair, and on the
+kernel path its slot's listeners too; their numbers are in the environment (see
+``environment``). The master keeps that end open
 as well (``WorkerProcess.worker_end``): hand-offs the worker never read outlive it
 there (master, rule 2). With ``user``/``group`` it runs with those ids and no
 supplementary groups.
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .environment import CONTROL_FD_ENV, WORKER_SLOT_ENV
+from .environment import CONTROL_FD_ENV, LISTENER_FDS_ENV, WORKER_SLOT_ENV
 
 __all__ = ["WorkerProcess", "WorkerState", "describe_exit", "describe_spawn_error", "entry_command", "spawn_worker"]
 
@@ -67,18 +68,28 @@ def entry_command() -> list[str]:
 
 
 def spawn_worker(
-    slot: int, command: Sequence[str], cwd: str, now: float, *, user: int | None = None, group: int | None = None
+    slot: int,
+    command: Sequence[str],
+    cwd: str,
+    now: float,
+    *,
+    user: int | None = None,
+    group: int | None = None,
+    listeners: Sequence[socket.socket] = (),
 ) -> WorkerProcess:
     """Start one worker process for ``slot``; raises OSError if the process cannot be created.
 
     With ``user``/``group`` (numeric ids) the worker runs with those ids and no
     supplementary groups: the master may bind a privileged port, workers may not.
+    ``listeners``: the slot's own listeners, on the kernel path (``steering``).
     """
     master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = dict(os.environ)
         env[CONTROL_FD_ENV] = str(worker_end.fileno())
         env[WORKER_SLOT_ENV] = str(slot)
+        if listeners:
+            env[LISTENER_FDS_ENV] = ",".join(str(listener.fileno()) for listener in listeners)
         credentials: dict[str, Any] = {}
         if group is not None:
             credentials.update(group=group, extra_groups=[])
@@ -88,7 +99,7 @@ def spawn_worker(
             list(command),
             cwd=cwd,
             env=env,
-            pass_fds=(worker_end.fileno(),),
+            pass_fds=(worker_end.fileno(), *(listener.fileno() for listener in listeners)),
             start_new_session=True,
             **credentials,
         )

@@ -21,16 +21,17 @@ from typing import Any, ClassVar, TypeVar
 
 from . import channel
 from .async_worker import AsyncWorkerRuntime, is_async_worker
-from .balancer import Balancer, balancer_from
+from .balancer import Balancer, IPHashBalancer, balancer_from
 from .channel import DEFAULT_MAX_MESSAGE_SIZE, WorkerChannel
 from .environment import worker_identity
-from .errors import WrongProcessError
+from .errors import BindError, WrongProcessError
 from .frames import MAX_PAYLOAD
 from .hooks import Hooks
 from .intake import ClientAddressSettings
 from .listener import DEFAULT_BACKLOG, Bind, open_bind, parse_bind, validate_port
 from .master import Dispatcher
 from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
+from .steering import STEERINGS, KernelSteering, kernel_path_unavailable, open_kernel_steering
 from .supervisor import Supervisor
 from .worker import ConnectionHandler, WorkerRuntime, check_worker, exit_on_boot_failure
 
@@ -144,6 +145,12 @@ class StickyServer:
     master keeps its own (e.g. root, to bind port 80).
     ``max_message_size``: the largest channel message, in bytes of JSON (default 1 MiB).
     ``backlog``: the listen backlog (the kernel caps it at its own maximum).
+    ``steering``: who puts each connection on its worker. ``"kernel"``: on Linux, with
+    the IP-hash balancer and TCP binds, a listener per worker and a BPF program
+    computing the IP hash; workers accept their own connections and the master
+    only covers for workers that cannot. ``"master"``: the master accepts every
+    connection and hands it off. ``"auto"`` (the default): the kernel where it can,
+    else the master (logged with the reason). See the README, Kernel steering.
 
     The real client address behind a proxy (off by default; see the README):
     ``proxy_protocol``: trusted peers send a PROXY protocol v1 or v2 header first;
@@ -177,7 +184,10 @@ class StickyServer:
         trusted_proxies: Iterable[str] | None = None,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        steering: str = "auto",
     ) -> None:
+        if steering not in STEERINGS:
+            raise ValueError(f"steering must be one of {', '.join(map(repr, STEERINGS))}; got {steering!r}")
         if workers is None:
             workers = os.cpu_count() or 1
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -219,6 +229,7 @@ class StickyServer:
         self.max_connections_jitter = max_connections_jitter
         self.max_message_size = max_message_size
         self.backlog = backlog
+        self.steering = steering
         self._hooks = Hooks()
         self._dispatcher: Dispatcher | None = None
         self._identity = worker_identity()
@@ -319,16 +330,22 @@ class StickyServer:
             )
         self._listen_called = True
         listeners: list[socket.socket] = []
+        steering: KernelSteering | None = None
         try:
-            for bind in binds:
-                listeners.append(open_bind(bind, self.backlog))
-            self.addresses = [listener.getsockname() for listener in listeners]
+            steering = self._kernel_steering(binds)
+            if steering is not None:
+                self.addresses = [group.address for group in steering.groups]
+            else:
+                for bind in binds:
+                    listeners.append(open_bind(bind, self.backlog))
+                self.addresses = [listener.getsockname() for listener in listeners]
             supervisor = Supervisor(
                 self._workers,
                 user=self.user,
                 group=self.group,
                 graceful_timeout=self.graceful_timeout,
                 timeout=self.timeout,
+                listeners_for=steering.listeners if steering is not None else None,
             )
             dispatcher = Dispatcher(
                 listeners,
@@ -340,17 +357,37 @@ class StickyServer:
                 hooks=self._hooks,
                 client_addresses=self.client_addresses,
                 max_message_size=self.max_message_size,
+                steering=steering,
             )
             self._dispatcher = dispatcher
             dispatcher.run()
         finally:
             self._dispatcher = None
+            if steering is not None:
+                steering.close()
             for listener, bind in zip(listeners, binds, strict=False):
                 listener.close()
                 if bind.path is not None:
                     with contextlib.suppress(OSError):
                         os.unlink(bind.path)
         logger.info("stopped")
+
+    def _kernel_steering(self, binds: list[Bind]) -> KernelSteering | None:
+        """The kernel path's listener groups, or None for the master path (see ``steering``)."""
+        why = kernel_path_unavailable(self.steering, self.balancer, binds, self.client_addresses is not None)
+        if why is None:
+            assert isinstance(self.balancer, IPHashBalancer)
+            try:
+                return open_kernel_steering(binds, self._workers, self.balancer, self.backlog)
+            except (OSError, ValueError) as exc:
+                if isinstance(exc, BindError):
+                    raise
+                why = f"the kernel refused the steering program ({exc})"
+        if self.steering == "kernel":
+            raise ValueError(f"steering='kernel' is not possible here: {why}. Use steering='auto' or 'master'")
+        if self.steering == "auto":
+            logger.info("connections go through the master: %s", why)
+        return None
 
     def stats(self) -> dict[str, Any]:
         """Master only, while serving: live figures per worker slot and for the master (see README, Stats).
@@ -404,6 +441,7 @@ class StickyServer:
             on_ready=self._disarm_boot_hook,
             graceful_timeout=self.graceful_timeout,
             peer_from_proxy=self._peer_from_proxy(handler),
+            listeners=self._identity.listeners,
         )
 
     def _peer_from_proxy(self, handler: object) -> bool:

@@ -24,10 +24,11 @@ class SlotCounters:
     created_at: float = field(default_factory=time.monotonic)
     handed_off: dict[int, int] = field(default_factory=dict)
     lost_no_room: dict[int, int] = field(default_factory=dict)  # hand-offs the kernel closed at the fd limit
+    accepted_by_workers: int = 0  # kernel path: connections workers accepted from their own listeners
 
 
 def collect(
-    supervisor: Supervisor, current: Mapping[int, Link], counters: SlotCounters, accepted: int
+    supervisor: Supervisor, current: Mapping[int, Link], counters: SlotCounters, accepted: int, steering: str
 ) -> dict[str, Any]:
     """The figures of every slot (its current worker's) and the totals."""
     now = time.monotonic()
@@ -50,8 +51,9 @@ def collect(
     return {
         "pid": os.getpid(),
         "uptime": round(now - counters.created_at, 3),
+        "steering": steering,
         "workers": slots,
-        "accepted": accepted,
+        "accepted": accepted + counters.accepted_by_workers,
         "handed_off": sum(entry["handed_off"] for entry in slots),
         "live": sum(entry["live"] for entry in slots),
         "restarts": sum(entry["restarts"] for entry in slots),

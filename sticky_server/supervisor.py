@@ -44,6 +44,7 @@ import contextlib
 import enum
 import logging
 import signal
+import socket
 import subprocess
 import time
 from collections import deque
@@ -172,8 +173,10 @@ class Supervisor:
         group: int | None = None,
         graceful_timeout: float = 30.0,
         timeout: float | None = None,
+        listeners_for: Callable[[int], Sequence[socket.socket]] | None = None,
     ) -> None:
         self.size = size
+        self._listeners_for = listeners_for  # kernel path: a slot's own listeners, which its workers inherit
         self.command = list(command) if command is not None else entry_command()
         self.cwd = cwd
         self.policy = policy or RestartPolicy()
@@ -478,7 +481,11 @@ class Supervisor:
     # --- the parts --------------------------------------------------------------
 
     def _spawn_process(self, slot: int) -> WorkerProcess:
-        worker = self._spawn(slot, self.command, self.cwd, self._clock(), **self._credentials)
+        if self._listeners_for is None:
+            worker = self._spawn(slot, self.command, self.cwd, self._clock(), **self._credentials)
+        else:
+            listeners = self._listeners_for(slot)
+            worker = self._spawn(slot, self.command, self.cwd, self._clock(), listeners=listeners, **self._credentials)
         self.processes.add(worker)
         logger.info("worker %d started (pid %d)", slot, worker.pid)
         return worker

@@ -41,6 +41,7 @@ that crashed while serving by whether READY came (``supervisor``), not by the co
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -51,7 +52,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
@@ -60,6 +61,7 @@ from .channel import DROP_LOG_INTERVAL, MAX_QUEUED_MESSAGE_BYTES, WorkerChannel
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedSocket
 from .errors import ProtocolError
 from .frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
+from .listener import ABORTED_BEFORE_ACCEPT, ACCEPT_BACKOFF, ACCEPT_BURST, OUT_OF_DESCRIPTORS
 from .outbox import DropOldestQueue
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
@@ -99,6 +101,8 @@ _IPPROTO_TCP = int(socket.IPPROTO_TCP)
 _TCP_NODELAY = int(socket.TCP_NODELAY)
 # The master's default graceful_timeout; the StickyServer in the worker passes its own.
 DEFAULT_STOP_SECONDS = 30.0
+# A stop accepts at most this many connections still waiting on the slot's own listener.
+MAX_STOP_DRAIN = 65536
 # When the master will kill this process, once a stop began (see time_left_to_stop).
 _stop_deadline: float | None = None
 
@@ -216,8 +220,14 @@ class WorkerRuntime:
         on_ready: Callable[[], None] | None = None,
         graceful_timeout: float = DEFAULT_STOP_SECONDS,
         peer_from_proxy: bool = False,
+        listeners: Sequence[socket.socket] = (),
     ) -> None:
         self._worker = worker
+        # Kernel path (steering): this slot's own listeners; connections accepted there are
+        # delivered as hand-offs are, and counted for the master (ACCEPTED, with the sweep).
+        self._listeners = tuple(listeners)
+        self._accepted = 0
+        self._accept_paused_until: float | None = None
         # PROXY protocol: the header named the client for the whole connection (connections.py).
         self._peer_from_proxy = peer_from_proxy
         self._graceful_timeout = graceful_timeout
@@ -258,18 +268,26 @@ class WorkerRuntime:
             selector.register(signals.fileno(), selectors.EVENT_READ)
             selector.register(channel.waker.fileno(), selectors.EVENT_READ)
             self._announce_ready()
+            for listener in self._listeners:
+                selector.register(listener, selectors.EVENT_READ, listener)
             while self._stop_reason is None:
                 if (writing or channel.pending()) and channel.flush() == writing:
                     writing = not writing
                     selector.modify(control, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0))
                 if self._inbox:
                     timeout: float | None = 0.0  # only look for hand-offs, then go on with the messages
-                elif len(RECORD):
+                elif len(RECORD) or self._accepted:
                     timeout = max(0.0, next_sweep - time.monotonic())
                 else:
                     timeout = None
+                if self._accept_paused_until is not None:
+                    timeout = self._after_accept_pause(selector, timeout)
                 for key, mask in selector.select(timeout):
-                    if key.fileobj is control:
+                    if key.data is not None:
+                        if not self._accept_from(key.data):
+                            for listener in self._listeners:
+                                selector.unregister(listener)
+                    elif key.fileobj is control:
                         if mask & selectors.EVENT_READ:
                             self._on_control_readable()
                     elif key.fileobj == channel.waker.fileno():
@@ -297,7 +315,56 @@ class WorkerRuntime:
                 logger.exception("worker %d: stop() raised", self._slot)
         self._end()
 
+    def _after_accept_pause(self, selector: selectors.BaseSelector, timeout: float | None) -> float | None:
+        """Watch the listeners again once an accept pause is over; the select timeout until then."""
+        assert self._accept_paused_until is not None
+        left = self._accept_paused_until - time.monotonic()
+        if left > 0:
+            return left if timeout is None else min(timeout, left)
+        self._accept_paused_until = None
+        for listener in self._listeners:
+            selector.register(listener, selectors.EVENT_READ, listener)
+        return timeout
+
     # --- the parts both loops share (see async_worker.py for the asyncio one) ---------
+
+    def _accept_from(self, listener: socket.socket, limit: int = ACCEPT_BURST) -> bool:
+        """Take up to ``limit`` connections from this slot's own listener (kernel path).
+
+        Returns False when out of descriptors: accepting then pauses for
+        ``ACCEPT_BACKOFF`` (the connections wait in the kernel), and the master hears
+        NO_ROOM, so it routes this worker's clients elsewhere until some close.
+        """
+        accept = listener._accept  # type: ignore[attr-defined]  # the raw descriptor: no socket object twice
+        deliver = self._deliver
+        for _ in range(limit):
+            try:
+                fd, _ = accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in ABORTED_BEFORE_ACCEPT:
+                    continue
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+                    self._no_room(0)
+                    return False
+                raise
+            self._accepted += 1
+            deliver(fd, None)
+        return True
+
+    def _close_listeners(self) -> None:
+        """On a stop: take what already waits (not on a quick stop), then close this process's copies.
+
+        The master keeps its own copy of each listener open, so nothing queued after
+        this is lost: a replacement worker or the master takes it.
+        """
+        for listener in self._listeners:
+            if not self._quick and self._accept_paused_until is None:
+                self._accept_from(listener, MAX_STOP_DRAIN)
+            listener.close()
+        self._listeners = ()
 
     def _announce_ready(self) -> None:
         self._channel.put_control(FrameKind.READY, pack_count(descriptor_limit()))
@@ -311,6 +378,9 @@ class WorkerRuntime:
             self._quick = self._quick or signum in _QUICK_SIGNALS
 
     def _sweep(self) -> None:
+        if self._accepted:  # before CLOSED: the master counts these live first
+            self._channel.put_control(FrameKind.ACCEPTED, pack_count(self._accepted))
+            self._accepted = 0
         closed = RECORD.sweep()
         if closed:
             self._channel.put_control(FrameKind.CLOSED, pack_count(closed))
@@ -377,7 +447,8 @@ class WorkerRuntime:
         The worker goes on with the connections it has; the master hears of it and
         routes this worker's clients elsewhere until some of its connections close.
         """
-        self._no_room_log.note(lost, self._slot, descriptor_limit())
+        if lost:
+            self._no_room_log.note(lost, self._slot, descriptor_limit())
         self._channel.put_control(FrameKind.NO_ROOM, pack_count(lost))
 
     def _on_protocol_error(self, error: ProtocolError) -> None:
@@ -474,6 +545,11 @@ class WorkerRuntime:
         global _stop_deadline
         logger.debug("worker %d stopping: %s", self._slot, self._stop_reason)
         _stop_deadline = time.monotonic() + self._graceful_timeout
+        self._close_listeners()
+        if self._accepted and not self._master_lost:
+            with contextlib.suppress(OSError):
+                self._sweep()
+                self._channel.flush()
         self._reader.close()
         self._channel.close()
         stop = None if self._quick else getattr(self._worker, "stop", None)

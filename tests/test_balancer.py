@@ -18,8 +18,9 @@ from sticky_server import (
     WorkerSet,
 )
 from sticky_server.balancer import IP_CACHE_SIZE, address_key, balancer_from
+from sticky_server.rendezvous import mix32, slot_seed
 
-MASK = (1 << 64) - 1
+
 
 WORKERS = 8
 ALL = tuple(range(WORKERS))
@@ -134,16 +135,13 @@ def winners_for_every_count(hasher: IPHashBalancer, keys: list[int]) -> dict[int
     One pass of 64 scores per key (the running maximum gives every count at once)
     instead of one slot_for_key call per count; checked against slot_for_key below.
     """
-    seeds = [hasher._seed(slot) for slot in range(max(WORKER_COUNTS))]
+    seeds = [slot_seed(slot) for slot in range(max(WORKER_COUNTS))]
     checkpoints = set(WORKER_COUNTS)
     winners: dict[int, list[int]] = {count: [] for count in WORKER_COUNTS}
     for key in keys:
         best_slot, best_score = 0, -1
         for slot, seed in enumerate(seeds):
-            score = key ^ seed  # _mix64(key ^ seed), inlined as in slot_for_key
-            score = ((score ^ (score >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-            score = ((score ^ (score >> 27)) * 0x94D049BB133111EB) & MASK
-            score ^= score >> 31
+            score = mix32(key ^ seed)
             if score > best_score:
                 best_slot, best_score = slot, score
             if slot + 1 in checkpoints:
