@@ -399,7 +399,7 @@ class Dispatcher:
                 case Listening():
                     addresses = ", ".join(format_address(local) for local in self._listening)
                     logger.info(
-                        "listening on %s with %d workers (master pid %d, %s path)",
+                        "listening on %s with %d workers (master pid %d) on the %s path",
                         addresses,
                         self.size,
                         os.getpid(),

@@ -442,6 +442,7 @@ class StickyServer:
             graceful_timeout=self.graceful_timeout,
             peer_from_proxy=self._peer_from_proxy(handler),
             listeners=self._identity.listeners,
+            report_accepts_at_once=self.max_connections_per_worker is not None,
         )
 
     def _peer_from_proxy(self, handler: object) -> bool:

@@ -221,12 +221,16 @@ class WorkerRuntime:
         graceful_timeout: float = DEFAULT_STOP_SECONDS,
         peer_from_proxy: bool = False,
         listeners: Sequence[socket.socket] = (),
+        report_accepts_at_once: bool = False,
     ) -> None:
         self._worker = worker
         # Kernel path (steering): this slot's own listeners; connections accepted there are
         # delivered as hand-offs are, and counted for the master (ACCEPTED, with the sweep).
         self._listeners = tuple(listeners)
         self._accepted = 0
+        # With max_connections_per_worker the master counts every accept as it happens, not
+        # with the sweep: it recycles this worker after that many.
+        self._report_accepts_at_once = report_accepts_at_once
         self._accept_paused_until: float | None = None
         # PROXY protocol: the header named the client for the whole connection (connections.py).
         self._peer_from_proxy = peer_from_proxy
@@ -352,7 +356,14 @@ class WorkerRuntime:
                 raise
             self._accepted += 1
             deliver(fd, None)
+        if self._report_accepts_at_once:
+            self._report_accepted()
         return True
+
+    def _report_accepted(self) -> None:
+        if self._accepted:
+            self._channel.put_control(FrameKind.ACCEPTED, pack_count(self._accepted))
+            self._accepted = 0
 
     def _close_listeners(self) -> None:
         """On a stop: take what already waits (not on a quick stop), then close this process's copies.
@@ -378,9 +389,7 @@ class WorkerRuntime:
             self._quick = self._quick or signum in _QUICK_SIGNALS
 
     def _sweep(self) -> None:
-        if self._accepted:  # before CLOSED: the master counts these live first
-            self._channel.put_control(FrameKind.ACCEPTED, pack_count(self._accepted))
-            self._accepted = 0
+        self._report_accepted()  # before CLOSED: the master counts these live first
         closed = RECORD.sweep()
         if closed:
             self._channel.put_control(FrameKind.CLOSED, pack_count(closed))

@@ -20,8 +20,6 @@ from sticky_server import (
 from sticky_server.balancer import IP_CACHE_SIZE, address_key, balancer_from
 from sticky_server.rendezvous import mix32, slot_seed
 
-
-
 WORKERS = 8
 ALL = tuple(range(WORKERS))
 

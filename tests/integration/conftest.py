@@ -136,3 +136,11 @@ def start_haproxy(tmp_path: Path) -> Iterator[HaproxyStarter]:
     for process in processes:
         stop_process(process)
         assert not pid_alive(process.pid)
+
+
+@pytest.fixture(params=["master", "kernel"])
+def steering(request: pytest.FixtureRequest) -> str:
+    """Both routing paths, for the tests of what each must hold alike (APP_STEERING for the line app)."""
+    if request.param == "kernel" and not sys.platform.startswith("linux"):
+        pytest.skip("kernel steering is Linux's")
+    return str(request.param)

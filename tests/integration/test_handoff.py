@@ -12,8 +12,10 @@ from .conftest import StartApp
 from .harness import CLIENT_IPS, open_fds, request, wait_until
 
 
-def test_worker_gets_a_blocking_socket_whose_peer_is_the_client_and_no_byte_read(start_app: StartApp) -> None:
-    server = start_app()
+def test_worker_gets_a_blocking_socket_whose_peer_is_the_client_and_no_byte_read(
+    start_app: StartApp, steering: str
+) -> None:
+    server = start_app({"APP_STEERING": steering})
     address = server.wait_listening()
     for ip in CLIENT_IPS[:6]:
         with socket.create_connection(address, timeout=15, source_address=(ip, 0)) as sock:
@@ -28,20 +30,20 @@ def test_worker_gets_a_blocking_socket_whose_peer_is_the_client_and_no_byte_read
         assert seen["line"] == "first-byte-intact"
 
 
-def test_ipv6_clients_get_an_ipv6_socket(start_app: StartApp) -> None:
+def test_ipv6_clients_get_an_ipv6_socket(start_app: StartApp, steering: str) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")
-    server = start_app({"APP_HOST": "::1"})
+    server = start_app({"APP_STEERING": steering, "APP_HOST": "::1"})
     address = server.wait_listening()
     reply = request(address)
     assert reply["family"] == "AF_INET6"
     assert reply["peer"][0] == "::1"
 
 
-def test_dual_stack_listener_serves_ipv4_and_ipv6(start_app: StartApp) -> None:
+def test_dual_stack_listener_serves_ipv4_and_ipv6(start_app: StartApp, steering: str) -> None:
     if not socket.has_dualstack_ipv6():
         pytest.skip("no dual-stack IPv6 on this machine")
-    server = start_app({"APP_HOST": ""})
+    server = start_app({"APP_STEERING": steering, "APP_HOST": ""})
     _, port = server.wait_listening()
     v4 = request(("127.0.0.1", port), source="127.0.0.7")
     v6 = request(("::1", port))
@@ -50,8 +52,8 @@ def test_dual_stack_listener_serves_ipv4_and_ipv6(start_app: StartApp) -> None:
     assert v6["peer"][0] == "::1"
 
 
-def test_master_closes_its_copy_of_every_connection(start_app: StartApp) -> None:
-    server = start_app({"APP_WORKERS": "2"})
+def test_master_closes_its_copy_of_every_connection(start_app: StartApp, steering: str) -> None:
+    server = start_app({"APP_STEERING": steering, "APP_WORKERS": "2"})
     address = server.wait_listening()
     master = server.process.pid
     baseline = open_fds(master)  # before any connection: every fd one adds must go again

@@ -12,8 +12,8 @@ from .harness import pid_alive, request, wait_until
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_stops_workers_and_exits_zero(start_app: StartApp, signum: int) -> None:
-    server = start_app()
+def test_stop_signal_stops_workers_and_exits_zero(start_app: StartApp, steering: str, signum: int) -> None:
+    server = start_app({"APP_STEERING": steering})
     address = server.wait_listening()
     request(address)
     workers = server.worker_pids()
@@ -26,8 +26,8 @@ def test_stop_signal_stops_workers_and_exits_zero(start_app: StartApp, signum: i
     assert server.count(r"exited with code 0") == 3
 
 
-def test_workers_exit_when_the_master_is_killed(start_app: StartApp) -> None:
-    server = start_app()
+def test_workers_exit_when_the_master_is_killed(start_app: StartApp, steering: str) -> None:
+    server = start_app({"APP_STEERING": steering})
     server.wait_listening()
     workers = server.worker_pids()
     assert len(workers) == 3
@@ -40,8 +40,8 @@ def test_workers_exit_when_the_master_is_killed(start_app: StartApp) -> None:
     assert time.monotonic() - killed_at < 2.0
 
 
-def test_worker_that_does_not_finish_is_killed_after_the_graceful_timeout(start_app: StartApp) -> None:
-    server = start_app({"APP_GRACEFUL": "1", "APP_STOP_DELAY": "60", "APP_WORKERS": "2"})
+def test_worker_that_does_not_finish_is_killed_after_the_graceful_timeout(start_app: StartApp, steering: str) -> None:
+    server = start_app({"APP_STEERING": steering, "APP_GRACEFUL": "1", "APP_STOP_DELAY": "60", "APP_WORKERS": "2"})
     server.wait_listening()
     started = time.monotonic()
 

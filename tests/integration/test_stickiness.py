@@ -21,8 +21,8 @@ def slots_by_ip(address: tuple[str, int], ips: list[str], rounds: int) -> dict[s
     return seen
 
 
-def test_every_address_always_meets_the_same_worker(start_app: StartApp) -> None:
-    server = start_app({"APP_WORKERS": "4"})
+def test_every_address_always_meets_the_same_worker(start_app: StartApp, steering: str) -> None:
+    server = start_app({"APP_STEERING": steering, "APP_WORKERS": "4"})
     address = server.wait_listening()
 
     seen = slots_by_ip(address, CLIENT_IPS, rounds=5)
@@ -36,9 +36,11 @@ def test_every_address_always_meets_the_same_worker(start_app: StartApp) -> None
     assert {ip: next(iter(slots)) for ip, slots in seen.items()} == expected
 
 
-def test_a_dead_slots_clients_move_and_come_back_and_nobody_else_moves(start_app: StartApp, tmp_path: Path) -> None:
+def test_a_dead_slots_clients_move_and_come_back_and_nobody_else_moves(
+    start_app: StartApp, steering: str, tmp_path: Path
+) -> None:
     fail_boot = tmp_path / "fail-boot"
-    server = start_app({"APP_WORKERS": "4", "APP_FAIL_BOOT_FILE": str(fail_boot)})
+    server = start_app({"APP_STEERING": steering, "APP_WORKERS": "4", "APP_FAIL_BOOT_FILE": str(fail_boot)})
     address = server.wait_listening()
     before = {ip: request(address, source=ip) for ip in CLIENT_IPS}
     counts = collections.Counter(reply["slot"] for reply in before.values())

@@ -24,8 +24,8 @@ def test_python_dash_m_entry_point_works(start_app: StartApp) -> None:
         assert b"-m" in cmdline and b"apps.line_app" in cmdline
 
 
-def test_crashed_worker_is_respawned_into_its_slot(start_app: StartApp) -> None:
-    server = start_app({"APP_WORKERS": "2"})
+def test_crashed_worker_is_respawned_into_its_slot(start_app: StartApp, steering: str) -> None:
+    server = start_app({"APP_STEERING": steering, "APP_WORKERS": "2"})
     address = server.wait_listening()
     replies = {ip: request(address, source=ip) for ip in CLIENT_IPS}
     ip, first = next(iter(replies.items()))
@@ -45,9 +45,11 @@ def test_crashed_worker_is_respawned_into_its_slot(start_app: StartApp) -> None:
             assert request(address, source=other_ip)["pid"] == before["pid"]
 
 
-def test_worker_crashing_at_start_up_backs_off_instead_of_looping(start_app: StartApp, tmp_path: Path) -> None:
+def test_worker_crashing_at_start_up_backs_off_instead_of_looping(
+    start_app: StartApp, steering: str, tmp_path: Path
+) -> None:
     fail_boot = tmp_path / "fail-boot"
-    server = start_app({"APP_WORKERS": "2", "APP_FAIL_BOOT_FILE": str(fail_boot)})
+    server = start_app({"APP_STEERING": steering, "APP_WORKERS": "2", "APP_FAIL_BOOT_FILE": str(fail_boot)})
     address = server.wait_listening()
     victim = request(address, source=CLIENT_IPS[0])
     fail_boot.touch()
@@ -69,8 +71,8 @@ def test_worker_crashing_at_start_up_backs_off_instead_of_looping(start_app: Sta
     assert wait_until(lambda: request(address, source=CLIENT_IPS[0])["slot"] == victim["slot"], timeout=30)
 
 
-def test_sigkill_under_load_refuses_and_loses_no_connection(start_app: StartApp) -> None:
-    server = start_app({"APP_WORKERS": "3"})
+def test_sigkill_under_load_refuses_and_loses_no_connection(start_app: StartApp, steering: str) -> None:
+    server = start_app({"APP_STEERING": steering, "APP_WORKERS": "3"})
     address = server.wait_listening()
     with LoadGenerator(address) as load:
         for round_number in range(4):
@@ -86,7 +88,9 @@ def test_sigkill_under_load_refuses_and_loses_no_connection(start_app: StartApp)
 
 def test_connections_a_dying_worker_had_not_taken_go_to_another_worker(start_app: StartApp, tmp_path: Path) -> None:
     stall = tmp_path / "stall-boot"
-    server = start_app({"APP_WORKERS": "2", "APP_STALL_BOOT_FILE": str(stall)})
+    # The master path: connections handed to a worker that never read them (the kernel path sends
+    # a starting worker's clients elsewhere at once: test_kernel_steering).
+    server = start_app({"APP_STEERING": "master", "APP_WORKERS": "2", "APP_STALL_BOOT_FILE": str(stall)})
     address = server.wait_listening()
     before = {ip: request(address, source=ip) for ip in CLIENT_IPS}
     victim = before[CLIENT_IPS[0]]

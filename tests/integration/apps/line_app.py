@@ -260,6 +260,7 @@ def main() -> None:
         forwarded_header=os.environ.get("APP_FORWARDED") or None,
         trusted_proxies=os.environ["APP_TRUSTED"].split(",") if os.environ.get("APP_TRUSTED") else None,
         header_timeout=float(os.environ.get("APP_HEADER_TIMEOUT", "5")),
+        steering=os.environ.get("APP_STEERING", "auto"),
     )
     mode = os.environ.get("APP_MODE", "normal")
     if sticky.is_master:
