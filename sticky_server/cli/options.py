@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..balancer import BALANCERS
+from ..steering import STEERINGS
 from ..listener import parse_bind
 from ..server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT
 
@@ -220,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="ip-hash",
         metavar="NAME",
         help=f"{'|'.join(BALANCERS)} or module:Class (default: ip-hash)",
+    )
+    workers.add_argument(
+        "--steering",
+        choices=STEERINGS,
+        default="auto",
+        help="who puts each connection on its worker: kernel (Linux, ip-hash, TCP: workers accept their own), "
+        "master (it accepts and hands off), auto (the kernel where it can; default)",
     )
     workers.add_argument(
         "--graceful-timeout",

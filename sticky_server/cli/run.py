@@ -144,6 +144,7 @@ def _server(args: argparse.Namespace) -> StickyServer:
         proxy_protocol=args.proxy_protocol,
         forwarded_header=args.forwarded_header,
         trusted_proxies=args.trusted_proxy,
+        steering=args.steering,
         **({"backlog": args.backlog} if args.backlog else {}),
     )
 

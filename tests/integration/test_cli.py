@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sticky_server.balancer import IPHashBalancer, address_key
 
 from .conftest import StartApp
@@ -156,9 +158,15 @@ def test_proxy_protocol_on_a_unix_socket_routes_by_the_address_in_the_header(
         assert replies[0]["peer"] == [client, 40000 + n]
 
 
-def test_asgi_app_with_one_command(start_app: StartApp) -> None:
-    server = start_cli(start_app, ["apps.cli_apps:app", "--asgi", "-w", "2", "-b", "127.0.0.1:0"])
+@pytest.mark.parametrize("steering", ["", "master", "kernel"], ids=["default", "master", "kernel"])
+def test_asgi_app_with_one_command(start_app: StartApp, steering: str) -> None:
+    if steering == "kernel" and not sys.platform.startswith("linux"):
+        pytest.skip("kernel steering is Linux's")
+    chosen = ["--steering", steering] if steering else []
+    server = start_cli(start_app, ["apps.cli_apps:app", "--asgi", "-w", "2", "-b", "127.0.0.1:0", *chosen])
     host_port = server.wait_for(LISTENING).group(1)
+    expected_path = steering or ("kernel" if sys.platform.startswith("linux") else "master")
+    server.wait_for(rf"\(master pid \d+\) on the {expected_path} path")
     port = int(host_port.rsplit(":", 1)[1])
     for ip in CLIENT_IPS[:4]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT, source_address=(ip, 0))
