@@ -12,12 +12,18 @@ over R rounds:
 
   plain        one Python process (the baseline)
   reuseport    N Python processes on SO_REUSEPORT (the kernel's non-sticky balancing)
+  reuseport-worker  the same, each process running the library's own worker loop
+               (WorkerRuntime accepting from its listener, as on the kernel path, with
+               no master and no program: the like-for-like ceiling of the kernel path)
   floor        the least a Python fd-passing master can do (reference for the master's
                own cost): raw fds, one sendmsg per batch, its copies closed at once
   floor-ack    the same, keeping its copies until the worker acknowledges them (what
                re-routing a dead worker's connections cost before the sticky master
                kept each worker's end of its socket instead)
-  sticky       the sticky master, N workers, IP hash
+  sticky       sticky_server as configured by default, N workers, IP hash: on Linux the
+               kernel path (a BPF program steers, workers accept their own)
+  sticky-master  the same on the master path (steering="master": the master accepts
+               and hands off every connection)
   sticky-rr    the same, round-robin
   sticky-proxy the same, IP hash, with the PROXY protocol (the client sends v1 headers)
   node         Node's sticky-session with N workers
@@ -63,7 +69,18 @@ HOST = "127.0.0.1"
 SOURCES = 64
 BACKLOG = 4096
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\nHello, world!"
-CONFIGS = ("plain", "reuseport", "floor", "floor-ack", "sticky", "sticky-rr", "sticky-proxy", "node")
+CONFIGS = (
+    "plain",
+    "reuseport",
+    "reuseport-worker",
+    "floor",
+    "floor-ack",
+    "sticky",
+    "sticky-master",
+    "sticky-rr",
+    "sticky-proxy",
+    "node",
+)
 TICKS = os.sysconf("SC_CLK_TCK")
 
 NODE_SERVER = """
@@ -114,6 +131,36 @@ def run_plain(port: int, processes: int) -> None:
     if len(children) == processes - 1:  # the first process: the others are up once it is
         print("READY", flush=True)
     serve_forever(listener)
+
+
+def run_reuseport_worker(port: int, processes: int) -> None:
+    """``processes`` processes on SO_REUSEPORT, each accepting with the library's WorkerRuntime, no master."""
+    sys.path.insert(0, str(HERE.parent))
+    from sticky_server.channel import WorkerChannel
+    from sticky_server.worker import WorkerRuntime
+
+    class Trivial:
+        def add_connection(self, conn: socket.socket) -> None:
+            answer(conn)
+
+    slot = 0
+    for child in range(1, processes):
+        if os.fork() == 0:
+            slot = child
+            break
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, port))
+    listener.listen(BACKLOG)
+    listener.setblocking(False)
+    # The frames the worker sends (READY, its accept and close counts) go to an end nobody reads;
+    # a few bytes per half second, far from filling the socket's buffer in a run.
+    unread_master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if slot == 0:
+        print("READY", flush=True)
+    WorkerRuntime(Trivial(), WorkerChannel(worker_end), slot, listeners=[listener]).run()
+    del unread_master_end
 
 
 def run_floor(port: int, workers: int, keep_until_ack: bool) -> None:
@@ -180,7 +227,7 @@ def run_floor(port: int, workers: int, keep_until_ack: bool) -> None:
                 batch.clear()
 
 
-def run_sticky(port: int, workers: int, balancer: str, proxy: bool) -> None:
+def run_sticky(port: int, workers: int, balancer: str, proxy: bool, steering: str) -> None:
     sys.path.insert(0, str(HERE.parent))
     from sticky_server import StickyServer
 
@@ -188,7 +235,9 @@ def run_sticky(port: int, workers: int, balancer: str, proxy: bool) -> None:
         def add_connection(self, conn: socket.socket) -> None:
             answer(conn)
 
-    sticky = StickyServer(workers=workers, balancer=balancer, proxy_protocol=proxy, graceful_timeout=5)
+    sticky = StickyServer(
+        workers=workers, balancer=balancer, proxy_protocol=proxy, graceful_timeout=5, steering=steering
+    )
     if sticky.is_master:
         sticky.on_listening(lambda address: print("READY", flush=True))
         profile = os.environ.get("BENCH_PROFILE")  # a file for the master's cProfile statistics
@@ -501,7 +550,7 @@ def main() -> None:
         )
     if "node" in median:
         node = median["node"]
-        for name in ("sticky", "sticky-rr", "sticky-proxy"):
+        for name in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy"):
             if name in median:
                 m = median[name]
                 print(
@@ -520,7 +569,10 @@ if __name__ == "__main__":
         run_plain(port, workers)
     elif role in ("floor", "floor-ack"):
         run_floor(port, workers, role == "floor-ack")
-    elif role in ("sticky", "sticky-rr", "sticky-proxy"):
-        run_sticky(port, workers, "round-robin" if role == "sticky-rr" else "ip-hash", role == "sticky-proxy")
+    elif role == "reuseport-worker":
+        run_reuseport_worker(port, workers)
+    elif role in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy"):
+        balancer = "round-robin" if role == "sticky-rr" else "ip-hash"
+        run_sticky(port, workers, balancer, role == "sticky-proxy", "master" if role == "sticky-master" else "auto")
     else:
         main()

@@ -227,6 +227,10 @@ class WorkerRuntime:
         # Kernel path (steering): this slot's own listeners; connections accepted there are
         # delivered as hand-offs are, and counted for the master (ACCEPTED, with the sweep).
         self._listeners = tuple(listeners)
+        for listener in self._listeners:
+            # Accepted sockets inherit it from their listener (Linux; test_hot_path_assumptions):
+            # one call here instead of one per connection.
+            listener.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
         self._accepted = 0
         # With max_connections_per_worker the master counts every accept as it happens, not
         # with the sweep: it recycles this worker after that many.
@@ -355,7 +359,7 @@ class WorkerRuntime:
                     return False
                 raise
             self._accepted += 1
-            deliver(fd, None)
+            deliver(fd, None, False)
         if self._report_accepts_at_once:
             self._report_accepted()
         return True
@@ -508,7 +512,8 @@ class WorkerRuntime:
             if sock is not None:
                 sock.close()
 
-    def _deliver(self, fd: int, address: tuple[str, int] | None) -> None:
+    def _deliver(self, fd: int, address: tuple[str, int] | None, nodelay: bool = True) -> None:
+        """Wrap ``fd`` and give it to ``add_connection``; ``nodelay=False``: it has ``TCP_NODELAY`` already."""
         try:
             # Every hand-off is a stream socket: naming the type spares a getsockopt. The
             # family and the protocol come from the socket (asyncio, for one, looks at
@@ -518,7 +523,7 @@ class WorkerRuntime:
                 sock.told_peer = address
             else:
                 sock = HandedOffSocket(type=socket.SOCK_STREAM, fileno=fd)
-            if sock.proto == _IPPROTO_TCP:
+            if nodelay and sock.proto == _IPPROTO_TCP:
                 # As every Python web server does: without it, a response written in two
                 # pieces waits for the client's delayed ACK (40 ms on Linux).
                 sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)

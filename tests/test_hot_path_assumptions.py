@@ -8,6 +8,9 @@
 from __future__ import annotations
 
 import socket
+import sys
+
+import pytest
 
 from sticky_server.balancer import ClientInfo
 from sticky_server.frames import Frame, FrameKind
@@ -35,3 +38,15 @@ def test_socket_accept_gives_a_raw_descriptor_and_the_address() -> None:
         finally:
             socket.socket(fileno=fd).close()
             client.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel path, where the worker relies on it")
+@pytest.mark.parametrize("on_listener", [1, 0])
+def test_an_accepted_socket_inherits_tcp_nodelay_from_its_listener(on_listener: int) -> None:
+    # A kernel-path worker sets TCP_NODELAY once on its listener, not on every connection.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, on_listener)
+        with socket.create_connection(listener.getsockname()):
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == on_listener

@@ -24,9 +24,9 @@ from typing import Any
 
 from .. import __version__
 from ..balancer import BALANCERS
-from ..steering import STEERINGS
 from ..listener import parse_bind
 from ..server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT
+from ..steering import STEERINGS
 
 __all__ = [
     "ENV_PREFIX",
