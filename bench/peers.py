@@ -1,0 +1,296 @@
+"""What a python-socketio user would otherwise run, against sticky_server, on the same app and the same loads.
+
+    python bench/peers.py [--workers N] [--rounds R] [--seconds S]
+
+Needs nginx (``apt-get install nginx``; without it that row is skipped, saying so),
+wrk (``apt-get install wrk``) and gcc (``bench/client.c``). The app is
+``bench/peers_app.py``: python-socketio's ASGI app with a plain ``GET /`` and a
+websocket echo on ``/echo``. The servers, fresh for every measurement, interleaved
+over R rounds, access logs off in all:
+
+  nginx     nginx (worker_processes auto) with ``hash $remote_addr consistent`` and
+            upstream keep-alive in front of N uvicorn processes on their own ports:
+            python-socketio's documented deployment for several workers
+  uvicorn   ``uvicorn --workers N``: one shared socket, not sticky (it breaks
+            socket.io's long polling): the ceiling, not a choice for socket.io
+  sticky    ``sticky-server bench.peers_app:app --asgi -w N``, as configured by
+            default (on Linux the kernel path)
+
+The loads:
+
+  keep-alive    ``wrk -t1 -c32``: requests over 32 kept-alive connections (one
+                client address, so the sticky servers put them all on one worker)
+  new-conn      the C client's closed loop: a new connection per request, 32 in
+                flight, from 64 client addresses
+  websocket     32 websockets from 32 client addresses, each sending a message and
+                waiting for its echo, over and over (messages/s)
+
+It prints medians and every server's ratio to nginx and to uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from connections import build_client, children_of, closed_loop  # noqa: E402
+
+HOST = "127.0.0.1"
+SERVERS = ("nginx", "uvicorn", "sticky")
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+NGINX_CONFIG = """
+worker_processes auto;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    upstream app {{
+        hash $remote_addr consistent;
+{servers}
+        keepalive 64;
+    }}
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen {host}:{port} backlog=4096;
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Host $host;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def answers(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            return sock.recv(100).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def uvicorn_command(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "peers_app:app",
+        "--app-dir",
+        str(HERE),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        *args,
+    ]
+
+
+class Server:
+    """One server under test, with every process it started (stopped by pid)."""
+
+    def __init__(self, kind: str, workers: int) -> None:
+        self.port = free_port()
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.scratch = tempfile.mkdtemp(prefix=f"peers-{kind}-")
+        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        if kind == "nginx":
+            assert NGINX is not None
+            ports = [free_port() for _ in range(workers)]
+            for port in ports:
+                self.processes.append(subprocess.Popen(uvicorn_command("--port", str(port)), **quiet))  # type: ignore[call-overload]
+            servers = "\n".join(f"        server {HOST}:{port};" for port in ports)
+            config = Path(self.scratch, "nginx.conf")
+            config.write_text(NGINX_CONFIG.format(prefix=self.scratch, servers=servers, host=HOST, port=self.port))
+            self._wait(ports)
+            command = [NGINX, "-p", self.scratch, "-c", str(config), "-g", "daemon off;"]
+            self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
+        elif kind == "uvicorn":
+            command = uvicorn_command("--port", str(self.port), "--workers", str(workers))
+            self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "sticky_server",
+                "peers_app:app",
+                "--app-dir",
+                str(HERE),
+                "--asgi",
+                "-w",
+                str(workers),
+                "-b",
+                f"{HOST}:{self.port}",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ]
+            self.processes.append(subprocess.Popen(command, cwd=REPO, **quiet))  # type: ignore[call-overload]
+        self._wait([self.port])
+        # Every worker up: a few answers in a row (uvicorn --workers answers once one is).
+        time.sleep(1.0)
+
+    def _wait(self, ports: list[int]) -> None:
+        deadline = time.monotonic() + 30
+        for port in ports:
+            while not answers(port):
+                if time.monotonic() > deadline or any(process.poll() is not None for process in self.processes):
+                    self.stop()
+                    raise RuntimeError(f"port {port} does not answer")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            descendants = children_of(process.pid)
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM if process.args[0] != NGINX else signal.SIGQUIT)
+                try:
+                    process.wait(15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+            for pid in descendants:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class _Endpoint:
+    """What ``closed_loop`` needs of a server."""
+
+    def __init__(self, server: Server) -> None:
+        self.port = server.port
+        self.proxy = False
+        self.process = server.processes[-1]
+
+    def processes(self) -> list[int]:
+        return [self.process.pid]
+
+
+def keep_alive(port: int, seconds: int) -> float:
+    result = subprocess.run(
+        ["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://{HOST}:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    )
+    found = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+    assert found, result.stdout
+    return float(found.group(1))
+
+
+async def _echo_client(port: int, source: str, until: float, counts: list[int]) -> None:
+    reader, writer = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /echo HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head[:100]
+    payload = b"hello, echo"
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+    frame = struct.pack("!BB", 0x81, 0x80 | len(payload)) + mask + masked
+    sent = 0
+    while time.monotonic() < until:
+        writer.write(frame)
+        first, length = await reader.readexactly(2)
+        await reader.readexactly(length & 0x7F)
+        assert first == 0x81
+        sent += 1
+    counts.append(sent)
+    writer.write(struct.pack("!BB", 0x88, 0x80) + mask)
+    writer.close()
+
+
+def websocket_echo(port: int, seconds: int, clients: int = 32) -> float:
+    async def run() -> float:
+        counts: list[int] = []
+        started = time.monotonic()
+        until = started + seconds
+        await asyncio.gather(*(_echo_client(port, f"127.0.0.{2 + n}", until, counts) for n in range(clients)))
+        return sum(counts) / (time.monotonic() - started)
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--servers", default=",".join(SERVERS))
+    args = parser.parse_args()
+    build_client()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    servers = [name for name in args.servers.split(",") if name]
+    if "nginx" in servers and NGINX is None:
+        print("nginx: skipped (not found: apt-get install nginx)")
+        servers.remove("nginx")
+    loads = ("keep-alive", "new-conn", "websocket")
+    results: dict[str, dict[str, list[float]]] = {name: {load: [] for load in loads} for name in servers}
+    print(f"{args.workers} workers, {args.rounds} rounds of {args.seconds} s per load", flush=True)
+    for round_ in range(args.rounds):
+        for name in servers:
+            server = Server(name, args.workers)
+            try:
+                keep_alive(server.port, 1)  # warm-up
+                figures = {
+                    "keep-alive": keep_alive(server.port, args.seconds),
+                    "new-conn": closed_loop(_Endpoint(server), 32, args.seconds)["rate"],  # type: ignore[arg-type]
+                    "websocket": websocket_echo(server.port, args.seconds),
+                }
+            finally:
+                server.stop()
+            for load, value in figures.items():
+                results[name][load].append(value)
+            print(
+                f"  round {round_ + 1} {name:<8} "
+                + " ".join(f"{load} {value:9.0f}/s" for load, value in figures.items()),
+                flush=True,
+            )
+    median = {name: {load: statistics.median(values) for load, values in by.items()} for name, by in results.items()}
+    print()
+    print(f"{'medians':<9}" + "".join(f"{load:>14}" for load in loads))
+    for name, by in median.items():
+        print(f"{name:<9}" + "".join(f"{by[load]:>12.0f}/s" for load in loads))
+    for base in ("nginx", "uvicorn"):
+        if base in median and "sticky" in median:
+            ratios = ", ".join(f"{load} {median['sticky'][load] / median[base][load]:.2f}x" for load in loads)
+            print(f"sticky vs {base}: {ratios}")
+
+
+if __name__ == "__main__":
+    main()
