@@ -64,6 +64,17 @@ worker still runs out (its own files count too), the kernel closes the hand-offs
 it had no room for, the worker keeps the rest and says how many it lost (NO_ROOM),
 and the master lowers that worker's ceiling to what it holds.
 
+Rule 7 (kernel path, ``steering``): the master holds every slot's listener but
+accepts only from those the kernel's program leaves out. The program includes the
+alive slots, whose current worker is READY (not starting, hung or stopping) and
+whose link takes connections; a slot is also *backed up* when its listeners hold
+``BACKED_UP_QUEUE`` connections at two looks ``QUEUE_CHECK_INTERVAL`` apart and no
+fewer at the second, until its worker is heard from again. What the master accepts
+there it routes as above, with the IP hash over the same alive slots, so a client
+goes where the program would send it. Until every slot's first worker is ready the
+program includes every slot (each worker takes its own clients as it starts).
+Workers report what they accepted (ACCEPTED); that counts as handed off and live.
+
 Error handling: nothing one client or one worker sends ends the master. An
 unexpected exception while reading one connection's proxy header or packing its
 client address closes that connection and is logged (throttled); one while handling
@@ -188,6 +199,9 @@ class Dispatcher:
         steering: KernelSteering | None = None,
     ) -> None:
         self._steering = steering
+        # What the listeners are bound to, as the log says it; ClientInfo.local of their connections.
+        self._bound: list[Any] = [group.address for group in steering.groups] if steering is not None else []
+        self._bound += [listener.getsockname() for listener in listeners]
         if steering is not None:
             self._listening = [group.address[:2] for group in steering.groups]
         else:
@@ -397,7 +411,7 @@ class Dispatcher:
                         link.outbox.put(FrameKind.PING)
                         self._flush_link(link)
                 case Listening():
-                    addresses = ", ".join(format_address(local) for local in self._listening)
+                    addresses = ", ".join(format_address(name) for name in self._bound)
                     logger.info(
                         "listening on %s with %d workers (master pid %d) on the %s path",
                         addresses,
