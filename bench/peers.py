@@ -15,6 +15,7 @@ over R rounds, access logs off in all:
             socket.io's long polling): the ceiling, not a choice for socket.io
   sticky    ``sticky-server bench.peers_app:app --asgi -w N``, as configured by
             default (on Linux the kernel path)
+  sticky-master  the same with ``--steering master`` (every connection through the master)
 
 The loads:
 
@@ -53,7 +54,7 @@ sys.path.insert(0, str(HERE))
 from connections import build_client, children_of, closed_loop  # noqa: E402
 
 HOST = "127.0.0.1"
-SERVERS = ("nginx", "uvicorn", "sticky")
+SERVERS = ("nginx", "uvicorn", "sticky", "sticky-master")
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 NGINX_CONFIG = """
 worker_processes auto;
@@ -151,6 +152,8 @@ class Server:
                 "--no-access-log",
                 "--log-level",
                 "warning",
+                "--steering",
+                "master" if kind == "sticky-master" else "auto",
             ]
             self.processes.append(subprocess.Popen(command, cwd=REPO, **quiet))  # type: ignore[call-overload]
         self._wait([self.port])
@@ -277,19 +280,20 @@ def main() -> None:
             for load, value in figures.items():
                 results[name][load].append(value)
             print(
-                f"  round {round_ + 1} {name:<8} "
+                f"  round {round_ + 1} {name:<14} "
                 + " ".join(f"{load} {value:9.0f}/s" for load, value in figures.items()),
                 flush=True,
             )
     median = {name: {load: statistics.median(values) for load, values in by.items()} for name, by in results.items()}
     print()
-    print(f"{'medians':<9}" + "".join(f"{load:>14}" for load in loads))
+    print(f"{'medians':<14}" + "".join(f"{load:>14}" for load in loads))
     for name, by in median.items():
-        print(f"{name:<9}" + "".join(f"{by[load]:>12.0f}/s" for load in loads))
-    for base in ("nginx", "uvicorn"):
-        if base in median and "sticky" in median:
-            ratios = ", ".join(f"{load} {median['sticky'][load] / median[base][load]:.2f}x" for load in loads)
-            print(f"sticky vs {base}: {ratios}")
+        print(f"{name:<14}" + "".join(f"{by[load]:>12.0f}/s" for load in loads))
+    for name in ("sticky", "sticky-master"):
+        for base in ("nginx", "uvicorn"):
+            if base in median and name in median:
+                ratios = ", ".join(f"{load} {median[name][load] / median[base][load]:.2f}x" for load in loads)
+                print(f"{name} vs {base}: {ratios}")
 
 
 if __name__ == "__main__":
