@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from .errors import BindError
@@ -17,6 +18,8 @@ __all__ = [
     "DEFAULT_BACKLOG",
     "OUT_OF_DESCRIPTORS",
     "Bind",
+    "OutOfDescriptors",
+    "accept_waiting",
     "adopt_listener",
     "bind_error",
     "bind_listener",
@@ -47,6 +50,32 @@ _BIND_ADVICE = {
     errno.EADDRNOTAVAIL: "no interface of this machine has that address. Use one of its addresses, "
     "or host=None for all of them",
 }
+
+
+class OutOfDescriptors(OSError):
+    """``accept`` failed for lack of descriptors or memory (``OUT_OF_DESCRIPTORS``): pause, do not spin."""
+
+
+def accept_waiting(listener: socket.socket, limit: int) -> Iterator[tuple[int, Any]]:
+    """Up to ``limit`` ``(descriptor, address)`` pairs waiting on non-blocking ``listener``; stops when none waits.
+
+    Skips connections aborted before ``accept``; raises ``OutOfDescriptors`` when the
+    process has no descriptor for the next one (it stays queued in the kernel).
+    """
+    # socket._accept() returns the raw descriptor and address: no socket object is built
+    # for a connection the caller passes on or wraps itself.
+    accept = listener._accept  # type: ignore[attr-defined]
+    for _ in range(limit):
+        try:
+            yield accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in ABORTED_BEFORE_ACCEPT:
+                continue
+            if exc.errno in OUT_OF_DESCRIPTORS:
+                raise OutOfDescriptors(exc.errno, exc.strerror) from None
+            raise
 
 
 def validate_port(port: object) -> int:

@@ -109,7 +109,7 @@ from .frames import Frame, FrameKind, unpack_count
 from .hooks import Hooks, run_hooks
 from .intake import ClientAddressSettings, Intake
 from .link import MAX_QUEUED, Link, Owed, descriptor_headroom, owed_in
-from .listener import ABORTED_BEFORE_ACCEPT, ACCEPT_BACKOFF, ACCEPT_BURST, OUT_OF_DESCRIPTORS, format_address
+from .listener import ACCEPT_BACKOFF, ACCEPT_BURST, OutOfDescriptors, accept_waiting, format_address
 from .process import WorkerProcess, WorkerState
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
@@ -534,35 +534,24 @@ class Dispatcher:
 
     def _accept_from(self, listener: socket.socket, local: tuple[str, int], limit: int) -> None:
         """Accept up to ``limit`` connections waiting on ``listener`` and route each (or give it to the intake)."""
-        # socket._accept() returns the raw descriptor and address: no socket object
-        # is built for a connection the master only passes on.
-        accept = listener._accept  # type: ignore[attr-defined]
         intake = self._intake
         new_client = tuple.__new__
-        for _ in range(limit):
-            try:
-                fd, address = accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in ABORTED_BEFORE_ACCEPT:
-                    continue
-                if exc.errno in OUT_OF_DESCRIPTORS:
-                    self._pause_accepting(exc)
-                    break
-                raise
-            self._next_id += 1
-            if type(address) is tuple:
-                # The same tuple ClientInfo(...) builds, without its Python-level __new__.
-                client = new_client(ClientInfo, (address[0], address[1], None, local))
-            else:
-                client = ClientInfo("", 0, None, local)
-            if intake is None:
-                self._route(self._next_id, fd, client)
-            else:
-                intake.take(self._next_id, fd, listener.family, client)  # (its own errors close only this one)
-            if not self._accepting and (self._parked or not self._supervisor.stopping):
-                break  # (a graceful stop drains the backlog while a slot can take connections)
+        try:
+            for fd, address in accept_waiting(listener, limit):
+                self._next_id += 1
+                if type(address) is tuple:
+                    # The same tuple ClientInfo(...) builds, without its Python-level __new__.
+                    client = new_client(ClientInfo, (address[0], address[1], None, local))
+                else:
+                    client = ClientInfo("", 0, None, local)
+                if intake is None:
+                    self._route(self._next_id, fd, client)
+                else:
+                    intake.take(self._next_id, fd, listener.family, client)  # (its own errors close only this one)
+                if not self._accepting and (self._parked or not self._supervisor.stopping):
+                    break  # (a graceful stop drains the backlog while a slot can take connections)
+        except OutOfDescriptors as exc:
+            self._pause_accepting(exc)
 
     def _connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
         """An unexpected error while reading one connection's header or packing its hand-off: close it, log

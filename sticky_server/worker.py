@@ -61,7 +61,7 @@ from .channel import DROP_LOG_INTERVAL, MAX_QUEUED_MESSAGE_BYTES, WorkerChannel
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedSocket
 from .errors import ProtocolError
 from .frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
-from .listener import ABORTED_BEFORE_ACCEPT, ACCEPT_BACKOFF, ACCEPT_BURST, OUT_OF_DESCRIPTORS
+from .listener import ACCEPT_BACKOFF, ACCEPT_BURST, OutOfDescriptors, accept_waiting
 from .outbox import DropOldestQueue
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
@@ -343,25 +343,18 @@ class WorkerRuntime:
         ``ACCEPT_BACKOFF`` (the connections wait in the kernel), and the master hears
         NO_ROOM, so it routes this worker's clients elsewhere until some close.
         """
-        accept = listener._accept  # type: ignore[attr-defined]  # the raw descriptor: no socket object twice
         deliver = self._deliver
-        for _ in range(limit):
-            try:
-                fd, _ = accept()
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in ABORTED_BEFORE_ACCEPT:
-                    continue
-                if exc.errno in OUT_OF_DESCRIPTORS:
-                    self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
-                    self._no_room(0)
-                    return False
-                raise
-            self._accepted += 1
-            deliver(fd, None, False)
-        if self._report_accepts_at_once:
-            self._report_accepted()
+        try:
+            for fd, _ in accept_waiting(listener, limit):
+                self._accepted += 1
+                deliver(fd, None, False)
+        except OutOfDescriptors:
+            self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+            self._no_room(0)
+            return False
+        finally:
+            if self._report_accepts_at_once:
+                self._report_accepted()
         return True
 
     def _report_accepted(self) -> None:

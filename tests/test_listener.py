@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server import BindError
-from sticky_server.listener import bind_listener, format_address, validate_port
+from sticky_server.listener import OutOfDescriptors, accept_waiting, bind_listener, format_address, validate_port
 
 
 @pytest.mark.parametrize(
@@ -77,3 +78,39 @@ def test_every_interface_listens_on_ipv6_and_ipv4() -> None:
 def test_format_address() -> None:
     assert format_address(("127.0.0.1", 80)) == "127.0.0.1:80"
     assert format_address(("::", 80, 0, 0)) == "[::]:80"
+
+
+def test_accept_waiting_takes_what_waits_and_stops_when_nothing_does() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        try:
+            taken = list(accept_waiting(listener, 2))  # the limit
+            taken += list(accept_waiting(listener, 64))  # the rest, then an empty queue ends it
+            assert [address for _, address in taken] == [client.getsockname() for client in clients]
+        finally:
+            for fd, _ in taken:
+                os.close(fd)
+            for client in clients:
+                client.close()
+
+
+class _FailingListener:
+    def __init__(self, *errors: int) -> None:
+        self.errors = list(errors)
+
+    def _accept(self) -> tuple[int, tuple[str, int]]:
+        if self.errors:
+            error = self.errors.pop(0)
+            raise OSError(error, os.strerror(error))
+        raise BlockingIOError
+
+
+def test_accept_waiting_skips_aborted_connections_and_says_when_descriptors_run_out() -> None:
+    assert list(accept_waiting(_FailingListener(errno.ECONNABORTED), 8)) == []  # type: ignore[arg-type]
+    with pytest.raises(OutOfDescriptors) as caught:
+        list(accept_waiting(_FailingListener(errno.EMFILE), 8))  # type: ignore[arg-type]
+    assert caught.value.errno == errno.EMFILE
+    with pytest.raises(OSError) as other:
+        list(accept_waiting(_FailingListener(errno.EBADF), 8))  # type: ignore[arg-type]
+    assert other.value.errno == errno.EBADF and not isinstance(other.value, OutOfDescriptors)
