@@ -84,7 +84,7 @@ def test_a_dual_stack_listener_steers_ipv6_and_ipv4_clients_as_ip_hash_does(aliv
     try:
         steering.steer(alive)
         assert kernel_choice(steering, "::1", "::1") == expected(balancer, "::1", alive)
-        for source in random_loopback_sources(60, seed=len(alive)):
+        for source in random_loopback_sources(250, seed=len(alive)):
             # An IPv4 client of an IPv6 socket is ::ffff:a.b.c.d to Python and an IPv4 packet to the program.
             assert kernel_choice(steering, source, "127.0.0.1") == expected(balancer, f"::ffff:{source}", alive)
     finally:
