@@ -144,7 +144,7 @@ class AsyncWorkerRuntime(WorkerRuntime):
             self._loop.remove_reader(listener.fileno())
 
     def _on_listener(self, listener: socket.socket) -> None:
-        if not self._accept_from(listener):  # out of descriptors: pause (WorkerRuntime._accept_from)
+        if self._accept_paused_until is None and not self._accept_from(listener):  # out of descriptors: pause
             self._unwatch_listeners()
             self._loop.call_later(ACCEPT_BACKOFF, self._resume_accepting)
 

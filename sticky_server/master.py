@@ -66,8 +66,8 @@ and the master lowers that worker's ceiling to what it holds.
 
 Rule 7 (kernel path, ``steering``): the master holds every slot's listener but
 accepts only from those the kernel's program leaves out. The program includes the
-alive slots, whose current worker is READY (not starting, hung or stopping) and
-whose link takes connections; a slot is also *backed up* when its listeners hold
+alive slots: there the supervisor routes to READY workers only (a starting one's
+clients go to their next choice) and the link must take connections; a slot is also *backed up* when its listeners hold
 ``BACKED_UP_QUEUE`` connections at two looks ``QUEUE_CHECK_INTERVAL`` apart and no
 fewer at the second, until its worker is heard from again. What the master accepts
 there it routes as above, with the IP hash over the same alive slots, so a client
@@ -110,7 +110,7 @@ from .hooks import Hooks, run_hooks
 from .intake import ClientAddressSettings, Intake
 from .link import MAX_QUEUED, Link, Owed, descriptor_headroom, owed_in
 from .listener import ACCEPT_BACKOFF, ACCEPT_BURST, OutOfDescriptors, accept_waiting, format_address
-from .process import WorkerProcess, WorkerState
+from .process import WorkerProcess
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
 from .stats import SlotCounters, collect, log_stats
@@ -144,9 +144,8 @@ BACKED_UP_QUEUE = 128
 QUEUE_CHECK_INTERVAL = 0.1
 
 
-def _listening_address(listener: socket.socket) -> tuple[str, int]:
-    """``ClientInfo.local`` for connections that come in on ``listener``."""
-    name = listener.getsockname()
+def _listening_address(name: Any) -> tuple[str, int]:
+    """``ClientInfo.local`` for connections that come in on a listener bound to ``name``."""
     return name[:2] if isinstance(name, tuple) else (name, 0)  # a Unix socket: its path
 
 
@@ -199,13 +198,13 @@ class Dispatcher:
         steering: KernelSteering | None = None,
     ) -> None:
         self._steering = steering
-        # What the listeners are bound to, as the log says it; ClientInfo.local of their connections.
-        self._bound: list[Any] = [group.address for group in steering.groups] if steering is not None else []
-        self._bound += [listener.getsockname() for listener in listeners]
-        if steering is not None:
-            self._listening = [group.address[:2] for group in steering.groups]
-        else:
-            self._listening = [_listening_address(listener) for listener in listeners]
+        # What each bind is bound to (the log says it) and ClientInfo.local of its connections.
+        self._bound: list[Any] = (
+            [group.address for group in steering.groups]
+            if steering is not None
+            else [listener.getsockname() for listener in listeners]
+        )
+        self._listening = [_listening_address(name) for name in self._bound]
         # The listeners the master accepts from while it accepts: every bind's, on the master
         # path; on the kernel path those of the slots the program leaves out (rule 7).
         self._drained: dict[socket.socket, tuple[str, int]] = (
@@ -649,13 +648,10 @@ class Dispatcher:
             link = self._links.get(worker)
             if link is not None:
                 current[slot] = link
-        ready_only = self._steering is not None  # rule 7: a starting worker's clients go to their next choice
         alive = tuple(
             slot
             for slot, link in sorted(current.items())
-            if link.takes_connections
-            and supervisor.takes_connections(link.worker)
-            and (not ready_only or link.worker.state is WorkerState.READY)
+            if link.takes_connections and supervisor.takes_connections(link.worker)
         )
         size = supervisor.size
         if alive != self._workers.alive or size != self._workers.size:
@@ -684,9 +680,9 @@ class Dispatcher:
                 self._steer_fault_log.note(1, exc)
         steered = set(steering.steered)
         self._drained = {
-            steering.groups[index].listeners[slot]: local
-            for index, local in enumerate(self._listening)
-            for slot in range(steering.slots)
+            listener: local
+            for group, local in zip(steering.groups, self._listening, strict=True)
+            for slot, listener in enumerate(group.listeners)
             if slot not in steered
         }
         if self._next_queue_check is None:
@@ -710,7 +706,7 @@ class Dispatcher:
             if slot not in self._steering.steered:
                 continue
             seen, link.queue_seen = link.queue_seen, self._steering.queue_length(slot)
-            if link.queue_seen >= max(BACKED_UP_QUEUE, seen) and seen >= BACKED_UP_QUEUE:
+            if seen >= BACKED_UP_QUEUE and link.queue_seen >= seen:
                 link.backed_up, link.backed_up_at = True, now
                 changed = True
                 logger.warning(
@@ -751,7 +747,8 @@ class Dispatcher:
         """Every listener the master holds, with its bound address."""
         if self._steering is None:
             return list(self._drained.items())
-        return [(listener, group.address[:2]) for group in self._steering.groups for listener in group.listeners]
+        groups = zip(self._steering.groups, self._listening, strict=True)
+        return [(listener, local) for group, local in groups for listener in group.listeners]
 
     # --- stats ------------------------------------------------------------------
 

@@ -346,6 +346,7 @@ class StickyServer:
                 graceful_timeout=self.graceful_timeout,
                 timeout=self.timeout,
                 listeners_for=steering.listeners if steering is not None else None,
+                routes_to_starting=steering is None,
             )
             dispatcher = Dispatcher(
                 listeners,
@@ -379,9 +380,9 @@ class StickyServer:
             assert isinstance(self.balancer, IPHashBalancer)
             try:
                 return open_kernel_steering(binds, self._workers, self.balancer, self.backlog)
+            except BindError:
+                raise
             except (OSError, ValueError) as exc:
-                if isinstance(exc, BindError):
-                    raise
                 why = f"the kernel refused the steering program ({exc})"
         if self.steering == "kernel":
             raise ValueError(f"steering='kernel' is not possible here: {why}. Use steering='auto' or 'master'")

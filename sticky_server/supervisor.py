@@ -33,6 +33,11 @@ processes the supervisor sends itself. Its deadlines (restarts, kills, the next
 heartbeat) have one earliest time, ``next_deadline``, kept up to date for the
 loop's ``select`` timeout.
 
+Which states take connections is the supervisor's answer too (``takes_connections``):
+``STARTING`` and ``READY`` on the master path (hand-offs wait in a starting worker's
+socket), ``READY`` alone on the kernel path (``routes_to_starting=False``: the
+program sends a starting worker's clients to their next choice).
+
 The supervisor never blocks: reaping is ``Popen.poll()`` on each live process
 when the loop sees SIGCHLD, and respawns are deadlines. The only wait is in
 ``shut_down``, for processes just sent SIGKILL.
@@ -174,9 +179,13 @@ class Supervisor:
         graceful_timeout: float = 30.0,
         timeout: float | None = None,
         listeners_for: Callable[[int], Sequence[socket.socket]] | None = None,
+        routes_to_starting: bool = True,
     ) -> None:
         self.size = size
         self._listeners_for = listeners_for  # kernel path: a slot's own listeners, which its workers inherit
+        # Whether a starting worker takes connections: on the master path they wait in its socket;
+        # on the kernel path its clients go to their next choice until it is ready.
+        self._routable = _ROUTABLE if routes_to_starting else frozenset({WorkerState.READY})
         self.command = list(command) if command is not None else entry_command()
         self.cwd = cwd
         self.policy = policy or RestartPolicy()
@@ -464,7 +473,7 @@ class Supervisor:
 
     def takes_connections(self, worker: WorkerProcess) -> bool:
         """Whether ``worker`` may be routed to, as far as its lifecycle goes (the link says the rest)."""
-        return worker.state in _ROUTABLE and self.current.get(worker.slot) is worker
+        return worker.state in self._routable and self.current.get(worker.slot) is worker
 
     def spawn_failed(self, slot: int, error: OSError) -> None:
         """Back off after the OS refused to create a process for ``slot``."""
@@ -481,11 +490,10 @@ class Supervisor:
     # --- the parts --------------------------------------------------------------
 
     def _spawn_process(self, slot: int) -> WorkerProcess:
-        if self._listeners_for is None:
-            worker = self._spawn(slot, self.command, self.cwd, self._clock(), **self._credentials)
-        else:
-            listeners = self._listeners_for(slot)
-            worker = self._spawn(slot, self.command, self.cwd, self._clock(), listeners=listeners, **self._credentials)
+        extra: dict[str, object] = dict(self._credentials)
+        if self._listeners_for is not None:
+            extra["listeners"] = self._listeners_for(slot)
+        worker = self._spawn(slot, self.command, self.cwd, self._clock(), **extra)
         self.processes.add(worker)
         logger.info("worker %d started (pid %d)", slot, worker.pid)
         return worker

@@ -291,8 +291,8 @@ class WorkerRuntime:
                 if self._accept_paused_until is not None:
                     timeout = self._after_accept_pause(selector, timeout)
                 for key, mask in selector.select(timeout):
-                    if key.data is not None:
-                        if not self._accept_from(key.data):
+                    if key.data is not None:  # (one batch can hold several listeners after a pause began)
+                        if self._accept_paused_until is None and not self._accept_from(key.data):
                             for listener in self._listeners:
                                 selector.unregister(listener)
                     elif key.fileobj is control:

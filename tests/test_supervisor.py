@@ -396,3 +396,20 @@ def test_spawn_passes_user_and_group(clock: FakeClock) -> None:
 def test_a_worker_the_os_cannot_start_is_one_line_naming_the_fix(error: OSError, says: str) -> None:
     text = describe_spawn_error(error, ["/opt/py/bin/python", "app.py"], user=1000)
     assert says in text and "\n" not in text
+
+
+def test_on_the_kernel_path_a_starting_worker_takes_no_connections(clock: FakeClock) -> None:
+    listeners_for = Mock(return_value=["listener"])
+
+    def spawn(slot: int, command: Sequence[str], cwd: str, now: float, listeners: list[str]) -> WorkerProcess:
+        assert listeners == ["listener"]  # the slot's own listener, inherited
+        process = Mock(pid=7000 + slot)
+        process.poll.return_value = None
+        return WorkerProcess(slot=slot, process=process, control=Mock(), started_at=now)
+
+    supervisor = Supervisor(2, ["app"], spawn=spawn, clock=clock, listeners_for=listeners_for, routes_to_starting=False)
+    workers = booted(supervisor)
+    assert [call.args for call in listeners_for.call_args_list] == [(0,), (1,)]
+    assert not any(supervisor.takes_connections(worker) for worker in workers)  # its clients: their next choice
+    supervisor.ready(workers[0])
+    assert supervisor.takes_connections(workers[0]) and not supervisor.takes_connections(workers[1])

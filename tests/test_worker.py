@@ -8,6 +8,9 @@ import logging
 import os
 import socket
 import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pytest_mock import MockerFixture
@@ -321,3 +324,56 @@ def test_a_handed_off_tcp_socket_has_nagle_off_and_tells_its_protocol(master: Ma
                 transport.abort()
 
         assert asyncio.run(wrap()) != 0
+
+
+def test_kernel_path_worker_accepts_from_its_own_listener_and_reports_it(master: Master) -> None:
+    worker = Recorder()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        runtime = WorkerRuntime(
+            worker, WorkerChannel(master.worker_end), 1, listeners=[listener], report_accepts_at_once=True
+        )
+        thread = start(runtime)
+        assert master.next_frame().kind is FrameKind.READY
+        with socket.create_connection(listener.getsockname(), timeout=10) as client:
+            frame = master.next_frame()
+            assert frame.kind is FrameKind.ACCEPTED and frame.payload == (1).to_bytes(4, "big")
+            (sock,) = worker.sockets
+            with sock:  # TCP_NODELAY inherited from the listener, the socket blocking, as a hand-off's
+                assert sock.getpeername() == client.getsockname() and sock.getblocking()
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        master.send(FrameKind.STOP)
+        thread.join(10)
+        assert not thread.is_alive() and listener.fileno() == -1  # the worker closed its copy on the stop
+
+
+def test_out_of_descriptors_pauses_every_listener_once_and_resumes(master: Master, mocker: MockerFixture) -> None:
+    from sticky_server import worker as worker_module
+    from sticky_server.listener import OutOfDescriptors, accept_waiting
+
+    failures = [OutOfDescriptors(24, "Too many open files")] * 2
+
+    def scarce(listener: socket.socket, limit: int) -> Iterator[tuple[int, Any]]:
+        if failures:
+            raise failures.pop()
+        return accept_waiting(listener, limit)
+
+    mocker.patch.object(worker_module, "accept_waiting", scarce)
+    worker = Recorder()
+    with socket.create_server(("127.0.0.1", 0)) as first, socket.create_server(("127.0.0.1", 0)) as second:
+        for listener in (first, second):
+            listener.setblocking(False)
+        runtime = WorkerRuntime(worker, WorkerChannel(master.worker_end), 0, listeners=[first, second])
+        clients = [socket.create_connection(listener.getsockname(), timeout=10) for listener in (first, second)]
+        thread = start(runtime)  # both listeners are ready in its first select: one pause, not a crash
+        assert master.next_frame().kind is FrameKind.READY
+        frame = master.next_frame()
+        assert frame.kind is FrameKind.NO_ROOM and frame.payload == bytes(4)
+        deadline = time.monotonic() + 10
+        while len(worker.sockets) < 2 and time.monotonic() < deadline:  # taken once the pause is over
+            time.sleep(0.02)
+        assert len(worker.sockets) == 2 and thread.is_alive()
+        master.send(FrameKind.STOP)
+        thread.join(10)
+        for sock in (*clients, *worker.sockets):
+            sock.close()
