@@ -18,7 +18,12 @@ import socket
 import ssl
 from typing import Any
 
-from aiohttp import web
+from ._extras import missing_extra
+
+try:
+    from aiohttp import web
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "aiohttp") from exc
 
 from ..async_worker import AsyncWorker
 from ._stopping import shutdown_budget

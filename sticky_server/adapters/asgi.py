@@ -20,7 +20,12 @@ import socket
 import ssl
 from typing import Any
 
-import uvicorn
+from ._extras import missing_extra
+
+try:
+    import uvicorn
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "asgi") from exc
 
 from ..async_worker import AsyncWorker
 from ..server import trusted_forwarders

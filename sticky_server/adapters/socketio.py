@@ -27,8 +27,13 @@ import queue
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from socketio.async_pubsub_manager import AsyncPubSubManager
-from socketio.pubsub_manager import PubSubManager
+from ._extras import missing_extra
+
+try:
+    from socketio.async_pubsub_manager import AsyncPubSubManager
+    from socketio.pubsub_manager import PubSubManager
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "socketio") from exc
 
 from ..server import StickyServer, current_server
 

@@ -19,9 +19,14 @@ import socket
 import ssl
 from typing import Any
 
-from tornado import httputil
-from tornado.httpserver import HTTPServer
-from tornado.iostream import IOStream, SSLIOStream
+from ._extras import missing_extra
+
+try:
+    from tornado import httputil
+    from tornado.httpserver import HTTPServer
+    from tornado.iostream import IOStream, SSLIOStream
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "tornado") from exc
 
 from ..async_worker import AsyncWorker
 from ..connections import client_address

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..adapters._extras import MissingExtraError
 from ..balancer import BALANCERS, Balancer
 from ..errors import PidFileError, StickyServerError
 from ..listener import parse_bind
@@ -34,6 +35,7 @@ from ..metrics import MetricsServer
 from ..pidfile import remove_pid_file, stats_file_of, stats_writer, write_pid_file
 from ..server import StickyServer
 from ..worker import EXIT_BOOT_FAILURE
+from .boot_report import boot_report_file, first_to_report
 from .options import UsageError, build_parser, format_settings, parse_settings
 from .reload import Reloader
 from .status import status
@@ -173,18 +175,16 @@ def _set_process_title(args: argparse.Namespace, sticky: StickyServer) -> None:
 
 def _work(args: argparse.Namespace, sticky: StickyServer) -> int:
     """In a worker: import TARGET, make its worker, serve. A failure before READY ends the start-up."""
-    slot = sticky.worker_id
     try:
         target = import_target(args.target, args.app_dir)
         worker = make_worker(args, target, sticky)
-    except UsageError as exc:
-        print(f"sticky-server: {exc}", file=sys.stderr)
+    except (UsageError, MissingExtraError) as exc:
+        if first_to_report():
+            print(f"sticky-server: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILURE
     except Exception as exc:
-        if slot == 0:
+        if first_to_report():  # every worker fails the same way: one traceback is enough
             print_user_error(f"sticky-server: importing {args.target} failed:", exc)
-        else:  # the same error, once is enough: worker 0 prints the traceback
-            print(f"sticky-server: worker {slot}: {args.target} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_BOOT_FAILURE
     _choose_loop(args.loop)
     sticky.work(worker)
@@ -242,7 +242,8 @@ def _serve(args: argparse.Namespace, sticky: StickyServer) -> int:
     for variable in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(variable, None)  # systemd's sockets are the master's; workers must not take them
     try:
-        sticky.listen_on(args.bind)
+        with boot_report_file():
+            sticky.listen_on(args.bind)
     except StickyServerError as exc:  # it says what went wrong and what to do: no traceback
         print(f"sticky-server: {exc}", file=sys.stderr)
         return 1
