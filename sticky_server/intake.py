@@ -52,6 +52,7 @@ from .proxy import (
     TrustedProxies,
     client_from_forwarded,
     forwarded_addresses,
+    may_be_http,
     parse_proxy_header,
     request_head_length,
 )
@@ -92,6 +93,9 @@ class ClientAddressSettings:
     trusted: TrustedProxies
     timeout: float
     max_size: int
+    # A trusted peer that sends no HTTP request (other bytes, or nothing in time) is routed by its
+    # own address instead of closed: the CLI's Unix sockets, where a proxy and local clients mix.
+    fallback: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -142,6 +146,7 @@ class Intake:
             "closed %d connection(s) that sent no complete header within %.1f s (latest from %s)",
             REJECT_LOG_INTERVAL,
         )
+        self._told_no_header = False  # said once: Unix-socket requests without the forwarded header
         self._what = "PROXY protocol header" if settings.proxy_protocol else f"{settings.forwarded_header} header"
 
     @property
@@ -181,6 +186,9 @@ class Intake:
             waiting = next(iter(self._waiting.values()))
             if waiting.deadline > now:
                 break
+            if self._settings.fallback:
+                self._route_as_is(waiting)
+                continue
             self._timeout_log.note(1, self._settings.timeout, waiting.client.host)
             self._reject(waiting)
         for fd, waiting in list(self._polling.items()):
@@ -248,6 +256,17 @@ class Intake:
             waiting.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self._route(waiting.conn_id, waiting.sock.detach(), client)
 
+    def _route_as_is(self, waiting: _Waiting) -> None:
+        """Route ``waiting`` by its peer (``fallback``): it sent no HTTP request head in time."""
+        try:
+            self._forget(waiting)
+            if waiting.low_water:
+                waiting.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        except OSError:
+            self._drop(waiting)
+            return
+        self._route(waiting.conn_id, waiting.sock.detach(), waiting.client)
+
     def _parse(self, data: bytes, peer: ClientInfo) -> tuple[int, ClientInfo | None]:
         """(bytes to consume, client) when complete; (bytes needed, None) when not. Raises on a bad header."""
         settings = self._settings
@@ -259,11 +278,22 @@ class Intake:
                 return header.length, peer  # a health check (LOCAL/UNKNOWN): the proxy itself
             return header.length, ClientInfo(header.source[0], header.source[1], (peer.host, peer.port), peer.local)
         assert settings.forwarded_header is not None
+        if settings.fallback and not may_be_http(data):
+            return 0, peer
         length = request_head_length(data, settings.max_size) if data else None
         if length is None:
             return len(data) + 1, None
         host = client_from_forwarded(forwarded_addresses(data[:length], settings.forwarded_header), self._trusted)
         if host is None:
+            if not peer.host and not self._told_no_header:
+                self._told_no_header = True
+                logger.warning(
+                    "a request on a Unix socket carries no %s header, so it has no client address to stick to and "
+                    "goes to the next worker in turn (sessions such as socket.io's then break). Make the proxy send "
+                    "it: nginx 'proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;', HAProxy "
+                    "'option forwardfor'",
+                    settings.forwarded_header,
+                )
             return 0, peer
         return 0, ClientInfo(host, 0, (peer.host, peer.port), peer.local)
 

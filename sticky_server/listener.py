@@ -16,6 +16,7 @@ __all__ = [
     "ACCEPT_BACKOFF",
     "ACCEPT_BURST",
     "DEFAULT_BACKLOG",
+    "DEFAULT_UNIX_SOCKET_MODE",
     "OUT_OF_DESCRIPTORS",
     "Bind",
     "OutOfDescriptors",
@@ -42,6 +43,8 @@ ABORTED_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM
 # The kernel caps this at its own limit (net.core.somaxconn on Linux); a small
 # backlog makes a burst of connections stall in SYN retries.
 DEFAULT_BACKLOG = 4096
+# uvicorn's mode for its Unix socket: a proxy running as another user (nginx as www-data) can connect.
+DEFAULT_UNIX_SOCKET_MODE = 0o666
 
 _BIND_ADVICE = {
     errno.EADDRINUSE: "the address is already in use. Stop the program holding it, or choose another port "
@@ -198,8 +201,14 @@ def parse_bind(text: str) -> Bind:
     return Bind(host or None, int(port_text))
 
 
-def bind_unix_listener(path: str, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
-    """A listening, non-blocking Unix stream socket at ``path``; a stale socket file left there is replaced."""
+def bind_unix_listener(
+    path: str, backlog: int = DEFAULT_BACKLOG, mode: int = DEFAULT_UNIX_SOCKET_MODE
+) -> socket.socket:
+    """A listening, non-blocking Unix stream socket at ``path`` with file mode ``mode``.
+
+    A stale socket file left there is replaced. The mode is set before ``listen``,
+    so no client connects through the umask's narrower one.
+    """
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -219,6 +228,7 @@ def bind_unix_listener(path: str, backlog: int = DEFAULT_BACKLOG) -> socket.sock
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(path)
+        os.chmod(path, mode)
         listener.listen(backlog)
     except OSError as exc:
         listener.close()
@@ -246,10 +256,10 @@ def adopt_listener(fd: int) -> socket.socket:
     return listener
 
 
-def open_bind(bind: Bind, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+def open_bind(bind: Bind, backlog: int = DEFAULT_BACKLOG, unix_mode: int = DEFAULT_UNIX_SOCKET_MODE) -> socket.socket:
     """The listening socket for ``bind``; BindError with the reason and the fix."""
     if bind.fd is not None:
         return adopt_listener(bind.fd)
     if bind.path is not None:
-        return bind_unix_listener(bind.path, backlog)
+        return bind_unix_listener(bind.path, backlog, unix_mode)
     return bind_listener(bind.port, bind.host, backlog)

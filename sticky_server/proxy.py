@@ -16,6 +16,7 @@ client is the rightmost entry that is not itself a trusted proxy (what nginx's
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,7 @@ __all__ = [
     "canonical_ip",
     "client_from_forwarded",
     "forwarded_addresses",
+    "may_be_http",
     "parse_proxy_header",
     "request_head_length",
 ]
@@ -157,6 +159,18 @@ def _parse_v2(data: bytes, max_size: int) -> ProxyHeader | int:
     destination_ip = socket.inet_ntop(address_family, bytes(data[start + size : start + 2 * size]))
     source_port, destination_port = struct.unpack_from(">HH", data, start + 2 * size)
     return ProxyHeader(total, (source_ip, source_port), (destination_ip, destination_port))
+
+
+_METHOD = re.compile(rb"[A-Z]{1,20}")
+
+
+def may_be_http(data: bytes) -> bool:
+    """False once ``data`` cannot be the start of an HTTP request (its first bytes are no method token)."""
+    method = _METHOD.match(data)
+    if method is None:
+        return not data
+    end = method.end()
+    return end == len(data) or data[end : end + 1] == b" "
 
 
 def request_head_length(data: bytes, max_size: int) -> int | None:

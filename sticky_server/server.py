@@ -28,9 +28,10 @@ from .errors import BindError, WrongProcessError
 from .frames import MAX_PAYLOAD
 from .hooks import Hooks
 from .intake import ClientAddressSettings
-from .listener import DEFAULT_BACKLOG, Bind, open_bind, parse_bind, validate_port
+from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, Bind, open_bind, parse_bind, validate_port
 from .master import Dispatcher
 from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
+from .proxy_hint import ProxyHint
 from .steering import STEERINGS, KernelSteering, kernel_path_unavailable, open_kernel_steering
 from .supervisor import Supervisor
 from .worker import ConnectionHandler, WorkerRuntime, check_worker, exit_on_boot_failure
@@ -86,6 +87,7 @@ def _client_address_settings(
     trusted_proxies: Iterable[str] | None,
     header_timeout: float,
     max_header_size: int,
+    fallback: bool = False,
 ) -> ClientAddressSettings | None:
     """Check the proxy options; None when neither is on."""
     if not isinstance(proxy_protocol, bool):
@@ -127,6 +129,7 @@ def _client_address_settings(
         trusted,
         float(header_timeout),
         max_header_size,
+        bool(fallback),
     )
 
 
@@ -162,6 +165,11 @@ class StickyServer:
     Other peers are routed by their socket address and nothing is read.
     ``header_timeout`` / ``max_header_size``: a trusted peer that sends no complete,
     valid header within this many seconds / bytes is closed (and logged).
+    ``forwarded_header_fallback``: with ``forwarded_header``, a trusted peer that sends
+    no HTTP request (other bytes first, or nothing within ``header_timeout``) is
+    routed by its own address instead of closed.
+    ``unix_socket_mode``: the file mode of ``unix:`` binds (default ``0o666``, as
+    uvicorn: a proxy running as another user, such as nginx's www-data, can connect).
     """
 
     _current: ClassVar[StickyServer | None] = None  # the first one made in this process (see current_server)
@@ -185,6 +193,8 @@ class StickyServer:
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
         steering: str = "auto",
+        forwarded_header_fallback: bool = False,
+        unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE,
     ) -> None:
         if steering not in STEERINGS:
             raise ValueError(f"steering must be one of {', '.join(map(repr, STEERINGS))}; got {steering!r}")
@@ -216,8 +226,20 @@ class StickyServer:
             raise ValueError(f"backlog must be a positive int; got {backlog!r}")
         if not isinstance(max_message_size, int) or not 1 <= max_message_size <= MAX_PAYLOAD - 2:
             raise ValueError(f"max_message_size must be from 1 to {MAX_PAYLOAD - 2} bytes; got {max_message_size!r}")
+        if (
+            isinstance(unix_socket_mode, bool)
+            or not isinstance(unix_socket_mode, int)
+            or not 0 <= unix_socket_mode <= 0o777
+        ):
+            raise ValueError(f"unix_socket_mode must be a file mode from 0 to 0o777; got {unix_socket_mode!r}")
+        self.unix_socket_mode = unix_socket_mode
         self.client_addresses = _client_address_settings(
-            proxy_protocol, forwarded_header, trusted_proxies, header_timeout, max_header_size
+            proxy_protocol,
+            forwarded_header,
+            trusted_proxies,
+            header_timeout,
+            max_header_size,
+            forwarded_header_fallback,
         )
         self.user = user_id(user)
         self.group = group_id(group, self.user)
@@ -337,7 +359,8 @@ class StickyServer:
                 self.addresses = [group.address for group in steering.groups]
             else:
                 for bind in binds:
-                    listeners.append(open_bind(bind, self.backlog))
+                    listeners.append(open_bind(bind, self.backlog, self.unix_socket_mode))
+                self._warn_about_unix_clients(binds)
                 self.addresses = [listener.getsockname() for listener in listeners]
             supervisor = Supervisor(
                 self._workers,
@@ -372,6 +395,19 @@ class StickyServer:
                     with contextlib.suppress(OSError):
                         os.unlink(bind.path)
         logger.info("stopped")
+
+    def _warn_about_unix_clients(self, binds: list[Bind]) -> None:
+        if self.client_addresses is not None or not isinstance(self.balancer, IPHashBalancer):
+            return
+        for bind in binds:
+            if bind.path is not None:
+                logger.warning(
+                    "clients of unix:%s have no address, so IP hash sends each connection to the next worker in "
+                    "turn: sessions (socket.io's polling, any state kept in a worker) break. Behind a proxy, route "
+                    "by its header: forwarded_header='x-forwarded-for' (the command line does it by default for "
+                    "Unix sockets), or proxy_protocol=True",
+                    bind.path,
+                )
 
     def _kernel_steering(self, binds: list[Bind]) -> KernelSteering | None:
         """The kernel path's listener groups, or None for the master path (see ``steering``)."""
@@ -444,6 +480,7 @@ class StickyServer:
             peer_from_proxy=self._peer_from_proxy(handler),
             listeners=self._identity.listeners,
             report_accepts_at_once=self.max_connections_per_worker is not None,
+            proxy_hint=ProxyHint(self._identity.slot) if self.client_addresses is None else None,
         )
 
     def _peer_from_proxy(self, handler: object) -> bool:

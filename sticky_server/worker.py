@@ -63,6 +63,7 @@ from .errors import ProtocolError
 from .frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
 from .listener import ACCEPT_BACKOFF, ACCEPT_BURST, OutOfDescriptors, accept_waiting
 from .outbox import DropOldestQueue
+from .proxy_hint import ProxyHint
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
 from .throttle import ThrottledLog
@@ -222,8 +223,11 @@ class WorkerRuntime:
         peer_from_proxy: bool = False,
         listeners: Sequence[socket.socket] = (),
         report_accepts_at_once: bool = False,
+        proxy_hint: ProxyHint | None = None,
     ) -> None:
         self._worker = worker
+        # With no proxy setting: looks at the first connections for a proxy nobody declared.
+        self._proxy_hint = proxy_hint
         # Kernel path (steering): this slot's own listeners; connections accepted there are
         # delivered as hand-offs are, and counted for the master (ACCEPTED, with the sweep).
         self._listeners = tuple(listeners)
@@ -527,6 +531,8 @@ class WorkerRuntime:
         if _HANDOFFS_MAY_BE_NONBLOCKING or socket.getdefaulttimeout() is not None:
             sock.setblocking(True)
         RECORD.add(fd, address)
+        if self._proxy_hint is not None and self._proxy_hint.look(sock):
+            self._proxy_hint = None
         try:
             self._follow_up(self._worker.add_connection(sock), "add_connection", sock)
         except Exception:

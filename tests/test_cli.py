@@ -169,9 +169,9 @@ def test_a_config_file_sits_between_the_environment_and_the_command_line(tmp_pat
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        ("wrokers = 2\n", "unknown setting 'wrokers'"),
+        ("wrokers = 2\n", "wrokers: unknown setting (did you mean workers?)"),
         ("workers = 0\n", "workers = 0 in"),
-        ("worker_class = 'gevent'\n", "'worker_class' does not apply to sticky-server"),
+        ("worker_class = 'gevent'\n", "worker_class = 'gevent': sticky-server picks the server from the app"),
     ],
 )
 def test_a_bad_config_file_says_which_setting(
@@ -212,3 +212,192 @@ def test_loop_auto_takes_uvloop_only_when_installed(mocker: MockerFixture) -> No
     set_policy.assert_called_once_with(fake.EventLoopPolicy.return_value)
     _choose_loop("asyncio")
     assert set_policy.call_count == 1
+
+
+GUNICORN_CONF = """
+import multiprocessing
+
+bind = "127.0.0.1:9000"
+workers = 3
+worker_class = "uvicorn.workers.UvicornWorker"
+accesslog = "-"
+errorlog = "/tmp/error.log"
+loglevel = "debug"
+raw_env = ["APP_MODE=production", "GREETING=a=b"]
+proc_name = "myapp"
+umask = 0o007
+forwarded_allow_ips = "10.0.0.1"
+reload_extra_files = ["templates/*.html"]
+
+
+def helper():
+    return 1
+
+
+def when_ready(server):
+    server.log.info("ready")
+
+
+def post_fork(server, worker):
+    worker.log.info("forked %s", worker.pid)
+"""
+
+
+def test_a_real_gunicorn_config_file_is_taken_with_its_hooks(tmp_path: Path) -> None:
+    path = tmp_path / "gunicorn.conf.py"
+    path.write_text(GUNICORN_CONF)
+    args = parse(["m:app", "-c", str(path)], {})
+    assert (args.bind, args.workers, args.kind, args.access_logfile, args.error_logfile) == (
+        ["127.0.0.1:9000"],
+        3,
+        "asgi",
+        "-",
+        "/tmp/error.log",
+    )
+    assert (args.log_level, args.name, args.umask) == ("debug", "myapp", 0o007)
+    assert args.env == [["APP_MODE", "production"], ["GREETING", "a=b"]]
+    assert args.trusted_proxy == ["10.0.0.1"] and args.forwarded_header == "x-forwarded-for"
+    assert args.reload_include == ["templates/*.html"]
+    assert sorted(args.hooks) == ["post_fork", "when_ready"]
+
+
+def test_a_gunicorn_config_file_is_refused_once_with_every_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gunicorn.conf.py"
+    path.write_text(
+        "worker_class = 'eventlet'\nthreads = 4\ndaemon = True\nstatsd_host = 'x:1'\nwrokers = 2\n"
+        "def pre_request(worker, req):\n    pass\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["m:app", "-c", str(path)], {})
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 2, error
+    for says in [
+        "worker_class = 'eventlet'",
+        "threads: the WSGI worker serves each connection on a thread",
+        "daemon: run it in the foreground",
+        "statsd_host: use --metrics",
+        "wrokers: unknown setting (did you mean workers?)",
+        "pre_request(): the hook does not apply",
+    ]:
+        assert says in error[1], (says, error)
+
+
+def test_gunicorn_hooks_run_where_gunicorn_runs_them(tmp_path: Path, mocker: MockerFixture) -> None:
+    from sticky_server.cli import gunicorn_hooks
+
+    calls: list[tuple[str, object]] = []
+    hooks = {"when_ready": lambda server: calls.append(("when_ready", server.num_workers))}
+    args = parse(["m:app", "-w", "2"], {})
+    gunicorn_hooks.run_hook(hooks, "when_ready", gunicorn_hooks.HookServer(args, 2))
+    gunicorn_hooks.run_hook(hooks, "on_exit", gunicorn_hooks.HookServer(args, 2))  # not defined: nothing
+    assert calls == [("when_ready", 2)]
+    log = mocker.patch.object(gunicorn_hooks.logger, "exception")
+    gunicorn_hooks.run_hook({"on_exit": lambda server: 1 / 0}, "on_exit", gunicorn_hooks.HookServer(args, 2))
+    log.assert_called_once_with("the %s hook raised", "on_exit")
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["m:app", "--wokers", "3"], "unrecognized arguments: --wokers 3 (did you mean --workers?)"),
+        (["m:app", "--worker", "3"], "(did you mean --workers?)"),
+        (["m:app", "--trusted-proxy", "10.0.0.1"], "add --proxy-headers (X-Forwarded-For)"),
+        (["m:app", "--http2"], "--http2 does not apply to sticky-server: workers speak HTTP/1.1"),
+        (["m:app", "--use-colors"], "--use-colors does not apply to sticky-server"),
+        (["m:app", "--umask", "999"], "invalid umask"),
+        (["m:app", "-e", "NOVALUE"], "-e 'NOVALUE' is not NAME=VALUE"),
+        (["m:app", "--proxy-headers", "--proxy-protocol"], "exclude each other"),
+    ],
+)
+def test_command_line_mistakes_are_two_lines_naming_the_fix(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv, {})
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 2 and error[0].startswith("usage: sticky-server"), error
+    assert says in error[1], error
+
+
+def test_habits_of_uvicorn_and_gunicorn_users_are_taken() -> None:
+    args = parse(
+        [
+            "m:app",
+            "--log-level",
+            "DEBUG",
+            "--access-logfile",
+            "-",
+            "--error-logfile",
+            "-",
+            "-e",
+            "A=1",
+            "-n",
+            "shop",
+            "--umask",
+            "007",
+            "--ssl-keyfile-password",
+            "secret",
+            "--reload-include",
+            "*.html",
+            "--reload-exclude",
+            "tmp_*",
+            "--interface",
+            "asgi3",
+        ],
+        {},
+    )
+    assert (args.log_level, args.access_logfile, args.error_logfile, args.env, args.name) == (
+        "debug",
+        "-",
+        "-",
+        [["A", "1"]],
+        "shop",
+    )
+    assert (args.umask, args.keyfile_password, args.reload_include, args.reload_exclude, args.interface) == (
+        0o007,
+        "secret",
+        ["*.html"],
+        ["tmp_*"],
+        "asgi3",
+    )
+
+
+def test_proxy_headers_default_as_uvicorn_users_expect() -> None:
+    tcp = parse(["m:app"], {})
+    assert tcp.forwarded_header is None  # the kernel path; a worker warns if a proxy shows up (proxy_hint)
+    unix = parse(["m:app", "--uds", "/run/app.sock"], {})
+    assert (unix.forwarded_header, unix.forwarded_header_fallback) == ("x-forwarded-for", True)
+    assert parse(["m:app", "--uds", "/run/app.sock", "--no-proxy-headers"], {}).forwarded_header is None
+    assert parse(["m:app", "--uds", "/run/app.sock", "--proxy-protocol"], {}).forwarded_header is None
+    allowed = parse(["m:app", "--forwarded-allow-ips", "10.0.0.1,10.0.0.2"], {})
+    assert (allowed.forwarded_header, allowed.trusted_proxy) == ("x-forwarded-for", ["10.0.0.1", "10.0.0.2"])
+    with pytest.raises(SystemExit):  # allowed to send headers that nobody reads
+        parse(["m:app", "--forwarded-allow-ips", "*", "--no-proxy-headers"], {})
+
+
+def test_check_config_shows_only_settings_in_effect(capsys: pytest.CaptureFixture[str]) -> None:
+    from sticky_server.cli import main
+
+    assert main(["m:f", "--keyfile-password", "secret", "--check-config"]) == 0
+    out = capsys.readouterr().out
+    names = {line.split()[0] for line in out.splitlines()}
+    assert "worker-class" not in names and "threads" not in names and "http2" not in names  # refused options
+    assert "user" not in names  # not set
+    assert "secret" not in out and "keyfile-password" in names
+
+
+def test_user_without_root_is_one_line_naming_the_fix(
+    mocker: MockerFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sticky_server.cli import main
+
+    mocker.patch("os.geteuid", return_value=1000)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["m:app", "-u", "nobody"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 2 and "-u/--user and -g/--group need the master to run as root" in error[1], error

@@ -15,18 +15,19 @@ sense here (``REFUSED``) are an error saying why and what to use instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
-import runpy
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..balancer import BALANCERS
 from ..listener import parse_bind
 from ..server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT
 from ..steering import STEERINGS
+from .config_file import ConfigFileError, load_config_file
 
 __all__ = [
     "ENV_PREFIX",
@@ -63,6 +64,7 @@ UVICORN_OPTIONS = {
     "ws_per_message_deflate": "ws_per_message_deflate",
     "lifespan": "lifespan",
     "http": "http",
+    "interface": "interface",
     "h11_max_incomplete_event_size": "h11_max_incomplete_event_size",
     "header": "headers",
     "server_header": "server_header",
@@ -103,6 +105,31 @@ REFUSED: list[tuple[tuple[str, ...], int, str]] = [
         1,
         "use --max-requests-jitter N",
     ),
+    (
+        ("--use-colors", "--no-use-colors"),
+        0,
+        "log lines are plain text; for colours, give --log-config with a formatter of your own",
+    ),
+    (("--http2",), 0, "workers speak HTTP/1.1; terminate HTTP/2 at nginx or HAProxy in front"),
+    (
+        ("--access-logformat",),
+        1,
+        "access lines are each framework's own; give --log-config to format or route them",
+    ),
+    (
+        ("--ssl-version", "--ssl-cert-reqs", "--ssl-ca-certs", "--ssl-ciphers", "--ciphers", "--ca-certs"),
+        1,
+        "only --certfile/--keyfile/--keyfile-password are taken; for more TLS settings terminate TLS at the proxy",
+    ),
+    (("--reuse-port",), 0, "sticky-server sets up SO_REUSEPORT itself on the kernel path (--steering)"),
+    (("--worker-tmp-dir",), 1, "the heartbeat goes over each worker's control socket; there is no file to place"),
+    (
+        ("--statsd-host", "--statsd-prefix", "--dogstatsd-tags"),
+        1,
+        "use --metrics HOST:PORT (Prometheus /metrics and JSON /stats)",
+    ),
+    (("--capture-output",), 0, "the workers' standard output and error are the master's already"),
+    (("--paste",), 1, "give the app as module:name (PasteDeploy is not read)"),
 ]
 
 
@@ -132,6 +159,24 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _umask(text: str) -> int:
+    """gunicorn's --umask: octal when it starts with 0 (``007``), else any int literal (``0o007``, ``18``)."""
+    value = int(text, 8) if len(text) > 1 and text.startswith("0") and text.isdigit() else int(text, 0)
+    if not 0 <= value <= 0o777:
+        raise ValueError(text)
+    return value
+
+
+def _env_pair(text: str) -> list[str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"-e {text!r} is not NAME=VALUE")
+    return [name, value]
+
+
+_umask.__name__ = "umask (e.g. 007 or 0o007)"
+
+
 def _bind(text: str) -> str:
     try:
         parse_bind(text)
@@ -150,6 +195,29 @@ def _header(text: str) -> list[str]:
 _seconds.__name__ = "number of seconds"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors in two lines (a short usage and the error) and a guess at a mistyped option."""
+
+    def format_usage(self) -> str:
+        return f"usage: {self.prog} [OPTIONS] TARGET ('{self.prog} --help' lists every option)\n"
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            message += _did_you_mean(message.split(":", 1)[1].split(), self._option_string_actions)
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _did_you_mean(words: Sequence[str], options: Iterable[str]) -> str:
+    known = sorted(options)
+    guesses = []
+    for word in words:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.partition("=")[0], known, n=1, cutoff=0.75)
+            guesses.extend(close)
+    return f" (did you mean {' and '.join(guesses)}?)" if guesses else ""
+
+
 class _Refuse(argparse.Action):
     """An option of uvicorn's or gunicorn's with no meaning here: the error says why."""
 
@@ -162,8 +230,9 @@ class _Refuse(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sticky-server",
+        allow_abbrev=False,  # --worker is not --workers (nor --worker-class)
         description="Serve TARGET from several worker processes, each client always on the same worker.",
         epilog="Settings come from the command line, then -c FILE, then STICKY_SERVER_<OPTION> variables "
         "(e.g. STICKY_SERVER_WORKERS=4; WEB_CONCURRENCY also sets --workers). "
@@ -186,12 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--chdir", metavar="DIR", help="change to this folder before importing TARGET")
     app.add_argument("--env-file", metavar="FILE", help="set environment variables from this .env file")
     app.add_argument(
+        "-e", "--env", action="append", type=_env_pair, metavar="NAME=VALUE", help="set an environment variable; repeat"
+    )
+    app.add_argument(
         "--preload", action="store_true", help="import TARGET in the master too (default: only workers import it)"
     )
     app.add_argument("--reload", action="store_true", help="development: reload the workers when a file changes")
     app.add_argument(
         "--reload-dir", action="append", metavar="DIR", help="watch this folder for --reload (default: the app's)"
     )
+    app.add_argument(
+        "--reload-include", action="append", metavar="GLOB", help="also reload when files matching GLOB change"
+    )
+    app.add_argument("--reload-exclude", action="append", metavar="GLOB", help="ignore files matching GLOB")
 
     bind = parser.add_argument_group("where to listen")
     bind.add_argument(
@@ -207,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     bind.add_argument("--uds", metavar="PATH", help="listen on this Unix socket")
     bind.add_argument("--fd", type=_whole, metavar="N", help="listen on the socket inherited as descriptor N")
     bind.add_argument("--backlog", type=_positive_int, metavar="N", help="listen backlog (default: 4096)")
+    bind.add_argument(
+        "--umask",
+        type=_umask,
+        metavar="MASK",
+        help="the processes' umask, e.g. 007 or 0o007; Unix sockets get mode 0o666 less it (default: 0o666)",
+    )
 
     workers = parser.add_argument_group("workers")
     workers.add_argument(
@@ -264,8 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--forwarded-header", metavar="NAME", help="route by this header: x-forwarded-for|forwarded")
     proxy.add_argument(
         "--proxy-headers",
-        action="store_true",
-        help="route by X-Forwarded-For from trusted proxies (as --forwarded-header x-forwarded-for)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="route by X-Forwarded-For from trusted proxies (as --forwarded-header x-forwarded-for); "
+        "default: on for Unix sockets (their only peer is a proxy) and with --forwarded-allow-ips",
     )
     proxy.add_argument(
         "--trusted-proxy",
@@ -282,11 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--certfile", "--ssl-certfile", metavar="FILE", help="certificate (PEM); needs --keyfile")
     tls.add_argument("--keyfile", "--ssl-keyfile", metavar="FILE", help="private key (PEM)")
+    tls.add_argument(
+        "--keyfile-password", "--ssl-keyfile-password", metavar="PASSWORD", help="the private key's password"
+    )
 
     logs = parser.add_argument_group("logging and operations")
     logs.add_argument(
         "--log-level",
         default="info",
+        type=str.lower,
         choices=["trace", "debug", "info", "warning", "error", "critical"],
         help="(default: info; trace is debug)",
     )
@@ -297,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one line per request at INFO (default: on)",
     )
     logs.add_argument("--log-config", metavar="FILE", help="logging configuration: dictConfig JSON or YAML, or INI")
+    logs.add_argument(
+        "--access-logfile", metavar="FILE", help="write access lines to FILE ('-': standard output); turns them on"
+    )
+    logs.add_argument(
+        "--error-logfile", "--log-file", metavar="FILE", help="write the log to FILE ('-': standard error, the default)"
+    )
+    logs.add_argument("-n", "--name", metavar="NAME", help="the process title's name (default: TARGET)")
     logs.add_argument("-p", "--pid", metavar="FILE", help="write the master's pid here; removed at exit")
     logs.add_argument(
         "--metrics", metavar="HOST:PORT", type=_bind, help="serve /metrics (Prometheus) and /stats (JSON) there"
@@ -322,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     uvicorn.add_argument("--ws-per-message-deflate", action=argparse.BooleanOptionalAction, default=None)
     uvicorn.add_argument("--lifespan", choices=["auto", "on", "off"])
     uvicorn.add_argument("--http", choices=["auto", "h11", "httptools"])
+    uvicorn.add_argument("--interface", choices=["auto", "asgi3", "asgi2", "wsgi"])
     uvicorn.add_argument(
         "--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="(auto: uvloop when installed)"
     )
@@ -380,64 +476,17 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
         raise UsageError(f"{where} is not a valid {flag}: {exc}") from None
 
 
-# gunicorn's setting names in a config file, where they differ from ours.
-_FILE_ALIASES = {
-    "pidfile": "pid",
-    "keepalive": "timeout_keep_alive",
-    "loglevel": "log_level",
-    "preload_app": "preload",
-    "accesslog": None,  # gunicorn writes to a file; here access lines go to the logging tree
-    "worker_class": None,
-}
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """The settings in a TOML file (``key = value``) or a Python file (module-level names), by option name."""
-    if not path.is_file():
-        raise UsageError(f"-c {path}: no such file")
-    if path.suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover - Python 3.10
-            try:
-                import tomli as tomllib
-            except ImportError:
-                raise UsageError("-c FILE.toml needs Python 3.11 or the tomli package: pip install tomli") from None
-        try:
-            with path.open("rb") as file:
-                values: dict[str, Any] = tomllib.load(file)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"-c {path}: {exc}") from None
-        table = values.get("tool", {}).get("sticky-server") if "tool" in values else None
-        return dict(table) if isinstance(table, dict) else values
-    if path.suffix == ".py":
-        try:
-            namespace = runpy.run_path(str(path))
-        except Exception as exc:
-            raise UsageError(f"-c {path}: running it failed: {type(exc).__name__}: {exc}") from None
-        return {
-            name: value
-            for name, value in namespace.items()
-            if not name.startswith("_") and isinstance(value, (str, int, float, bool, list, tuple))
-        }
-    raise UsageError(f"-c {path}: a config file is TOML (.toml) or Python (.py)")
-
-
-def _file_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+def _file_defaults(parser: argparse.ArgumentParser, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config file's settings, checked as the command line checks them, and its gunicorn hooks."""
     settable = _settable(parser)
-    settings: dict[str, Any] = {}
-    for key, value in load_config_file(path).items():
-        name = key.replace("-", "_")
-        if name in _FILE_ALIASES:
-            alias = _FILE_ALIASES[name]
-            if alias is None:
-                raise UsageError(f"-c {path}: {key!r} does not apply to sticky-server")
-            name = alias
-        if name not in settable:
-            known = ", ".join(sorted(settable))
-            raise UsageError(f"-c {path}: unknown setting {key!r}; the settings are the options' names: {known}")
-        settings[name] = _coerce(settable[name], value, f"{key} = {value!r} in {path}")
-    return settings
+    try:
+        loaded = load_config_file(path, settable)
+    except ConfigFileError as exc:
+        raise UsageError(str(exc)) from None
+    settings = {
+        name: _coerce(settable[name], value, f"{name} = {value!r} in {path}") for name, value in loaded.settings.items()
+    }
+    return settings, loaded.hooks
 
 
 def _environment_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> dict[str, Any]:
@@ -459,14 +508,16 @@ def parse_settings(argv: Sequence[str], environ: dict[str, str]) -> argparse.Nam
     A mistake anywhere is a usage error (exit 2) naming where it was.
     """
     parser = build_parser()
-    early = argparse.ArgumentParser(add_help=False)
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("-c", "--config")
     known, _ = early.parse_known_args(argv)
     config = known.config or environ.get(ENV_PREFIX + "CONFIG")
+    hooks: dict[str, Any] = {}
     try:
         layered = _environment_defaults(parser, environ)
         if config:
-            layered.update(_file_defaults(parser, Path(config)))
+            from_file, hooks = _file_defaults(parser, Path(config))
+            layered.update(from_file)
     except UsageError as exc:
         parser.error(str(exc))
     # Repeatable options from a file or the environment apply only when the command line gives none
@@ -479,6 +530,7 @@ def parse_settings(argv: Sequence[str], environ: dict[str, str]) -> argparse.Nam
         if getattr(args, dest) is None:
             setattr(args, dest, value)
     args.config = config
+    args.hooks = hooks
     try:
         _resolve(args, environ)
     except UsageError as exc:
@@ -505,14 +557,39 @@ def _resolve(args: argparse.Namespace, environ: dict[str, str]) -> None:
     for text in binds:
         _bind(text)
     args.bind = binds
+    _resolve_proxies(args)
+    if args.log_level == "trace":
+        args.log_level = "debug"
+
+
+def _resolve_proxies(args: argparse.Namespace) -> None:
+    """The proxy options as uvicorn users expect them, each mistake said in the command line's terms.
+
+    ``--forwarded-allow-ips`` alone turns ``--proxy-headers`` on (uvicorn's proxy headers
+    are on by default); Unix sockets route by X-Forwarded-For unless told otherwise, with
+    connections that send no HTTP request routed as they come (``forwarded_header_fallback``).
+    """
+    args.forwarded_header_fallback = False
     if args.proxy_headers:
         if args.forwarded_header not in (None, "x-forwarded-for"):
             raise UsageError("--proxy-headers means --forwarded-header x-forwarded-for; give one of them")
+        if args.proxy_protocol:
+            raise UsageError("--proxy-headers and --proxy-protocol exclude each other: give the one your proxy sends")
         args.forwarded_header = "x-forwarded-for"
+    told = bool(args.forwarded_header or args.proxy_protocol)
+    if args.forwarded_header and args.proxy_protocol:
+        raise UsageError("--forwarded-header and --proxy-protocol exclude each other: give the one your proxy sends")
     if args.forwarded_allow_ips:
         args.trusted_proxy = [*(args.trusted_proxy or []), *_split(args.forwarded_allow_ips)]
-    if args.log_level == "trace":
-        args.log_level = "debug"
+        if not told and args.proxy_headers is None:
+            args.forwarded_header, told = "x-forwarded-for", True
+    if args.trusted_proxy and not told:
+        raise UsageError(
+            "--trusted-proxy / --forwarded-allow-ips name the proxies whose headers are believed, and no header "
+            "is read: add --proxy-headers (X-Forwarded-For), --forwarded-header forwarded, or --proxy-protocol"
+        )
+    if not told and args.proxy_headers is None and any(bind.startswith("unix:") for bind in args.bind):
+        args.forwarded_header, args.forwarded_header_fallback = "x-forwarded-for", True
 
 
 def _split(text: str) -> list[str]:
@@ -530,12 +607,19 @@ def systemd_binds(environ: dict[str, str], pid: int | None = None) -> list[str]:
 
 # --- --check-config ----------------------------------------------------------------------
 
+_SECRET = ("keyfile_password",)
 _NOT_SHOWN = ("check_config", "host", "port", "uds", "fd", "proxy_headers", "forwarded_allow_ips")
 
 
 def effective_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings in effect, by option name, as ``--check-config`` prints them."""
-    return {name: value for name, value in sorted(vars(args).items()) if name not in _NOT_SHOWN}
+    """The settings in effect, by option name, as ``--check-config`` prints them (never a refused option)."""
+    refused = {action.dest for action in build_parser()._actions if isinstance(action, _Refuse)}
+    shown = {**vars(args), "hooks": sorted(args.hooks) or None} if hasattr(args, "hooks") else vars(args)
+    return {
+        name: "(given)" if name in _SECRET else value
+        for name, value in sorted(shown.items())
+        if name not in _NOT_SHOWN and name not in refused and not name.startswith("_") and value is not None
+    }
 
 
 def format_settings(args: argparse.Namespace, describe: Callable[[Any], str] = repr) -> str:

@@ -8,6 +8,7 @@ second. It runs on a daemon thread of the master, which never imports the app.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import signal
@@ -25,15 +26,23 @@ WATCHED_SUFFIXES = (".py",)
 _SKIPPED_FOLDERS = {".git", "__pycache__", ".venv", "venv", "node_modules", ".mypy_cache", ".ruff_cache"}
 
 
-def _watched(path: Path) -> bool:
-    return path.suffix in WATCHED_SUFFIXES and not _SKIPPED_FOLDERS.intersection(path.parts)
-
-
 class Reloader:
-    """Calls ``on_change(paths)`` (default: SIGHUP to this process) after files under ``folders`` change."""
+    """Calls ``on_change(paths)`` (default: SIGHUP to this process) after files under ``folders`` change.
 
-    def __init__(self, folders: Iterable[str], on_change: Callable[[list[Path]], None] | None = None) -> None:
+    ``include`` / ``exclude``: glob patterns on a file's name or its path (uvicorn's
+    ``--reload-include`` / ``--reload-exclude``); ``*.py`` is always included unless excluded.
+    """
+
+    def __init__(
+        self,
+        folders: Iterable[str],
+        on_change: Callable[[list[Path]], None] | None = None,
+        include: Iterable[str] = (),
+        exclude: Iterable[str] = (),
+    ) -> None:
         self.folders = [Path(folder).resolve() for folder in folders]
+        self.include = ["*" + suffix for suffix in WATCHED_SUFFIXES] + list(include)
+        self.exclude = list(exclude)
         self.on_change = on_change or _sighup_self
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sticky-reload", daemon=True)
@@ -45,7 +54,12 @@ class Reloader:
             how = f"polling every {POLL_SECONDS:g} s (pip install watchfiles to be told at once)"
         else:
             how = "watchfiles"
-        logger.info("reloading the workers when a .py file under %s changes (%s)", _listed(self.folders), how)
+        logger.info(
+            "reloading the workers when a file matching %s under %s changes (%s)",
+            " ".join(self.include),
+            _listed(self.folders),
+            how,
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -62,7 +76,14 @@ class Reloader:
             self._changed(sorted({Path(path) for _, path in changes}))
 
     def _filter(self, change: object, path: str) -> bool:
-        return _watched(Path(path))
+        return self._watched(Path(path))
+
+    def _watched(self, path: Path) -> bool:
+        if _SKIPPED_FOLDERS.intersection(path.parts):
+            return False
+        if any(path.match(pattern) or fnmatch.fnmatch(path.name, pattern) for pattern in self.exclude):
+            return False
+        return any(path.match(pattern) or fnmatch.fnmatch(path.name, pattern) for pattern in self.include)
 
     def _poll(self) -> None:
         seen = self._snapshot()
@@ -80,7 +101,7 @@ class Reloader:
                 folders[:] = [name for name in folders if name not in _SKIPPED_FOLDERS]
                 for name in files:
                     path = Path(root, name)
-                    if _watched(path):
+                    if self._watched(path):
                         try:
                             found[path] = path.stat().st_mtime_ns
                         except OSError:

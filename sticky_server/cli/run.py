@@ -29,13 +29,15 @@ from typing import Any
 
 from ..adapters._extras import MissingExtraError
 from ..balancer import BALANCERS, Balancer
+from ..environment import worker_identity
 from ..errors import PidFileError, StickyServerError
-from ..listener import parse_bind
+from ..listener import DEFAULT_UNIX_SOCKET_MODE, parse_bind
 from ..metrics import MetricsServer
 from ..pidfile import remove_pid_file, stats_file_of, stats_writer, write_pid_file
 from ..server import StickyServer
 from ..worker import EXIT_BOOT_FAILURE
 from .boot_report import boot_report_file, first_to_report
+from .gunicorn_hooks import HookServer, HookWorker, run_hook
 from .options import UsageError, build_parser, format_settings, parse_settings
 from .reload import Reloader
 from .status import status
@@ -58,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         sys.stdout.write(format_settings(args))
         return 0
+    for name, value in args.env or ():
+        os.environ[name] = value  # -e: the workers inherit it
+    if args.umask is not None:
+        os.umask(args.umask)
     _set_up_logging(args)
     if args.chdir:
         try:
@@ -100,10 +106,24 @@ def _load_env_file(argv: list[str]) -> None:
 def _set_up_logging(args: argparse.Namespace) -> None:
     if args.log_config:
         _log_config(args.log_config)
+    elif args.error_logfile and args.error_logfile != "-":
+        logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, filename=args.error_logfile)
     else:
         logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     logging.getLogger().setLevel(args.log_level.upper())
-    if not args.access_log:
+    if args.access_logfile:  # gunicorn's: access lines there only, and on even with --no-access-log
+        handler: logging.Handler = (
+            logging.StreamHandler(sys.stdout)
+            if args.access_logfile == "-"
+            else logging.FileHandler(args.access_logfile)
+        )
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        for name in ACCESS_LOGGERS:
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            logger.propagate = False
+            logger.setLevel(logging.INFO)
+    elif not args.access_log:
         for name in ACCESS_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -131,6 +151,12 @@ def _log_config(path: str) -> None:
 
 
 def _server(args: argparse.Namespace) -> StickyServer:
+    in_master = worker_identity() is None
+    if (args.user is not None or args.group is not None) and in_master and os.geteuid() != 0:
+        raise UsageError(
+            "-u/--user and -g/--group need the master to run as root (it binds, then starts the workers as that "
+            "user): run sticky-server as root, or leave them out to run everything as yourself"
+        )
     balancer: Balancer | str = args.balancer
     if args.balancer not in BALANCERS:
         balancer = _custom_balancer(args.balancer, args.app_dir)
@@ -147,6 +173,8 @@ def _server(args: argparse.Namespace) -> StickyServer:
         forwarded_header=args.forwarded_header,
         trusted_proxies=args.trusted_proxy,
         steering=args.steering,
+        forwarded_header_fallback=args.forwarded_header_fallback,
+        unix_socket_mode=DEFAULT_UNIX_SOCKET_MODE & ~(args.umask or 0),
         **({"backlog": args.backlog} if args.backlog else {}),
     )
 
@@ -170,11 +198,15 @@ def _set_process_title(args: argparse.Namespace, sticky: StickyServer) -> None:
     except ImportError:
         return
     role = "master" if sticky.is_master else f"worker {sticky.worker_id}"
-    setproctitle(f"sticky-server: {role} [{args.target}]")
+    setproctitle(f"sticky-server: {role} [{args.name or args.target}]")
 
 
 def _work(args: argparse.Namespace, sticky: StickyServer) -> int:
     """In a worker: import TARGET, make its worker, serve. A failure before READY ends the start-up."""
+    slot = sticky.worker_id
+    assert slot is not None
+    server, me = HookServer(args, sticky.workers), HookWorker(args, slot)
+    run_hook(args.hooks, "post_fork", server, me)
     try:
         target = import_target(args.target, args.app_dir)
         worker = make_worker(args, target, sticky)
@@ -186,8 +218,12 @@ def _work(args: argparse.Namespace, sticky: StickyServer) -> int:
         if first_to_report():  # every worker fails the same way: one traceback is enough
             print_user_error(f"sticky-server: importing {args.target} failed:", exc)
         return EXIT_BOOT_FAILURE
+    run_hook(args.hooks, "post_worker_init", me)
     _choose_loop(args.loop)
-    sticky.work(worker)
+    try:
+        sticky.work(worker)
+    finally:
+        run_hook(args.hooks, "worker_exit", server, me)
     return 0
 
 
@@ -237,8 +273,15 @@ def _serve(args: argparse.Namespace, sticky: StickyServer) -> int:
         sticky.on_stats(stats_writer(stats_file_of(pid_file)))
     reloader = None
     if args.reload:
-        reloader = Reloader(args.reload_dir or [args.app_dir or os.getcwd()])
+        reloader = Reloader(
+            args.reload_dir or [args.app_dir or os.getcwd()],
+            include=args.reload_include or (),
+            exclude=args.reload_exclude or (),
+        )
         sticky.on_listening(lambda address: reloader.start() if reloader is not None else None)
+    server = HookServer(args, sticky.workers)
+    run_hook(args.hooks, "on_starting", server)
+    sticky.on_listening(lambda address: run_hook(args.hooks, "when_ready", server))
     for variable in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(variable, None)  # systemd's sockets are the master's; workers must not take them
     try:
@@ -254,4 +297,5 @@ def _serve(args: argparse.Namespace, sticky: StickyServer) -> int:
             metrics.close()
         if pid_file is not None:
             remove_pid_file(pid_file)
+        run_hook(args.hooks, "on_exit", server)
     return 0

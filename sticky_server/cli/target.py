@@ -100,7 +100,7 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not (args.certfile and args.keyfile):
         raise UsageError("--certfile and --keyfile go together; give both")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(args.certfile, args.keyfile)
+    context.load_cert_chain(args.certfile, args.keyfile, password=args.keyfile_password)
     return context
 
 

@@ -183,7 +183,7 @@ def test_reload_after_a_file_edit_keeps_the_client_on_its_slot(start_app: StartA
     shutil.copy(HERE / "apps" / "habits_app.py", module)
     args = ["reloadable:app", "--app-dir", str(app_dir), "--reload", "-w", "3", "-b", "127.0.0.1:0"]
     server, port, _ = start(start_app, args)
-    server.wait_for(r"reloading the workers when a \.py file under")
+    server.wait_for(r"reloading the workers when a file matching \*\.py under")
     ip = CLIENT_IPS[5]
     before = get(port, ip)
     assert before["version"] == "1"
