@@ -520,6 +520,11 @@ class WorkerRuntime:
                 sock.told_peer = address
             else:
                 sock = HandedOffSocket(type=socket.SOCK_STREAM, fileno=fd)
+                if address is not None and address[0] and sock.family == socket.AF_UNIX:
+                    # A Unix-socket peer has no address for the framework to replace with the
+                    # forwarded one it reads itself (uvicorn trusts none): the header's client is it.
+                    sock = ProxiedSocket(type=socket.SOCK_STREAM, fileno=sock.detach())
+                    sock.told_peer = address
             if nodelay and sock.proto == _IPPROTO_TCP:
                 # As every Python web server does: without it, a response written in two
                 # pieces waits for the client's delayed ACK (40 ms on Linux).

@@ -1,0 +1,205 @@
+"""nginx in front, as python-socketio documents it, with the command's defaults: over TCP and over a Unix socket.
+
+Twenty Node socket.io clients (socket.io-client from npm) from twenty 127.x addresses
+connect through a real nginx (running its workers as www-data when the tests run as
+root) to ``sticky-server`` with 4 workers: all connect, upgrade to websocket, see
+their own address and hear every broadcast exactly once, spread over the workers.
+
+- On a Unix socket nothing needs saying: the socket is ``rw-rw-rw-`` and the command
+  routes by X-Forwarded-For there by default. Control: ``--no-proxy-headers`` spreads
+  the clients in turn and breaks their polling handshakes.
+- Over TCP, ``--proxy-headers``. Control: without it every client lands on one worker,
+  and that worker says so once, naming the flag.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import StartApp
+from .harness import HERE, ServerProcess, free_port, pid_alive, wait_until
+from .test_node_clients import CLIENTS, SHOUTS, fully_working, run_clients
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+LISTENING = r"listening on (\S+) with (\d+) workers"
+SERVERS = {
+    "asgi": ("apps.socketio_asgi:app", "--asgi"),
+    "flask-socketio": ("apps.flask_socketio_app:app", "--wsgi"),
+}
+
+NGINX_CONFIG = """
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {folder}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {folder}/tmp/body;
+    proxy_temp_path {folder}/tmp/proxy;
+    fastcgi_temp_path {folder}/tmp/fastcgi;
+    uwsgi_temp_path {folder}/tmp/uwsgi;
+    scgi_temp_path {folder}/tmp/scgi;
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        '' close;
+    }}
+    upstream app {{
+        server {upstream};
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+
+NginxStarter = Callable[[str], int]
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder nginx's www-data workers can reach (pytest's tmp_path is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="sticky-nginx-"))
+    folder.chmod(0o755)
+    (folder / "tmp").mkdir(mode=0o777)
+    (folder / "tmp").chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def start_nginx(shared_folder: Path) -> Iterator[NginxStarter]:
+    """``start(upstream)`` runs nginx in front of ``upstream`` (``unix:/path`` or ``HOST:PORT``); its port."""
+    if NGINX is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed; .ci/run installs it (apt-get install nginx-light)")
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream: str) -> int:
+        port = free_port()
+        config = shared_folder / f"nginx{len(processes)}.conf"
+        user = "user www-data;" if os.geteuid() == 0 else ""
+        config.write_text(NGINX_CONFIG.format(user=user, folder=shared_folder, upstream=upstream, port=port))
+        assert NGINX is not None
+        process = subprocess.Popen(
+            [NGINX, "-c", str(config), "-p", str(shared_folder)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+
+        def listening() -> bool:
+            assert process.poll() is None, process.communicate(timeout=5)[0].decode(errors="replace")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        assert wait_until(listening, 15), "nginx did not listen"
+        return port
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT)  # nginx's graceful stop: it ends its workers itself
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+    for pid_file in shared_folder.glob("*.pid"):
+        assert not pid_alive(int(pid_file.read_text() or 0)), "nginx left behind"
+
+
+def serve(start_app: StartApp, server: str, bind: list[str], *flags: str) -> ServerProcess:
+    target, kind = SERVERS[server]
+    command = [sys.executable, "-m", "sticky_server", target, kind, "-w", "4", *bind, "--graceful-timeout", "2"]
+    app = start_app(command=[*command, *flags], cwd=HERE)
+    app.wait_for(LISTENING, 60)
+    return app
+
+
+def assert_all_work_across_workers(results: dict[str, Any], transports: str) -> None:
+    errors = {ip: result["error"] for ip, result in results.items() if result["error"]}
+    assert not errors, errors
+    broken = {ip: result for ip, result in results.items() if ip not in fully_working(results, transports)}
+    assert not broken, broken  # connected, upgraded, saw its own address, heard every shout once
+    workers = {result["worker"] for result in results.values()}
+    assert len(workers) >= 3, f"20 clients on {workers}: not spread"
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_nginx_on_a_unix_socket_works_with_the_defaults(
+    start_app: StartApp, start_nginx: NginxStarter, node_clients: Path, shared_folder: Path, server: str
+) -> None:
+    path = shared_folder / "app.sock"
+    serve(start_app, server, ["--uds", str(path)])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666
+    port = start_nginx(f"unix:{path}")
+    results = run_clients(node_clients, port, "polling,websocket")
+    assert_all_work_across_workers(results, "polling,websocket")
+
+
+def test_control_a_unix_socket_without_proxy_headers_breaks_the_handshakes(
+    start_app: StartApp, start_nginx: NginxStarter, node_clients: Path, shared_folder: Path
+) -> None:
+    path = shared_folder / "app.sock"
+    app = serve(start_app, "asgi", ["--uds", str(path)], "--no-proxy-headers")
+    assert "clients of unix:" in app.output and "have no address" in app.output
+    port = start_nginx(f"unix:{path}")
+    results = run_clients(node_clients, port, "polling")
+    working = fully_working(results, "polling")
+    assert len(working) < len(CLIENTS) // 2, f"{len(working)} of 20 clients worked without the header"
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_nginx_over_tcp_with_proxy_headers(
+    start_app: StartApp, start_nginx: NginxStarter, node_clients: Path, server: str
+) -> None:
+    backend = free_port()
+    serve(start_app, server, ["-b", f"127.0.0.1:{backend}"], "--proxy-headers")
+    port = start_nginx(f"127.0.0.1:{backend}")
+    results = run_clients(node_clients, port, "polling,websocket")
+    assert_all_work_across_workers(results, "polling,websocket")
+
+
+def test_control_nginx_over_tcp_without_proxy_headers_lands_on_one_worker_and_says_so(
+    start_app: StartApp, start_nginx: NginxStarter, node_clients: Path
+) -> None:
+    backend = free_port()
+    app = serve(start_app, "asgi", ["-b", f"127.0.0.1:{backend}"])
+    port = start_nginx(f"127.0.0.1:{backend}")
+    results = run_clients(node_clients, port, "polling,websocket")
+    assert {result["worker"] for result in results.values()} == {results[CLIENTS[0]]["worker"]}
+    assert len(fully_working(results, "polling,websocket")) == len(CLIENTS)  # working, all on one worker
+    warning = app.wait_for(r"WARNING worker \d+: requests from the proxy at 127\.0\.0\.1 name different clients", 10)
+    assert "--proxy-headers" in warning.string
+    time.sleep(0.2)
+    assert app.output.count("name different clients") == 1, "said once"
+    assert sorted(SHOUTS) == sorted(results[CLIENTS[0]]["heard"])
