@@ -280,7 +280,12 @@ class Intake:
         assert settings.forwarded_header is not None
         if settings.fallback and not may_be_http(data):
             return 0, peer
-        length = request_head_length(data, settings.max_size) if data else None
+        try:
+            length = request_head_length(data, settings.max_size) if data else None
+        except ForwardedHeaderError:
+            if settings.fallback:  # not an HTTP request after all: the application's to deal with
+                return 0, peer
+            raise
         if length is None:
             return len(data) + 1, None
         host = client_from_forwarded(forwarded_addresses(data[:length], settings.forwarded_header), self._trusted)

@@ -1,6 +1,6 @@
 """The master's stats in the Prometheus text format, on an admin address of their own.
 
-    sticky-server app:Worker --metrics 127.0.0.1:9100      # GET /metrics
+    sticky-server app:Worker --metrics 127.0.0.1:9100      # GET /metrics, /stats, / (a status page)
 
 Off by default. The endpoint is a small standard-library HTTP server on a thread
 of the master; each scrape asks the master's loop for ``stats()``, so it never
@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .listener import Bind
+from .status_page import RecentProblems, StatusPage
 from .throttle import ThrottledLog
 
 __all__ = ["MAX_SCRAPES", "READ_TIMEOUT", "MetricsServer", "process_figures", "render"]
@@ -179,6 +180,10 @@ class MetricsServer:
     def __init__(self, bind: Bind, stats: Callable[[], dict[str, Any]]) -> None:
         if bind.path is not None:
             raise ValueError("the metrics endpoint listens on TCP (HOST:PORT), not on a Unix socket")
+        self._problems = RecentProblems()
+        logging.getLogger("sticky_server").addHandler(self._problems)
+        page = StatusPage(self._problems)
+        formats = {**FORMATS, "/": ("text/html; charset=utf-8", page.render)}
 
         class Handler(BaseHTTPRequestHandler):
             timeout = READ_TIMEOUT
@@ -191,10 +196,10 @@ class MetricsServer:
 
             def _answer(self, with_body: bool) -> None:
                 path = self.path.split("?")[0]
-                if path not in FORMATS:
-                    self.send_error(404, "the metrics are at /metrics (Prometheus) and /stats (JSON)")
+                if path not in formats:
+                    self.send_error(404, "the status page is at /, the metrics at /metrics and /stats (JSON)")
                     return
-                content_type, format_stats = FORMATS[path]
+                content_type, format_stats = formats[path]
                 try:
                     body = format_stats(stats()).encode()
                 except Exception:
@@ -219,3 +224,4 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        logging.getLogger("sticky_server").removeHandler(self._problems)

@@ -5,12 +5,22 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
+from pathlib import Path
 
 import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server import BindError
-from sticky_server.listener import OutOfDescriptors, accept_waiting, bind_listener, format_address, validate_port
+from sticky_server.listener import (
+    DEFAULT_UNIX_SOCKET_MODE,
+    OutOfDescriptors,
+    accept_waiting,
+    bind_listener,
+    bind_unix_listener,
+    format_address,
+    validate_port,
+)
 
 
 @pytest.mark.parametrize(
@@ -114,3 +124,21 @@ def test_accept_waiting_skips_aborted_connections_and_says_when_descriptors_run_
     with pytest.raises(OSError) as other:
         list(accept_waiting(_FailingListener(errno.EBADF), 8))  # type: ignore[arg-type]
     assert other.value.errno == errno.EBADF and not isinstance(other.value, OutOfDescriptors)
+
+
+def test_a_unix_socket_lets_other_users_in_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        for mode in (0o666, 0o660):
+            path = tmp_path / f"app{mode:o}.sock"
+            with bind_unix_listener(str(path), mode=mode):
+                assert stat.S_IMODE(path.stat().st_mode) == mode
+    finally:
+        os.umask(old)
+
+
+def test_the_command_takes_the_umask_off_the_socket_mode() -> None:
+    from sticky_server.cli import parse_settings
+
+    args = parse_settings(["m:app", "--uds", "/run/app.sock", "--umask", "007"], {})
+    assert DEFAULT_UNIX_SOCKET_MODE & ~args.umask == 0o660

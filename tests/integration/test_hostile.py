@@ -483,6 +483,39 @@ def test_hostile_forwarded_headers_never_hurt_the_master(start_app: StartApp, fo
     assert server.process.poll() is None
 
 
+def test_with_the_fallback_any_first_bytes_are_routed_by_the_peer_or_the_header(start_app: StartApp) -> None:
+    """forwarded_header_fallback (the command's Unix sockets): bytes that are no HTTP request go as they come.
+
+    Whatever a trusted peer sends first, the connection reaches a worker, which answers
+    the line it reads: routed by the peer at once when the bytes cannot start an HTTP
+    request, after ``header_timeout`` when they could but never finish one. Nothing is
+    closed unanswered, and the master neither fails nor keeps a descriptor.
+    """
+    server = start_app(
+        {
+            "APP_WORKERS": "2",
+            "APP_FORWARDED": "x-forwarded-for",
+            "APP_FORWARDED_FALLBACK": "1",
+            "APP_HEADER_TIMEOUT": "0.3",
+        }
+    )
+    address = server.wait_listening()
+    before = open_fds(server.process.pid)
+
+    @HOSTILE
+    @given(st.binary(max_size=64).filter(lambda data: b"\n" not in data))
+    def run(data: bytes) -> None:
+        with socket.create_connection(address, timeout=TIMEOUT, source_address=(CLIENT_IPS[3], 0)) as sock:
+            sock.sendall(data + b"\n")
+            reply = read_reply(sock)
+        assert reply["client"][0] == CLIENT_IPS[3]
+
+    run()
+    assert server.process.poll() is None
+    assert server.count("Traceback") + server.count("could not be routed") == 0, server.output
+    assert settle_fds(server, before) <= before
+
+
 def test_hostile_control_frames_from_a_worker_never_hurt_the_master(start_app: StartApp) -> None:
     server = start_app({"APP_WORKERS": "2", "APP_CHANNEL": "1"})
     address = server.wait_listening()

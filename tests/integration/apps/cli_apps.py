@@ -43,3 +43,17 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 def broken() -> None:
     raise RuntimeError("this factory is never reached")
+
+
+class HoldingWorker:
+    """A worker factory that keeps every connection open, unread, until it stops (live connections to look at)."""
+
+    def __init__(self, sticky: StickyServer) -> None:
+        self.held: list[socket.socket] = []
+
+    def add_connection(self, sock: socket.socket) -> None:
+        self.held.append(sock)
+
+    def stop(self) -> None:
+        for sock in self.held:
+            sock.close()

@@ -258,6 +258,7 @@ def main() -> None:
         user=os.environ.get("APP_USER") or None,
         proxy_protocol=bool(os.environ.get("APP_PROXY")),
         forwarded_header=os.environ.get("APP_FORWARDED") or None,
+        forwarded_header_fallback=bool(os.environ.get("APP_FORWARDED_FALLBACK")),
         trusted_proxies=os.environ["APP_TRUSTED"].split(",") if os.environ.get("APP_TRUSTED") else None,
         header_timeout=float(os.environ.get("APP_HEADER_TIMEOUT", "5")),
         steering=os.environ.get("APP_STEERING", "auto"),
