@@ -42,4 +42,4 @@ __all__ = [
     "time_left_to_stop",
 ]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

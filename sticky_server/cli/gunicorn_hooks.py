@@ -31,10 +31,10 @@ logger = logging.getLogger("sticky_server.hooks")
 class HookServer:
     """What gunicorn's hooks receive as ``server``."""
 
-    def __init__(self, args: argparse.Namespace, workers: int) -> None:
+    def __init__(self, args: argparse.Namespace, workers: int, master_pid: int | None = None) -> None:
         self.cfg = args
         self.log = logger
-        self.pid = os.getpid()
+        self.pid = os.getpid() if master_pid is None else master_pid  # the master's, as the Arbiter's
         self.num_workers = workers
         self.proc_name = args.name or args.target
 

@@ -205,7 +205,7 @@ def _work(args: argparse.Namespace, sticky: StickyServer) -> int:
     """In a worker: import TARGET, make its worker, serve. A failure before READY ends the start-up."""
     slot = sticky.worker_id
     assert slot is not None
-    server, me = HookServer(args, sticky.workers), HookWorker(args, slot)
+    server, me = HookServer(args, sticky.workers, master_pid=os.getppid()), HookWorker(args, slot)
     run_hook(args.hooks, "post_fork", server, me)
     try:
         target = import_target(args.target, args.app_dir)

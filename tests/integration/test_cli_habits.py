@@ -214,3 +214,77 @@ def test_process_titles_tell_the_master_from_the_workers(start_app: StartApp) ->
 
     assert title(master) == "sticky-server: master [apps.habits_app:app]"
     assert title(worker).startswith("sticky-server: worker ") and title(worker).endswith("[apps.habits_app:app]")
+
+
+GUNICORN_CONF = """
+import os
+import multiprocessing
+
+bind = "127.0.0.1:0"
+workers = 2
+worker_class = "uvicorn.workers.UvicornWorker"
+accesslog = "-"
+errorlog = "-"
+loglevel = "INFO"
+raw_env = ["GREETING=from raw_env"]
+proc_name = "shop"
+timeout = 20
+graceful_timeout = 5
+
+
+def _say(*words):
+    with open(os.environ["HOOK_LOG"], "a") as log:
+        log.write(" ".join(str(word) for word in words) + "\\n")
+
+
+def on_starting(server):
+    _say("on_starting", server.pid)
+
+
+def when_ready(server):
+    server.log.info("ready with %d workers", server.num_workers)
+    _say("when_ready", server.pid, server.num_workers)
+
+
+def post_fork(server, worker):
+    _say("post_fork", worker.age, worker.pid, worker.ppid == server.pid)
+
+
+def post_worker_init(worker):
+    _say("post_worker_init", worker.age, worker.pid)
+
+
+def worker_exit(server, worker):
+    _say("worker_exit", worker.age, worker.pid)
+
+
+def on_exit(server):
+    _say("on_exit", server.pid)
+"""
+
+
+def test_a_gunicorn_config_file_with_its_hooks_runs_as_gunicorn_would(start_app: StartApp, tmp_path: Path) -> None:
+    config, hook_log = tmp_path / "gunicorn.conf.py", tmp_path / "hooks.log"
+    config.write_text(GUNICORN_CONF)
+    server, port, workers = start(
+        start_app, ["-c", str(config), "apps.habits_app:app"], env={"HOOK_LOG": str(hook_log)}
+    )
+    assert workers == 2
+    reply = get(port, CLIENT_IPS[0])
+    assert reply["greeting"] == "from raw_env"
+    server.wait_for(r'"GET / HTTP/1.1" 200')  # accesslog = "-": the access line, on standard output
+    server.wait_for(r"ready with 2 workers")  # when_ready's server.log
+    master = server.process.pid
+    server.stop()
+    lines = [line.split() for line in hook_log.read_text().splitlines()]
+    by_hook: dict[str, list[list[str]]] = {}
+    for line in lines:
+        by_hook.setdefault(line[0], []).append(line[1:])
+    assert by_hook["on_starting"] == [[str(master)]] and by_hook["on_exit"] == [[str(master)]]
+    assert by_hook["when_ready"] == [[str(master), "2"]]
+    assert sorted(entry[0] for entry in by_hook["post_fork"]) == ["0", "1"]
+    assert all(entry[2] == "True" for entry in by_hook["post_fork"])  # run in the worker, child of the master
+    worker_pids = {entry[1] for entry in by_hook["post_fork"]}
+    assert {entry[1] for entry in by_hook["post_worker_init"]} == worker_pids
+    assert {entry[1] for entry in by_hook["worker_exit"]} == worker_pids
+    assert lines[0][0] == "on_starting" and lines[-1][0] == "on_exit"
