@@ -45,6 +45,8 @@ ABORTED_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM
 DEFAULT_BACKLOG = 4096
 # uvicorn's mode for its Unix socket: a proxy running as another user (nginx as www-data) can connect.
 DEFAULT_UNIX_SOCKET_MODE = 0o666
+# listen() takes a C int; the kernel caps it far lower (net.core.somaxconn) anyway.
+MAX_BACKLOG = 2**31 - 1
 
 _BIND_ADVICE = {
     errno.EADDRINUSE: "the address is already in use. Stop the program holding it, or choose another port "

@@ -23,12 +23,13 @@ from . import channel
 from .async_worker import AsyncWorkerRuntime, is_async_worker
 from .balancer import Balancer, IPHashBalancer, balancer_from
 from .channel import DEFAULT_MAX_MESSAGE_SIZE, WorkerChannel
+from .checks import check_count, check_seconds
 from .environment import worker_identity
 from .errors import BindError, WrongProcessError
 from .frames import MAX_PAYLOAD
 from .hooks import Hooks
 from .intake import ClientAddressSettings
-from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, Bind, open_bind, parse_bind, validate_port
+from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, MAX_BACKLOG, Bind, open_bind, parse_bind, validate_port
 from .master import Dispatcher
 from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from .proxy_hint import ProxyHint
@@ -104,8 +105,7 @@ def _client_address_settings(
             "use either proxy_protocol or forwarded_header, not both: a proxy that sends the PROXY protocol "
             "already tells the client address"
         )
-    if isinstance(header_timeout, bool) or not isinstance(header_timeout, (int, float)) or header_timeout <= 0:
-        raise ValueError(f"header_timeout must be a number of seconds above 0; got {header_timeout!r}")
+    header_timeout = check_seconds("header_timeout", header_timeout, zero_allowed=False)
     if (
         isinstance(max_header_size, bool)
         or not isinstance(max_header_size, int)
@@ -202,10 +202,12 @@ class StickyServer:
             workers = os.cpu_count() or 1
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a whole number of processes, 1 or more; got {workers!r}")
-        if isinstance(graceful_timeout, bool) or not isinstance(graceful_timeout, (int, float)) or graceful_timeout < 0:
-            raise ValueError(f"graceful_timeout must be a number of seconds, 0 or more; got {graceful_timeout!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ValueError(f"timeout must be a number of seconds above 0, or None for no heartbeat; got {timeout!r}")
+        graceful_timeout = check_seconds("graceful_timeout", graceful_timeout, zero_allowed=True)
+        if timeout is not None:
+            try:
+                timeout = check_seconds("timeout", timeout, zero_allowed=False)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (None: no heartbeat)") from None
         if max_connections_per_worker is not None and (
             isinstance(max_connections_per_worker, bool)
             or not isinstance(max_connections_per_worker, int)
@@ -222,8 +224,7 @@ class StickyServer:
             raise ValueError(
                 f"max_connections_jitter must be an int, 0 or more, or None; got {max_connections_jitter!r}"
             )
-        if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
-            raise ValueError(f"backlog must be a positive int; got {backlog!r}")
+        check_count("backlog", backlog, minimum=1, maximum=MAX_BACKLOG)
         if not isinstance(max_message_size, int) or not 1 <= max_message_size <= MAX_PAYLOAD - 2:
             raise ValueError(f"max_message_size must be from 1 to {MAX_PAYLOAD - 2} bytes; got {max_message_size!r}")
         if (

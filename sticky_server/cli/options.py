@@ -24,7 +24,8 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..balancer import BALANCERS
-from ..listener import parse_bind
+from ..checks import check_count, check_seconds
+from ..listener import MAX_BACKLOG, parse_bind
 from ..server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT
 from ..steering import STEERINGS
 from .config_file import ConfigFileError, load_config_file
@@ -149,14 +150,18 @@ def _at_least(minimum: int, name: str) -> Callable[[str], int]:
 
 
 _positive_int = _at_least(1, "positive whole number")
+
+
+def _backlog(text: str) -> int:
+    return check_count("--backlog", int(text), minimum=1, maximum=MAX_BACKLOG)
+
+
+_backlog.__name__ = f"backlog (1 to {MAX_BACKLOG})"
 _whole = _at_least(0, "whole number")
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
+    return check_seconds("a duration", float(text), zero_allowed=True)
 
 
 def _umask(text: str) -> int:
@@ -282,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     bind.add_argument("--port", type=_whole, help=f"listen on this port (with --host; default {DEFAULT_PORT})")
     bind.add_argument("--uds", metavar="PATH", help="listen on this Unix socket")
     bind.add_argument("--fd", type=_whole, metavar="N", help="listen on the socket inherited as descriptor N")
-    bind.add_argument("--backlog", type=_positive_int, metavar="N", help="listen backlog (default: 4096)")
+    bind.add_argument("--backlog", type=_backlog, metavar="N", help="listen backlog (default: 4096)")
     bind.add_argument(
         "--umask",
         type=_umask,
