@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .balancer import ClientInfo
+from .errors import ProtocolError
 from .frames import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, pack_addressed, pack_ids
 from .outbox import Outbox
 from .process import WorkerProcess
@@ -45,6 +46,10 @@ __all__ = ["MAX_QUEUED", "Link", "Owed", "descriptor_headroom"]
 
 # Rule 3: a worker with this many connections it has not taken is routed around.
 MAX_QUEUED = 1024
+# What a worker's counts are believed up to: no worker accepts faster than this on any machine,
+# plus a burst (a report may cover a whole accept burst after a pause).
+MAX_ACCEPT_RATE = 1_000_000  # connections a second
+ACCEPT_BURST_SLACK = 65_536
 
 Owed = tuple[int, int, ClientInfo]  # (connection id, descriptor, what the balancer was told)
 
@@ -86,6 +91,8 @@ class Link:
     queue_seen: int = 0  # its listeners' queue length at the last look (kernel path)
     writing: bool = False
     recycling: bool = False
+    said_ready: bool = False
+    accepts_reported_at: float = 0.0  # when the worker's last ACCEPTED count was taken (or its link made)
 
     @property
     def takes_connections(self) -> bool:
@@ -102,6 +109,26 @@ class Link:
         if ask_kernel and self.worker.worker_end is not None and outbox.sent_hand_offs:
             outbox.forget_read(unread_bytes(self.worker.worker_end))
         return len(self.pending) + outbox.queued_fds + outbox.unconfirmed_fds
+
+    def ready(self) -> None:
+        """The worker said READY; a second time is a lie (hooks would run again): ProtocolError."""
+        if self.said_ready:
+            raise ProtocolError("READY sent twice")
+        self.said_ready = True
+
+    def take_accepted(self, count: int, now: float) -> None:
+        """Kernel path: the worker accepted ``count`` from its own listener; more than it could have is a lie."""
+        believable = ACCEPT_BURST_SLACK + MAX_ACCEPT_RATE * max(0.0, now - self.accepts_reported_at)
+        if count > believable:
+            raise ProtocolError(f"ACCEPTED {count} is more than a worker can accept in the time since its last report")
+        self.accepts_reported_at = now
+        self.accepted += count
+        self.live += count
+
+    def check_lost(self, count: int) -> None:
+        """NO_ROOM ``count``: no more than the connections it was given and holds."""
+        if count > self.live:
+            raise ProtocolError(f"NO_ROOM {count} is more connections than the worker holds ({self.live})")
 
     def at_ceiling(self) -> bool:
         return self.max_live is not None and self.live >= self.max_live

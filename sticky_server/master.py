@@ -786,7 +786,8 @@ class Dispatcher:
             if jitter is None:
                 jitter = int(self._max_connections * RECYCLE_JITTER)
             recycle_after = self._max_connections + random.randint(0, jitter)
-        link = Link(worker, last_heard=time.monotonic(), recycle_after=recycle_after)
+        now = time.monotonic()
+        link = Link(worker, last_heard=now, recycle_after=recycle_after, accepts_reported_at=now)
         self._links[worker] = link
         self._selector.register(worker.control, selectors.EVENT_READ, functools.partial(self._on_control, link))
 
@@ -886,9 +887,10 @@ class Dispatcher:
 
     def _on_accepted(self, link: Link, frame: Frame) -> None:
         """Kernel path: the worker accepted connections from its own listener; they count as its hand-offs."""
+        if self._steering is None:
+            raise ProtocolError("ACCEPTED from a worker that has no listener of its own (master path)")
         count = unpack_count(frame)
-        link.accepted += count
-        link.live += count
+        link.take_accepted(count, time.monotonic())
         self._counters.accepted_by_workers += count
         self._took(link, count)
         if link.at_ceiling() and not link.no_room:
@@ -915,6 +917,7 @@ class Dispatcher:
         self._workers_changed()
 
     def _on_ready_frame(self, link: Link, frame: Frame) -> None:
+        link.ready()
         link.descriptor_limit = unpack_count(frame) if frame.payload else 0  # empty: no limit known
         link.max_live = descriptor_headroom(link.descriptor_limit)
         worker = link.worker
@@ -938,6 +941,7 @@ class Dispatcher:
     def _on_no_room(self, link: Link, frame: Frame) -> None:
         """Rule 6: the worker lost hand-offs at its descriptor limit; its ceiling is what it holds now."""
         lost = unpack_count(frame)
+        link.check_lost(lost)
         slot = link.worker.slot
         lost_no_room = self._counters.lost_no_room
         lost_no_room[slot] = lost_no_room.get(slot, 0) + lost

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sticky_server.frames import HEADER, FrameKind
+from sticky_server.frames import HEADER, FrameKind, pack_count
 
 from .conftest import StartApp
 from .harness import (
@@ -544,3 +544,50 @@ def test_hostile_control_frames_from_a_worker_never_hurt_the_master(start_app: S
     run()
     assert server.process.poll() is None
     assert settle_fds(server, before) <= before
+
+
+# --- a worker's counts are believed only up to what it could have ---------------------------
+
+
+def _frame(kind: FrameKind, count: int) -> bytes:
+    payload = pack_count(count)
+    return HEADER.pack(kind, 0, 0, len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    ("frames", "steering"),
+    [
+        ([_frame(FrameKind.ACCEPTED, 0xFFFFFFFF)] * 3, "kernel"),
+        ([_frame(FrameKind.ACCEPTED, 5)], "master"),  # no listener of its own: it accepted nothing
+        ([_frame(FrameKind.NO_ROOM, 0xFFFFFFFF)] * 3, "master"),
+        ([_frame(FrameKind.NO_ROOM, 0xFFFFFFFF)] * 3, "kernel"),
+    ],
+)
+def test_a_worker_lying_about_its_counts_is_replaced_and_the_stats_stay_true(
+    start_app: StartApp, frames: list[bytes], steering: str
+) -> None:
+    server = start_app({"APP_WORKERS": "2", "APP_CHANNEL": "1", "APP_STEERING": steering})
+    address = server.wait_listening()
+    with contextlib.suppress(OSError):
+        command(address, f"raw {b''.join(frames).hex()}")
+    server.wait_for(r"sent an invalid frame .*(ACCEPTED|NO_ROOM)")
+    assert wait_until(lambda: _serves(address), TIMEOUT)
+    start = len(server.lines)
+    server.send_signal(signal.SIGUSR1)
+    stats = json.loads(server.wait_for(r"^STATS (.*)$", TIMEOUT, start=start).group(1))
+    assert stats["accepted"] < 1000 and stats["live"] < 1000 and stats["lost_no_room"] < 1000, stats
+
+
+def test_a_worker_saying_ready_again_is_replaced_and_the_hooks_run_once_per_worker(start_app: StartApp) -> None:
+    server = start_app({"APP_WORKERS": "2", "APP_CHANNEL": "1"})
+    address = server.wait_listening()
+    server.wait_for(r"^START 1$")
+    slot = request(address, source=CLIENT_IPS[0])["slot"]
+    with contextlib.suppress(OSError):
+        command(address, f"raw {(_frame(FrameKind.READY, 1) * 50).hex()}", source=CLIENT_IPS[0])
+    server.wait_for(r"sent an invalid frame \(READY sent twice\)")
+    assert wait_until(lambda: _serves(address), TIMEOUT)
+    server.wait_for(rf"worker {slot} started \(pid", TIMEOUT, start=0)
+    time.sleep(0.5)
+    starts = server.count(rf"^START {slot}$")
+    assert starts == 2, f"on_worker_start ran {starts} times for slot {slot}: once per worker process is right"
