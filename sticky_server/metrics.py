@@ -10,6 +10,7 @@ No dependency: the text format is simple enough to write directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,10 +32,14 @@ __all__ = ["MAX_SCRAPES", "READ_TIMEOUT", "MetricsServer", "process_figures", "r
 logger = logging.getLogger("sticky_server.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# A scraper gets this long to send its request and take the answer; then it is closed.
+# A scraper gets this long in all to send its request and take the answer; then it is closed.
 READ_TIMEOUT = 5.0
 # At most this many scrapes are served at once; a connection beyond that is closed at once.
 MAX_SCRAPES = 8
+# A connection this old gives its place to a new one when every place is taken; the new one waits this long.
+EVICT_AFTER = 0.5
+EVICT_WAIT = 1.0
+WATCH_INTERVAL = 0.25
 REFUSED_LOG_INTERVAL = 10.0
 
 # name, type, help, the stats key (per worker slot when the key is in the workers' entries)
@@ -122,12 +127,23 @@ def render(stats: dict[str, Any]) -> str:
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A thread per scrape, at most ``MAX_SCRAPES`` at once: a connection beyond that is closed unanswered."""
+    """A thread per scrape, at most ``MAX_SCRAPES`` at once, each done within ``READ_TIMEOUT`` seconds in all.
+
+    The limit is per scrape, not per read: a watchdog shuts any connection older than
+    ``READ_TIMEOUT`` (a client trickling a byte at a time included). When every slot
+    is taken, the oldest connection that has run for ``EVICT_AFTER`` seconds makes room
+    for the new one (a real scrape takes milliseconds); with none that old, the new
+    connection is closed unanswered.
+    """
 
     daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 drops a burst's SYNs: each retried a second later
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        self.active: dict[socket.socket, float] = {}  # connection -> when it was accepted
+        self.active_lock = threading.Lock()
+        self.closing = threading.Event()
         self.refused_log = ThrottledLog(
             logger,
             logging.WARNING,
@@ -139,21 +155,56 @@ class _BoundedServer(ThreadingHTTPServer):
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
+        if not self.slots.acquire(blocking=False) and not (
+            self._evict_oldest() and self.slots.acquire(timeout=EVICT_WAIT)
+        ):
             self.refused_log.note(1, MAX_SCRAPES, client_address[0])
             self.shutdown_request(request)
             return
+        with self.active_lock:
+            self.active[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self._done(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self._done(request)
+
+    def _done(self, request: socket.socket) -> None:
+        with self.active_lock:
+            if self.active.pop(request, None) is None:
+                return
+        self.slots.release()
+
+    def _evict_oldest(self) -> bool:
+        now = time.monotonic()
+        with self.active_lock:
+            old = [(started, sock) for sock, started in self.active.items() if now - started >= EVICT_AFTER]
+        if not old:
+            return False
+        _, oldest = min(old, key=lambda pair: pair[0])
+        _cut(oldest)
+        return True
+
+    def watch_deadlines(self) -> None:
+        """The watchdog: shut every connection that has had ``READ_TIMEOUT`` seconds."""
+        while not self.closing.wait(WATCH_INTERVAL):
+            now = time.monotonic()
+            with self.active_lock:
+                late = [sock for sock, started in self.active.items() if now - started >= READ_TIMEOUT]
+            for sock in late:
+                _cut(sock)
+
+
+def _cut(sock: socket.socket) -> None:
+    """End a scrape from another thread: its blocked read or write returns at once."""
+    with contextlib.suppress(OSError):  # it has just finished
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def as_json(stats: dict[str, Any]) -> str:
@@ -220,8 +271,13 @@ class MetricsServer:
         self.address = self._server.server_address
         self._thread = threading.Thread(target=self._server.serve_forever, name="sticky-metrics", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(
+            target=self._server.watch_deadlines, name="sticky-metrics-deadlines", daemon=True
+        )
+        self._watchdog.start()
 
     def close(self) -> None:
+        self._server.closing.set()
         self._server.shutdown()
         self._server.server_close()
         logging.getLogger("sticky_server").removeHandler(self._problems)

@@ -591,3 +591,37 @@ def test_a_worker_saying_ready_again_is_replaced_and_the_hooks_run_once_per_work
     time.sleep(0.5)
     starts = server.count(rf"^START {slot}$")
     assert starts == 2, f"on_worker_start ran {starts} times for slot {slot}: once per worker process is right"
+
+
+def test_trickling_metrics_clients_cannot_deny_a_scrape(start_app: StartApp) -> None:
+    """The metrics' limit is per scrape: 8 clients sending a byte every 2 s do not keep /stats from answering."""
+    port = free_port()
+    server = start_app(command=[*CLI, "--metrics", f"127.0.0.1:{port}"], cwd=HERE)
+    server.wait_for(LISTENING, TIMEOUT)
+    stop = threading.Event()
+    trickling = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(8)]
+
+    def trickle() -> None:
+        while not stop.wait(2.0):
+            for sock in trickling:
+                with contextlib.suppress(OSError):
+                    sock.send(b"G")
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.7)  # every place taken, for longer than a scrape ever takes
+        began = time.monotonic()
+        assert wait_until(lambda: _scrape(port, "GET") is not None, 8.0), "a scrape was never answered"
+        assert time.monotonic() - began < 2.5, "the scrape waited for the tricklers"
+        time.sleep(5.5)  # past the per-scrape deadline: every trickler has been cut off
+        for sock in trickling:
+            sock.settimeout(0.5)
+            with contextlib.suppress(OSError):
+                assert sock.recv(100) == b""
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in trickling:
+            sock.close()
+    assert server.process.poll() is None
