@@ -11,13 +11,18 @@ often as root, in a directory others may write to. So:
   the reader or root;
 - the master refuses to start on a pid file that is a link, belongs to another
   user, or names a master still running, and removes it at exit only if it still
-  names itself.
+  names itself;
+- the master holds an advisory lock (``flock``) on the file for as long as it runs,
+  so "a master is running with this file" is a fact the kernel keeps, not a guess
+  from the pid: after a crash the pid may name any process, and then ``status``
+  signals nothing and the next start is not blocked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import stat
@@ -29,6 +34,7 @@ from typing import Any
 from .errors import PidFileError
 
 __all__ = [
+    "master_holds",
     "read_own_file",
     "read_pid",
     "remove_pid_file",
@@ -92,34 +98,57 @@ def read_pid(path: Path) -> int | None:
     return pid if pid > 0 else None
 
 
-def _running(pid: int) -> bool:
+def master_holds(path: Path) -> bool:
+    """True while a running master holds ``path``'s lock (it does from ``write_pid_file`` until it exits)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
         return False
-    except PermissionError:
-        pass  # it exists, as another user's process
-    return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
-def write_pid_file(path: Path) -> None:
-    """Write this process's pid to ``path``; ``PidFileError`` for a link, another user's file, or a running master."""
+def write_pid_file(path: Path) -> int:
+    """Write this process's pid to ``path`` and lock it; the lock's descriptor, to keep open while serving.
+
+    ``PidFileError`` for a link, another user's file, or a file a running master holds.
+    """
     try:
         pid = read_pid(path)
     except FileNotFoundError:
         pid = None
-    if pid is not None and pid != os.getpid() and _running(pid):
+    if pid is not None and pid != os.getpid() and master_holds(path):
         raise PidFileError(f"--pid {path}: a master (pid {pid}) is already running with this pid file; stop it first")
-    write_file(path, f"{os.getpid()}\n")
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # before the name points at it
+        os.fchmod(fd, 0o644)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(temporary, path)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return fd
 
 
-def remove_pid_file(path: Path) -> None:
-    """Remove ``path`` and its stats file if the pid file still names this process."""
+def remove_pid_file(path: Path, lock: int | None = None) -> None:
+    """Remove ``path`` and its stats file if the pid file still names this process; release ``lock``."""
     with contextlib.suppress(OSError, PidFileError):
         if read_pid(path) == os.getpid():
             for each in (path, stats_file_of(path)):
                 with contextlib.suppress(FileNotFoundError):
                     each.unlink()
+    if lock is not None:
+        os.close(lock)
 
 
 def stats_writer(path: Path) -> Callable[[dict[str, Any]], None]:

@@ -263,9 +263,10 @@ def _serve(args: argparse.Namespace, sticky: StickyServer) -> int:
         except (OSError, ValueError) as exc:
             parser.error(f"--metrics {args.metrics}: {exc}")
     pid_file = Path(args.pid) if args.pid else None
+    pid_lock = None
     if pid_file is not None:
         try:
-            write_pid_file(pid_file)
+            pid_lock = write_pid_file(pid_file)
         except (OSError, PidFileError) as exc:
             if metrics is not None:
                 metrics.close()
@@ -296,6 +297,6 @@ def _serve(args: argparse.Namespace, sticky: StickyServer) -> int:
         if metrics is not None:
             metrics.close()
         if pid_file is not None:
-            remove_pid_file(pid_file)
+            remove_pid_file(pid_file, pid_lock)
         run_hook(args.hooks, "on_exit", server)
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import PidFileError
 from ..listener import parse_bind
-from ..pidfile import read_own_file, read_pid, stats_file_of
+from ..pidfile import master_holds, read_own_file, read_pid, stats_file_of
 
 __all__ = ["STATUS_WAIT_SECONDS", "status"]
 
@@ -69,6 +69,11 @@ def _from_pid_file(pid_file: Path) -> int:
         return _fail(f"cannot read a pid from {pid_file}: {exc}")
     if pid is None:
         return _fail(f"{pid_file} holds no pid")
+    if not master_holds(pid_file):
+        return _fail(
+            f"{pid_file} names pid {pid}, but no sticky-server master holds it (left by a master that did not exit "
+            "cleanly: the pid may be another process now, so nothing was signalled); is the server running?"
+        )
     stats_file = stats_file_of(pid_file)
     before = stats_file.stat().st_mtime_ns if stats_file.exists() else None
     try:

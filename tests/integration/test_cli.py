@@ -262,3 +262,33 @@ def test_with_preload_an_import_error_shows_the_users_traceback_and_starts_no_wo
     assert 'apps/cli_broken.py", line 3, in <module>' in stderr  # the user's frame
     assert "sticky_server" not in "\n".join(lines[1:]).replace("apps/cli_broken", "")  # none of ours
     assert lines[-1] == "RuntimeError: boom in the user's module"
+
+
+def test_a_stale_pid_file_naming_another_process_is_never_signalled_nor_blocks_a_start(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    """After a crash the pid file may name anything: only a master holding the file's lock is believed."""
+    pid_file = tmp_path / "app.pid"
+    bystander = subprocess.Popen(["sleep", "60"])  # SIGUSR1 would end it
+    try:
+        pid_file.write_text(f"{bystander.pid}\n")
+        result = subprocess.run(
+            [*CLI, "status", "--pid", str(pid_file)], capture_output=True, text=True, timeout=TIMEOUT, env=clean_env()
+        )
+        assert result.returncode == 1
+        assert f"names pid {bystander.pid}, but no sticky-server master holds it" in result.stderr
+        time.sleep(0.2)
+        assert bystander.poll() is None, "the bystander was signalled"
+        server = start_cli(
+            start_app, ["apps.cli_apps:LineWorker", "-w", "1", "-b", "127.0.0.1:0", "--pid", str(pid_file)]
+        )
+        assert pid_file.read_text().strip() == str(server.process.pid)
+        second = run_cli(["apps.cli_apps:LineWorker", "-w", "1", "-b", "127.0.0.1:0", "--pid", str(pid_file)])
+        assert second.returncode == 2 and "is already running with this pid file" in second.stderr
+        status = subprocess.run(
+            [*CLI, "status", "--pid", str(pid_file)], capture_output=True, text=True, timeout=TIMEOUT, env=clean_env()
+        )
+        assert status.returncode == 0 and json.loads(status.stdout)["pid"] == server.process.pid
+    finally:
+        bystander.kill()
+        bystander.wait(5)
