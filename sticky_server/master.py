@@ -215,7 +215,8 @@ class Dispatcher:
         self._steer_fault_log = ThrottledLog(
             logger,
             logging.ERROR,
-            "the kernel refused the steering program %d time(s) (latest: %s); the previous one stays",
+            "the kernel refused the steering program %d time(s) (latest: %s); the previous one stays, and the "
+            "master drains the listeners of every slot that cannot take connections",
             FAULT_LOG_INTERVAL,
         )
         self._supervisor = supervisor
@@ -678,7 +679,9 @@ class Dispatcher:
                 steering.steer(alive)
             except (OSError, ValueError) as exc:
                 self._steer_fault_log.note(1, exc)
-        steered = set(steering.steered)
+        # What the kernel may put on a listener whose worker cannot take it is the master's to drain:
+        # judged by the alive set, not by the program, which is stale if the kernel refused the new one.
+        steered = set(steering.steered) & set(alive) if alive else set(steering.steered)
         self._drained = {
             listener: local
             for group, local in zip(steering.groups, self._listening, strict=True)

@@ -424,7 +424,9 @@ class StickyServer:
         if self.steering == "kernel":
             raise ValueError(f"steering='kernel' is not possible here: {why}. Use steering='auto' or 'master'")
         if self.steering == "auto":
-            logger.info("connections go through the master: %s", why)
+            # A choice of the user's (a balancer, a proxy header) is news; the kernel saying no is a surprise.
+            level = logging.WARNING if why.startswith("the kernel refused") else logging.INFO
+            logger.log(level, "connections go through the master: %s", why)
         return None
 
     def stats(self) -> dict[str, Any]:

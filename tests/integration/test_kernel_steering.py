@@ -57,8 +57,14 @@ def test_workers_accept_their_own_clients_and_the_stats_count_them(start_app: St
     assert wait_until(lambda: stats(server)["live"] == 0, timeout=TIMEOUT, interval=0.3)  # all closed again
 
 
-def test_a_stuck_workers_queued_clients_are_served_by_the_others(start_app: StartApp) -> None:
-    server = start_app({"APP_WORKERS": "2", "APP_TIMEOUT": "0"})  # no heartbeat: the queue gives it away
+@pytest.mark.parametrize("kernel", ["takes every program", "refuses a new program"])
+def test_a_stuck_workers_queued_clients_are_served_by_the_others(start_app: StartApp, kernel: str) -> None:
+    """Also when the kernel refuses the program that leaves the stuck slot out (past about 220 slots it
+    would): the stale program still sends its clients there, and the master drains them from the alive set."""
+    env = {"APP_WORKERS": "2", "APP_TIMEOUT": "0"}  # no heartbeat: the queue gives it away
+    if kernel == "refuses a new program":
+        env["APP_REFUSE_RESTEER"] = "1"
+    server = start_app(env)
     address = server.wait_listening()
     wanted = slots_of(CLIENT_IPS, (0, 1))
     stuck_ips = [ip for ip in CLIENT_IPS if wanted[ip] == 0]
@@ -71,6 +77,8 @@ def test_a_stuck_workers_queued_clients_are_served_by_the_others(start_app: Star
             sock.sendall(f"q{n}\n".encode())
             held.append(sock)
         server.wait_for(r"worker 0 \(pid \d+\) leaves \d+ connections waiting on its listener", TIMEOUT)
+        if kernel == "refuses a new program":
+            server.wait_for(r"ERROR the kernel refused the steering program .* the master drains", TIMEOUT)
         replies = [read_reply(sock) for sock in held]  # every one, from its next choice
         assert [reply["line"] for reply in replies] == [f"q{n}" for n in range(300)]
         assert {reply["slot"] for reply in replies} == {1}

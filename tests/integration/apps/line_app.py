@@ -238,8 +238,28 @@ def record_pid(role: str) -> None:
         Path(pid_dir, f"{role}-{os.getpid()}").touch()
 
 
+def refuse_every_program_after_the_first() -> None:
+    """APP_REFUSE_RESTEER: the kernel takes the first steering program and refuses every later one.
+
+    It is what happens past the program's size limit (about 220 slots), without starting
+    220 processes: the first program stays, stale.
+    """
+    from sticky_server.steering import KernelSteering
+
+    original = KernelSteering.steer
+
+    def steer(self: KernelSteering, slots: tuple[int, ...]) -> None:
+        if self.steered:
+            raise OSError(f"refused for the test (asked for slots {slots})")
+        original(self, slots)
+
+    KernelSteering.steer = steer  # type: ignore[method-assign]
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
+    if os.environ.get("APP_REFUSE_RESTEER"):
+        refuse_every_program_after_the_first()
     balancers = {
         "garbage": GarbageBalancer(),
         "raises": RaisingBalancer(),
