@@ -23,6 +23,7 @@ import sys
 from typing import NamedTuple
 
 from .errors import WrongProcessError
+from .lockdown import lock_down_listeners
 
 __all__ = [
     "CONTROL_FD_ENV",
@@ -103,6 +104,7 @@ def worker_identity() -> WorkerIdentity | None:
     control.set_inheritable(False)
     listeners = tuple(_listener(text, not_ours) for text in listeners_text.split(",") if text)
     make_undumpable()
+    lock_down_listeners([listener.fileno() for listener in listeners])  # before any application code runs
     _identity = WorkerIdentity(slot, control, listeners)
     return _identity
 

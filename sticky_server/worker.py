@@ -62,6 +62,7 @@ from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedS
 from .errors import ProtocolError
 from .frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
 from .listener import ACCEPT_BACKOFF, ACCEPT_BURST, OutOfDescriptors, accept_waiting
+from .lockdown import retire_listener
 from .outbox import DropOldestQueue
 from .proxy_hint import ProxyHint
 from .signals import SignalQueue
@@ -375,7 +376,7 @@ class WorkerRuntime:
         for listener in self._listeners:
             if not self._quick and self._accept_paused_until is None:
                 self._accept_from(listener, MAX_STOP_DRAIN)
-            listener.close()
+            retire_listener(listener)
         self._listeners = ()
 
     def _announce_ready(self) -> None:

@@ -35,6 +35,7 @@ from .harness import (
     SIGNATURE,
     ServerProcess,
     exchange,
+    expected_slot,
     free_port,
     open_fds,
     proxy_v1,
@@ -625,3 +626,23 @@ def test_trickling_metrics_clients_cannot_deny_a_scrape(start_app: StartApp) -> 
         for sock in trickling:
             sock.close()
     assert server.process.poll() is None
+
+
+# --- a kernel-path worker cannot touch the listener it shares with the master ---------------------
+
+
+def test_a_worker_cannot_redirect_unstick_or_shut_the_listener_it_shares(start_app: StartApp) -> None:
+    """Each call a worker's code could make on its listener is refused, and every client stays where it belongs.
+
+    Before the lock-down: a ``ret 0`` program sent every new client of every slot to one
+    worker, a detach unstuck them, and a shutdown from slot 1 killed the master.
+    """
+    server = start_app({"APP_WORKERS": "3", "APP_STEERING": "kernel"})
+    address = server.wait_listening()
+    for source in (CLIENT_IPS[0], CLIENT_IPS[5]):  # two workers (two slots) each try every call
+        for operation in ("attach", "detach", "shutdown", "connect", "listen", "dup"):
+            assert command(address, f"listener {operation}", source=source)["result"] == "EPERM", operation
+    for ip in CLIENT_IPS:
+        assert request(address, source=ip)["slot"] == expected_slot(ip, 3), ip
+    assert server.process.poll() is None
+    assert server.stop() == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -179,11 +180,34 @@ class LineWorker(Worker):
             elif verb == "raw-send":  # a SEND frame of N bytes of valid JSON, past max_message_size
                 body = b'"' + b"x" * (int(argument) - 2) + b'"'
                 self.write_raw(struct.pack(">BBHI", 8, 0, 0, len(body)) + body, 0)
+            elif verb == "listener":  # "listener OP": what a worker's code tries on the listener it shares
+                return self.on_listener(argument)
             elif verb == "dumpable":
                 return ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
         except (TypeError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
         return "ok"
+
+    def on_listener(self, operation: str) -> str:
+        assert self.sticky is not None and self.sticky._identity is not None
+        listener = self.sticky._identity.listeners[0]
+        ret_zero = struct.pack("=HBBI", 0x06, 0, 0, 0)  # a program that sends every client to the first socket
+        filters = ctypes.create_string_buffer(ret_zero)
+        calls = {
+            "shutdown": lambda: listener.shutdown(socket.SHUT_RDWR),
+            "connect": lambda: listener.connect(("", 0)),
+            "listen": lambda: listener.listen(0),
+            "dup": lambda: os.close(os.dup(listener.fileno())),
+            "attach": lambda: listener.setsockopt(
+                socket.SOL_SOCKET, 51, struct.pack("@HP", 1, ctypes.addressof(filters))
+            ),
+            "detach": lambda: listener.setsockopt(socket.SOL_SOCKET, 68, 0),
+        }
+        try:
+            calls[operation]()
+        except OSError as exc:
+            return errno.errorcode.get(exc.errno or 0, str(exc))
+        return "done"
 
     def write_raw(self, data: bytes, n_fds: int) -> None:
         assert self.control is not None and self.sticky is not None
