@@ -57,8 +57,11 @@ def test_defaults(fresh_identity: None) -> None:
         ({"workers": 0}, "workers must be a whole number of processes, 1 or more; got 0"),
         ({"workers": True}, "got True"),
         ({"workers": 2.5}, "got 2.5"),
-        ({"graceful_timeout": -1}, "graceful_timeout must be a number of seconds, 0 or more; got -1"),
-        ({"backlog": 0}, "backlog must be a positive int"),
+        (
+            {"graceful_timeout": -1},
+            "graceful_timeout must be a number of seconds, 0 or more and at most 2678400; got -1",
+        ),
+        ({"backlog": 0}, "backlog must be a whole number from 1 to 2147483647"),
         ({"balancer": "sticky"}, "unknown balancer 'sticky'"),
         (
             {"proxy_protocol": True, "forwarded_header": "x-forwarded-for"},
@@ -67,7 +70,7 @@ def test_defaults(fresh_identity: None) -> None:
         ({"forwarded_header": "x forwarded"}, "forwarded_header must be an HTTP header name"),
         ({"trusted_proxies": ["10.0.0.1"]}, "trusted_proxies does nothing without proxy_protocol"),
         ({"proxy_protocol": True, "trusted_proxies": ["proxy.local"]}, "trusted proxy 'proxy.local' is not an IP"),
-        ({"proxy_protocol": True, "header_timeout": 0}, "header_timeout must be a number of seconds above 0"),
+        ({"proxy_protocol": True, "header_timeout": 0}, "header_timeout must be a number of seconds, above 0"),
         ({"proxy_protocol": True, "max_header_size": 100}, "max_header_size must be from 256 to 65536 bytes"),
     ],
 )
