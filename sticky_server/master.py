@@ -291,7 +291,7 @@ class Dispatcher:
             signal.SIGINT: functools.partial(self._stop, "SIGINT", StopMode.QUICK),
             signal.SIGQUIT: functools.partial(self._stop, "SIGQUIT", StopMode.QUICK),
             signal.SIGHUP: lambda: self._carry_out(self._supervisor.reload()),
-            signal.SIGTTIN: lambda: self._carry_out(self._supervisor.grow()),
+            signal.SIGTTIN: self._grow,
             signal.SIGTTOU: lambda: self._carry_out(self._supervisor.shrink()),
             signal.SIGCHLD: self._reap,
             signal.SIGUSR1: self._dump_stats,
@@ -552,6 +552,13 @@ class Dispatcher:
                     break  # (a graceful stop drains the backlog while a slot can take connections)
         except OutOfDescriptors as exc:
             self._pause_accepting(exc)
+        except OSError as exc:
+            if self._steering is None:
+                raise  # the master's own listener: nothing else can break it
+            # A slot's listener, shared with its worker: broken there (rule 7 replaces it).
+            logger.debug("accepting on a kernel-path listener failed: %s", exc)
+            self._watch({})
+            self._next_queue_check = time.monotonic()
 
     def _connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
         """An unexpected error while reading one connection's header or packing its hand-off: close it, log
@@ -698,7 +705,7 @@ class Dispatcher:
             self._next_queue_check = None
             return False
         self._next_queue_check = now + QUEUE_CHECK_INTERVAL
-        changed = False
+        changed = self._replace_broken_listeners(self._steering)
         for slot, link in self._current.items():
             if link.backed_up:
                 if link.last_heard > link.backed_up_at:
@@ -720,6 +727,54 @@ class Dispatcher:
                     link.queue_seen,
                 )
         return changed
+
+    def _grow(self) -> None:
+        """SIGTTIN. On the kernel path a new slot's listener joins each group at its end: refused when a
+        socket not ours is in a group, since the new slot's index would then be the stranger's."""
+        if self._steering is not None:
+            stranger = self._steering.strangers()
+            if stranger is not None:
+                logger.error(
+                    "SIGTTIN refused: %s; a new worker's clients would go to it. Stop that process, then send "
+                    "SIGTTIN again",
+                    stranger,
+                )
+                return
+        self._carry_out(self._supervisor.grow())
+
+    def _replace_broken_listeners(self, steering: KernelSteering) -> bool:
+        """Rule 7: a slot's listener that stopped listening costs that listener and that worker, nothing more.
+
+        Only a process holding the socket can shut it down or disconnect it (a worker's
+        lock-down refuses both); the kernel then takes it out of the group, filling its
+        place with the last socket. The slot gets a new listener (the program follows the
+        new order) and a new worker, which inherits it.
+        """
+        broken = steering.broken()
+        if not broken:
+            return False
+        self._watch({})  # the old sockets close: nothing of theirs stays in the selector
+        for slot in broken:
+            worker = self._supervisor.current.get(slot)
+            logger.error(
+                "worker %d's listener stopped listening (shut down or disconnected by a process holding it%s); "
+                "replacing the listener, and the worker so that it takes the new one",
+                slot,
+                f": worker pid {worker.pid}?" if worker is not None else "",
+            )
+            try:
+                steering.replace(slot)
+            except (OSError, ValueError) as exc:
+                self._steer_fault_log.note(1, exc)
+            self._carry_out(self._supervisor.replace(slot, "its listener stopped listening"))
+        if len(broken) > 1:
+            logger.error(
+                "%d listeners stopped at once: the kernel's order of the group may differ from the one assumed; "
+                "restart the server if clients are not on their usual workers",
+                len(broken),
+            )
+        self._workers_changed()
+        return True
 
     def _update_accepting(self) -> None:
         should = (

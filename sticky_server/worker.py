@@ -241,6 +241,7 @@ class WorkerRuntime:
         # with the sweep: it recycles this worker after that many.
         self._report_accepts_at_once = report_accepts_at_once
         self._accept_paused_until: float | None = None
+        self._listener_broken = False
         # PROXY protocol: the header named the client for the whole connection (connections.py).
         self._peer_from_proxy = peer_from_proxy
         self._graceful_timeout = graceful_timeout
@@ -356,6 +357,16 @@ class WorkerRuntime:
         except OutOfDescriptors:
             self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             self._no_room(0)
+            return False
+        except OSError as exc:
+            # It stopped listening (a process holding it shut it down): the master gives the slot a
+            # new listener and a new worker; until then this one tries again now and then.
+            if not self._listener_broken:
+                self._listener_broken = True
+                logger.warning(
+                    "worker %d: its listener stopped listening (%s); the master replaces it", self._slot, exc
+                )
+            self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             return False
         finally:
             if self._report_accepts_at_once:

@@ -25,9 +25,9 @@ import sys
 from collections.abc import Sequence
 
 from ..balancer import Balancer, IPHashBalancer
-from ..listener import DEFAULT_BACKLOG, Bind
+from ..listener import DEFAULT_BACKLOG, Bind, format_address
 from .bpf import attach, rendezvous_program
-from .group import ListenerGroup, queue_length
+from .group import ListenerGroup, holders, queue_length
 
 __all__ = ["STEERINGS", "KernelSteering", "kernel_path_unavailable", "open_kernel_steering", "queue_length"]
 
@@ -78,12 +78,36 @@ class KernelSteering:
 
         Raises OSError with the kernel's reason if it refuses.
         """
-        program = rendezvous_program(slots, self._ipv4_prefix, self._ipv6_prefix)
         for group in self.groups:
             for slot in range(max(slots) + 1):
                 group.listener(slot)
-            attach(group.listeners[0], program)
+            index_of = {slot: group.index_of(slot) for slot in slots}
+            attach(group.live_listener(), rendezvous_program(slots, self._ipv4_prefix, self._ipv6_prefix, index_of))
         self.steered = slots
+
+    def broken(self) -> list[int]:
+        """The slots one of whose listeners has stopped listening (master rule 7: replace them)."""
+        return sorted(
+            {slot for group in self.groups for slot in range(len(group.listeners)) if not group.listening(slot)}
+        )
+
+    def replace(self, slot: int) -> None:
+        """New listeners for ``slot`` where its old ones stopped listening; steer again with the new order."""
+        for group in self.groups:
+            if slot < len(group.listeners) and not group.listening(slot):
+                group.replace(slot)
+        if self.steered:
+            self.steer(self.steered)
+
+    def strangers(self) -> str | None:
+        """What else listens in this server's groups (a process of the same user joined one), or None."""
+        for group in self.groups:
+            inodes = group.strangers()
+            if inodes:
+                pids = holders(inodes)
+                who = f"process {', '.join(map(str, pids))}" if pids else f"{len(inodes)} socket(s) of another process"
+                return f"{who} listens on {format_address(group.address)} in this server's SO_REUSEPORT group"
+        return None
 
     def queue_length(self, slot: int) -> int:
         """Connections waiting on ``slot``'s listeners, all groups together."""

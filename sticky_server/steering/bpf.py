@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from ..rendezvous import IPV4_SALT, IPV6_SALT, MIX_MULTIPLIER_1, MIX_MULTIPLIER_2, ipv4_mask, ipv6_masks, slot_seed
@@ -99,7 +99,7 @@ def _ipv6_key(prefix: int) -> list[Instruction]:
     return code
 
 
-def _best_of(alive: Sequence[int]) -> list[Instruction]:
+def _best_of(alive: Sequence[int], index_of: Mapping[int, int]) -> list[Instruction]:
     code: list[Instruction] = []
     for position, slot in enumerate(alive):
         code += [
@@ -109,12 +109,18 @@ def _best_of(alive: Sequence[int]) -> list[Instruction]:
         ]
         if position:  # strictly higher wins, so a tie keeps the lower slot, as in Python
             code += [Instruction(_LDX | _W | _MEM, k=_BEST_SCORE), Instruction(_JMP | _JGT | _X, jt=0, jf=3)]
-        code += [Instruction(_ST, k=_BEST_SCORE), Instruction(_LD | _W | _IMM, k=slot), Instruction(_ST, k=_BEST_SLOT)]
+        index = index_of.get(slot, slot)
+        code += [Instruction(_ST, k=_BEST_SCORE), Instruction(_LD | _W | _IMM, k=index), Instruction(_ST, k=_BEST_SLOT)]
     return [*code, Instruction(_LD | _W | _MEM, k=_BEST_SLOT), Instruction(_RET | _RET_A)]
 
 
-def rendezvous_program(alive: Sequence[int], ipv4_prefix: int = 32, ipv6_prefix: int = 128) -> list[Instruction]:
-    """The program choosing, among ``alive`` (ascending slots = group indexes), what ``rendezvous.best_slot`` does.
+def rendezvous_program(
+    alive: Sequence[int], ipv4_prefix: int = 32, ipv6_prefix: int = 128, index_of: Mapping[int, int] | None = None
+) -> list[Instruction]:
+    """The program choosing, among ``alive`` (ascending slots), what ``rendezvous.best_slot`` does.
+
+    It returns the chosen slot's index in the group: ``index_of[slot]``, the slot
+    itself where the map says nothing (the group in slot order).
 
     Raises ValueError if ``alive`` is empty or the program would be longer than the
     kernel takes (``MAX_INSTRUCTIONS``: about 220 slots).
@@ -132,7 +138,7 @@ def rendezvous_program(alive: Sequence[int], ipv4_prefix: int = 32, ipv6_prefix:
         Instruction(_JMP | _JEQ | _K, jt=1, jf=0, k=6),
         Instruction(_RET | _K, k=_UNKNOWN),
     ]
-    program = [*head, *ipv6, *ipv4, *_best_of(alive)]
+    program = [*head, *ipv6, *ipv4, *_best_of(alive, index_of or {})]
     if len(program) > MAX_INSTRUCTIONS:
         raise ValueError(
             f"a steering program for {len(alive)} slots would be {len(program)} instructions, "

@@ -1,10 +1,13 @@
 """One TCP bind's ``SO_REUSEPORT`` group: a listener per slot, in slot order, none closed while serving.
 
 The kernel numbers a group's sockets in the order they started listening, and a
-socket that closes is replaced in that order by the last one. The master creates
-every slot's listener itself, in slot order, and keeps each open until the server
-stops, so the listener at index ``i`` is slot ``i``'s for good: a worker that dies
-or is replaced closes only its own copy, and clients keep queueing on the master's.
+socket that stops listening is replaced in that order by the last one. The master
+creates every slot's listener itself, in slot order, and keeps each open until the
+server stops, so the listener at index ``i`` is slot ``i``'s: a worker that dies or
+is replaced closes only its own copy, and clients keep queueing on the master's.
+Should a listener stop listening all the same (its socket shut down from a process
+that shares it), ``replace`` follows the kernel's rule in ``order`` (kernel index ->
+slot), and the program maps each slot to its index from then on.
 
 A group cannot tell a stranger from a member: any socket of the same user bound to
 the same address with ``SO_REUSEPORT`` joins it. So the address is first claimed by
@@ -15,6 +18,8 @@ the group silently sharing a port with another server. Port 0 gets its number th
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 import sys
@@ -22,11 +27,12 @@ from typing import Any
 
 from ..listener import DEFAULT_BACKLOG, Bind, bind_error, format_address, listen_at, resolve_address, validate_port
 
-__all__ = ["ListenerGroup", "queue_length"]
+__all__ = ["ListenerGroup", "holders", "listening_inodes", "queue_length"]
 
 # struct tcp_info: for a listening socket, tcpi_unacked is its accept queue's length (tcp_get_info).
 _TCP_INFO_SIZE = 32
 _TCPI_UNACKED_OFFSET = 24
+_TCP_LISTEN = 10  # tcpi_state, the first byte
 
 
 def queue_length(listener: socket.socket) -> int:
@@ -57,6 +63,7 @@ class ListenerGroup:
             claim.bind(address)
             self.address: tuple[Any, ...] = claim.getsockname()  # with the port 0 chose
             self.listeners: list[socket.socket] = [self._listen()]
+            self.order: list[int | None] = [0]  # kernel index -> slot (None: a socket not ours)
         except OSError as exc:
             raise bind_error(format_address(address), exc) from None
         finally:
@@ -69,8 +76,93 @@ class ListenerGroup:
         """``slot``'s listener, joining the group (with every slot before it) if it has none yet."""
         while len(self.listeners) <= slot:
             self.listeners.append(self._listen())
+            self.order.append(len(self.listeners) - 1)
         return self.listeners[slot]
+
+    def index_of(self, slot: int) -> int:
+        """``slot``'s listener's index in the kernel's group."""
+        return self.order.index(slot)
+
+    def listening(self, slot: int) -> bool:
+        """False once ``slot``'s listener has stopped listening (shut down, disconnected)."""
+        if not sys.platform.startswith("linux"):
+            return True
+        try:
+            info = self.listeners[slot].getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+        except OSError:
+            return False
+        return info[0] == _TCP_LISTEN
+
+    def replace(self, slot: int) -> socket.socket:
+        """A new listener for ``slot``, whose old one stopped listening and so left the group.
+
+        The kernel filled the old one's index with its last socket; the new one joins at the end.
+        """
+        # Sockets not ours joined after ours (the claim kept them out before): they are at the end.
+        self.order.extend([None] * (len(self.strangers()) - self.order.count(None)))
+        index = self.order.index(slot)
+        last = self.order.pop()
+        if index < len(self.order):
+            self.order[index] = last
+        self.listeners[slot].close()
+        self.listeners[slot] = self._listen()
+        self.order.append(slot)
+        return self.listeners[slot]
+
+    def live_listener(self) -> socket.socket:
+        """A listener still in the group (the program is attached through any one of them)."""
+        for slot in range(len(self.listeners)):
+            if self.listening(slot):
+                return self.listeners[slot]
+        raise OSError(errno.ENOTCONN, "no listener of the group is listening")
+
+    def strangers(self) -> list[int]:
+        """Inodes of sockets listening on this group's address that are not this group's (Linux, else [])."""
+        ours = {os.fstat(listener.fileno()).st_ino for listener in self.listeners}
+        return [inode for inode in listening_inodes(self.address) if inode not in ours]
 
     def close(self) -> None:
         for listener in self.listeners:
             listener.close()
+
+
+def _hex_address(address: tuple[Any, ...]) -> str:
+    """The local address as /proc/net/tcp and tcp6 print it (each 32-bit word in host order)."""
+    if ":" in address[0]:
+        words = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, address[0]))
+        return "".join(f"{word:08X}" for word in words) + f":{address[1]:04X}"
+    (word,) = struct.unpack("=I", socket.inet_aton(address[0]))
+    return f"{word:08X}:{address[1]:04X}"
+
+
+def listening_inodes(address: tuple[Any, ...]) -> list[int]:
+    """The inodes of every socket listening on exactly ``address`` (Linux's /proc/net; [] elsewhere)."""
+    wanted = _hex_address(address)
+    inodes = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as file:
+                next(file, None)
+                for line in file:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and fields[1] == wanted:
+                        inodes.append(int(fields[9]))
+        except OSError:
+            continue
+    return inodes
+
+
+def holders(inodes: list[int]) -> list[int]:
+    """The pids of the processes holding sockets with these inodes (those this process may look at)."""
+    names = {f"socket:[{inode}]" for inode in inodes}
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            links = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in names for fd in links):
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids

@@ -3,6 +3,7 @@ paths, with the ``steering`` fixture, in the other files)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from sticky_server.balancer import IPHashBalancer, address_key
+from sticky_server.steering.group import listening_inodes
 
 from .conftest import StartApp
 from .harness import CLIENT_IPS, ServerProcess, pid_alive, read_reply, request, wait_until
@@ -167,3 +169,73 @@ def test_a_reload_keeps_every_client_on_its_slot_and_loses_nothing(start_app: St
     after = {ip: request(address, source=ip) for ip in CLIENT_IPS}
     assert {ip: reply["slot"] for ip, reply in after.items()} == {ip: reply["slot"] for ip, reply in before.items()}
     assert not {reply["pid"] for reply in after.values()} & {reply["pid"] for reply in before.values()}
+
+
+def _take_listener(pid: int, address: tuple[str, int]) -> socket.socket:
+    """A copy of the listener process ``pid`` holds on ``address`` (pidfd_getfd: root, or the same user)."""
+    inodes = {f"socket:[{inode}]" for inode in listening_inodes(address)}
+    fd = next(int(n) for n in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{n}") in inodes)
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(434, pid, 0)  # pidfd_open
+    assert pidfd >= 0, os.strerror(ctypes.get_errno())
+    try:
+        taken = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        if taken < 0:
+            pytest.skip(f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(pidfd)
+    return socket.socket(fileno=taken)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="takes a worker's listener with pidfd_getfd (root)")
+def test_a_listener_shut_down_from_outside_costs_that_listener_and_that_worker_only(start_app: StartApp) -> None:
+    """What a worker without its lock-down could do (before it: the master died, or lost stickiness for good).
+
+    The test takes a worker's copy of its listener and shuts it down, as the worker's own
+    code could have: the master replaces that listener and that worker, the program
+    follows the group's new order, every client is back on its slot, and the master
+    stops cleanly. Slot 1 first, then slot 0 (through whose listener the program used to
+    be attached).
+    """
+    server = start_app({"APP_WORKERS": "3", "APP_STEERING": "kernel"})
+    address = server.wait_listening()
+    wanted = slots_of(CLIENT_IPS, (0, 1, 2))
+    for slot in (1, 0):
+        victim = request(address, source=next(ip for ip in CLIENT_IPS if wanted[ip] == slot))
+        mark = len(server.lines)
+        with _take_listener(victim["pid"], address) as listener:
+            listener.shutdown(socket.SHUT_RDWR)
+        server.wait_for(rf"worker {slot}'s listener stopped listening", TIMEOUT, start=mark)
+        server.wait_for(rf"worker {slot} replaced: pid \d+ now, pid {victim['pid']} finishing", TIMEOUT, start=mark)
+
+        def all_home() -> bool:
+            return all(request(address, source=ip)["slot"] == wanted[ip] for ip in CLIENT_IPS)
+
+        assert wait_until(all_home, timeout=TIMEOUT, interval=0.2)
+    assert server.process.poll() is None
+    assert server.stop() == 0
+
+
+def test_sigttin_is_refused_while_a_stranger_listens_in_the_group(start_app: StartApp) -> None:
+    """A process of the same user joining the port after start would get the new slot's clients: no new slot."""
+    server = start_app({"APP_WORKERS": "2", "APP_STEERING": "kernel"})
+    address = server.wait_listening()
+    stranger = socket.socket()
+    stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    stranger.bind(address)
+    stranger.listen(16)
+    stranger.setblocking(False)
+    try:
+        server.send_signal(signal.SIGTTIN)
+        server.wait_for(r"SIGTTIN refused: process .* listens on 127\.0\.0\.1:\d+ in this server's SO_REUSEPORT group")
+        assert server.count("SIGTTIN: 3 workers now") == 0
+        wanted = slots_of(CLIENT_IPS, (0, 1))
+        for ip in CLIENT_IPS:
+            assert request(address, source=ip)["slot"] == wanted[ip]
+        with pytest.raises(BlockingIOError):
+            stranger.accept()  # it got none of them
+    finally:
+        stranger.close()
+    server.send_signal(signal.SIGTTIN)  # with the stranger gone, the server grows
+    server.wait_for(r"SIGTTIN: 3 workers now")
+    assert server.stop() == 0
