@@ -242,6 +242,9 @@ class WorkerRuntime:
         self._report_accepts_at_once = report_accepts_at_once
         self._accept_paused_until: float | None = None
         self._listener_broken = False
+        # A worker may say it is full (the WSGI worker past max_connections): then it accepts nothing.
+        has_room = getattr(worker, "has_room", None)
+        self._has_room: Callable[[], bool] | None = has_room if callable(has_room) else None
         # PROXY protocol: the header named the client for the whole connection (connections.py).
         self._peer_from_proxy = peer_from_proxy
         self._graceful_timeout = graceful_timeout
@@ -349,6 +352,10 @@ class WorkerRuntime:
         ``ACCEPT_BACKOFF`` (the connections wait in the kernel), and the master hears
         NO_ROOM, so it routes this worker's clients elsewhere until some close.
         """
+        if self._has_room is not None and not self._has_room():
+            # The worker's server is at its own limit: new clients wait in the kernel's queue.
+            self._accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
+            return False
         deliver = self._deliver
         try:
             for fd, _ in accept_waiting(listener, limit):

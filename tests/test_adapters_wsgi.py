@@ -155,5 +155,95 @@ def test_without_gunicorn_it_falls_back_to_wsgiref_and_says_what_to_install(
 
 
 def test_keepalive_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="keepalive must be a number of seconds above 0"):
+    with pytest.raises(ValueError, match="keepalive must be a number of seconds, above 0"):
         wsgi.WSGIWorker(app, keepalive=0)
+
+
+def reading_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    body = environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+
+def test_a_malformed_chunked_body_is_a_400_not_an_error(serve: Any, caplog: pytest.LogCaptureFixture) -> None:
+    client = serve(wsgi.WSGIWorker(reading_app))
+    with caplog.at_level(logging.DEBUG, "sticky_server"):
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nxx\r\n0\r\n\r\n")
+        assert read_response(client).startswith(b"HTTP/1.1 400 Bad Request")
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING], caplog.records
+
+
+def test_a_request_head_trickled_a_byte_at_a_time_is_cut_off_at_the_keepalive(serve: Any) -> None:
+    client = serve(wsgi.WSGIWorker(app, keepalive=0.6))
+    began = time.monotonic()
+    with pytest.raises(OSError):
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40:
+            client.sendall(bytes([byte]))
+            time.sleep(0.1)  # every read gets a byte within keepalive: only the deadline ends it
+            if client.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+                raise ConnectionResetError("closed by the server")
+    assert time.monotonic() - began < 2.5
+
+
+def _blocking_app(release: Any) -> Any:
+    def blocking(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        release.wait(10)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    return blocking
+
+
+def test_connections_beyond_max_connections_wait_without_a_thread_and_are_served_in_turn(serve: Any) -> None:
+    import threading
+
+    release = threading.Event()
+    worker = wsgi.WSGIWorker(_blocking_app(release), max_connections=2)
+    threads_before = threading.active_count()
+    clients = [serve(worker) for _ in range(6)]
+    for client in clients:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.3)
+    assert threading.active_count() - threads_before <= 2
+    assert not worker.has_room()
+    release.set()
+    for client in clients:
+        assert read_response(client).startswith(b"HTTP/1.1 200 OK")
+    for client in clients:
+        client.close()
+    assert wait_for(worker.has_room)
+
+
+def wait_for(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n",
+    ],
+)
+def test_a_body_over_max_body_size_is_a_413(serve: Any, request_bytes: bytes) -> None:
+    client = serve(wsgi.WSGIWorker(reading_app, max_body_size=10))
+    client.sendall(request_bytes)
+    assert read_response(client).startswith(b"HTTP/1.1 413")
+    small = serve(wsgi.WSGIWorker(reading_app, max_body_size=11))
+    small.sendall(request_bytes)
+    response = read_response(small)
+    assert response.startswith(b"HTTP/1.1 200 OK") and response.endswith(b"hello world")
+
+
+def test_gunicorns_head_limits_apply(serve: Any) -> None:
+    client = serve(wsgi.WSGIWorker(app, limit_request_line=20))
+    client.sendall(b"GET /" + b"a" * 40 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(client).startswith(b"HTTP/1.1 414")
+    fields = serve(wsgi.WSGIWorker(app, limit_request_fields=2))
+    fields.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n")
+    assert read_response(fields).startswith(b"HTTP/1.1 431")

@@ -29,26 +29,31 @@ websocket sees the end of the stream while a request in flight is answered.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
 import socket
 import socketserver
 import ssl
+import threading
 import time
 from typing import Any
 
+from ..checks import check_count, check_seconds
 from ..connections import unmapped
 from ..server import StickyServer, trusted_forwarders
 from .stdlib import SocketServerWorker
 from .stdlib import WSGIWorker as WsgirefWorker
 
-__all__ = ["WSGIWorker", "gunicorn_available"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "BodyTooLarge", "WSGIWorker", "gunicorn_available"]
 
 logger = logging.getLogger("sticky_server.adapters.wsgi")
 access_logger = logging.getLogger("sticky_server.access")
 
 DEFAULT_KEEPALIVE = 5.0
+# gunicorn's worker_connections: connections served at once, each on a thread of its own.
+DEFAULT_MAX_CONNECTIONS = 1000
 
 try:
     from gunicorn import util as gunicorn_util
@@ -66,7 +71,23 @@ _TOO_LONG = {"LimitRequestLine": (414, "Request-URI Too Long"), "LimitRequestHea
 
 
 class WSGIWorker(SocketServerWorker):
-    """A worker serving the WSGI ``app``: on gunicorn's HTTP/1.1 parser when installed, else ``wsgiref``."""
+    """A worker serving the WSGI ``app``: on gunicorn's HTTP/1.1 parser when installed, else ``wsgiref``.
+
+    Its protections, as gunicorn's threaded worker has them:
+
+    - ``keepalive``: a connection has this many seconds to send each request's whole
+      head, the wait for it included (a client trickling a byte at a time is closed);
+    - ``max_connections`` (gunicorn's ``worker_connections``): connections served at
+      once, a thread each. Beyond it, connections wait for a thread in arrival order
+      (no thread, no memory but their socket), a connection is not kept alive past its
+      response while others wait, and on the kernel path the worker stops accepting, so
+      new clients wait in the kernel's queue;
+    - ``limit_request_line``, ``limit_request_fields``, ``limit_request_field_size``:
+      gunicorn's head limits (414 / 431 / 400 beyond them);
+    - ``max_body_size``: a request body over this many bytes is answered 413 (None:
+      no limit, gunicorn's default);
+    - a malformed request or body (bad chunk size, ...) is answered 400, and logged at DEBUG.
+    """
 
     def __init__(
         self,
@@ -75,13 +96,32 @@ class WSGIWorker(SocketServerWorker):
         shutdown_timeout: float | None = None,
         keepalive: float = DEFAULT_KEEPALIVE,
         access_log: bool = True,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        limit_request_line: int | None = None,
+        limit_request_fields: int | None = None,
+        limit_request_field_size: int | None = None,
+        max_body_size: int | None = None,
     ) -> None:
-        if isinstance(keepalive, bool) or not isinstance(keepalive, (int, float)) or keepalive <= 0:
-            raise ValueError(f"keepalive must be a number of seconds above 0; got {keepalive!r}")
+        keepalive = check_seconds("keepalive", keepalive, zero_allowed=False)
+        check_count("max_connections", max_connections, minimum=1, maximum=1_000_000)
+        if max_body_size is not None:
+            check_count("max_body_size", max_body_size, minimum=0, maximum=2**63 - 1, what="a number of bytes")
         self._fallback: WsgirefWorker | None = None
         server: socketserver.BaseServer
         if gunicorn_available:
-            server = _GunicornServer(app, float(keepalive), access_log)
+            limits = {
+                "limit_request_line": limit_request_line,
+                "limit_request_fields": limit_request_fields,
+                "limit_request_field_size": limit_request_field_size,
+            }
+            server = _GunicornServer(
+                app,
+                keepalive,
+                access_log,
+                max_connections,
+                {name: value for name, value in limits.items() if value is not None},
+                max_body_size,
+            )
         else:
             logger.warning(
                 "gunicorn is not installed: serving WSGI with wsgiref (HTTP/1.0, no keep-alive, no websockets); "
@@ -95,6 +135,11 @@ class WSGIWorker(SocketServerWorker):
         if self._fallback is not None:
             self._fallback.prepare(sock)
 
+    def has_room(self) -> bool:
+        """Whether a new connection would get a thread now (the kernel path accepts only then)."""
+        server = self.server
+        return not isinstance(server, _GunicornServer) or server.has_room()
+
 
 class _Connection(socketserver.BaseRequestHandler):
     """One connection: requests in order until the client or the app ends it (gthread's handle)."""
@@ -106,16 +151,36 @@ class _Connection(socketserver.BaseRequestHandler):
 
 
 class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
-    """A socketserver without a socket: ``SocketServerWorker`` gives it each connection."""
+    """A socketserver without a socket: ``SocketServerWorker`` gives it each connection.
+
+    At most ``max_connections`` threads; a connection beyond them waits in ``waiting``
+    until a thread is done with its own, which then serves it.
+    """
 
     daemon_threads = True
 
-    def __init__(self, app: Any, keepalive: float, access_log: bool) -> None:
+    def __init__(
+        self,
+        app: Any,
+        keepalive: float,
+        access_log: bool,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        limits: dict[str, int] | None = None,
+        max_body_size: int | None = None,
+    ) -> None:
         super().__init__(("", 0), _Connection)
         self.app = app
         self.keepalive = keepalive
         self.access_log = access_log
+        self.max_connections = max_connections
+        self.max_body_size = max_body_size
+        self.serving = 0
+        self.waiting: collections.deque[tuple[Any, Any]] = collections.deque()
+        self.arrived: dict[Any, float] = {}  # waiting connections -> when they came
+        self.lock = threading.Lock()
         self.cfg = GunicornConfig()
+        for name, value in (limits or {}).items():
+            self.cfg.set(name, value)
         sticky = StickyServer._current
         if sticky is not None:
             self.cfg.set("workers", sticky.workers)  # wsgi.multiprocess
@@ -128,6 +193,33 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
         # socketserver's own prints to stderr
         logger.exception("error serving a connection from %s", client_address[0])
 
+    def has_room(self) -> bool:
+        return self.serving < self.max_connections
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            if self.serving >= self.max_connections:
+                self.waiting.append((request, client_address))
+                self.arrived[request] = time.monotonic()  # its head's deadline runs from now, not from its turn
+                return
+            self.serving += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self.lock:
+                self.serving -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve this connection, then each waiting one, on this thread, until none waits."""
+        while True:
+            super().process_request_thread(request, client_address)
+            with self.lock:
+                if not self.waiting:
+                    self.serving -= 1
+                    return
+                request, client_address = self.waiting.popleft()
+
     def shutdown_request(self, request: Any) -> None:
         gunicorn_util.close_graceful(request)  # FIN first, so the last response is not cut by a reset
 
@@ -136,9 +228,15 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
         proxy = _kernel_peer(sock)
         local = sock.getsockname()
         server = local if isinstance(local, tuple) else (str(local), "")
-        parser = RequestParser(self.cfg, sock, proxy)
+        reader = _HeadDeadline(sock)
+        parser = RequestParser(self.cfg, reader, proxy)
+        with self.lock:
+            since = self.arrived.pop(sock, None)
         while True:
-            sock.settimeout(self.keepalive)  # waiting for a request: an idle connection is closed
+            # The next request's whole head within keepalive seconds, the wait included: an idle
+            # connection is closed, and so is one trickling its head a byte at a time.
+            reader.deadline = (since if since is not None else time.monotonic()) + self.keepalive
+            since = None
             try:
                 request = next(parser)
             except (StopIteration, http_errors.NoMoreData, OSError):  # gone, idle too long, or a failed TLS handshake
@@ -148,9 +246,13 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
                 logger.debug("refused a request from %s: %s", client[0], error)
                 _write_error(sock, status, reason, str(error))
                 return
+            reader.deadline = None
             sock.settimeout(None)
-            if not self._respond(request, sock, client, server):
+            if self.max_body_size is not None and _too_large(request, self.max_body_size):
+                _write_error(sock, 413, "Content Too Large", f"the body is over {self.max_body_size} bytes")
                 return
+            if not self._respond(request, sock, client, server) or self.waiting:
+                return  # (with connections waiting for a thread, this one is not kept alive for its next request)
 
     def _respond(self, request: Any, sock: socket.socket, client: tuple[str, int], server: Any) -> bool:
         """Run the app for one request; whether the connection may carry another."""
@@ -160,6 +262,8 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
         try:
             response, environ = gunicorn_wsgi.create(request, sock, client, server, self.cfg)
             environ["wsgi.multithread"] = True
+            if self.max_body_size is not None:
+                environ["wsgi.input"] = _LimitedBody(environ["wsgi.input"], self.max_body_size)
             result = self.app(environ, response.start_response)
             if isinstance(result, environ["wsgi.file_wrapper"]):
                 response.write_file(result)
@@ -168,6 +272,14 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
                     response.write(chunk)
             response.close()
         except StopIteration:  # simple-websocket's way of saying the connection was a websocket and is done
+            return False
+        except (http_errors.ParseException, BodyTooLarge) as error:  # the client's body, read by the app
+            logger.debug("refused the body of %s %s from %s: %s", request.method, request.uri, client[0], error)
+            if response is None or not response.headers_sent:
+                status, reason = (413, "Content Too Large") if isinstance(error, BodyTooLarge) else (400, "Bad Request")
+                _write_error(sock, status, reason, str(error))
+            return False
+        except http_errors.NoMoreData:  # the client left in the middle of its body
             return False
         except Exception as error:
             if not _client_gone(error):
@@ -193,6 +305,67 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
                     (time.perf_counter() - started) * 1000,
                 )
         return not response.should_close()
+
+
+class BodyTooLarge(ValueError):
+    """A request body went over ``max_body_size`` while the app read it."""
+
+
+class _HeadDeadline:
+    """The socket as gunicorn's parser reads it, each read waiting only until ``deadline``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline: float | None = None
+
+    def recv(self, size: int) -> bytes:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request head did not arrive in time")
+            self.sock.settimeout(left)
+        return self.sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+class _LimitedBody:
+    """``wsgi.input`` that raises BodyTooLarge past ``limit`` bytes (a chunked body has no length to check first)."""
+
+    def __init__(self, body: Any, limit: int) -> None:
+        self._body = body
+        self._left = limit
+
+    def _count(self, data: bytes) -> bytes:
+        self._left -= len(data)
+        if self._left < 0:
+            raise BodyTooLarge("the request body is too large")
+        return data
+
+    def read(self, size: int | None = None) -> bytes:
+        return self._count(self._body.read(size))
+
+    def readline(self, size: int | None = None) -> bytes:
+        return self._count(self._body.readline(size))
+
+    def readlines(self, hint: int | None = None) -> list[bytes]:
+        return [self._count(line) for line in self._body.readlines(hint)]
+
+    def __iter__(self) -> Any:
+        for line in self._body:
+            yield self._count(line)
+
+
+def _too_large(request: Any, limit: int) -> bool:
+    """Whether the request says its body is over ``limit`` bytes (Content-Length)."""
+    for name, value in request.headers:
+        if name == "CONTENT-LENGTH":
+            try:
+                return int(value) > limit
+            except ValueError:
+                return False
+    return False
 
 
 def _client_gone(error: BaseException) -> bool:

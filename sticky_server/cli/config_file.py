@@ -51,7 +51,6 @@ _SYSLOG = "give --log-config (logconfig) with a SysLogHandler"
 _STATSD = "use --metrics HOST:PORT (Prometheus /metrics and JSON /stats)"
 REFUSED_NAMES = {
     "threads": "the WSGI worker serves each connection on a thread of its own; there is no pool to size",
-    "worker_connections": "there are no eventlet/gevent workers; each worker takes every connection routed to it",
     "daemon": "run it in the foreground under systemd or another supervisor (see the README)",
     "spew": "not supported; run a worker under a debugger instead",
     "check_config": "give --check-config on the command line",
@@ -87,9 +86,6 @@ REFUSED_NAMES = {
     "suppress_ragged_eofs": _TLS,
     "do_handshake_on_connect": _TLS,
     "ciphers": _TLS,
-    "limit_request_line": _PARSER,
-    "limit_request_fields": _PARSER,
-    "limit_request_field_size": _PARSER,
     "permit_obsolete_folding": _PARSER,
     "strip_header_spaces": _PARSER,
     "permit_unconventional_http_method": _PARSER,

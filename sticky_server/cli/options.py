@@ -85,11 +85,6 @@ REFUSED: list[tuple[tuple[str, ...], int, str]] = [
         1,
         "the WSGI worker serves each connection on a thread of its own; there is no pool to size",
     ),
-    (
-        ("--worker-connections",),
-        1,
-        "there are no eventlet/gevent workers; each worker takes every connection routed to it",
-    ),
     (("-D", "--daemon"), 0, "run it in the foreground under systemd or another supervisor (see the README)"),
     (
         ("--reload-delay",),
@@ -343,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     workers.add_argument(
         "--max-requests-jitter", type=_whole, metavar="N", help="add up to N at random per worker (default: 10%%)"
     )
+    workers.add_argument(
+        "--worker-connections",
+        type=_positive_int,
+        metavar="N",
+        help="WSGI: connections each worker serves at once, a thread each (default: 1000)",
+    )
     workers.add_argument("-u", "--user", help="run the workers as this user")
     workers.add_argument("-g", "--group", help="run the workers as this group")
 
@@ -414,6 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a keep-alive connection idle this long (ASGI, and WSGI's keepalive; default: 5)",
     )
     uvicorn.add_argument("--limit-concurrency", type=_positive_int, metavar="N", help="answer 503 beyond N at once")
+    wsgi = parser.add_argument_group("gunicorn's limits, for WSGI apps")
+    wsgi.add_argument("--limit-request-line", type=_whole, metavar="BYTES", help="(default: 4094; 0: no limit)")
+    wsgi.add_argument("--limit-request-fields", type=_whole, metavar="N", help="(default: 100)")
+    wsgi.add_argument(
+        "--limit-request-field_size", "--limit-request-field-size", type=_whole, metavar="BYTES", help="(default: 8190)"
+    )
+    wsgi.add_argument(
+        "--max-body-size", type=_whole, metavar="BYTES", help="answer 413 to a larger request body (default: no limit)"
+    )
     uvicorn.add_argument("--ws", choices=["auto", "none", "websockets", "websockets-sansio", "wsproto"])
     uvicorn.add_argument("--ws-max-size", type=_positive_int, metavar="BYTES")
     uvicorn.add_argument("--ws-max-queue", type=_positive_int, metavar="N")

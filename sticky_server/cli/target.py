@@ -32,6 +32,13 @@ from .options import KINDS, UVICORN_OPTIONS, UsageError
 __all__ = ["detect_kind", "import_target", "make_worker", "print_user_error"]
 
 _KIND_FLAGS = "--asgi, --wsgi, --aiohttp or --tornado"
+_WSGI_OPTIONS = (
+    "worker_connections",
+    "limit_request_line",
+    "limit_request_fields",
+    "limit_request_field_size",
+    "max_body_size",
+)
 
 
 def import_target(target: str, app_dir: str | None = None) -> Any:
@@ -128,6 +135,10 @@ def make_worker(args: argparse.Namespace, target: Any, sticky: StickyServer) -> 
         target = target(sticky) if _takes(target, 1) and not _takes(target, 0) else target()
         kind = detect_kind(target)
     given = uvicorn_options(args)
+    wsgi_only = [name for name in _WSGI_OPTIONS if getattr(args, name, None) is not None]
+    if wsgi_only and kind != "wsgi":
+        flags = ", ".join("--" + name.replace("_", "-") for name in wsgi_only)
+        raise UsageError(f"{flags}: gunicorn's limits apply to WSGI apps, and TARGET is {KINDS.get(kind, kind)}")
     if kind != "asgi":
         wsgi_keepalive = kind == "wsgi" and set(given) == {"timeout_keep_alive"}
         if given and not wsgi_keepalive:
@@ -148,7 +159,14 @@ def make_worker(args: argparse.Namespace, target: Any, sticky: StickyServer) -> 
         from ..adapters.wsgi import DEFAULT_KEEPALIVE, WSGIWorker
 
         keepalive = args.timeout_keep_alive or DEFAULT_KEEPALIVE
-        return WSGIWorker(target, ssl_context=tls, keepalive=keepalive, access_log=args.access_log)
+        limits = {
+            name: getattr(args, name)
+            for name in ("limit_request_line", "limit_request_fields", "limit_request_field_size", "max_body_size")
+            if getattr(args, name) is not None
+        }
+        if args.worker_connections is not None:
+            limits["max_connections"] = args.worker_connections
+        return WSGIWorker(target, ssl_context=tls, keepalive=keepalive, access_log=args.access_log, **limits)
     from ..adapters.tornado import TornadoWorker
 
     return TornadoWorker(target, ssl_context=tls)

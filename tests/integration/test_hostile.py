@@ -646,3 +646,73 @@ def test_a_worker_cannot_redirect_unstick_or_shut_the_listener_it_shares(start_a
         assert request(address, source=ip)["slot"] == expected_slot(ip, 3), ip
     assert server.process.poll() is None
     assert server.stop() == 0
+
+
+# --- the WSGI worker's protections: slow clients cost a bounded number of threads --------------
+
+
+@pytest.mark.parametrize("steering", ["kernel", "master"])
+def test_slow_clients_cannot_grow_a_wsgi_worker_without_bound(start_app: StartApp, steering: str) -> None:
+    pytest.importorskip("gunicorn")
+    server = start_app(
+        command=[
+            sys.executable,
+            "-m",
+            "sticky_server",
+            "apps.cli_apps:wsgi_app",
+            "--wsgi",
+            "-w",
+            "1",
+            "-b",
+            "127.0.0.1:0",
+            "--worker-connections",
+            "40",
+            "--keep-alive",
+            "1.5",
+            "--steering",
+            steering,
+        ],
+        cwd=HERE,
+    )
+    address = ("127.0.0.1", int(server.wait_for(LISTENING, TIMEOUT).group(1)))
+    worker = request_pid(address)
+    assert worker is not None
+    threads_before = len(os.listdir(f"/proc/{worker}/task"))
+    slow: list[socket.socket] = []
+    try:
+        for n in range(400):  # each sends half a request head, then nothing
+            sock = socket.create_connection(address, timeout=TIMEOUT, source_address=(CLIENT_IPS[n % 20], 0))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            slow.append(sock)
+        rss_before = rss_kib(worker)
+        for _ in range(4):
+            time.sleep(0.5)
+            threads = len(os.listdir(f"/proc/{worker}/task"))
+            assert threads <= threads_before + 40, threads  # max_connections threads at most
+        assert rss_kib(worker) - rss_before < 16 * 1024
+    finally:
+        for sock in slow:
+            sock.close()
+    # Gone (or cut off at the keep-alive deadline), they leave the worker as it was: a client is answered.
+    assert wait_until(lambda: request_pid(address, timeout=3) == worker, 15.0)
+    assert server.process.poll() is None
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def request_pid(address: tuple[str, int], timeout: float = TIMEOUT) -> int | None:
+    try:
+        with socket.create_connection(address, timeout=timeout, source_address=(CLIENT_IPS[0], 0)) as sock:
+            sock.sendall(b"GET /who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(json.loads(body)["pid"]) if head.startswith(b"HTTP/1.1 200") else None

@@ -57,3 +57,10 @@ class HoldingWorker:
     def stop(self) -> None:
         for sock in self.held:
             sock.close()
+
+
+def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """A WSGI app answering who served the request."""
+    body = json.dumps({"pid": os.getpid(), "path": environ["PATH_INFO"]}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
