@@ -35,7 +35,8 @@ Two loads, both from 64 client addresses, a new TCP connection per request:
           requests written, then resumed: the time until every answer is in
 
 ``--soak N`` instead pushes N connections (e.g. 1000000) through one sticky master
-and prints its RSS and open descriptors at the start and the end.
+and prints its RSS and open descriptors at the start and the end (``--soak-config
+sticky-master`` for the master path).
 
 Master CPU per connection is the master's own CPU time (all its threads, from
 ``/proc/PID/task/*/schedstat``) over the closed-loop run, divided by the connections
@@ -442,9 +443,9 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def soak(total: int, workers: int, concurrency: int) -> None:
+def soak(total: int, workers: int, concurrency: int, config: str = "sticky") -> None:
     """Push ``total`` connections through one sticky master; its RSS and open fds must stay flat."""
-    server = Server("sticky", workers)
+    server = Server(config, workers)
     try:
         master = server.process.pid
         closed_loop(server, concurrency, 2)  # warm-up: caches, allocator pools
@@ -479,10 +480,13 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=4000)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--soak", type=int, metavar="N", help="instead: N connections through one sticky master")
+    parser.add_argument(
+        "--soak-config", default="sticky", help="the server the soak runs: sticky (kernel path) or sticky-master"
+    )
     args = parser.parse_args()
     build_client()
     if args.soak:
-        soak(args.soak, args.workers, args.concurrency)
+        soak(args.soak, args.workers, args.concurrency, args.soak_config)
         return
     configs = [name for name in args.configs.split(",") if name]
     if "node" in configs:
