@@ -203,3 +203,16 @@ def test_control_nginx_over_tcp_without_proxy_headers_lands_on_one_worker_and_sa
     time.sleep(0.2)
     assert app.output.count("name different clients") == 1, "said once"
     assert sorted(SHOUTS) == sorted(results[CLIENTS[0]]["heard"])
+
+
+def test_the_readme_shows_the_nginx_settings_these_tests_run() -> None:
+    """Every directive of the README's nginx example for sticky-server is in the configuration tested here."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
+    for line in block.splitlines():
+        directive = line.split("#", 1)[0].strip()
+        if directive.startswith(("proxy_", "map ")):
+            assert directive.rstrip(";").split()[0] in NGINX_CONFIG, directive
+            if directive.startswith("proxy_set_header"):
+                assert directive in NGINX_CONFIG, directive
+    assert "--uds /run/app/app.sock" in block and "--proxy-headers" in block
