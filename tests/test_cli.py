@@ -401,3 +401,25 @@ def test_user_without_root_is_one_line_naming_the_fix(
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 2 and "-u/--user and -g/--group need the master to run as root" in error[1], error
+
+
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        (
+            "trusted_proxies does nothing without proxy_protocol=True",
+            "--trusted-proxy does nothing without --proxy-protocol",
+        ),
+        ("workers must be a whole number", "--workers must be a whole number"),
+        ("the workers of slot 1 failed", "the workers of slot 1 failed"),  # prose stays prose
+        ("graceful_timeout must be a number", "--graceful-timeout must be a number"),
+        (
+            "steering='kernel' is not possible here: x. Use steering='auto' or 'master'",
+            "--steering kernel is not possible here: x. use --steering auto or master",
+        ),
+    ],
+)
+def test_library_errors_are_said_in_the_command_lines_terms(message: str, said: str) -> None:
+    from sticky_server.cli.options import in_cli_terms
+
+    assert in_cli_terms(message) == said

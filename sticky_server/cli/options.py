@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -605,6 +606,39 @@ def _resolve_proxies(args: argparse.Namespace) -> None:
         )
     if not told and args.proxy_headers is None and any(bind.startswith("unix:") for bind in args.bind):
         args.forwarded_header, args.forwarded_header_fallback = "x-forwarded-for", True
+
+
+# StickyServer's keyword arguments, as the command line spells them (for its errors).
+_FLAGS = {
+    "forwarded_header_fallback": "--proxy-headers",
+    "forwarded_header": "--forwarded-header",
+    "trusted_proxies": "--trusted-proxy",
+    "proxy_protocol": "--proxy-protocol",
+    "graceful_timeout": "--graceful-timeout",
+    "max_connections_per_worker": "--max-requests",
+    "max_connections_jitter": "--max-requests-jitter",
+    "unix_socket_mode": "--umask",
+    "workers": "--workers",
+    "timeout": "--timeout",
+    "backlog": "--backlog",
+    "balancer": "--balancer",
+    "steering": "--steering",
+    "user": "--user",
+    "group": "--group",
+}
+
+
+def in_cli_terms(message: str) -> str:
+    """A ``StickyServer`` error as the command line would say it: flags, not keyword arguments."""
+    message = re.sub(r"\bsteering='(\w+)'", r"--steering \1", message)
+    message = message.replace("Use --steering 'auto' or 'master'", "use --steering auto or master")
+    message = message.replace("Use --steering auto or 'master'", "use --steering auto or master")
+    for name, flag in _FLAGS.items():
+        if "_" in name:
+            message = re.sub(rf"\b{name}\b(=True)?", flag, message)
+        elif message.startswith(f"{name} "):
+            message = flag + message[len(name) :]
+    return message
 
 
 def _split(text: str) -> list[str]:

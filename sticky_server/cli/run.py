@@ -38,7 +38,7 @@ from ..server import StickyServer
 from ..worker import EXIT_BOOT_FAILURE
 from .boot_report import boot_report_file, first_to_report
 from .gunicorn_hooks import HookServer, HookWorker, run_hook
-from .options import UsageError, build_parser, format_settings, parse_settings
+from .options import UsageError, build_parser, format_settings, in_cli_terms, parse_settings
 from .reload import Reloader
 from .status import status
 from .target import check_tls, detect_kind, import_target, make_worker, print_user_error
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sticky = _server(args)
         check_tls(args)  # a bad certificate stops here, before any worker starts
     except (UsageError, ValueError, TypeError, OSError) as exc:
-        build_parser().error(str(exc))
+        build_parser().error(in_cli_terms(str(exc)))
     _set_process_title(args, sticky)
     if not sticky.is_master:
         return _work(args, sticky)
@@ -291,6 +291,8 @@ def _serve(args: argparse.Namespace, sticky: StickyServer) -> int:
     except StickyServerError as exc:  # it says what went wrong and what to do: no traceback
         print(f"sticky-server: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a setting the listeners show impossible (--steering kernel here)
+        parser.error(in_cli_terms(str(exc)))
     finally:
         if reloader is not None:
             reloader.stop()

@@ -194,7 +194,11 @@ def test_bad_arguments_are_a_usage_error_and_start_nothing() -> None:
         (["apps.cli_apps"], "TARGET must be module:name"),
         (["apps.cli_apps:missing", "--preload"], "module 'apps.cli_apps' has no 'missing'"),
         (["apps.cli_apps:STATE", "--preload"], "TARGET is a dict, not an app, a worker or a factory"),
-        (["apps.cli_apps:LineWorker", "--forwarded-header", "bad header"], "forwarded_header must be an HTTP header"),
+        (["apps.cli_apps:LineWorker", "--forwarded-header", "bad header"], "--forwarded-header must be an HTTP header"),
+        (
+            ["apps.cli_apps:LineWorker", "--steering", "kernel", "--balancer", "round-robin", "-b", "127.0.0.1:0"],
+            "--steering kernel is not possible here: the balancer is RoundRobinBalancer",
+        ),
         (["-k", "uvicorn.workers.UvicornWorker", "apps.cli_apps:app"], "-k does not apply to sticky-server"),
     ]
     for args, message in cases:
