@@ -40,6 +40,12 @@ __all__ = ["lock_down_listeners", "lockdown_program", "retire_listener"]
 
 logger = logging.getLogger("sticky_server.worker")
 
+# The seccomp system call itself, by architecture (it takes flags; prctl does not).
+_SECCOMP_CALL = {"x86_64": 317, "aarch64": 277}
+_SECCOMP_SET_MODE_FILTER = 1
+# No speculative-store-bypass mitigation forced on the worker for having a filter (older kernels
+# did that by default, at a cost to every process with one); the filter is about the listeners.
+_SECCOMP_FILTER_FLAG_SPEC_ALLOW = 1 << 2
 # linux/audit.h, and each architecture's system call numbers (unistd.h).
 _ARCHES = {
     "x86_64": (
@@ -160,8 +166,15 @@ def lock_down_listeners(listener_fds: Sequence[int]) -> bool:
     prctl = libc.prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
+    syscall = libc.syscall
+    syscall.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    syscall.restype = ctypes.c_long
+    number = _SECCOMP_CALL[platform.machine()]
+    flags = _SECCOMP_FILTER_FLAG_SPEC_ALLOW
     if prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or (
-        prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0
+        syscall(number, _SECCOMP_SET_MODE_FILTER, flags, ctypes.addressof(fprog)) != 0
+        # a kernel before 4.17 knows no flags: the filter alone, as prctl installs it
+        and prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0
     ):
         error = ctypes.get_errno()
         logger.warning(
