@@ -420,6 +420,6 @@ def test_user_without_root_is_one_line_naming_the_fix(
     ],
 )
 def test_library_errors_are_said_in_the_command_lines_terms(message: str, said: str) -> None:
-    from sticky_server.cli.options import in_cli_terms
+    from sticky_server.cli.settings import in_cli_terms
 
     assert in_cli_terms(message) == said

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from sticky_server.cli.options import UsageError, parse_settings
+from sticky_server.cli.options import UsageError
+from sticky_server.cli.settings import parse_settings
 from sticky_server.cli.target import detect_kind, make_worker
 
 

@@ -5,7 +5,8 @@ imports the app and makes its worker, ``run`` serves, ``status`` asks a running
 master for its stats, ``reload`` is ``--reload``'s file watcher.
 """
 
-from .options import build_parser, parse_settings
+from .options import build_parser
 from .run import main
+from .settings import parse_settings
 
 __all__ = ["build_parser", "main", "parse_settings"]

@@ -38,8 +38,9 @@ from ..server import StickyServer
 from ..worker import EXIT_BOOT_FAILURE
 from .boot_report import boot_report_file, first_to_report
 from .gunicorn_hooks import HookServer, HookWorker, run_hook
-from .options import UsageError, build_parser, format_settings, in_cli_terms, parse_settings
+from .options import UsageError, build_parser
 from .reload import Reloader
+from .settings import format_settings, in_cli_terms, parse_settings
 from .status import status
 from .target import check_tls, detect_kind, import_target, make_worker, print_user_error
 

@@ -29,6 +29,14 @@ if not sys.platform.startswith("linux"):
     pytest.skip("integration tests use 127.0.0.x source addresses and /proc (Linux)", allow_module_level=True)
 
 StartApp = Callable[..., ServerProcess]
+HERE_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test in this folder is an integration test: ``pytest -m "not integration"`` leaves them out."""
+    for item in items:
+        if HERE_DIR in item.path.parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture
