@@ -42,10 +42,12 @@ from .outbox import Outbox
 from .process import WorkerProcess
 from .wire import FrameReader, unread_bytes
 
-__all__ = ["MAX_QUEUED", "Link", "Owed", "descriptor_headroom"]
+__all__ = ["BACKED_UP_QUEUE", "MAX_QUEUED", "Link", "Owed", "descriptor_headroom"]
 
 # Rule 3: a worker with this many connections it has not taken is routed around.
 MAX_QUEUED = 1024
+# Rule 7: connections waiting on a slot's listeners at two looks that make it backed up.
+BACKED_UP_QUEUE = 128
 # What a worker's counts are believed up to: no worker accepts faster than this on any machine,
 # plus a burst (a report may cover a whole accept burst after a pause).
 MAX_ACCEPT_RATE = 1_000_000  # connections a second
@@ -109,6 +111,29 @@ class Link:
         if ask_kernel and self.worker.worker_end is not None and outbox.sent_hand_offs:
             outbox.forget_read(unread_bytes(self.worker.worker_end))
         return len(self.pending) + outbox.queued_fds + outbox.unconfirmed_fds
+
+    @property
+    def pid(self) -> int:
+        return self.worker.pid
+
+    def look_at_queue(self, length: int, now: float) -> bool:
+        """Rule 7: ``length`` connections wait on its listeners now; True when that makes it backed up.
+
+        Backed up: ``BACKED_UP_QUEUE`` or more at two looks, and no fewer at the second.
+        """
+        seen, self.queue_seen = self.queue_seen, length
+        if seen >= BACKED_UP_QUEUE and length >= seen:
+            self.backed_up, self.backed_up_at = True, now
+            return True
+        return False
+
+    def heard_since_backed_up(self) -> bool:
+        """Rule 7: a backed-up worker heard from since takes its clients again; True when it does now."""
+        if self.backed_up and self.last_heard > self.backed_up_at:
+            self.backed_up = False
+            self.queue_seen = 0
+            return True
+        return False
 
     def ready(self) -> None:
         """The worker said READY; a second time is a lie (hooks would run again): ProtocolError."""

@@ -64,8 +64,8 @@ worker still runs out (its own files count too), the kernel closes the hand-offs
 it had no room for, the worker keeps the rest and says how many it lost (NO_ROOM),
 and the master lowers that worker's ceiling to what it holds.
 
-Rule 7 (kernel path, ``steering``): the master holds every slot's listener but
-accepts only from those the kernel's program leaves out. The program includes the
+Rule 7 (kernel path, ``steering``; kept by ``steering.keeper``): the master holds every
+slot's listener but accepts only from those the kernel's program leaves out. The program includes the
 alive slots: there the supervisor routes to READY workers only (a starting one's
 clients go to their next choice) and the link must take connections; a slot is also *backed up* when its listeners hold
 ``BACKED_UP_QUEUE`` connections at two looks ``QUEUE_CHECK_INTERVAL`` apart and no
@@ -115,6 +115,7 @@ from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
 from .stats import SlotCounters, collect, log_stats
 from .steering import KernelSteering
+from .steering.keeper import SteeringKeeper
 from .supervisor import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode, Supervisor
 from .throttle import ThrottledLog
 from .waker import Waker
@@ -138,10 +139,6 @@ RECYCLE_JITTER = 0.1
 FAULT_LOG_INTERVAL = 10.0
 # A graceful stop accepts at most this many connections still in each listener's backlog.
 MAX_STOP_DRAIN = 65536
-# Rule 7 (kernel path): a slot whose listeners hold this many connections at two looks in a
-# row, and no fewer at the second, is backed up; the master looks every QUEUE_CHECK_INTERVAL.
-BACKED_UP_QUEUE = 128
-QUEUE_CHECK_INTERVAL = 0.1
 
 
 def _listening_address(name: Any) -> tuple[str, int]:
@@ -207,18 +204,11 @@ class Dispatcher:
         self._listening = [_listening_address(name) for name in self._bound]
         # The listeners the master accepts from while it accepts: every bind's, on the master
         # path; on the kernel path those of the slots the program leaves out (rule 7).
-        self._drained: dict[socket.socket, tuple[str, int]] = (
+        self._own_listeners: dict[socket.socket, tuple[str, int]] = (
             {} if steering is not None else dict(zip(listeners, self._listening, strict=True))
         )
+        self._keeper = SteeringKeeper(steering, self._listening) if steering is not None else None
         self._watched: set[socket.socket] = set()  # registered in the selector now
-        self._next_queue_check: float | None = None
-        self._steer_fault_log = ThrottledLog(
-            logger,
-            logging.ERROR,
-            "the kernel refused the steering program %d time(s) (latest: %s); the previous one stays, and the "
-            "master drains the listeners of every slot that cannot take connections",
-            FAULT_LOG_INTERVAL,
-        )
         self._supervisor = supervisor
         self._balancer = balancer
         self._fallback = IPHashBalancer()
@@ -345,7 +335,7 @@ class Dispatcher:
         for deadline in (
             self._accept_paused_until,
             self._next_full_check,
-            self._next_queue_check,
+            self._keeper.next_check if self._keeper is not None else None,
             self._intake.next_deadline() if self._intake else None,
         ):
             if deadline is not None and (earliest is None or deadline < earliest):
@@ -365,8 +355,9 @@ class Dispatcher:
             changed = True
         if self._next_full_check is not None and self._next_full_check <= now:
             changed |= self._check_full(now)
-        if self._next_queue_check is not None and self._next_queue_check <= now:
-            changed |= self._check_queues(now)
+        keeper = self._keeper
+        if keeper is not None and keeper.next_check is not None and keeper.next_check <= now:
+            changed |= self._check_steering(keeper, now)
         if self._intake is not None:
             self._intake.expire(now)
         if changed:
@@ -553,12 +544,12 @@ class Dispatcher:
         except OutOfDescriptors as exc:
             self._pause_accepting(exc)
         except OSError as exc:
-            if self._steering is None:
+            if self._keeper is None:
                 raise  # the master's own listener: nothing else can break it
             # A slot's listener, shared with its worker: broken there (rule 7 replaces it).
             logger.debug("accepting on a kernel-path listener failed: %s", exc)
             self._watch({})
-            self._next_queue_check = time.monotonic()
+            self._keeper.check_soon()
 
     def _connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
         """An unexpected error while reading one connection's header or packing its hand-off: close it, log
@@ -666,115 +657,30 @@ class Dispatcher:
             self._workers = WorkerSet(size, alive, self._workers.connections)
             self._alive = frozenset(alive)
             self._notify_balancer(self._balancer.workers_changed, self._workers)
-        if self._steering is not None:
-            self._steer(self._steering)
+        if self._keeper is not None and supervisor.started and not supervisor.stopping:
+            # (until every slot's first worker is ready the program includes them all; stopping, it stays)
+            self._keeper.follow(alive)
         self._update_accepting()
 
-    def _steer(self, steering: KernelSteering) -> None:
-        """Rule 7: the program includes the alive slots; the master drains the listeners of the others.
-
-        Until every slot's first worker is ready the program includes every slot and
-        the master drains nothing: each worker takes its own clients once it starts.
-        Once stopping it stays as it is (the stop drains every listener).
-        """
-        supervisor = self._supervisor
-        if not supervisor.started or supervisor.stopping:
-            return
-        alive = self._workers.alive
-        if alive and alive != steering.steered:
-            try:
-                steering.steer(alive)
-            except (OSError, ValueError) as exc:
-                self._steer_fault_log.note(1, exc)
-        # What the kernel may put on a listener whose worker cannot take it is the master's to drain:
-        # judged by the alive set, not by the program, which is stale if the kernel refused the new one.
-        steered = set(steering.steered) & set(alive) if alive else set(steering.steered)
-        self._drained = {
-            listener: local
-            for group, local in zip(steering.groups, self._listening, strict=True)
-            for slot, listener in enumerate(group.listeners)
-            if slot not in steered
-        }
-        if self._next_queue_check is None:
-            self._next_queue_check = time.monotonic() + QUEUE_CHECK_INTERVAL
-
-    def _check_queues(self, now: float) -> bool:
-        """Rule 7: find the backed-up slots, and those heard from again since; True if any changed."""
-        assert self._steering is not None
+    def _check_steering(self, keeper: SteeringKeeper, now: float) -> bool:
+        """Rule 7 (``steering.keeper``): backed-up slots, and broken listeners replaced with their workers."""
         if self._supervisor.stopping:  # the listeners are closed or drained by the stop
-            self._next_queue_check = None
+            keeper.stop_checking()
             return False
-        self._next_queue_check = now + QUEUE_CHECK_INTERVAL
-        changed = self._replace_broken_listeners(self._steering)
-        for slot, link in self._current.items():
-            if link.backed_up:
-                if link.last_heard > link.backed_up_at:
-                    link.backed_up = False
-                    link.queue_seen = 0
-                    changed = True
-                continue
-            if slot not in self._steering.steered:
-                continue
-            seen, link.queue_seen = link.queue_seen, self._steering.queue_length(slot)
-            if seen >= BACKED_UP_QUEUE and link.queue_seen >= seen:
-                link.backed_up, link.backed_up_at = True, now
-                changed = True
-                logger.warning(
-                    "worker %d (pid %d) leaves %d connections waiting on its listener; routing its clients "
-                    "elsewhere until it is heard from again",
-                    slot,
-                    link.worker.pid,
-                    link.queue_seen,
-                )
-        return changed
+        checked = keeper.check(now, self._current)
+        if checked.replace:
+            self._watch({})  # their old sockets are closed: nothing of theirs stays in the selector
+        for slot in checked.replace:
+            self._carry_out(self._supervisor.replace(slot, "its listener stopped listening"))
+        return checked.changed
 
     def _grow(self) -> None:
-        """SIGTTIN. On the kernel path a new slot's listener joins each group at its end: refused when a
-        socket not ours is in a group, since the new slot's index would then be the stranger's."""
-        if self._steering is not None:
-            stranger = self._steering.strangers()
-            if stranger is not None:
-                logger.error(
-                    "SIGTTIN refused: %s; a new worker's clients would go to it. Stop that process, then send "
-                    "SIGTTIN again",
-                    stranger,
-                )
-                return
+        """SIGTTIN (on the kernel path, unless a socket not ours is in a group: ``refuse_growth``)."""
+        refused = self._keeper.refuse_growth() if self._keeper is not None else None
+        if refused is not None:
+            logger.error("SIGTTIN refused: %s", refused)
+            return
         self._carry_out(self._supervisor.grow())
-
-    def _replace_broken_listeners(self, steering: KernelSteering) -> bool:
-        """Rule 7: a slot's listener that stopped listening costs that listener and that worker, nothing more.
-
-        Only a process holding the socket can shut it down or disconnect it (a worker's
-        lock-down refuses both); the kernel then takes it out of the group, filling its
-        place with the last socket. The slot gets a new listener (the program follows the
-        new order) and a new worker, which inherits it.
-        """
-        broken = steering.broken()
-        if not broken:
-            return False
-        self._watch({})  # the old sockets close: nothing of theirs stays in the selector
-        for slot in broken:
-            worker = self._supervisor.current.get(slot)
-            logger.error(
-                "worker %d's listener stopped listening (shut down or disconnected by a process holding it%s); "
-                "replacing the listener, and the worker so that it takes the new one",
-                slot,
-                f": worker pid {worker.pid}?" if worker is not None else "",
-            )
-            try:
-                steering.replace(slot)
-            except (OSError, ValueError) as exc:
-                self._steer_fault_log.note(1, exc)
-            self._carry_out(self._supervisor.replace(slot, "its listener stopped listening"))
-        if len(broken) > 1:
-            logger.error(
-                "%d listeners stopped at once: the kernel's order of the group may differ from the one assumed; "
-                "restart the server if clients are not on their usual workers",
-                len(broken),
-            )
-        self._workers_changed()
-        return True
 
     def _update_accepting(self) -> None:
         should = (
@@ -784,7 +690,7 @@ class Dispatcher:
             and self._accept_paused_until is None
         )
         self._accepting = should
-        self._watch(self._drained if should else {})
+        self._watch(self._accepted_from() if should else {})
 
     def _watch(self, listeners: dict[socket.socket, tuple[str, int]]) -> None:
         """Watch exactly ``listeners`` for connections to accept."""
@@ -801,12 +707,15 @@ class Dispatcher:
                 self._selector.register(listener, selectors.EVENT_READ, callback)
                 watched.add(listener)
 
+    def _accepted_from(self) -> dict[socket.socket, tuple[str, int]]:
+        """The listeners the master accepts from while it accepts: its own, or those rule 7 drains."""
+        return self._keeper.drained if self._keeper is not None else self._own_listeners
+
     def _every_listener(self) -> list[tuple[socket.socket, tuple[str, int]]]:
         """Every listener the master holds, with its bound address."""
-        if self._steering is None:
-            return list(self._drained.items())
-        groups = zip(self._steering.groups, self._listening, strict=True)
-        return [(listener, local) for group, local in groups for listener in group.listeners]
+        if self._keeper is None:
+            return list(self._own_listeners.items())
+        return self._keeper.every_listener()
 
     # --- stats ------------------------------------------------------------------
 

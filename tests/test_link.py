@@ -114,3 +114,48 @@ def test_the_descriptor_ceiling_and_room_again(link: Link) -> None:
     assert link.closed(10**6) == link.max_live - 90  # never below zero
     assert link.live == 0
     assert descriptor_headroom(0) is None and descriptor_headroom(40) == 8
+
+
+# --- the link's own rules, with a fake clock ----------------------------------------------------
+
+
+def test_rule_7_backed_up_at_two_looks_of_the_threshold_and_no_fewer(link: Link) -> None:
+    from sticky_server.link import BACKED_UP_QUEUE
+
+    assert not link.look_at_queue(BACKED_UP_QUEUE, now=1.0)  # once is not enough
+    assert not link.look_at_queue(BACKED_UP_QUEUE - 1, now=1.1)  # fewer at the second look: draining
+    assert not link.look_at_queue(BACKED_UP_QUEUE + 50, now=1.2)
+    assert link.look_at_queue(BACKED_UP_QUEUE + 50, now=1.3)
+    assert link.backed_up and not link.takes_connections and link.backed_up_at == 1.3
+    link.last_heard = 1.0  # heard from before it was found backed up: still backed up
+    assert not link.heard_since_backed_up() and link.backed_up
+    link.last_heard = 1.4
+    assert link.heard_since_backed_up() and link.takes_connections and link.queue_seen == 0
+
+
+def test_rule_6_at_the_ceiling_and_back_once_a_tenth_closed(link: Link) -> None:
+    link.max_live = 100
+    link.live = 100
+    assert link.at_ceiling()
+    link.closed(5)
+    assert not link.has_room_again()
+    link.closed(5)
+    assert link.has_room_again()
+
+
+def test_counts_a_worker_could_not_have_are_protocol_errors(link: Link) -> None:
+    from sticky_server.errors import ProtocolError
+    from sticky_server.link import ACCEPT_BURST_SLACK, MAX_ACCEPT_RATE
+
+    link.ready()
+    with pytest.raises(ProtocolError, match="READY sent twice"):
+        link.ready()
+    link.accepts_reported_at = 10.0
+    link.take_accepted(ACCEPT_BURST_SLACK, now=10.0)  # a burst after a pause
+    with pytest.raises(ProtocolError, match="ACCEPTED"):
+        link.take_accepted(ACCEPT_BURST_SLACK + MAX_ACCEPT_RATE + 1, now=11.0)
+    link.take_accepted(ACCEPT_BURST_SLACK + MAX_ACCEPT_RATE, now=12.0)  # a second's worth, and the burst
+    assert link.accepted == link.live == 2 * ACCEPT_BURST_SLACK + MAX_ACCEPT_RATE
+    link.check_lost(link.live)
+    with pytest.raises(ProtocolError, match="NO_ROOM"):
+        link.check_lost(link.live + 1)
