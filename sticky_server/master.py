@@ -102,10 +102,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, overload
 
-from .balancer import PICK_TIME_LIMIT, Balancer, ClientInfo, IPHashBalancer, WorkerSet
+from .balancer import Balancer, ClientInfo, WorkerSet
 from .channel import DEFAULT_MAX_MESSAGE_SIZE, MessageRouter
 from .errors import ProtocolError, WorkerBootError
 from .frames import Frame, FrameKind, unpack_count
+from .guarded_pick import GuardedBalancer
 from .hooks import Hooks, run_hooks
 from .intake import ClientAddressSettings, Intake
 from .link import MAX_QUEUED, Link, Owed, descriptor_headroom, owed_in
@@ -210,8 +211,7 @@ class Dispatcher:
         self._keeper = SteeringKeeper(steering, self._listening) if steering is not None else None
         self._watched: set[socket.socket] = set()  # registered in the selector now
         self._supervisor = supervisor
-        self._balancer = balancer
-        self._fallback = IPHashBalancer()
+        self._balancer = GuardedBalancer(balancer)
         self._max_connections = max_connections_per_worker
         self._max_connections_jitter = max_connections_jitter
         self._on_ready = on_ready
@@ -256,7 +256,6 @@ class Dispatcher:
         self._accept_paused_until: float | None = None
         self._next_full_check: float | None = None
         self._boot_error: WorkerBootError | None = None
-        self._balancer_faults: set[str] = set()
         self._intake = (
             Intake(self._selector, client_addresses, self._route, self._connection_failed) if client_addresses else None
         )
@@ -568,7 +567,7 @@ class Dispatcher:
         self._update_accepting()
 
     def _route(self, conn_id: int, fd: int, client: ClientInfo) -> None:
-        slot = self._pick(client)
+        slot = self._balancer.pick(client, self._workers, self._alive)
         if slot is None:
             self._parked.append((conn_id, fd, client))
             self._update_accepting()
@@ -596,48 +595,6 @@ class Dispatcher:
             self._route(conn_id, fd, client)
         self._update_accepting()
 
-    def _pick(self, client: ClientInfo) -> int | None:
-        workers = self._workers
-        if not workers.alive:
-            return None
-        started = time.perf_counter()
-        try:
-            slot: object = self._balancer.pick(client, workers)
-        except Exception as exc:
-            self._balancer_fault(f"raised {type(exc).__name__}", f"raised {type(exc).__name__}: {exc}")
-        else:
-            took = time.perf_counter() - started
-            if took > PICK_TIME_LIMIT:
-                self._balancer_fault(
-                    "was slow", f"took {took * 1000:.0f} ms to pick (over {PICK_TIME_LIMIT * 1000:.0f} ms)"
-                )
-            elif isinstance(slot, int) and not isinstance(slot, bool) and slot in self._alive:
-                return slot
-            else:
-                self._balancer_fault(
-                    f"returned {type(slot).__name__}",
-                    f"returned {slot!r}, which is not one of the alive slots {workers.alive}",
-                )
-        return self._fallback.pick(client, workers)
-
-    def _balancer_fault(self, kind: str, fault: str) -> None:
-        """Log a fault of the user's balancer, once per kind."""
-        if kind not in self._balancer_faults:
-            self._balancer_faults.add(kind)
-            logger.error(
-                "balancer %s %s; routing such connections by IP hash instead (logged once)",
-                type(self._balancer).__name__,
-                fault,
-            )
-
-    def _notify_balancer(self, hook: Callable[..., None], *args: Any) -> None:
-        try:
-            hook(*args)
-        except Exception as exc:
-            self._balancer_fault(
-                f"{hook.__name__} raised {type(exc).__name__}", f"{hook.__name__}() raised {type(exc).__name__}: {exc}"
-            )
-
     def _workers_changed(self) -> None:
         """Read the current links from the supervisor and recompute the alive set (parked ones route in ``_flush``)."""
         supervisor = self._supervisor
@@ -656,7 +613,7 @@ class Dispatcher:
         if alive != self._workers.alive or size != self._workers.size:
             self._workers = WorkerSet(size, alive, self._workers.connections)
             self._alive = frozenset(alive)
-            self._notify_balancer(self._balancer.workers_changed, self._workers)
+            self._balancer.workers_changed(self._workers)
         if self._keeper is not None and supervisor.started and not supervisor.stopping:
             # (until every slot's first worker is ready the program includes them all; stopping, it stays)
             self._keeper.follow(alive)
@@ -900,7 +857,7 @@ class Dispatcher:
         count = link.closed(count)
         slot = link.worker.slot
         if self._current.get(slot) is link:
-            self._notify_balancer(self._balancer.connections_closed, slot, count)
+            self._balancer.connections_closed(slot, count)
         if link.no_room and link.has_room_again():
             link.no_room = False  # rule 6: back once a tenth of its ceiling has closed
             self._workers_changed()
