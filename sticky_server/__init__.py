@@ -18,6 +18,7 @@ from .balancer import (
 from .connections import client_address
 from .errors import BindError, PidFileError, ProtocolError, StickyServerError, WorkerBootError, WrongProcessError
 from .server import StickyServer, current_server
+from .settings import ServerSettings
 from .worker import Worker, time_left_to_stop
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "ProtocolError",
     "RandomBalancer",
     "RoundRobinBalancer",
+    "ServerSettings",
     "StickyServer",
     "StickyServerError",
     "Worker",

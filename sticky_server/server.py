@@ -10,30 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import logging
 import os
-import pwd
-import re
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 from . import channel
 from .async_worker import AsyncWorkerRuntime, is_async_worker
-from .balancer import Balancer, IPHashBalancer, balancer_from
+from .balancer import Balancer, IPHashBalancer
 from .channel import DEFAULT_MAX_MESSAGE_SIZE, WorkerChannel
-from .checks import check_count, check_seconds
 from .environment import worker_identity
 from .errors import BindError, WrongProcessError
-from .frames import MAX_PAYLOAD
 from .hooks import Hooks
-from .intake import ClientAddressSettings
-from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, MAX_BACKLOG, Bind, open_bind, parse_bind, validate_port
+from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, Bind, open_bind, parse_bind, validate_port
 from .master import Dispatcher
-from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from .proxy_hint import ProxyHint
-from .steering import STEERINGS, KernelSteering, kernel_path_unavailable, open_kernel_steering
+from .settings import (
+    DEFAULT_GRACEFUL_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_HEADER_SIZE,
+    DEFAULT_TIMEOUT,
+    ServerSettings,
+    group_id,
+    user_id,
+)
+from .steering import KernelSteering, kernel_path_unavailable, open_kernel_steering
 from .supervisor import Supervisor
 from .worker import ConnectionHandler, WorkerRuntime, check_worker, exit_on_boot_failure
 
@@ -41,96 +43,10 @@ __all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "curre
 
 logger = logging.getLogger("sticky_server")
 
-DEFAULT_GRACEFUL_TIMEOUT = 30.0
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_HEADER_TIMEOUT = 5.0
-DEFAULT_MAX_HEADER_SIZE = 8192
-# The smallest header limit that still holds any PROXY header without TLVs.
-MIN_HEADER_SIZE = 256
-MAX_HEADER_SIZE = 65536
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _USAGE = "`if sticky.is_master: sticky.listen(port) else: sticky.work(worker)`"
 
 ListeningCallback = Callable[[Any], Any]
 _Runtime = TypeVar("_Runtime", bound=WorkerRuntime)
-
-
-def _account_id(kind: str, value: str | int | None, by_name: Callable[[str], int]) -> int | None:
-    """A numeric id as is, or the id of a name; errors naming the fix."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    if not isinstance(value, str):
-        raise TypeError(f"{kind} must be a name, a numeric id or None, not {value!r}")
-    try:
-        return by_name(value)
-    except KeyError:
-        raise ValueError(f"{kind} {value!r} does not exist on this machine; create it or name another") from None
-
-
-def user_id(user: str | int | None) -> int | None:
-    """The numeric id of a user name or id."""
-    return _account_id("user", user, lambda name: pwd.getpwnam(name).pw_uid)
-
-
-def group_id(group: str | int | None, user: int | None) -> int | None:
-    """The numeric id of a group name or id; by default the primary group of ``user``."""
-    if group is None and user is not None:
-        try:
-            return pwd.getpwuid(user).pw_gid
-        except KeyError:
-            return None  # a bare uid with no passwd entry: leave the group as it is
-    return _account_id("group", group, lambda name: grp.getgrnam(name).gr_gid)
-
-
-def _client_address_settings(
-    proxy_protocol: bool,
-    forwarded_header: str | None,
-    trusted_proxies: Iterable[str] | None,
-    header_timeout: float,
-    max_header_size: int,
-    fallback: bool = False,
-) -> ClientAddressSettings | None:
-    """Check the proxy options; None when neither is on."""
-    if not isinstance(proxy_protocol, bool):
-        raise TypeError(f"proxy_protocol must be True or False, not {proxy_protocol!r}")
-    if forwarded_header is not None and (
-        not isinstance(forwarded_header, str) or not _HEADER_NAME.fullmatch(forwarded_header)
-    ):
-        raise ValueError(
-            f"forwarded_header must be an HTTP header name such as 'x-forwarded-for' or 'forwarded', "
-            f"got {forwarded_header!r}"
-        )
-    if proxy_protocol and forwarded_header:
-        raise ValueError(
-            "use either proxy_protocol or forwarded_header, not both: a proxy that sends the PROXY protocol "
-            "already tells the client address"
-        )
-    header_timeout = check_seconds("header_timeout", header_timeout, zero_allowed=False)
-    if (
-        isinstance(max_header_size, bool)
-        or not isinstance(max_header_size, int)
-        or not MIN_HEADER_SIZE <= max_header_size <= MAX_HEADER_SIZE
-    ):
-        raise ValueError(
-            f"max_header_size must be from {MIN_HEADER_SIZE} to {MAX_HEADER_SIZE} bytes; got {max_header_size!r}"
-        )
-    if not (proxy_protocol or forwarded_header):
-        if trusted_proxies is not None:
-            raise ValueError(
-                "trusted_proxies does nothing without proxy_protocol=True or forwarded_header=...; turn one on"
-            )
-        return None
-    if isinstance(trusted_proxies, str):
-        trusted_proxies = [trusted_proxies]
-    trusted = TrustedProxies(DEFAULT_TRUSTED_PROXIES if trusted_proxies is None else trusted_proxies)
-    return ClientAddressSettings(
-        proxy_protocol,
-        forwarded_header.lower() if forwarded_header else None,
-        trusted,
-        float(header_timeout),
-        max_header_size,
-        bool(fallback),
-    )
 
 
 class StickyServer:
@@ -196,63 +112,41 @@ class StickyServer:
         forwarded_header_fallback: bool = False,
         unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE,
     ) -> None:
-        if steering not in STEERINGS:
-            raise ValueError(f"steering must be one of {', '.join(map(repr, STEERINGS))}; got {steering!r}")
-        if workers is None:
-            workers = os.cpu_count() or 1
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a whole number of processes, 1 or more; got {workers!r}")
-        graceful_timeout = check_seconds("graceful_timeout", graceful_timeout, zero_allowed=True)
-        if timeout is not None:
-            try:
-                timeout = check_seconds("timeout", timeout, zero_allowed=False)
-            except ValueError as exc:
-                raise ValueError(f"{exc} (None: no heartbeat)") from None
-        if max_connections_per_worker is not None and (
-            isinstance(max_connections_per_worker, bool)
-            or not isinstance(max_connections_per_worker, int)
-            or max_connections_per_worker < 1
-        ):
-            raise ValueError(
-                f"max_connections_per_worker must be a positive int, or None; got {max_connections_per_worker!r}"
-            )
-        if max_connections_jitter is not None and (
-            isinstance(max_connections_jitter, bool)
-            or not isinstance(max_connections_jitter, int)
-            or max_connections_jitter < 0
-        ):
-            raise ValueError(
-                f"max_connections_jitter must be an int, 0 or more, or None; got {max_connections_jitter!r}"
-            )
-        check_count("backlog", backlog, minimum=1, maximum=MAX_BACKLOG)
-        if not isinstance(max_message_size, int) or not 1 <= max_message_size <= MAX_PAYLOAD - 2:
-            raise ValueError(f"max_message_size must be from 1 to {MAX_PAYLOAD - 2} bytes; got {max_message_size!r}")
-        if (
-            isinstance(unix_socket_mode, bool)
-            or not isinstance(unix_socket_mode, int)
-            or not 0 <= unix_socket_mode <= 0o777
-        ):
-            raise ValueError(f"unix_socket_mode must be a file mode from 0 to 0o777; got {unix_socket_mode!r}")
-        self.unix_socket_mode = unix_socket_mode
-        self.client_addresses = _client_address_settings(
-            proxy_protocol,
-            forwarded_header,
-            trusted_proxies,
-            header_timeout,
-            max_header_size,
-            forwarded_header_fallback,
+        settings = ServerSettings(
+            workers,
+            balancer=balancer,
+            graceful_timeout=graceful_timeout,
+            timeout=timeout,
+            max_connections_per_worker=max_connections_per_worker,
+            max_connections_jitter=max_connections_jitter,
+            user=user,
+            group=group,
+            max_message_size=max_message_size,
+            backlog=backlog,
+            proxy_protocol=proxy_protocol,
+            forwarded_header=forwarded_header,
+            trusted_proxies=trusted_proxies,
+            header_timeout=header_timeout,
+            max_header_size=max_header_size,
+            steering=steering,
+            forwarded_header_fallback=forwarded_header_fallback,
+            unix_socket_mode=unix_socket_mode,
         )
-        self.user = user_id(user)
-        self.group = group_id(group, self.user)
-        self._workers = workers
-        self.balancer = balancer_from(balancer)
-        self.graceful_timeout = float(graceful_timeout)
-        self.timeout = None if timeout is None else float(timeout)
-        self.max_connections_per_worker = max_connections_per_worker
-        self.max_connections_jitter = max_connections_jitter
-        self.max_message_size = max_message_size
-        self.backlog = backlog
-        self.steering = steering
+        self.settings = settings
+        self.unix_socket_mode = settings.unix_socket_mode
+        self.client_addresses = settings.client_addresses
+        self.user = settings.user_id
+        self.group = settings.group_id
+        assert settings.workers is not None and isinstance(settings.balancer, Balancer)
+        self._workers = settings.workers
+        self.balancer = settings.balancer
+        self.graceful_timeout = settings.graceful_timeout
+        self.timeout = settings.timeout
+        self.max_connections_per_worker = settings.max_connections_per_worker
+        self.max_connections_jitter = settings.max_connections_jitter
+        self.max_message_size = settings.max_message_size
+        self.backlog = settings.backlog
+        self.steering = settings.steering
         self._hooks = Hooks()
         self._dispatcher: Dispatcher | None = None
         self._identity = worker_identity()
@@ -273,6 +167,11 @@ class StickyServer:
         self.addresses: list[Any] = []  # every bound address (a path for a Unix socket), once bound
         self._listening_callbacks: list[ListeningCallback] = []
         self._listen_called = False
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> StickyServer:
+        """A StickyServer with ``settings`` (checked already: the command line builds them first)."""
+        return cls(**settings.given())
 
     @property
     def workers(self) -> int:

@@ -64,3 +64,14 @@ def test_the_readme_lists_every_command_line_option() -> None:
         if action.help == "==SUPPRESS==" or not action.option_strings or action.dest == "help":
             continue
         assert any(flag in documented for flag in action.option_strings), action.option_strings
+
+
+def test_the_readme_settings_table_has_a_row_for_every_setting_and_no_other() -> None:
+    from sticky_server import ServerSettings
+
+    table = README.split("### `StickyServer(", 1)[1].split("| member | where | meaning |", 1)[0]
+    rows = set(re.findall(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)* \|", table, re.M))
+    documented = {name for row in rows for name in row if name}
+    assert documented == set(ServerSettings.names()), documented ^ set(ServerSettings.names())
+    signature = README.split("### `StickyServer(", 1)[1].split(")`", 1)[0]
+    assert [part.split("=")[0].strip(" *") for part in signature.split(",") if "=" in part] == ServerSettings.names()

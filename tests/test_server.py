@@ -180,3 +180,17 @@ def test_current_server_is_the_first_made_in_the_master_too(fresh_identity: None
     first = StickyServer()
     StickyServer()  # a master may make several (tests do); the first is the process's
     assert current_server() is first
+
+
+def test_settings_are_checked_once_and_resolved_the_same_everywhere() -> None:
+    from sticky_server import ServerSettings
+
+    settings = ServerSettings(3, balancer="round-robin", trusted_proxies="10.0.0.0/8", forwarded_header="Forwarded")
+    assert settings.workers == 3 and type(settings.balancer).__name__ == "RoundRobinBalancer"
+    assert settings.trusted_proxies == ("10.0.0.0/8",)
+    assert settings.client_addresses is not None and settings.client_addresses.forwarded_header == "forwarded"
+    sticky = StickyServer.from_settings(settings)
+    assert sticky.settings == settings and sticky.workers == 3 and sticky.balancer is settings.balancer
+    assert ServerSettings().workers == (os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="header_timeout"):
+        ServerSettings(header_timeout=float("nan"), proxy_protocol=True)

@@ -35,6 +35,7 @@ from ..listener import DEFAULT_UNIX_SOCKET_MODE, parse_bind
 from ..metrics import MetricsServer
 from ..pidfile import remove_pid_file, stats_file_of, stats_writer, write_pid_file
 from ..server import StickyServer
+from ..settings import ServerSettings
 from ..worker import EXIT_BOOT_FAILURE
 from .boot_report import boot_report_file, first_to_report
 from .gunicorn_hooks import HookServer, HookWorker, run_hook
@@ -59,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _load_env_file(argv)
     args = parse_settings(argv, dict(os.environ))
     if args.check_config:
+        try:
+            server_settings(args)  # what a start would refuse, refused here
+        except (UsageError, ValueError, TypeError) as exc:
+            build_parser().error(in_cli_terms(str(exc)))
         sys.stdout.write(format_settings(args))
         return 0
     for name, value in args.env or ():
@@ -158,10 +163,15 @@ def _server(args: argparse.Namespace) -> StickyServer:
             "-u/--user and -g/--group need the master to run as root (it binds, then starts the workers as that "
             "user): run sticky-server as root, or leave them out to run everything as yourself"
         )
+    return StickyServer.from_settings(server_settings(args))
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    """The StickyServer's settings the command's options give, checked (``--check-config`` checks them too)."""
     balancer: Balancer | str = args.balancer
     if args.balancer not in BALANCERS:
         balancer = _custom_balancer(args.balancer, args.app_dir)
-    return StickyServer(
+    return ServerSettings(
         args.workers,
         balancer=balancer,
         graceful_timeout=args.graceful_timeout,
