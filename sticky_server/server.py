@@ -385,6 +385,11 @@ class StickyServer:
             proxy_hint=ProxyHint(self._identity.slot) if self.client_addresses is None else None,
         )
 
+    def tells_the_client(self) -> bool:
+        """Whether handed-off sockets may tell a client a proxy named as their peer, not the kernel's
+        (``connections.ProxiedSocket``): behind ``proxy_protocol`` or a forwarded header."""
+        return self.client_addresses is not None
+
     def _peer_from_proxy(self, handler: object) -> bool:
         """Whether handed-off sockets report the proxy-told client as their peer (see connections.py).
 

@@ -212,6 +212,11 @@ def test_loop_auto_takes_uvloop_only_when_installed(mocker: MockerFixture) -> No
     set_policy.assert_called_once_with(fake.EventLoopPolicy.return_value)
     _choose_loop("asyncio")
     assert set_policy.call_count == 1
+    # Behind a proxy setting the app must see the client the proxy named: uvloop would lose it.
+    _choose_loop("auto", tells_the_client=True)
+    assert set_policy.call_count == 1
+    with pytest.raises(SystemExit, match="uvloop's transports take the peer from the descriptor"):
+        _choose_loop("uvloop", tells_the_client=True)
 
 
 GUNICORN_CONF = """

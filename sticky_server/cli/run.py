@@ -50,6 +50,7 @@ __all__ = ["EXIT_IMPORT", "main"]
 EXIT_IMPORT = 1
 # The loggers that write one line per request, quietened by --no-access-log.
 ACCESS_LOGGERS = ("sticky_server.access", "uvicorn.access", "aiohttp.access", "tornado.access")
+logger = logging.getLogger("sticky_server.cli")
 LOG_FORMAT = "%(asctime)s [%(process)d] %(name)s %(levelname)s %(message)s"
 
 
@@ -230,7 +231,7 @@ def _work(args: argparse.Namespace, sticky: StickyServer) -> int:
             print_user_error(f"sticky-server: importing {args.target} failed:", exc)
         return EXIT_BOOT_FAILURE
     run_hook(args.hooks, "post_worker_init", me)
-    _choose_loop(args.loop)
+    _choose_loop(args.loop, sticky.tells_the_client())
     try:
         sticky.work(worker)
     finally:
@@ -238,9 +239,27 @@ def _work(args: argparse.Namespace, sticky: StickyServer) -> int:
     return 0
 
 
-def _choose_loop(choice: str) -> None:
-    """``--loop``: uvloop for the asyncio workers when asked, or when installed (``auto``, as uvicorn)."""
+# Why uvloop cannot serve here: its transports read the peer from the descriptor, not from the
+# socket object, so the client a PROXY header (or a forwarded header, for the frameworks that do
+# not read it themselves) named would be lost: the app would see the proxy's address.
+_UVLOOP_LOSES_THE_CLIENT = (
+    "behind --proxy-protocol or --forwarded-header the app must see the client the proxy named, and uvloop's "
+    "transports take the peer from the descriptor, not from the socket the master handed over"
+)
+
+
+def _choose_loop(choice: str, tells_the_client: bool = False) -> None:
+    """``--loop``: uvloop for the asyncio workers when asked, or when installed (``auto``, as uvicorn).
+
+    ``tells_the_client``: handed-off sockets carry a client the proxy named (``_UVLOOP_LOSES_THE_CLIENT``):
+    ``auto`` stays on asyncio then, and ``uvloop`` is refused.
+    """
     if choice == "asyncio":
+        return
+    if tells_the_client:
+        if choice == "uvloop":
+            raise SystemExit(f"sticky-server: --loop uvloop: {_UVLOOP_LOSES_THE_CLIENT}; use --loop asyncio (or auto)")
+        logger.debug("the asyncio loop, not uvloop: %s", _UVLOOP_LOSES_THE_CLIENT)
         return
     try:
         import uvloop

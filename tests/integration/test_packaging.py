@@ -184,7 +184,7 @@ def test_an_asgi_app_without_its_extra_says_which_extra_in_one_line(
 def test_the_asgi_extra_brings_what_the_asgi_adapter_needs(distributions: dict[str, Path], tmp_path: Path) -> None:
     python = fresh_venv(tmp_path / "venv", f"sticky-server[asgi] @ {distributions['wheel'].as_uri()}")
     result = subprocess.run(
-        [str(python), "-c", "import sticky_server.adapters.asgi, websockets"],
+        [str(python), "-c", "import sticky_server.adapters.asgi, websockets, httptools, uvloop"],
         capture_output=True,
         text=True,
         timeout=60,
