@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,39 +116,39 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
 
 
-def storm(steering: str, workers: int, threads: int) -> str:
-    server = Server(steering, workers)
-    try:
-        kills = 0
-        with Load(server.port, threads) as load:
-            time.sleep(1)
-            for _ in range(30):
-                victims = server.live_workers()
-                if victims:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(random.choice(victims), signal.SIGKILL)
-                        kills += 1
-                time.sleep(0.5)
-            time.sleep(1)
-        counts = load.counts
-    finally:
-        server.stop()
-    return f"{steering:6} storm:  {kills} kills; {_outcomes(counts)}"
+def storm(server: Server) -> str:
+    """SIGKILL a random worker every 0.5 s for 15 s."""
+    kills = 0
+    for _ in range(30):
+        victims = server.live_workers()
+        if victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(random.choice(victims), signal.SIGKILL)
+                kills += 1
+        time.sleep(0.5)
+    return f"storm:  {kills} kills"
 
 
-def reload(steering: str, workers: int, threads: int) -> str:
+def reload(server: Server) -> str:
+    """Three SIGHUPs 0.3 s apart."""
+    for _ in range(3):
+        server.process.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+    time.sleep(4)
+    return "reload: 3 SIGHUPs"
+
+
+def under_load(fault: Callable[[Server], str], steering: str, workers: int, threads: int) -> str:
+    """``fault`` on a fresh server under the clients' load; what the clients saw."""
     server = Server(steering, workers)
     try:
         with Load(server.port, threads) as load:
             time.sleep(1)
-            for _ in range(3):
-                server.process.send_signal(signal.SIGHUP)
-                time.sleep(0.3)
-            time.sleep(5)
-        counts = load.counts
+            done = fault(server)
+            time.sleep(1)
     finally:
         server.stop()
-    return f"{steering:6} reload: 3 SIGHUPs; {_outcomes(counts)}"
+    return f"{steering:6} {done}; {_outcomes(load.counts)}"
 
 
 def _outcomes(counts: dict[str, int]) -> str:
@@ -161,8 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     args = parser.parse_args()
     for steering in args.paths.split(","):
-        print(storm(steering, args.workers, args.threads), flush=True)
-        print(reload(steering, args.workers, args.threads), flush=True)
+        for fault in (storm, reload):
+            print(under_load(fault, steering, args.workers, args.threads), flush=True)
 
 
 if __name__ == "__main__":

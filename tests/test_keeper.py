@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from sticky_server.link import BACKED_UP_QUEUE
+from sticky_server.link import BACKED_UP_QUEUE, Link
+from sticky_server.process import WorkerProcess
 from sticky_server.steering.keeper import QUEUE_CHECK_INTERVAL, SteeringKeeper
 
 
@@ -48,26 +52,21 @@ class FakeSteering:
         return self.stranger
 
 
-class FakeLink:
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.backed_up = False
-        self.backed_up_at = 0.0
-        self.queue_seen = 0
-        self.last_heard = 0.0
+@pytest.fixture
+def links() -> Iterator[Callable[[int], Link]]:
+    """``make(slot)``: a real link (no process behind it: rule 7 only names its pid)."""
+    made: list[socket.socket] = []
 
-    def look_at_queue(self, length: int, now: float) -> bool:
-        seen, self.queue_seen = self.queue_seen, length
-        if seen >= BACKED_UP_QUEUE and length >= seen:
-            self.backed_up, self.backed_up_at = True, now
-            return True
-        return False
+    def make(slot: int) -> Link:
+        master_end, worker_end = socket.socketpair()
+        made.extend((master_end, worker_end))
+        process: Any = types.SimpleNamespace(pid=1000 + slot)  # never run: rule 7 reads only its pid
+        worker = WorkerProcess(slot=slot, process=process, control=master_end, started_at=0.0, worker_end=worker_end)
+        return Link(worker, last_heard=0.0)
 
-    def heard_since_backed_up(self) -> bool:
-        if self.backed_up and self.last_heard > self.backed_up_at:
-            self.backed_up = False
-            return True
-        return False
+    yield make
+    for sock in made:
+        sock.close()
 
 
 LOCAL = [("127.0.0.1", 8000)]
@@ -104,30 +103,35 @@ def test_a_refused_program_leaves_the_old_one_and_the_alive_set_decides_what_is_
     assert "the kernel refused the steering program" in caplog.text
 
 
-def test_a_slot_backed_up_at_two_looks_is_left_out_until_heard_from(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_slot_backed_up_at_two_looks_is_left_out_until_heard_from(
+    caplog: pytest.LogCaptureFixture, links: Callable[[int], Link]
+) -> None:
     steering, now = FakeSteering(2), [0.0]
     keeper = keeper_of(steering, now)
-    links = {0: FakeLink(100), 1: FakeLink(101)}
+    current = {0: links(0), 1: links(1)}
     steering.queues[1] = BACKED_UP_QUEUE
-    assert not keeper.check(0.1, links).changed
+    assert not keeper.check(0.1, current).changed
     with caplog.at_level(logging.WARNING, "sticky_server"):
-        assert keeper.check(0.2, links).changed
-    assert links[1].backed_up and not links[0].backed_up
-    assert f"worker 1 (pid 101) leaves {BACKED_UP_QUEUE} connections waiting" in caplog.text
+        assert keeper.check(0.2, current).changed
+    assert current[1].backed_up and not current[0].backed_up and not current[1].takes_connections
+    assert f"worker 1 (pid {current[1].pid}) leaves {BACKED_UP_QUEUE} connections waiting" in caplog.text
     assert keeper.next_check == pytest.approx(0.2 + QUEUE_CHECK_INTERVAL)
-    assert not keeper.check(0.3, links).changed  # still not heard from
-    links[1].last_heard = 0.35
-    assert keeper.check(0.4, links).changed and not links[1].backed_up
+    assert not keeper.check(0.3, current).changed  # still not heard from
+    current[1].last_heard = 0.35
+    assert keeper.check(0.4, current).changed and current[1].takes_connections
 
 
-def test_a_broken_listener_is_replaced_and_its_slot_returned_for_a_new_worker(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_broken_listener_is_replaced_and_its_slot_returned_for_a_new_worker(
+    caplog: pytest.LogCaptureFixture, links: Callable[[int], Link]
+) -> None:
     steering, now = FakeSteering(3), [0.0]
     keeper = keeper_of(steering, now)
     steering.broken_slots = [1]
+    link = links(1)
     with caplog.at_level(logging.ERROR, "sticky_server"):
-        checked = keeper.check(0.1, {1: FakeLink(101)})
+        checked = keeper.check(0.1, {1: link})
     assert checked.changed and checked.replace == [1] and steering.replaced == [1]
-    assert "worker 1's listener stopped listening" in caplog.text and "worker pid 101" in caplog.text
+    assert "worker 1's listener stopped listening" in caplog.text and f"worker pid {link.pid}" in caplog.text
     assert ("listener-1-new", LOCAL[0]) in as_any(keeper.every_listener())
     assert keeper.check(0.2, {}).replace == []
 

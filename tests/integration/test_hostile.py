@@ -305,17 +305,22 @@ def test_idle_metrics_connections_never_hold_up_the_server(start_app: StartApp) 
     assert 'sticky_server_connections_handed_off_total{slot="0"}' in text
 
 
-def _scrape(port: int, method: str) -> bytes | None:
+def _http(address: tuple[str, int], request: bytes, timeout: float, source: str | None = None) -> bytes | None:
+    """The body of a 200 answer to ``request`` (read until the server closes); None for anything else."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
-            sock.sendall(f"{method} /metrics HTTP/1.0\r\n\r\n".encode())
+        with socket.create_connection(address, timeout=timeout, source_address=(source, 0) if source else None) as sock:
+            sock.sendall(request)
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
     except OSError:
         return None
     head, _, body = data.partition(b"\r\n\r\n")
-    return body if head.startswith(b"HTTP/1.0 200") else None
+    return body if head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")) else None
+
+
+def _scrape(port: int, method: str) -> bytes | None:
+    return _http(("127.0.0.1", port), f"{method} /metrics HTTP/1.0\r\n\r\n".encode(), 3)
 
 
 # --- settle: workers are non-dumpable; a graceful stop serves the backlog; resized worker counts ----
@@ -706,13 +711,5 @@ def rss_kib(pid: int) -> int:
 
 
 def request_pid(address: tuple[str, int], timeout: float = TIMEOUT) -> int | None:
-    try:
-        with socket.create_connection(address, timeout=timeout, source_address=(CLIENT_IPS[0], 0)) as sock:
-            sock.sendall(b"GET /who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-    except OSError:
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(json.loads(body)["pid"]) if head.startswith(b"HTTP/1.1 200") else None
+    body = _http(address, b"GET /who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout, CLIENT_IPS[0])
+    return None if body is None else int(json.loads(body)["pid"])
