@@ -80,7 +80,7 @@ class LineWorker(Worker):
             sticky.on_message(self.on_message)
         self.raise_for = os.environ.get("APP_RAISE_FOR", "")
         self.stop_delay = float(os.environ.get("APP_STOP_DELAY", "0"))
-        self.blocked = os.environ.get("APP_BLOCK_SLOT") == str(slot)
+        self.blocked = os.environ.get("APP_BLOCK_SLOT") == str(slot) and first_of_its_kind(f"blocked-{slot}")
         self.garbage = os.environ.get("APP_GARBAGE_SLOT") == str(slot)
         self.close_at_once = os.environ.get("APP_MODE") == "close"
         self.serving: set[threading.Thread] = set()
@@ -254,6 +254,22 @@ def serve_channel(sticky: StickyServer) -> None:
 
     sticky.on_worker_start(lambda worker_id: say(f"START {worker_id}"))
     sticky.on_worker_exit(lambda worker_id, returncode: say(f"EXIT {worker_id} {returncode}"))
+
+
+def first_of_its_kind(name: str) -> bool:
+    """APP_BLOCK_ONCE: True in the first process to ask (a marker in APP_PID_DIR); always True without it.
+
+    A stuck worker's replacement is a new process, which is not stuck: with this, only
+    the first worker of the slot blocks.
+    """
+    pid_dir = os.environ.get("APP_PID_DIR")
+    if not os.environ.get("APP_BLOCK_ONCE") or not pid_dir:
+        return True
+    try:
+        os.close(os.open(os.path.join(pid_dir, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def record_pid(role: str) -> None:
