@@ -100,18 +100,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, overload
+from typing import Any
 
-from .balancer import Balancer, ClientInfo, WorkerSet
+from .balancer import Balancer, ClientInfo
 from .channel import DEFAULT_MAX_MESSAGE_SIZE, MessageRouter
 from .errors import ProtocolError, WorkerBootError
 from .frames import Frame, FrameKind, unpack_count
-from .guarded_pick import GuardedBalancer
 from .hooks import Hooks, run_hooks
 from .intake import ClientAddressSettings, Intake
 from .link import MAX_QUEUED, Link, Owed, descriptor_headroom, owed_in
 from .listener import ACCEPT_BACKOFF, ACCEPT_BURST, OutOfDescriptors, accept_waiting, format_address
 from .process import WorkerProcess
+from .router import Router
 from .signals import SignalQueue
 from .slices import SLICE_SECONDS, run_for
 from .stats import SlotCounters, collect, log_stats
@@ -151,33 +151,6 @@ def _call(call: Callable[[], None]) -> None:
     call()
 
 
-class _LiveCounts(Sequence[int]):
-    """``WorkerSet.connections``: the live connections of each slot's current worker, read from its link.
-
-    A view, not a copy, so it never needs updating: a reload's finishing worker
-    (no longer current) does not count, and a slot without a worker counts 0.
-    """
-
-    def __init__(self, current: dict[int, Link], supervisor: Supervisor) -> None:
-        self._current = current
-        self._supervisor = supervisor
-
-    def __len__(self) -> int:
-        return self._supervisor.size
-
-    @overload
-    def __getitem__(self, index: int) -> int: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[int]: ...
-
-    def __getitem__(self, index: int | slice) -> int | list[int]:
-        if isinstance(index, slice):
-            return [self[slot] for slot in range(len(self))[index]]
-        link = self._current.get(range(len(self))[index])
-        return 0 if link is None else link.live
-
-
 class Dispatcher:
     """Accepts, routes and hands off connections; carries out the supervisor's decisions."""
 
@@ -211,7 +184,6 @@ class Dispatcher:
         self._keeper = SteeringKeeper(steering, self._listening) if steering is not None else None
         self._watched: set[socket.socket] = set()  # registered in the selector now
         self._supervisor = supervisor
-        self._balancer = GuardedBalancer(balancer)
         self._max_connections = max_connections_per_worker
         self._max_connections_jitter = max_connections_jitter
         self._on_ready = on_ready
@@ -244,12 +216,9 @@ class Dispatcher:
         )
         self._selector = selectors.DefaultSelector()
         self._links: dict[WorkerProcess, Link] = {}  # every live process's link
-        self._current: dict[int, Link] = {}  # each slot's current worker's link, as the supervisor says
-        self._workers = WorkerSet(supervisor.size, (), _LiveCounts(self._current, supervisor))
-        self._alive: frozenset[int] = frozenset()
+        self._router = Router(supervisor, balancer)
         self._touched: set[Link] = set()  # links with something queued this pass
         self._busy: dict[Link, None] = {}  # links with unhandled frames, in order
-        self._parked: deque[Owed] = deque()  # waiting for a slot: none could take them, or their worker left
         self._next_id = 0
         self._counters = SlotCounters()
         self._accepting = False
@@ -261,7 +230,7 @@ class Dispatcher:
         )
         self._stops_wait_for_intake = False
         self.messages = MessageRouter(
-            self._current,
+            self._router.current,
             self._touched,
             lambda slot, message: run_hooks(self._hooks.message, slot, message),
             max_message_size,
@@ -371,7 +340,7 @@ class Dispatcher:
         """
         touched = self._touched
         while True:
-            if self._parked and self._alive:
+            if self._router.parked and self._router.alive:
                 self._route_parked()
             if not touched:
                 return
@@ -439,11 +408,11 @@ class Dispatcher:
         supervisor.stop(why, mode)  # (a second stop kills the workers now: nothing more to do here)
         if not first:
             return
-        if self._parked and self._alive:
+        if self._router.parked and self._router.alive:
             self._route_parked()
         self._watch({})
         for listener, local in self._every_listener():
-            if mode is StopMode.GRACEFUL and self._workers.alive:
+            if mode is StopMode.GRACEFUL and self._router.workers.alive:
                 # Clients whose handshake the kernel completed are served, not reset (rule 5). On the
                 # kernel path a worker takes what reaches its own listener after this (worker.py).
                 self._accept_from(listener, local, MAX_STOP_DRAIN)
@@ -462,10 +431,10 @@ class Dispatcher:
         self._workers_changed()
 
     def _close_parked(self, why: str) -> None:
-        if self._parked:
-            logger.warning("closing %d accepted connection(s) no worker could take: %s", len(self._parked), why)
-        while self._parked:
-            _, fd, _ = self._parked.popleft()
+        if self._router.parked:
+            logger.warning("closing %d accepted connection(s) no worker could take: %s", len(self._router.parked), why)
+        while self._router.parked:
+            _, fd, _ = self._router.parked.popleft()
             os.close(fd)
 
     def _shut_down(self) -> None:
@@ -538,7 +507,7 @@ class Dispatcher:
                     self._route(self._next_id, fd, client)
                 else:
                     intake.take(self._next_id, fd, listener.family, client)  # (its own errors close only this one)
-                if not self._accepting and (self._parked or not self._supervisor.stopping):
+                if not self._accepting and (self._router.parked or not self._supervisor.stopping):
                     break  # (a graceful stop drains the backlog while a slot can take connections)
         except OutOfDescriptors as exc:
             self._pause_accepting(exc)
@@ -567,12 +536,12 @@ class Dispatcher:
         self._update_accepting()
 
     def _route(self, conn_id: int, fd: int, client: ClientInfo) -> None:
-        slot = self._balancer.pick(client, self._workers, self._alive)
+        slot = self._router.pick(client)
         if slot is None:
-            self._parked.append((conn_id, fd, client))
+            self._router.parked.append((conn_id, fd, client))
             self._update_accepting()
             return
-        link = self._current[slot]
+        link = self._router.current[slot]
         link.owe((conn_id, fd, client))
         self._touched.add(link)
         if link.at_ceiling() and not link.no_room:
@@ -590,7 +559,7 @@ class Dispatcher:
 
     def _route_parked(self) -> None:
         """Route the parked connections, oldest first (those no slot takes stay parked, in order)."""
-        parked, self._parked = self._parked, deque()
+        parked, self._router.parked = self._router.parked, deque()
         for conn_id, fd, client in parked:
             self._route(conn_id, fd, client)
         self._update_accepting()
@@ -598,22 +567,7 @@ class Dispatcher:
     def _workers_changed(self) -> None:
         """Read the current links from the supervisor and recompute the alive set (parked ones route in ``_flush``)."""
         supervisor = self._supervisor
-        current = self._current
-        current.clear()
-        for slot, worker in supervisor.current.items():
-            link = self._links.get(worker)
-            if link is not None:
-                current[slot] = link
-        alive = tuple(
-            slot
-            for slot, link in sorted(current.items())
-            if link.takes_connections and supervisor.takes_connections(link.worker)
-        )
-        size = supervisor.size
-        if alive != self._workers.alive or size != self._workers.size:
-            self._workers = WorkerSet(size, alive, self._workers.connections)
-            self._alive = frozenset(alive)
-            self._balancer.workers_changed(self._workers)
+        alive = self._router.refresh(self._links)
         if self._keeper is not None and supervisor.started and not supervisor.stopping:
             # (until every slot's first worker is ready the program includes them all; stopping, it stays)
             self._keeper.follow(alive)
@@ -624,7 +578,7 @@ class Dispatcher:
         if self._supervisor.stopping:  # the listeners are closed or drained by the stop
             keeper.stop_checking()
             return False
-        checked = keeper.check(now, self._current)
+        checked = keeper.check(now, self._router.current)
         if checked.replace:
             self._watch({})  # their old sockets are closed: nothing of theirs stays in the selector
         for slot in checked.replace:
@@ -642,8 +596,8 @@ class Dispatcher:
     def _update_accepting(self) -> None:
         should = (
             not self._supervisor.stopping
-            and bool(self._workers.alive)
-            and not self._parked
+            and bool(self._router.workers.alive)
+            and not self._router.parked
             and self._accept_paused_until is None
         )
         self._accepting = should
@@ -679,7 +633,7 @@ class Dispatcher:
     def stats(self) -> dict[str, Any]:
         """Live figures (README, Stats); call on the loop's thread."""
         steering = "kernel" if self._steering is not None else "master"
-        return collect(self._supervisor, self._current, self._counters, self._next_id, steering)
+        return collect(self._supervisor, self._router.current, self._counters, self._next_id, steering)
 
     def stats_from_any_thread(self, timeout: float = 1.0) -> dict[str, Any]:
         if self._loop_thread in (None, threading.get_ident()):
@@ -856,8 +810,8 @@ class Dispatcher:
     def _forget_closed(self, link: Link, count: int) -> None:
         count = link.closed(count)
         slot = link.worker.slot
-        if self._current.get(slot) is link:
-            self._balancer.connections_closed(slot, count)
+        if self._router.current.get(slot) is link:
+            self._router.balancer.connections_closed(slot, count)
         if link.no_room and link.has_room_again():
             link.no_room = False  # rule 6: back once a tenth of its ceiling has closed
             self._workers_changed()
@@ -897,7 +851,7 @@ class Dispatcher:
                 len(owed),
             )
         link.live = max(0, link.live - len(owed))
-        self._parked.extend(owed)
+        self._router.parked.extend(owed)
 
     def _client_of(self, fd: int) -> ClientInfo:
         """A connection's client, asked of its socket (for descriptors read back that no frame accounts for)."""

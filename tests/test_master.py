@@ -40,7 +40,7 @@ class Setup:
         self.worker_ends = worker_ends
 
     def link(self, slot: int) -> Any:
-        return self.dispatcher._current[slot]
+        return self.dispatcher._router.current[slot]
 
     def write(self, slot: int, outbox: Outbox) -> None:
         """What a worker would write: all of ``outbox`` in one go."""
@@ -145,14 +145,14 @@ def test_hand_offs_a_dead_worker_never_read_are_routed_again_and_only_those(
         dispatcher._disconnect(link)
         dispatcher._read_back(link)
 
-    parked = list(dispatcher._parked)  # to route among the others at the end of this pass
+    parked = list(dispatcher._router.parked)  # to route among the others at the end of this pass
     assert [entry[0] for entry in parked] == [2, 3]
     assert [entry[2].host for entry in parked] == ["127.0.0.32", "127.0.0.33"]
     for (_, fd, _), (client, _) in zip(parked, pairs[2:], strict=True):
         with socket.socket(fileno=os.dup(fd)) as sock:
             assert sock.getpeername() == client.getsockname()  # each id came back with its own connection
     dispatcher._flush()  # routed to worker 1 (which closes the master's copies)
-    assert [call.args[0] for call in route.call_args_list] == [2, 3] and not dispatcher._parked
+    assert [call.args[0] for call in route.call_args_list] == [2, 3] and not dispatcher._router.parked
     assert "died while reading a hand-off; its 1 connection(s) are lost" in caplog.text
     assert "went away holding 2 connection(s) it had not taken; routing them again" in caplog.text
     assert link.worker.worker_end is None
