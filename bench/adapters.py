@@ -2,6 +2,10 @@
 
     python bench/adapters.py [--adapters http,aiohttp,...] [--rounds R] [--seconds S] [--connections C]
 
+The ASGI adapter is measured on uvicorn's fast stack (``asgi``: httptools and uvloop, what
+the ``[asgi]`` extra installs) and on its plain one (``asgi-h11``: h11 on asyncio), each
+against uvicorn alone on the same stack.
+
 Needs ``wrk`` (Debian: ``apt-get install wrk``) and the frameworks (``pip install -e '.[test]'``).
 
 This file is both the driver and the servers it measures (started with
@@ -40,7 +44,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
-ADAPTERS = ("http", "wsgi", "gunicorn", "asyncio", "aiohttp", "asgi", "tornado")
+ADAPTERS = ("http", "wsgi", "gunicorn", "asyncio", "aiohttp", "asgi", "asgi-h11", "tornado")
+# The ASGI rows: uvicorn's fast stack (httptools, uvloop: what the [asgi] extra installs and
+# uvicorn picks by itself) and its plain one (h11 on asyncio), the same on both sides.
+ASGI_STACKS = {"asgi": ("httptools", "uvloop"), "asgi-h11": ("h11", "asyncio")}
 BODY = b"Hello, world!"
 HOST = "127.0.0.1"
 
@@ -135,10 +142,11 @@ def serve_direct(adapter: str, port: int) -> None:
         from aiohttp import web
 
         web.run_app(aiohttp_app(), host=HOST, port=port, print=None, access_log=None)
-    elif adapter == "asgi":
+    elif adapter in ASGI_STACKS:
         import uvicorn
 
-        uvicorn.run(asgi_app, host=HOST, port=port, log_level="warning", access_log=False)
+        http, loop = ASGI_STACKS[adapter]
+        uvicorn.run(asgi_app, host=HOST, port=port, log_level="warning", access_log=False, http=http, loop=loop)
     elif adapter == "tornado":
 
         async def main() -> None:
@@ -185,10 +193,10 @@ def sticky_worker(adapter: str) -> Any:
         from sticky_server.adapters.aiohttp import AiohttpWorker
 
         return AiohttpWorker(aiohttp_app(), access_log=None)
-    if adapter == "asgi":
+    if adapter in ASGI_STACKS:
         from sticky_server.adapters.asgi import ASGIWorker
 
-        return ASGIWorker(asgi_app, log_level="warning", access_log=False)
+        return ASGIWorker(asgi_app, log_level="warning", access_log=False, http=ASGI_STACKS[adapter][0])
     from sticky_server.adapters.tornado import TornadoWorker
 
     return TornadoWorker(tornado_app())
@@ -203,6 +211,10 @@ def serve_sticky(adapter: str, port: int) -> None:
         sticky.on_listening(lambda address: print("READY", flush=True))
         sticky.listen(port, host=HOST)
     else:
+        if adapter in ASGI_STACKS and ASGI_STACKS[adapter][1] == "uvloop":
+            import uvloop
+
+            uvloop.install()  # as the command's --loop auto does
         sticky.work(sticky_worker(adapter))
 
 
