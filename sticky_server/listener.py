@@ -212,11 +212,11 @@ def bind_unix_listener(
     so no client connects through the umask's narrower one.
     """
     try:
-        mode = os.stat(path).st_mode
+        existing = os.stat(path).st_mode
     except FileNotFoundError:
         pass
     else:
-        if not stat.S_ISSOCK(mode):
+        if not stat.S_ISSOCK(existing):
             raise BindError(errno.EEXIST, f"cannot listen on unix:{path}: a file that is not a socket is there")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             try:
