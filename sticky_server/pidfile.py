@@ -50,18 +50,29 @@ def stats_file_of(pid_file: Path) -> Path:
     return pid_file.with_name(pid_file.name + ".stats")
 
 
-def write_file(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` through a private temporary file renamed over it (module docstring)."""
+def write_file(path: Path, text: str, locked: bool = False) -> int | None:
+    """Replace ``path`` with ``text`` through a private temporary file renamed over it (module docstring).
+
+    ``locked``: the file is locked (``flock``) before its name points at it, and the open
+    descriptor holding the lock is returned, to keep for as long as the lock should hold.
+    """
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(file.fileno(), 0o644)
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fchmod(fd, 0o644)
+        with open(fd, "w", closefd=False) as file:
             file.write(text)
         os.rename(temporary, path)
     except BaseException:
+        os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    if locked:
+        return fd
+    os.close(fd)
+    return None
 
 
 def read_own_file(path: Path, what: str) -> str:
@@ -126,18 +137,9 @@ def write_pid_file(path: Path) -> int:
         pid = None
     if pid is not None and pid != os.getpid() and master_holds(path):
         raise PidFileError(f"--pid {path}: a master (pid {pid}) is already running with this pid file; stop it first")
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # before the name points at it
-        os.fchmod(fd, 0o644)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.rename(temporary, path)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return fd
+    lock = write_file(path, f"{os.getpid()}\n", locked=True)
+    assert lock is not None
+    return lock
 
 
 def remove_pid_file(path: Path, lock: int | None = None) -> None:
