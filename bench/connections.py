@@ -137,8 +137,8 @@ def run_plain(port: int, processes: int) -> None:
 def run_reuseport_worker(port: int, processes: int) -> None:
     """``processes`` processes on SO_REUSEPORT, each accepting with the library's WorkerRuntime, no master."""
     sys.path.insert(0, str(HERE.parent))
-    from sticky_server.channel import WorkerChannel
-    from sticky_server.worker import WorkerRuntime
+    from sticky_server.protocol.messages import WorkerChannel
+    from sticky_server.worker.runtime import WorkerRuntime
 
     class Trivial:
         def add_connection(self, conn: socket.socket) -> None:

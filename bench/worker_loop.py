@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from connections import answer  # the trivial job of every server in bench/connections.py
 
-from sticky_server.channel import WorkerChannel
-from sticky_server.frames import FrameKind, encode, pack_ids
-from sticky_server.worker import WorkerRuntime
+from sticky_server.protocol.frames import FrameKind, encode, pack_ids
+from sticky_server.protocol.messages import WorkerChannel
+from sticky_server.worker.runtime import WorkerRuntime
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
 OPEN_CLIENT_ENDS = 64  # the feeder closes its ends of older connections beyond this many

@@ -5,7 +5,6 @@ default, consistently), and passes the connected socket to that worker over a
 Unix socket. See ``StickyServer``.
 """
 
-from .async_worker import AsyncWorker
 from .balancer import (
     Balancer,
     ClientInfo,
@@ -15,11 +14,12 @@ from .balancer import (
     RoundRobinBalancer,
     WorkerSet,
 )
-from .connections import client_address
 from .errors import BindError, PidFileError, ProtocolError, StickyServerError, WorkerBootError, WrongProcessError
 from .server import StickyServer, current_server
 from .settings import ServerSettings
-from .worker import Worker, time_left_to_stop
+from .worker.async_runtime import AsyncWorker
+from .worker.connections import client_address
+from .worker.runtime import Worker, time_left_to_stop
 
 __all__ = [
     "AsyncWorker",

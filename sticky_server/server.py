@@ -16,16 +16,14 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
-from . import channel
-from .async_worker import AsyncWorkerRuntime, is_async_worker
 from .balancer import Balancer, IPHashBalancer
-from .channel import DEFAULT_MAX_MESSAGE_SIZE, WorkerChannel
-from .environment import worker_identity
 from .errors import BindError, WrongProcessError
-from .hooks import Hooks
 from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, Bind, open_bind, parse_bind, validate_port
-from .master import Dispatcher
-from .proxy_hint import ProxyHint
+from .master.hooks import Hooks
+from .master.loop import Dispatcher
+from .master.supervisor import Supervisor
+from .protocol import messages as channel
+from .protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
 from .settings import (
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -36,8 +34,11 @@ from .settings import (
     user_id,
 )
 from .steering import KernelSteering, kernel_path_unavailable, open_kernel_steering
-from .supervisor import Supervisor
-from .worker import ConnectionHandler, WorkerRuntime, check_worker, exit_on_boot_failure
+from .worker.async_runtime import AsyncWorkerRuntime, is_async_worker
+from .worker.channel import WorkerChannel
+from .worker.environment import worker_identity
+from .worker.proxy_hint import ProxyHint
+from .worker.runtime import ConnectionHandler, WorkerRuntime, check_worker, exit_on_boot_failure
 
 __all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "current_server", "group_id", "user_id"]
 

@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .balancer import Balancer, balancer_from
-from .channel import DEFAULT_MAX_MESSAGE_SIZE
 from .checks import check_count, check_seconds
-from .frames import MAX_PAYLOAD
-from .intake import ClientAddressSettings
 from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, MAX_BACKLOG
+from .master.intake import ClientAddressSettings
+from .protocol.frames import MAX_PAYLOAD
+from .protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
 from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
 from .steering import STEERINGS
 

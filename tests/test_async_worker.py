@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from sticky_server import AsyncWorker, Worker
-from sticky_server.async_worker import AsyncWorkerRuntime, is_async_worker
-from sticky_server.channel import WorkerChannel, pack_delivery
-from sticky_server.frames import FrameKind, pack_ids
-from sticky_server.worker import WorkerRuntime
+from sticky_server.protocol.frames import FrameKind, pack_ids
+from sticky_server.protocol.messages import pack_delivery
+from sticky_server.worker.async_runtime import AsyncWorkerRuntime, is_async_worker
+from sticky_server.worker.channel import WorkerChannel
+from sticky_server.worker.runtime import WorkerRuntime
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
 

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from sticky_server.connections import ConnectionRecord, HandedOffSocket, ProxiedSocket, unmapped
+from sticky_server.worker.connections import ConnectionRecord, HandedOffSocket, ProxiedSocket, unmapped
 
 
 def test_the_sweep_counts_closed_and_reused_descriptors() -> None:

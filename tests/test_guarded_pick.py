@@ -8,7 +8,7 @@ import time
 import pytest
 
 from sticky_server.balancer import Balancer, ClientInfo, IPHashBalancer, WorkerSet
-from sticky_server.guarded_pick import GuardedBalancer
+from sticky_server.master.guarded_pick import GuardedBalancer
 
 ALIVE = WorkerSet(3, (0, 2), (0, 0, 0))
 CLIENT = ClientInfo("10.0.0.7", 4000)

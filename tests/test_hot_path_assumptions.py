@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from sticky_server.balancer import ClientInfo
-from sticky_server.frames import Frame, FrameKind
+from sticky_server.protocol.frames import Frame, FrameKind
 
 
 def test_client_info_is_the_four_field_tuple_the_master_builds() -> None:

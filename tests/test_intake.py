@@ -12,7 +12,7 @@ import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server.balancer import ClientInfo
-from sticky_server.intake import ClientAddressSettings, Intake
+from sticky_server.master.intake import ClientAddressSettings, Intake
 from sticky_server.proxy import TrustedProxies
 
 Routed = list[tuple[int, int, ClientInfo]]

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from sticky_server.link import BACKED_UP_QUEUE, Link
-from sticky_server.process import WorkerProcess
+from sticky_server.master.link import BACKED_UP_QUEUE, Link
+from sticky_server.master.process import WorkerProcess
 from sticky_server.steering.keeper import QUEUE_CHECK_INTERVAL, SteeringKeeper
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sticky_server.lockdown import lockdown_program
+from sticky_server.worker.lockdown import lockdown_program
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"),
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 CHILD = r"""
 import asyncio, errno, fcntl, json, os, socket, subprocess, threading
-from sticky_server.lockdown import lock_down_listeners, retire_listener
+from sticky_server.worker.lockdown import lock_down_listeners, retire_listener
 listener = socket.create_server(("127.0.0.1", 0), reuse_port=True)
 other = socket.create_server(("127.0.0.1", 0))
 results = {"locked": lock_down_listeners([listener.fileno()])}

@@ -18,16 +18,16 @@ from typing import Any
 import pytest
 from pytest_mock import MockerFixture
 
-from sticky_server import master as master_module
 from sticky_server.balancer import ClientInfo, IPHashBalancer
-from sticky_server.channel import encode, pack_publish, unpack_delivery
-from sticky_server.frames import MASTER_SENDS, FrameKind, pack_ids
-from sticky_server.frames import encode as encode_frame
-from sticky_server.master import Dispatcher
-from sticky_server.outbox import Outbox
-from sticky_server.process import WorkerProcess
-from sticky_server.supervisor import Supervisor
-from sticky_server.wire import FrameReader
+from sticky_server.master import loop as master_module
+from sticky_server.master.loop import Dispatcher
+from sticky_server.master.process import WorkerProcess
+from sticky_server.master.supervisor import Supervisor
+from sticky_server.protocol.frames import MASTER_SENDS, FrameKind, pack_ids
+from sticky_server.protocol.frames import encode as encode_frame
+from sticky_server.protocol.messages import encode, pack_publish, unpack_delivery
+from sticky_server.protocol.outbox import Outbox
+from sticky_server.protocol.wire import FrameReader
 
 from .worker_harness import tcp_pair
 
@@ -77,7 +77,7 @@ def setup(mocker: MockerFixture) -> Iterator[Setup]:
     dispatcher = Dispatcher([], supervisor, IPHashBalancer())
     dispatcher._carry_out(supervisor.boot())
     yield Setup(dispatcher, worker_ends)
-    for link in list(dispatcher._links.values()):
+    for link in list(dispatcher._router.links.values()):
         link.worker.control.close()
     for sock in worker_ends.values():
         sock.close()
@@ -94,13 +94,13 @@ def test_a_flood_of_publishes_is_relayed_a_slice_at_a_time(setup: Setup, mocker:
     dispatcher, sender = setup.dispatcher, setup.link(0)
     setup.write(0, publishes(range(100)))
 
-    assert dispatcher._read_link(sender, 0.0)  # one frame per slice: the test counts, not times
+    assert dispatcher._traffic.read(sender, 0.0)  # one frame per slice: the test counts, not times
     dispatcher._flush()
     # One frame handled; the other 99 wait, and the loop will not sleep while they do.
     assert setup.received(1) == [0]
     assert dispatcher._select_timeout() == 0.0
     for _ in range(99):
-        dispatcher._read_link(sender, 0.0)  # one frame per slice: the test counts, not times
+        dispatcher._traffic.read(sender, 0.0)  # one frame per slice: the test counts, not times
     dispatcher._flush()
     assert setup.received(1) == list(range(1, 100))  # the rest, in order
     assert dispatcher._select_timeout() is None  # nothing left: the loop may sleep again
@@ -114,7 +114,7 @@ def test_frames_read_before_a_worker_closed_are_all_handled(setup: Setup, mocker
     setup.worker_ends[0].close()
 
     while sender.connected:
-        dispatcher._read_link(sender, 0.0)  # one frame per slice: the test counts, not times
+        dispatcher._traffic.read(sender, 0.0)  # one frame per slice: the test counts, not times
     dispatcher._flush()
     # Once the close was seen, what came before it was handled whole: every message relayed.
     assert setup.received(1) == list(range(20))
@@ -131,7 +131,7 @@ def test_hand_offs_a_dead_worker_never_read_are_routed_again_and_only_those(
     pairs = [tcp_pair(f"127.0.0.{30 + n}") for n in range(4)]
     for conn_id, (client, accepted) in enumerate(pairs):  # four passes of the loop: four frames
         link.pending.append((conn_id, accepted.detach(), ClientInfo(*client.getsockname())))
-        dispatcher._touched.add(link)
+        dispatcher._traffic.touched.add(link)
         dispatcher._flush()
     frame_size = len(encode_frame(FrameKind.HANDOFF, pack_ids([0]), 1))
     # The worker reads the first hand-off whole and 2 bytes of the second, then dies.
@@ -142,8 +142,8 @@ def test_hand_offs_a_dead_worker_never_read_are_routed_again_and_only_those(
     route = mocker.spy(dispatcher, "_route")
 
     with caplog.at_level(logging.WARNING, logger="sticky_server"):
-        dispatcher._disconnect(link)
-        dispatcher._read_back(link)
+        dispatcher._traffic.close(link)
+        dispatcher._traffic.read_back(link)
 
     parked = list(dispatcher._router.parked)  # to route among the others at the end of this pass
     assert [entry[0] for entry in parked] == [2, 3]
@@ -167,12 +167,12 @@ def test_hand_offs_not_sent_yet_are_routed_again_when_the_link_closes(setup: Set
             link.worker.control.send(encode_frame(FrameKind.PING))  # a worker that stopped reading
     client, accepted = tcp_pair("127.0.0.40")
     link.pending.append((9, accepted.detach(), ClientInfo(*client.getsockname())))
-    dispatcher._touched.add(link)
+    dispatcher._traffic.touched.add(link)
     dispatcher._flush()
     assert link.outbox.queued_fds == 1  # could not go: still the master's
     route = mocker.spy(dispatcher, "_route")
 
-    dispatcher._disconnect(link)
+    dispatcher._traffic.close(link)
     dispatcher._flush()
 
     (call,) = route.call_args_list

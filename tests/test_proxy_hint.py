@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from sticky_server.proxy import may_be_http
-from sticky_server.proxy_hint import SAMPLE, ProxyHint
+from sticky_server.worker.proxy_hint import SAMPLE, ProxyHint
 
 
 @pytest.fixture

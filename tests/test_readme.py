@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from sticky_server import Balancer, ClientInfo, WorkerSet, environment
+from sticky_server import Balancer, ClientInfo, WorkerSet
+from sticky_server.worker import environment
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()

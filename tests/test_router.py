@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet
-from sticky_server.link import Link
-from sticky_server.process import WorkerProcess, WorkerState
-from sticky_server.router import Router
+from sticky_server.master.link import Link
+from sticky_server.master.process import WorkerProcess, WorkerState
+from sticky_server.master.router import Router
 
 
 class FakeSupervisor:
@@ -56,32 +56,59 @@ def world() -> Iterator[tuple[FakeSupervisor, dict[WorkerProcess, Link]]]:
         sock.close()
 
 
-def test_the_alive_set_follows_the_links_and_the_supervisor(
-    world: tuple[FakeSupervisor, dict[WorkerProcess, Link]],
-) -> None:
+def make_router(world: World, balancer: IPHashBalancer) -> Router:
     supervisor, links = world
-    balancer = Recording()
     router = Router(supervisor, balancer)  # type: ignore[arg-type]
-    assert router.refresh(links) == (0, 1, 2) and balancer.told == [(0, 1, 2)]
-    assert router.refresh(links) == (0, 1, 2) and len(balancer.told) == 1  # no change: not told again
+    router.links.update(links)
+    return router
+
+
+def test_the_alive_set_follows_the_links_and_the_supervisor(world: World) -> None:
+    supervisor, _ = world
+    balancer = Recording()
+    router = make_router(world, balancer)
+    assert router.workers.alive == (0, 1, 2) and balancer.told == [(0, 1, 2)]
+    router.mark_dirty()
+    assert router.workers.alive == (0, 1, 2) and len(balancer.told) == 1  # no change: not told again
+    generation = router.generation
     link_1 = router.current[1]
-    link_1.full = True  # rule 3
-    assert router.refresh(links) == (0, 2) and balancer.told[-1] == (0, 2)
+    link_1.full = True  # as Link.route sets it (rule 3); whoever applied the event tells the router
+    router.changed(link_1)
+    assert router.alive == {0, 2} and balancer.told[-1] == (0, 2) and router.generation == generation + 1
     supervisor.current[2].state = WorkerState.STARTING  # not one the supervisor routes to
-    assert router.refresh(links) == (0,)
+    router.mark_dirty()  # (the loop does after every supervisor decision)
     client = ClientInfo("10.0.0.1", 1)
-    assert router.pick(client) == 0
+    assert router.pick(client) == 0  # recomputed before the pick
     link_1.full = False
     supervisor.current[2].state = WorkerState.READY
-    assert router.refresh(links) == (0, 1, 2)
+    router.mark_dirty()
+    assert router.workers.alive == (0, 1, 2)
     link_1.live = 7
     assert list(router.workers.connections) == [0, 7, 0]  # a view of the links, never copied
 
 
+def test_routing_owes_the_connection_to_its_link_and_says_when_the_link_leaves_routing(world: World) -> None:
+    router = make_router(world, IPHashBalancer())
+    client = ClientInfo("10.0.0.1", 1)
+    slot = router.pick(client)
+    assert slot is not None
+    link = router.current[slot]
+    link.ready(64)  # a ceiling of 32
+    for n in range(31):
+        assert router.route((n, -1, client)) is link
+    assert slot in router.alive
+    assert router.route((31, -1, client)) is link  # its 32nd: at the ceiling (rule 6)
+    assert slot not in router.alive and router.pick(client) != slot  # the next goes to its next choice
+    router.closed(link, 4)  # a tenth of 32 (3) closed: back
+    assert slot in router.alive
+    link.pending.clear()  # (fake descriptors)
+
+
 def test_nothing_alive_parks(world: World) -> None:
-    supervisor, links = world
-    router = Router(supervisor, IPHashBalancer())  # type: ignore[arg-type]
+    supervisor, _ = world
+    router = make_router(world, IPHashBalancer())
     for worker in supervisor.current.values():
         worker.state = WorkerState.STARTING
-    assert router.refresh(links) == ()
-    assert router.pick(ClientInfo("10.0.0.1", 1)) is None
+    router.mark_dirty()
+    assert router.route((1, -1, ClientInfo("10.0.0.1", 1))) is None
+    assert [entry[0] for entry in router.parked] == [1]

@@ -16,9 +16,9 @@ from sticky_server import (
     StickyServer,
     WrongProcessError,
     current_server,
-    environment,
 )
-from sticky_server.environment import CONTROL_FD_ENV, WORKER_SLOT_ENV
+from sticky_server.protocol.environment import CONTROL_FD_ENV, WORKER_SLOT_ENV
+from sticky_server.worker import environment
 
 
 @pytest.fixture

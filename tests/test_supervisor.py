@@ -13,8 +13,8 @@ import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server.errors import WorkerBootError
-from sticky_server.process import WorkerProcess, WorkerState, describe_exit, describe_spawn_error, entry_command
-from sticky_server.supervisor import (
+from sticky_server.master.process import WorkerProcess, WorkerState, describe_exit, describe_spawn_error, entry_command
+from sticky_server.master.supervisor import (
     ABORT_GRACE,
     BACKOFF_FIRST,
     BACKOFF_MAX,

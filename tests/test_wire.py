@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sticky_server.errors import ProtocolError
-from sticky_server.frames import (
+from sticky_server.protocol.frames import (
     HEADER,
     LOST_FD,
     MASTER_SENDS,
@@ -30,8 +30,8 @@ from sticky_server.frames import (
     unpack_addressed,
     unpack_ids,
 )
-from sticky_server.outbox import Outbox
-from sticky_server.wire import FrameReader, read_back, unread_bytes
+from sticky_server.protocol.outbox import Outbox
+from sticky_server.protocol.wire import FrameReader, read_back, unread_bytes
 
 
 @pytest.fixture
@@ -528,7 +528,7 @@ def test_read_back_descriptors_that_match_no_frame_are_refused() -> None:
 
 
 def test_count_payloads_are_one_u32_and_nothing_else() -> None:
-    from sticky_server.frames import pack_count, unpack_count
+    from sticky_server.protocol.frames import pack_count, unpack_count
 
     assert pack_count(7) == b"\x00\x00\x00\x07"
     assert unpack_count(Frame(FrameKind.CLOSED, pack_count(2**32 - 1), ())) == 2**32 - 1

@@ -16,12 +16,13 @@ import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server import Worker
-from sticky_server.async_worker import AsyncWorkerRuntime
-from sticky_server.channel import EARLY_FLUSH_BYTES, WorkerChannel, pack_delivery
-from sticky_server.frames import WORKER_SENDS, Frame, FrameKind, pack_ids
-from sticky_server.outbox import Outbox
-from sticky_server.wire import FrameReader
-from sticky_server.worker import ORPHAN_EXIT_SECONDS, WorkerRuntime, check_worker
+from sticky_server.protocol.frames import WORKER_SENDS, Frame, FrameKind, pack_ids
+from sticky_server.protocol.messages import EARLY_FLUSH_BYTES, pack_delivery
+from sticky_server.protocol.outbox import Outbox
+from sticky_server.protocol.wire import FrameReader
+from sticky_server.worker.async_runtime import AsyncWorkerRuntime
+from sticky_server.worker.channel import WorkerChannel
+from sticky_server.worker.runtime import ORPHAN_EXIT_SECONDS, WorkerRuntime, check_worker
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
 
@@ -89,7 +90,7 @@ def test_add_connection_raising_is_logged_and_that_socket_closed(
 
 
 def test_master_gone_stops_the_worker_and_arms_the_exit_timer(master: Master, mocker: MockerFixture) -> None:
-    exit_soon = mocker.patch("sticky_server.worker.exit_soon")
+    exit_soon = mocker.patch("sticky_server.worker.runtime.exit_soon")
     worker = Recorder()
     thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=1))
     master.next_frame()
@@ -279,7 +280,7 @@ def test_a_worker_whose_handlers_fall_behind_drops_its_oldest_messages(
     master: Master, mocker: MockerFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     frame_payload = len(pack_delivery(None, b"10"))
-    mocker.patch("sticky_server.worker.MAX_QUEUED_MESSAGE_BYTES", 5 * frame_payload)
+    mocker.patch("sticky_server.worker.runtime.MAX_QUEUED_MESSAGE_BYTES", 5 * frame_payload)
     worker = Recorder()
     channel = WorkerChannel(master.worker_end)
     seen: list[object] = []
@@ -348,8 +349,8 @@ def test_kernel_path_worker_accepts_from_its_own_listener_and_reports_it(master:
 
 
 def test_out_of_descriptors_pauses_every_listener_once_and_resumes(master: Master, mocker: MockerFixture) -> None:
-    from sticky_server import worker as worker_module
     from sticky_server.listener import OutOfDescriptors, accept_waiting
+    from sticky_server.worker import runtime as worker_module
 
     failures = [OutOfDescriptors(24, "Too many open files")] * 2
 

@@ -8,9 +8,9 @@ import socket
 import threading
 from collections.abc import Callable
 
-from sticky_server.frames import WORKER_SENDS, Frame, FrameKind
-from sticky_server.outbox import Outbox
-from sticky_server.wire import FrameReader
+from sticky_server.protocol.frames import WORKER_SENDS, Frame, FrameKind
+from sticky_server.protocol.outbox import Outbox
+from sticky_server.protocol.wire import FrameReader
 
 
 class Master:

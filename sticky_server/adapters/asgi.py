@@ -27,8 +27,8 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "asgi") from exc
 
-from ..async_worker import AsyncWorker
 from ..server import trusted_forwarders
+from ..worker.async_runtime import AsyncWorker
 from ._stopping import shutdown_budget
 
 __all__ = ["PROCESS_OPTIONS", "ASGIWorker"]

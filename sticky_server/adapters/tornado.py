@@ -28,8 +28,8 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "tornado") from exc
 
-from ..async_worker import AsyncWorker
-from ..connections import client_address
+from ..worker.async_runtime import AsyncWorker
+from ..worker.connections import client_address
 from ._stopping import shutdown_budget
 
 __all__ = ["TornadoWorker"]

@@ -41,8 +41,8 @@ import time
 from typing import Any
 
 from ..checks import check_count, check_seconds
-from ..connections import unmapped
 from ..server import StickyServer, trusted_forwarders
+from ..worker.connections import unmapped
 from .stdlib import SocketServerWorker
 from .stdlib import WSGIWorker as WsgirefWorker
 

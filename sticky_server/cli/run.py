@@ -29,14 +29,14 @@ from typing import Any
 
 from ..adapters._extras import MissingExtraError
 from ..balancer import BALANCERS, Balancer
-from ..environment import worker_identity
 from ..errors import PidFileError, StickyServerError
 from ..listener import DEFAULT_UNIX_SOCKET_MODE, parse_bind
-from ..metrics import MetricsServer
-from ..pidfile import remove_pid_file, stats_file_of, stats_writer, write_pid_file
+from ..master.metrics import MetricsServer
+from ..master.pidfile import remove_pid_file, stats_file_of, stats_writer, write_pid_file
 from ..server import StickyServer
 from ..settings import ServerSettings
-from ..worker import EXIT_BOOT_FAILURE
+from ..worker.environment import worker_identity
+from ..worker.runtime import EXIT_BOOT_FAILURE
 from .boot_report import boot_report_file, first_to_report
 from .gunicorn_hooks import HookServer, HookWorker, run_hook
 from .options import UsageError, build_parser

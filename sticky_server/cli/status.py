@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import PidFileError
 from ..listener import parse_bind
-from ..pidfile import master_holds, read_own_file, read_pid, stats_file_of
+from ..master.pidfile import master_holds, read_own_file, read_pid, stats_file_of
 
 __all__ = ["STATUS_WAIT_SECONDS", "status"]
 

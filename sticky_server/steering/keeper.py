@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from ..throttle import ThrottledLog
+from ..util.throttle import ThrottledLog
 from . import KernelSteering
 
 __all__ = ["QUEUE_CHECK_INTERVAL", "Checked", "SteeringKeeper"]

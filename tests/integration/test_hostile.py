@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sticky_server.frames import HEADER, FrameKind, pack_count
+from sticky_server.protocol.frames import HEADER, FrameKind, pack_count
 
 from .conftest import StartApp
 from .harness import (

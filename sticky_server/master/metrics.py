@@ -23,9 +23,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .listener import Bind
+from ..listener import Bind
+from ..util.throttle import ThrottledLog
 from .status_page import RecentProblems, StatusPage
-from .throttle import ThrottledLog
 
 __all__ = ["MAX_SCRAPES", "READ_TIMEOUT", "MetricsServer", "process_figures", "render"]
 

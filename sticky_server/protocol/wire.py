@@ -51,7 +51,7 @@ import termios
 import threading
 from collections.abc import Iterable, Sequence
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 from .frames import CARRIES_FDS, HEADER, KIND_BY_VALUE, LOST_FD, MAX_FDS_PER_FRAME, MAX_PAYLOAD, Frame, FrameKind
 
 __all__ = ["ANCILLARY_BYTES", "FrameReader", "close_all", "read_back", "unread_bytes"]

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 from .frames import Frame, FrameKind, decode_whole, encode, split_frames
 
 __all__ = ["GATHER_BYTES", "GATHER_FRAMES", "DropOldestQueue", "Outbox"]

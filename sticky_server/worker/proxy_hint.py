@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies, canonical_ip, forwarded_addresses
+from ..proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies, canonical_ip, forwarded_addresses
 
 __all__ = ["SAMPLE", "ProxyHint"]
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .environment import CONTROL_FD_ENV, LISTENER_FDS_ENV, WORKER_SLOT_ENV
+from ..protocol.environment import CONTROL_FD_ENV, LISTENER_FDS_ENV, WORKER_SLOT_ENV
 
 __all__ = ["WorkerProcess", "WorkerState", "describe_exit", "describe_spawn_error", "entry_command", "spawn_worker"]
 

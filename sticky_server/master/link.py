@@ -18,14 +18,19 @@ Counters, one meaning each:
 | ``unread()`` | pending + queued + sent-but-maybe-unread: what the worker has not taken yet, at most |
 
 Whether the link takes new connections is ``takes_connections`` (the worker's
-lifecycle, ``supervisor.Supervisor.takes_connections``, decides the rest):
+lifecycle, ``supervisor.Supervisor.takes_connections``, decides the rest). The link
+owns these conditions: each event is a method that applies it and says whether the
+link's routability changed, so the router is told (``Router.changed``) by whoever
+applied the event, and nothing else writes them.
 
-| condition | set when | cleared when |
+| condition | set by | cleared by |
 |---|---|---|
-| not ``connected`` | the control socket closed or broke | never: a new process gets a new link |
-| ``full`` | ``unread()`` reached ``MAX_QUEUED`` (rule 3) | it is back to half that |
-| ``no_room`` | ``live`` reached ``max_live``, its descriptor ceiling (rule 6) | a tenth of the ceiling closed |
-| ``backed_up`` | kernel path: connections pile up on its listener (rule 7) | the worker is heard from again |
+| not ``connected`` | ``close`` | never: a new process gets a new link |
+| ``full`` (rule 3) | ``route``: ``MAX_QUEUED`` not taken | ``sent``, ``caught_up``: half that |
+| ``no_room`` (rule 6) | ``route``, ``accepted_itself``: ``live`` reached ``max_live``; ``lost_at_limit`` | ``closed``: a tenth |
+| ``backed_up`` (rule 7) | ``look_at_queue``: its listeners' queue grows | ``heard_since_backed_up`` |
+
+(The rules are the master's, ``master.loop``.)
 """
 
 from __future__ import annotations
@@ -35,14 +40,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .balancer import ClientInfo
-from .errors import ProtocolError
-from .frames import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, pack_addressed, pack_ids
-from .outbox import Outbox
+from ..balancer import ClientInfo
+from ..errors import ProtocolError
+from ..protocol.frames import MAX_FDS_PER_FRAME, WORKER_SENDS, Frame, FrameKind, pack_addressed, pack_ids
+from ..protocol.outbox import Outbox
+from ..protocol.wire import FrameReader, unread_bytes
 from .process import WorkerProcess
-from .wire import FrameReader, unread_bytes
 
-__all__ = ["BACKED_UP_QUEUE", "MAX_QUEUED", "Link", "Owed", "descriptor_headroom"]
+__all__ = ["BACKED_UP_QUEUE", "FULL", "MAX_QUEUED", "NO_ROOM", "Link", "Owed", "descriptor_headroom"]
 
 # Rule 3: a worker with this many connections it has not taken is routed around.
 MAX_QUEUED = 1024
@@ -52,6 +57,10 @@ BACKED_UP_QUEUE = 128
 # plus a burst (a report may cover a whole accept burst after a pause).
 MAX_ACCEPT_RATE = 1_000_000  # connections a second
 ACCEPT_BURST_SLACK = 65_536
+
+# What took a link out of routing (``Link.route`` and the other events), as bits.
+FULL = 1  # rule 3
+NO_ROOM = 2  # rule 6
 
 Owed = tuple[int, int, ClientInfo]  # (connection id, descriptor, what the balancer was told)
 
@@ -78,7 +87,7 @@ class Link:
     outbox: Outbox = field(default_factory=Outbox)
     # routed here during this pass of the loop, not yet in a frame
     pending: list[Owed] = field(default_factory=list)
-    # frames read from the worker and not yet handled (see Dispatcher._handle_frames)
+    # frames read from the worker and not yet handled (see Traffic.read)
     unhandled: deque[Frame] = field(default_factory=deque)
     taken: int = 0
     accepted: int = 0
@@ -100,21 +109,104 @@ class Link:
     def takes_connections(self) -> bool:
         return self.connected and not self.full and not self.no_room and not self.backed_up
 
-    def owe(self, entry: Owed) -> None:
-        """A connection routed here: pending until ``frame_pending``, live until the worker says it closed."""
-        self.pending.append(entry)
-        self.live += 1
-
-    def unread(self, ask_kernel: bool = False) -> int:
-        """Connections routed here that the worker has not read, at most (exactly just after ``ask_kernel``)."""
-        outbox = self.outbox
-        if ask_kernel and self.worker.worker_end is not None and outbox.sent_hand_offs:
-            outbox.forget_read(unread_bytes(self.worker.worker_end))
-        return len(self.pending) + outbox.queued_fds + outbox.unconfirmed_fds
-
     @property
     def pid(self) -> int:
         return self.worker.pid
+
+    # --- events: each says whether it changed the link's routability ------------
+
+    def route(self, entry: Owed) -> int:
+        """A connection routed here: pending until ``frame_pending``, live until the worker says it closed.
+
+        Returns what took the link out of routing (``NO_ROOM`` at its descriptor
+        ceiling, rule 6; ``FULL`` at ``MAX_QUEUED`` not taken, rule 3), or 0.
+        """
+        self.pending.append(entry)
+        self.live += 1
+        left = 0
+        max_live = self.max_live
+        if max_live is not None and self.live >= max_live and not self.no_room:
+            self.no_room = True
+            left = NO_ROOM
+        if not self.full and self.unread() >= MAX_QUEUED and self.unread(ask_kernel=True) >= MAX_QUEUED:
+            self.full = True
+            left |= FULL
+        return left
+
+    def sent(self) -> tuple[int, bool]:
+        """How many hand-offs went out since the last call (rule 1: they are the worker's now); True when
+        that brought a full link back to half ``MAX_QUEUED`` (rule 3)."""
+        sent = self.outbox.sent_fds - self.taken
+        self.taken += sent
+        if self.full and self.unread() <= MAX_QUEUED // 2:
+            self.full = False
+            return sent, True
+        return sent, False
+
+    def caught_up(self) -> bool:
+        """Rule 3, looked at while full (a worker says nothing when it reads): True when it is back to half."""
+        if self.full and self.connected and self.unread(ask_kernel=True) <= MAX_QUEUED // 2:
+            self.full = False
+            return True
+        return False
+
+    def ready(self, descriptor_limit: int) -> None:
+        """The worker said READY with its descriptor limit (0: none known); a second READY is a lie
+        (hooks would run again): ProtocolError."""
+        if self.said_ready:
+            raise ProtocolError("READY sent twice")
+        self.said_ready = True
+        self.descriptor_limit = descriptor_limit
+        self.max_live = descriptor_headroom(descriptor_limit)
+
+    def closed(self, count: int) -> tuple[int, bool]:
+        """The worker reported ``count`` connections closed: how many of them were counted live, and True
+        when that gave it room again (rule 6: a tenth of its ceiling closed)."""
+        count = min(count, self.live)
+        self.live -= count
+        if self.no_room and self.has_room_again():
+            self.no_room = False
+            return count, True
+        return count, False
+
+    def lost_at_limit(self, lost: int) -> tuple[int, int]:
+        """NO_ROOM ``lost``: the kernel closed hand-offs the worker had no descriptor for (rule 6).
+
+        Its ceiling becomes what it holds now. Returns how many were counted live,
+        and ``NO_ROOM`` when that takes it out of routing (else 0). More than it was
+        given is a lie: ProtocolError.
+        """
+        if lost > self.live:
+            raise ProtocolError(f"NO_ROOM {lost} is more connections than the worker holds ({self.live})")
+        counted, _ = self.closed(lost)
+        held = max(1, self.live - self.unread(ask_kernel=True))
+        if self.max_live is None or held < self.max_live:
+            self.max_live = held
+        if self.live >= self.max_live and not self.no_room:
+            self.no_room = True
+            return counted, NO_ROOM
+        return counted, 0
+
+    def accepted_itself(self, count: int, now: float) -> int:
+        """Kernel path: the worker accepted ``count`` from its own listener (they count as handed off and
+        live); ``NO_ROOM`` when that reaches its ceiling. More than it could have is a lie: ProtocolError."""
+        believable = ACCEPT_BURST_SLACK + MAX_ACCEPT_RATE * max(0.0, now - self.accepts_reported_at)
+        if count > believable:
+            raise ProtocolError(f"ACCEPTED {count} is more than a worker can accept in the time since its last report")
+        self.accepts_reported_at = now
+        self.accepted += count
+        self.live += count
+        if self.at_ceiling() and not self.no_room:
+            self.no_room = True
+            return NO_ROOM
+        return 0
+
+    def due_for_recycling(self) -> bool:
+        """True once, when it has taken ``recycle_after`` connections (max_connections_per_worker)."""
+        if self.recycle_after is None or self.recycling or self.taken + self.accepted < self.recycle_after:
+            return False
+        self.recycling = True
+        return True
 
     def look_at_queue(self, length: int, now: float) -> bool:
         """Rule 7: ``length`` connections wait on its listeners now; True when that makes it backed up.
@@ -135,25 +227,18 @@ class Link:
             return True
         return False
 
-    def ready(self) -> None:
-        """The worker said READY; a second time is a lie (hooks would run again): ProtocolError."""
-        if self.said_ready:
-            raise ProtocolError("READY sent twice")
-        self.said_ready = True
+    # --- what it owes ------------------------------------------------------------
 
-    def take_accepted(self, count: int, now: float) -> None:
-        """Kernel path: the worker accepted ``count`` from its own listener; more than it could have is a lie."""
-        believable = ACCEPT_BURST_SLACK + MAX_ACCEPT_RATE * max(0.0, now - self.accepts_reported_at)
-        if count > believable:
-            raise ProtocolError(f"ACCEPTED {count} is more than a worker can accept in the time since its last report")
-        self.accepts_reported_at = now
-        self.accepted += count
-        self.live += count
+    def gave_back(self, count: int) -> None:
+        """``count`` connections it owed went back to the router to be routed again (rule 2): not live here."""
+        self.live = max(0, self.live - count)
 
-    def check_lost(self, count: int) -> None:
-        """NO_ROOM ``count``: no more than the connections it was given and holds."""
-        if count > self.live:
-            raise ProtocolError(f"NO_ROOM {count} is more connections than the worker holds ({self.live})")
+    def unread(self, ask_kernel: bool = False) -> int:
+        """Connections routed here that the worker has not read, at most (exactly just after ``ask_kernel``)."""
+        outbox = self.outbox
+        if ask_kernel and self.worker.worker_end is not None and outbox.sent_hand_offs:
+            outbox.forget_read(unread_bytes(self.worker.worker_end))
+        return len(self.pending) + outbox.queued_fds + outbox.unconfirmed_fds
 
     def at_ceiling(self) -> bool:
         return self.max_live is not None and self.live >= self.max_live
@@ -161,12 +246,6 @@ class Link:
     def has_room_again(self) -> bool:
         """A tenth of the ceiling closed since it was reached (rule 6)."""
         return self.max_live is not None and self.live <= self.max_live - max(1, self.max_live // 10)
-
-    def closed(self, count: int) -> int:
-        """The worker reported ``count`` connections closed; return how many of them were counted live."""
-        count = min(count, self.live)
-        self.live -= count
-        return count
 
     def frame_pending(self, addressed: bool, unpackable: Callable[[Owed, BaseException], None]) -> None:
         """Put the pending connections into hand-off frames, in order (with their addresses when ``addressed``).
@@ -198,12 +277,6 @@ class Link:
             unpackable(entry, exc)
             return False
         return True
-
-    def count_sent(self) -> int:
-        """How many hand-offs went out since the last call (rule 1: they are the worker's now)."""
-        sent = self.outbox.sent_fds - self.taken
-        self.taken += sent
-        return sent
 
     def close(self) -> list[Owed]:
         """Close the master's end; return every connection owed that was not sent (rule 2), in order."""

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import PidFileError
+from ..errors import PidFileError
 
 __all__ = [
     "master_holds",

@@ -56,8 +56,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .environment import LAUNCH_CWD
-from .errors import WorkerBootError
+from ..errors import WorkerBootError
+from ..protocol.environment import LAUNCH_CWD
 from .process import WorkerProcess, WorkerState, describe_exit, describe_spawn_error, entry_command, spawn_worker
 
 __all__ = [

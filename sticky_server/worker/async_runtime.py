@@ -29,10 +29,10 @@ import socket
 import ssl
 from typing import Any
 
+from ..listener import ACCEPT_BACKOFF
+from ..util.signals import SignalQueue
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD
-from .listener import ACCEPT_BACKOFF
-from .signals import SignalQueue
-from .worker import _GRACEFUL_SIGNALS, _QUICK_SIGNALS, WorkerRuntime, _describe_peer
+from .runtime import _GRACEFUL_SIGNALS, _QUICK_SIGNALS, WorkerRuntime, _describe_peer
 
 __all__ = ["AsyncWorker", "AsyncWorkerRuntime", "is_async_worker"]
 

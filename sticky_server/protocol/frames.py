@@ -22,7 +22,7 @@ import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 __all__ = [
     "CARRIES_FDS",

@@ -1,4 +1,4 @@
-"""How a worker process learns that it is one: the variables the master sets when it spawns it.
+"""How a worker process learns that it is one: the variables the master set (``protocol.environment``).
 
 The master re-executes the entry script with two extra environment variables: the
 number of the inherited control-socket descriptor and the worker's slot; on the
@@ -22,27 +22,14 @@ import socket
 import sys
 from typing import NamedTuple
 
-from .errors import WrongProcessError
+from ..errors import WrongProcessError
+from ..protocol.environment import CONTROL_FD_ENV, LISTENER_FDS_ENV, WORKER_SLOT_ENV
 from .lockdown import lock_down_listeners
 
-__all__ = [
-    "CONTROL_FD_ENV",
-    "LAUNCH_CWD",
-    "LISTENER_FDS_ENV",
-    "WORKER_SLOT_ENV",
-    "WorkerIdentity",
-    "make_undumpable",
-    "worker_identity",
-]
+__all__ = ["WorkerIdentity", "make_undumpable", "worker_identity"]
 
 logger = logging.getLogger("sticky_server.environment")
 
-CONTROL_FD_ENV = "STICKY_SERVER_CONTROL_FD"
-WORKER_SLOT_ENV = "STICKY_SERVER_WORKER_SLOT"
-LISTENER_FDS_ENV = "STICKY_SERVER_LISTENER_FDS"
-# Workers are started in the directory the program was started in, so that a
-# relative script path or `-m package` resolves the same way in every worker.
-LAUNCH_CWD = os.getcwd()
 _PR_SET_DUMPABLE = 4  # linux/prctl.h
 
 

@@ -56,19 +56,20 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, runtime_checkable
 
-from . import channel as channel_codec
-from .channel import DROP_LOG_INTERVAL, MAX_QUEUED_MESSAGE_BYTES, WorkerChannel
+from ..errors import ProtocolError
+from ..listener import ACCEPT_BACKOFF, ACCEPT_BURST, OutOfDescriptors, accept_waiting
+from ..protocol import messages as channel_codec
+from ..protocol.frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
+from ..protocol.messages import DROP_LOG_INTERVAL, MAX_QUEUED_MESSAGE_BYTES
+from ..protocol.outbox import DropOldestQueue
+from ..protocol.wire import FrameReader
+from ..util.signals import SignalQueue
+from ..util.slices import SLICE_SECONDS, run_for
+from ..util.throttle import ThrottledLog
+from .channel import WorkerChannel
 from .connections import CLOSE_SWEEP_INTERVAL, RECORD, HandedOffSocket, ProxiedSocket
-from .errors import ProtocolError
-from .frames import ID_BYTES, LOST_FD, MASTER_SENDS, Frame, FrameKind, pack_count, unpack_addressed
-from .listener import ACCEPT_BACKOFF, ACCEPT_BURST, OutOfDescriptors, accept_waiting
 from .lockdown import retire_listener
-from .outbox import DropOldestQueue
 from .proxy_hint import ProxyHint
-from .signals import SignalQueue
-from .slices import SLICE_SECONDS, run_for
-from .throttle import ThrottledLog
-from .wire import FrameReader
 
 __all__ = [
     "EXIT_BOOT_FAILURE",

@@ -34,7 +34,7 @@ import struct
 import sys
 from collections.abc import Sequence
 
-from .steering.bpf import Instruction
+from ..steering.bpf import Instruction
 
 __all__ = ["lock_down_listeners", "lockdown_program", "retire_listener"]
 

@@ -44,8 +44,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from .balancer import ClientInfo
-from .proxy import (
+from ..balancer import ClientInfo
+from ..proxy import (
     ForwardedHeaderError,
     ProxyHeader,
     ProxyHeaderError,
@@ -56,7 +56,7 @@ from .proxy import (
     parse_proxy_header,
     request_head_length,
 )
-from .throttle import ThrottledLog
+from ..util.throttle import ThrottledLog
 
 __all__ = ["ClientAddressSettings", "Intake"]
 
