@@ -15,11 +15,10 @@ from .balancer import (
     WorkerSet,
 )
 from .errors import BindError, PidFileError, ProtocolError, StickyServerError, WorkerBootError, WrongProcessError
-from .server import StickyServer, current_server
+from .server import StickyServer, current_server, time_left_to_stop
 from .settings import ServerSettings
-from .worker.async_runtime import AsyncWorker
+from .worker.base import AsyncWorker, Worker
 from .worker.connections import client_address
-from .worker.runtime import Worker, time_left_to_stop
 
 __all__ = [
     "AsyncWorker",

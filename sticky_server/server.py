@@ -34,20 +34,30 @@ from .settings import (
     user_id,
 )
 from .steering import KernelSteering, kernel_path_unavailable, open_kernel_steering
-from .worker.async_runtime import AsyncWorkerRuntime, is_async_worker
+from .worker.asyncio_loop import AsyncWorkerRuntime
+from .worker.base import ConnectionHandler, check_worker, is_async_worker
 from .worker.channel import WorkerChannel
 from .worker.environment import worker_identity
 from .worker.proxy_hint import ProxyHint
-from .worker.runtime import ConnectionHandler, WorkerRuntime, check_worker, exit_on_boot_failure
+from .worker.selector_loop import WorkerRuntime
+from .worker.session import DEFAULT_STOP_SECONDS, WorkerSession, exit_on_boot_failure
 
-__all__ = ["DEFAULT_GRACEFUL_TIMEOUT", "DEFAULT_TIMEOUT", "StickyServer", "current_server", "group_id", "user_id"]
+__all__ = [
+    "DEFAULT_GRACEFUL_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "StickyServer",
+    "current_server",
+    "group_id",
+    "time_left_to_stop",
+    "user_id",
+]
 
 logger = logging.getLogger("sticky_server")
 
 _USAGE = "`if sticky.is_master: sticky.listen(port) else: sticky.work(worker)`"
 
 ListeningCallback = Callable[[Any], Any]
-_Runtime = TypeVar("_Runtime", bound=WorkerRuntime)
+_Runtime = TypeVar("_Runtime", WorkerRuntime, AsyncWorkerRuntime)
 
 
 class StickyServer:
@@ -151,6 +161,7 @@ class StickyServer:
         self._hooks = Hooks()
         self._dispatcher: Dispatcher | None = None
         self._identity = worker_identity()
+        self._session: WorkerSession | None = None  # this worker's, once it works
         if self._identity is not None:
             if StickyServer._current is not None:
                 raise WrongProcessError(
@@ -374,7 +385,7 @@ class StickyServer:
 
     def _runtime(self, kind: type[_Runtime], handler: ConnectionHandler) -> _Runtime:
         assert self._channel is not None and self._identity is not None
-        return kind(
+        runtime = kind(
             handler,
             self._channel,
             self._identity.slot,
@@ -385,6 +396,8 @@ class StickyServer:
             report_accepts_at_once=self.max_connections_per_worker is not None,
             proxy_hint=ProxyHint(self._identity.slot) if self.client_addresses is None else None,
         )
+        self._session = runtime.session
+        return runtime
 
     def tells_the_client(self) -> bool:
         """Whether handed-off sockets may tell a client a proxy named as their peer, not the kernel's
@@ -508,6 +521,18 @@ def current_server() -> StickyServer:
             "or create one (StickyServer(...)) before asking for it"
         )
     return StickyServer._current
+
+
+def time_left_to_stop() -> float:
+    """Seconds this worker has left to finish once told to stop, before the master kills it.
+
+    Adapters wait this long (less a margin) for requests in flight when they have
+    no ``shutdown_timeout`` of their own. Before a stop began it is the whole
+    graceful timeout (``DEFAULT_STOP_SECONDS`` outside a worker).
+    """
+    sticky = StickyServer._current
+    session = None if sticky is None else sticky._session
+    return DEFAULT_STOP_SECONDS if session is None else session.time_left_to_stop()
 
 
 def trusted_forwarders(header: str) -> list[str] | None:

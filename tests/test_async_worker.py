@@ -13,9 +13,10 @@ import pytest
 from sticky_server import AsyncWorker, Worker
 from sticky_server.protocol.frames import FrameKind, pack_ids
 from sticky_server.protocol.messages import pack_delivery
-from sticky_server.worker.async_runtime import AsyncWorkerRuntime, is_async_worker
+from sticky_server.worker.asyncio_loop import AsyncWorkerRuntime
+from sticky_server.worker.base import is_async_worker
 from sticky_server.worker.channel import WorkerChannel
-from sticky_server.worker.runtime import WorkerRuntime
+from sticky_server.worker.selector_loop import WorkerRuntime
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
 

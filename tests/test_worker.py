@@ -20,9 +20,11 @@ from sticky_server.protocol.frames import WORKER_SENDS, Frame, FrameKind, pack_i
 from sticky_server.protocol.messages import EARLY_FLUSH_BYTES, pack_delivery
 from sticky_server.protocol.outbox import Outbox
 from sticky_server.protocol.wire import FrameReader
-from sticky_server.worker.async_runtime import AsyncWorkerRuntime
+from sticky_server.worker.asyncio_loop import AsyncWorkerRuntime
+from sticky_server.worker.base import check_worker
 from sticky_server.worker.channel import WorkerChannel
-from sticky_server.worker.runtime import ORPHAN_EXIT_SECONDS, WorkerRuntime, check_worker
+from sticky_server.worker.selector_loop import WorkerRuntime
+from sticky_server.worker.session import ORPHAN_EXIT_SECONDS
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
 
@@ -90,7 +92,7 @@ def test_add_connection_raising_is_logged_and_that_socket_closed(
 
 
 def test_master_gone_stops_the_worker_and_arms_the_exit_timer(master: Master, mocker: MockerFixture) -> None:
-    exit_soon = mocker.patch("sticky_server.worker.runtime.exit_soon")
+    exit_soon = mocker.patch("sticky_server.worker.session.exit_soon")
     worker = Recorder()
     thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=1))
     master.next_frame()
@@ -232,7 +234,7 @@ def test_a_hand_off_behind_a_backlog_of_messages_is_taken_within_a_slice(
     worker = OrderRecorder()
     channel = WorkerChannel(master.worker_end)
     runtime = runtime_class(worker, channel, slot=0)
-    runtime._slice_seconds = 0.0  # one message per slice: the test counts slices, not time
+    runtime.session.slice_seconds = 0.0  # one message per slice: the test counts slices, not time
     client, accepted = tcp_pair()
     last = threading.Event()
 
@@ -264,7 +266,7 @@ def test_messages_received_before_a_stop_still_reach_the_handlers(master: Master
     worker = Recorder()
     channel = WorkerChannel(master.worker_end)
     runtime = WorkerRuntime(worker, channel, slot=0)
-    runtime._slice_seconds = 0.0
+    runtime.session.slice_seconds = 0.0
     seen: list[object] = []
     channel.handlers.append(lambda sender, message: seen.append(message))
     thread = start(runtime)
@@ -280,7 +282,7 @@ def test_a_worker_whose_handlers_fall_behind_drops_its_oldest_messages(
     master: Master, mocker: MockerFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     frame_payload = len(pack_delivery(None, b"10"))
-    mocker.patch("sticky_server.worker.runtime.MAX_QUEUED_MESSAGE_BYTES", 5 * frame_payload)
+    mocker.patch("sticky_server.worker.session.MAX_QUEUED_MESSAGE_BYTES", 5 * frame_payload)
     worker = Recorder()
     channel = WorkerChannel(master.worker_end)
     seen: list[object] = []
@@ -350,7 +352,7 @@ def test_kernel_path_worker_accepts_from_its_own_listener_and_reports_it(master:
 
 def test_out_of_descriptors_pauses_every_listener_once_and_resumes(master: Master, mocker: MockerFixture) -> None:
     from sticky_server.listener import OutOfDescriptors, accept_waiting
-    from sticky_server.worker import runtime as worker_module
+    from sticky_server.worker import session as worker_module
 
     failures = [OutOfDescriptors(24, "Too many open files")] * 2
 

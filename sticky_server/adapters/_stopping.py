@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..worker.runtime import time_left_to_stop
+from ..server import time_left_to_stop
 
 __all__ = ["STOP_MARGIN", "shutdown_budget"]
 

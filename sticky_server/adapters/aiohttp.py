@@ -25,7 +25,7 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "aiohttp") from exc
 
-from ..worker.async_runtime import AsyncWorker
+from ..worker.base import AsyncWorker
 from ._stopping import shutdown_budget
 
 __all__ = ["AiohttpWorker"]

@@ -28,7 +28,7 @@ except ModuleNotFoundError as exc:
     raise missing_extra(exc, "asgi") from exc
 
 from ..server import trusted_forwarders
-from ..worker.async_runtime import AsyncWorker
+from ..worker.base import AsyncWorker
 from ._stopping import shutdown_budget
 
 __all__ = ["PROCESS_OPTIONS", "ASGIWorker"]

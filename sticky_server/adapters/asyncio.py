@@ -20,7 +20,7 @@ import ssl
 import weakref
 from collections.abc import Awaitable, Callable
 
-from ..worker.async_runtime import AsyncWorker
+from ..worker.base import AsyncWorker
 from ._stopping import shutdown_budget
 
 __all__ = ["AsyncioWorker"]

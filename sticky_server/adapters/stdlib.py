@@ -37,8 +37,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+from ..worker.base import Worker
 from ..worker.connections import client_address
-from ..worker.runtime import Worker
 from ._stopping import shutdown_budget
 
 __all__ = ["HTTPWorker", "SocketServerWorker", "WSGIWorker"]

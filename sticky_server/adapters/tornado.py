@@ -28,7 +28,7 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "tornado") from exc
 
-from ..worker.async_runtime import AsyncWorker
+from ..worker.base import AsyncWorker
 from ..worker.connections import client_address
 from ._stopping import shutdown_budget
 

@@ -36,7 +36,7 @@ from ..master.pidfile import remove_pid_file, stats_file_of, stats_writer, write
 from ..server import StickyServer
 from ..settings import ServerSettings
 from ..worker.environment import worker_identity
-from ..worker.runtime import EXIT_BOOT_FAILURE
+from ..worker.session import EXIT_BOOT_FAILURE
 from .boot_report import boot_report_file, first_to_report
 from .gunicorn_hooks import HookServer, HookWorker, run_hook
 from .options import UsageError, build_parser

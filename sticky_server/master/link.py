@@ -27,7 +27,7 @@ applied the event, and nothing else writes them.
 |---|---|---|
 | not ``connected`` | ``close`` | never: a new process gets a new link |
 | ``full`` (rule 3) | ``route``: ``MAX_QUEUED`` not taken | ``sent``, ``caught_up``: half that |
-| ``no_room`` (rule 6) | ``route``, ``accepted_itself``: ``live`` reached ``max_live``; ``lost_at_limit`` | ``closed``: a tenth |
+| ``no_room`` (rule 6) | ``route``, ``accepted_itself``: at ``max_live``; ``lost_at_limit`` | ``closed``: a tenth |
 | ``backed_up`` (rule 7) | ``look_at_queue``: its listeners' queue grows | ``heard_since_backed_up`` |
 
 (The rules are the master's, ``master.loop``.)

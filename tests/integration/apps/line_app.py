@@ -33,8 +33,8 @@ from sticky_server import (
     Worker,
     WorkerSet,
     client_address,
-    environment,
 )
+from sticky_server.worker import environment
 
 
 def say(line: str) -> None:

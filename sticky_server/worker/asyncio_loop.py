@@ -1,4 +1,4 @@
-"""The worker side on an asyncio event loop: hand-offs arrive on the loop that serves them.
+"""The worker's session driven by the running asyncio loop: hand-offs arrive on the loop that serves them.
 
 ``work(worker)`` runs this mode when the worker is asynchronous (see
 ``is_async_worker``): it runs ``asyncio.run(sticky.serve(worker))``; a program that
@@ -7,8 +7,8 @@ signal wake-up socket and the cross-thread waker are watched with
 ``loop.add_reader``, so every descriptor the master passes becomes a socket on the
 loop's own thread, with no thread hop, and message handlers run on the loop too.
 
-The frame handling, the delivery of hand-offs and the close sweeps are the ones of
-``WorkerRuntime`` (``worker.py``); only the loop differs. An ``async def
+The frame handling, the delivery of hand-offs and the close sweeps are the
+session's (``session.py``), as with the selector loop; only the loop differs. An ``async def
 add_connection`` runs as its own task, so one slow TLS handshake does not hold up
 the connections behind it; one that raises has its socket closed and is logged.
 
@@ -27,14 +27,18 @@ import inspect
 import logging
 import socket
 import ssl
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..listener import ACCEPT_BACKOFF
 from ..util.signals import SignalQueue
-from .connections import CLOSE_SWEEP_INTERVAL, RECORD
-from .runtime import _GRACEFUL_SIGNALS, _QUICK_SIGNALS, WorkerRuntime, _describe_peer
+from .base import ConnectionHandler
+from .channel import WorkerChannel
+from .connections import CLOSE_SWEEP_INTERVAL
+from .proxy_hint import ProxyHint
+from .session import DEFAULT_STOP_SECONDS, GRACEFUL_SIGNALS, QUICK_SIGNALS, WorkerSession, describe_peer
 
-__all__ = ["AsyncWorker", "AsyncWorkerRuntime", "is_async_worker"]
+__all__ = ["AsyncWorkerRuntime"]
 
 logger = logging.getLogger("sticky_server.worker")
 
@@ -42,66 +46,59 @@ logger = logging.getLogger("sticky_server.worker")
 _CLIENT_FAULTS = (ssl.SSLError, ConnectionError, TimeoutError, EOFError)
 
 
-class AsyncWorker:
-    """Base class for a worker that serves connections on an asyncio event loop.
+class AsyncWorkerRuntime:
+    """Drives a ``WorkerSession`` with the running asyncio loop (module docstring)."""
 
-    ``work()`` runs the loop (or ``await sticky.serve(worker)`` on yours). Override
-    ``start`` to set the server up on the loop, ``add_connection`` to serve one
-    socket, ``stop`` to finish and run the framework's shutdown hooks.
-    """
-
-    async def start(self) -> None:
-        """Runs on the loop before the first connection; if it raises, the worker fails to boot."""
-
-    async def add_connection(self, sock: socket.socket) -> None:
-        """Serve ``sock`` (connected, no byte read), e.g. with ``loop.connect_accepted_socket``.
-
-        Runs as a task per connection on the worker's loop; if it raises, the
-        error is logged and the socket closed.
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement add_connection(sock)")
-
-    async def stop(self) -> None:
-        """Stop: finish requests in flight, run shutdown hooks. Budget: ``sticky_server.time_left_to_stop()``."""
-
-
-def is_async_worker(worker: object) -> bool:
-    """True when ``worker`` runs on an event loop: an AsyncWorker, or async def start/add_connection/stop."""
-    if isinstance(worker, AsyncWorker):
-        return True
-    return any(inspect.iscoroutinefunction(getattr(worker, name, None)) for name in ("start", "add_connection", "stop"))
-
-
-class AsyncWorkerRuntime(WorkerRuntime):
-    """``WorkerRuntime`` driven by the running asyncio loop instead of a selector (module docstring)."""
-
-    _loop: asyncio.AbstractEventLoop
-    _stopping: asyncio.Future[None]
-
-    async def serve(self) -> None:
-        """Serve hand-offs until told to stop, then await ``worker.stop()`` and return."""
-        self._loop = loop = asyncio.get_running_loop()
-        self._stopping = loop.create_future()
+    def __init__(
+        self,
+        worker: ConnectionHandler,
+        channel: WorkerChannel,
+        slot: int,
+        on_ready: Callable[[], None] | None = None,
+        graceful_timeout: float = DEFAULT_STOP_SECONDS,
+        peer_from_proxy: bool = False,
+        listeners: Sequence[socket.socket] = (),
+        report_accepts_at_once: bool = False,
+        proxy_hint: ProxyHint | None = None,
+    ) -> None:
+        self.session = WorkerSession(
+            worker,
+            channel,
+            slot,
+            follow_up=self._run_as_task,
+            on_ready=on_ready,
+            graceful_timeout=graceful_timeout,
+            peer_from_proxy=peer_from_proxy,
+            listeners=listeners,
+            report_accepts_at_once=report_accepts_at_once,
+            proxy_hint=proxy_hint,
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writing = False
         self._dispatching: asyncio.Handle | None = None
-        start = getattr(self._worker, "start", None)
+
+    async def serve(self) -> None:
+        """Serve hand-offs until told to stop, then await ``worker.stop()`` and return."""
+        session = self.session
+        self._loop = loop = asyncio.get_running_loop()
+        self._stopping: asyncio.Future[None] = loop.create_future()
+        start = getattr(session.worker, "start", None)
         if callable(start):
             await start()  # before READY: a failure here is a boot failure
-        control, channel = self._control, self._channel
-        signals = SignalQueue(_GRACEFUL_SIGNALS | _QUICK_SIGNALS)
+        control, channel = session.control, session.channel
+        signals = SignalQueue(GRACEFUL_SIGNALS | QUICK_SIGNALS)
         sweeper: asyncio.TimerHandle | None = None
         try:
-            loop.add_reader(control.fileno(), self._event, self._on_control_readable)
-            loop.add_reader(signals.fileno(), self._event, lambda: self._on_signals(signals.drain()))
+            loop.add_reader(control.fileno(), self._event, session.on_control_readable)
+            loop.add_reader(signals.fileno(), self._event, lambda: session.on_signals(signals.drain()))
             loop.add_reader(channel.waker.fileno(), self._event, channel.waker.clear)
-            self._event(self._announce_ready)
+            self._event(session.announce_ready)
             self._watch_listeners()
 
             def sweep() -> None:
                 nonlocal sweeper
-                if len(RECORD) or self._accepted:
-                    self._event(self._sweep)
+                if session.has_connections:
+                    self._event(session.sweep)
                 sweeper = loop.call_later(CLOSE_SWEEP_INTERVAL, sweep)
 
             sweeper = loop.call_later(CLOSE_SWEEP_INTERVAL, sweep)
@@ -117,39 +114,40 @@ class AsyncWorkerRuntime(WorkerRuntime):
             if self._dispatching is not None:
                 self._dispatching.cancel()
             signals.restore()
-        self._finish_messages()
-        if not self._master_lost:
+        session.finish_messages()
+        if not session.master_lost:
             with contextlib.suppress(OSError):
                 channel.flush()  # a last try for what the worker sent while stopping
-        stop = self._begin_stop()
+        stop = session.begin_stop()
         if stop is not None:
             try:
                 result = stop()
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                logger.exception("worker %d: stop() raised", self._slot)
+                logger.exception("worker %d: stop() raised", session.slot)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
-        self._end()
+        session.end()
 
     def _watch_listeners(self) -> None:
-        for listener in self._listeners:
+        for listener in self.session.listeners:
             self._loop.add_reader(listener.fileno(), self._event, functools.partial(self._on_listener, listener))
 
     def _unwatch_listeners(self) -> None:
-        for listener in self._listeners:
+        for listener in self.session.listeners:
             self._loop.remove_reader(listener.fileno())
 
     def _on_listener(self, listener: socket.socket) -> None:
-        if self._accept_paused_until is None and not self._accept_from(listener):  # out of descriptors: pause
+        session = self.session
+        if session.accept_paused_until is None and not session.accept_from(listener):  # out of descriptors: pause
             self._unwatch_listeners()
             self._loop.call_later(ACCEPT_BACKOFF, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
-        self._accept_paused_until = None
+        self.session.accept_paused_until = None
         if not self._stopping.done():
             self._watch_listeners()
 
@@ -157,33 +155,36 @@ class AsyncWorkerRuntime(WorkerRuntime):
         """Run one event's handler, then write what it queued and see whether it asked to stop."""
         if self._stopping.done():
             return
+        session = self.session
         try:
             handle()
             self._flush()
         except (BrokenPipeError, ConnectionResetError):
-            self._master_gone("the control socket broke")
-        if self._stop_reason is not None:
+            session.master_gone("the control socket broke")
+        if session.stop_reason is not None:
             if not self._stopping.done():
                 self._stopping.set_result(None)
-        elif self._inbox and self._dispatching is None:
+        elif session.has_messages and self._dispatching is None:
             # The next slice of messages runs in the loop's next turn, after it has looked
-            # for I/O: hand-offs read meanwhile do not wait for the rest (WorkerRuntime).
+            # for I/O: hand-offs read meanwhile do not wait for the rest (selector_loop).
             self._dispatching = self._loop.call_soon(self._event, self._next_slice)
 
     def _next_slice(self) -> None:
         self._dispatching = None
-        self._dispatch_messages(self._slice_seconds)
+        self.session.dispatch_messages(self.session.slice_seconds)
 
     def _flush(self) -> None:
-        done = self._channel.flush()
+        session = self.session
+        done = session.channel.flush()
         if done == self._writing:  # watch for room only while something waits to be written
             self._writing = not done
             if self._writing:
-                self._loop.add_writer(self._control.fileno(), self._event, lambda: None)
+                self._loop.add_writer(session.control.fileno(), self._event, lambda: None)
             else:
-                self._loop.remove_writer(self._control.fileno())
+                self._loop.remove_writer(session.control.fileno())
 
-    def _follow_up(self, result: object, what: str, sock: socket.socket | None = None) -> None:
+    def _run_as_task(self, result: object, what: str, sock: socket.socket | None = None) -> None:
+        """An awaitable a user's callback returned runs as a task of its own; anything else is done."""
         if result is None or not inspect.isawaitable(result):
             return
         task = asyncio.ensure_future(result)
@@ -192,6 +193,7 @@ class AsyncWorkerRuntime(WorkerRuntime):
 
     def _task_done(self, task: asyncio.Future[Any], what: str, sock: socket.socket | None) -> None:
         self._tasks.discard(task)
+        slot = self.session.slot
         if task.cancelled():
             if sock is not None:
                 sock.close()
@@ -200,11 +202,11 @@ class AsyncWorkerRuntime(WorkerRuntime):
         if error is None:
             return
         if sock is None:
-            logger.error("worker %d: %s raised", self._slot, what, exc_info=error)
+            logger.error("worker %d: %s raised", slot, what, exc_info=error)
             return
         if isinstance(error, _CLIENT_FAULTS):
-            logger.debug("worker %d: the client left during set-up (%s)", self._slot, error)
+            logger.debug("worker %d: the client left during set-up (%s)", slot, error)
         else:
-            peer = _describe_peer(sock)
-            logger.error("worker %d: %s raised; closed the connection from %s", self._slot, what, peer, exc_info=error)
+            peer = describe_peer(sock)
+            logger.error("worker %d: %s raised; closed the connection from %s", slot, what, peer, exc_info=error)
         sock.close()
