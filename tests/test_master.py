@@ -19,7 +19,6 @@ import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server.balancer import ClientInfo, IPHashBalancer
-from sticky_server.master import loop as master_module
 from sticky_server.master.loop import Dispatcher
 from sticky_server.master.process import WorkerProcess
 from sticky_server.master.supervisor import Supervisor
@@ -181,17 +180,17 @@ def test_hand_offs_not_sent_yet_are_routed_again_when_the_link_closes(setup: Set
 
 
 def test_calls_from_other_threads_run_a_slice_at_a_time_in_order(setup: Setup, mocker: MockerFixture) -> None:
-    mocker.patch.object(master_module, "SLICE_SECONDS", 0.0)  # one call per slice: the test counts, not times
     dispatcher = setup.dispatcher
-    dispatcher._loop_thread = -1  # as if the loop ran on another thread: calls are queued
+    calls = dispatcher._calls
+    calls.loop_thread = -1  # as if the loop ran on another thread: calls are queued
     ran: list[int] = []
     for n in range(3):
         dispatcher.call_soon_threadsafe(lambda n=n: ran.append(n))  # type: ignore[misc]
 
-    dispatcher._run_calls()
+    calls.run(seconds=0.0)  # one call per slice: the test counts, not times
     assert ran == [0]
     assert dispatcher._select_timeout() == 0.0  # the loop comes straight back for the rest
     dispatcher.call_soon_threadsafe(lambda: ran.append(3))
     while dispatcher._select_timeout() == 0.0:
-        dispatcher._run_calls()
+        calls.run(seconds=0.0)
     assert ran == [0, 1, 2, 3]

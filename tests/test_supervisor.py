@@ -13,23 +13,10 @@ import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server.errors import WorkerBootError
+from sticky_server.master.decisions import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode
 from sticky_server.master.process import WorkerProcess, WorkerState, describe_exit, describe_spawn_error, entry_command
-from sticky_server.master.supervisor import (
-    ABORT_GRACE,
-    BACKOFF_FIRST,
-    BACKOFF_MAX,
-    MAX_BOOT_FAILURES,
-    QUICK_STOP_SECONDS,
-    Connect,
-    Decision,
-    Halt,
-    Listening,
-    Ping,
-    RestartPolicy,
-    SendStop,
-    StopMode,
-    Supervisor,
-)
+from sticky_server.master.restarts import BACKOFF_FIRST, BACKOFF_MAX, MAX_BOOT_FAILURES, RestartPolicy
+from sticky_server.master.supervisor import ABORT_GRACE, QUICK_STOP_SECONDS, Supervisor
 
 
 class FakeClock:

@@ -114,16 +114,16 @@ from ..protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
 from ..steering import KernelSteering
 from ..steering.keeper import SteeringKeeper
 from ..util.signals import SignalQueue
-from ..util.slices import SLICE_SECONDS, run_for
 from ..util.throttle import ThrottledLog
-from ..util.waker import Waker
 from .acceptor import Acceptor, Local, listening_address
+from .calls import ThreadCalls
+from .decisions import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode
 from .hooks import Hooks, run_hooks
 from .intake import ClientAddressSettings, Intake
 from .messages import MessageRouter
 from .router import Router
 from .stats import collect, log_stats
-from .supervisor import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode, Supervisor
+from .supervisor import Supervisor
 from .traffic import Traffic
 
 __all__ = ["Dispatcher", "Hooks", "StopMode"]
@@ -134,10 +134,6 @@ logger = logging.getLogger("sticky_server.master")
 FAULT_LOG_INTERVAL = 10.0
 # A graceful stop accepts at most this many connections still in each listener's backlog.
 MAX_STOP_DRAIN = 65536
-
-
-def _call(call: Callable[[], None]) -> None:
-    call()
 
 
 class Dispatcher:
@@ -192,11 +188,8 @@ class Dispatcher:
         self._followed = -1  # the router's generation the kernel's program last followed
         self._stops_wait_for_intake = False
         self._boot_error: WorkerBootError | None = None
-        self._calls: deque[Callable[[], None]] = deque()  # from other threads, under _calls_lock
-        self._call_backlog: deque[Callable[[], None]] = deque()  # taken from _calls, not yet run
-        self._calls_lock = threading.Lock()
-        self._waker = Waker()
-        self._loop_thread: int | None = None
+        self._calls = ThreadCalls()
+        self.call_soon_threadsafe = self._calls.call_soon_threadsafe
         self._connection_fault_log = ThrottledLog(
             logger,
             logging.ERROR,
@@ -228,16 +221,17 @@ class Dispatcher:
             signals.restore()
             raise RuntimeError("listen() must run in the main thread: the master handles signals there")
         self._selector.register(signals.fileno(), selectors.EVENT_READ, lambda mask: self._on_signals(signals))
-        self._selector.register(self._waker.fileno(), selectors.EVENT_READ, self._run_calls)
-        self._loop_thread = threading.get_ident()
+        calls = self._calls
+        self._selector.register(calls.waker.fileno(), selectors.EVENT_READ, calls.run)
+        calls.loop_thread = threading.get_ident()
         supervisor, traffic = self._supervisor, self._traffic
         try:
             self._carry_out(supervisor.boot())
             while not (supervisor.stopping and not supervisor.processes):
                 for link in list(traffic.busy):  # before select: one slice per link per turn
                     traffic.read(link)
-                if self._call_backlog:
-                    self._run_calls()
+                if calls.backlog:
+                    calls.run()
                 for key, mask in self._selector.select(self._select_timeout()):
                     key.data(mask)
                 self._run_timers()
@@ -246,17 +240,16 @@ class Dispatcher:
                     self._carry_out(supervisor.stop_workers())
                 self._flush()
         finally:
-            self._loop_thread = None
+            self._selector.unregister(calls.waker.fileno())
+            calls.close()
             self._shut_down()
             self._selector.unregister(signals.fileno())
-            self._selector.unregister(self._waker.fileno())
-            self._waker.close()
             signals.restore()
         if self._boot_error is not None:
             raise self._boot_error
 
     def _select_timeout(self) -> float | None:
-        if self._traffic.busy or self._call_backlog:
+        if self._traffic.busy or self._calls.backlog:
             return 0.0  # only look for accepts and hand-offs, then go on with the frames
         earliest = self._supervisor.next_deadline
         for deadline in (
@@ -402,25 +395,6 @@ class Dispatcher:
 
     # --- calls from other threads, signals --------------------------------------
 
-    def call_soon_threadsafe(self, call: Callable[[], None]) -> None:
-        """Run ``call`` in the master's loop: now if this is the loop's thread, else soon."""
-        if self._loop_thread == threading.get_ident():
-            call()
-            return
-        if self._loop_thread is None:
-            raise RuntimeError("the master is not serving: send messages once listen() runs (e.g. from on_listening)")
-        with self._calls_lock:
-            self._calls.append(call)
-        self._waker.wake()
-
-    def _run_calls(self, mask: int = 0) -> None:
-        """Run calls queued by other threads, in order, for about a slice; the loop comes back for the rest."""
-        self._waker.clear()
-        with self._calls_lock:
-            fresh, self._calls = self._calls, deque()
-        self._call_backlog.extend(fresh)
-        run_for(self._call_backlog, _call, SLICE_SECONDS)
-
     def _on_signals(self, signals: SignalQueue) -> None:
         for signum in signals.drain():
             handler = self._signal_handlers.get(signum)
@@ -493,19 +467,8 @@ class Dispatcher:
         return collect(self._supervisor, self._router.current, traffic.counters, self._acceptor.accepted, steering)
 
     def stats_from_any_thread(self, timeout: float = 1.0) -> dict[str, Any]:
-        if self._loop_thread in (None, threading.get_ident()):
-            return self.stats()
-        answer: list[dict[str, Any]] = []
-        done = threading.Event()
-
-        def collect_on_the_loop() -> None:
-            answer.append(self.stats())
-            done.set()
-
-        self.call_soon_threadsafe(collect_on_the_loop)
-        if not done.wait(timeout):
-            raise TimeoutError(f"the master's loop did not answer within {timeout} s")
-        return answer[0]
+        """``stats()``, asked of the loop from any thread (TimeoutError if it does not answer in ``timeout``)."""
+        return self._calls.ask(self.stats, timeout)
 
     def _dump_stats(self) -> None:
         figures = self.stats()

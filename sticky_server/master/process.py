@@ -21,13 +21,22 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..protocol.environment import CONTROL_FD_ENV, LISTENER_FDS_ENV, WORKER_SLOT_ENV
 
-__all__ = ["WorkerProcess", "WorkerState", "describe_exit", "describe_spawn_error", "entry_command", "spawn_worker"]
+__all__ = [
+    "Launcher",
+    "SpawnFunction",
+    "WorkerProcess",
+    "WorkerState",
+    "describe_exit",
+    "describe_spawn_error",
+    "entry_command",
+    "spawn_worker",
+]
 
 
 class WorkerState(enum.Enum):
@@ -139,3 +148,30 @@ def describe_exit(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"was killed by {name}"
     return f"exited with code {returncode}"
+
+
+SpawnFunction = Callable[..., WorkerProcess]
+
+
+@dataclass(slots=True)
+class Launcher:
+    """How the supervisor starts a worker process: the command, where, as whom, and (kernel path) its listeners."""
+
+    command: list[str]
+    cwd: str
+    spawn: SpawnFunction = spawn_worker
+    credentials: dict[str, int] = field(default_factory=dict)  # user and group ids
+    listeners_for: Callable[[int], Sequence[socket.socket]] | None = None  # a slot's own listeners
+
+    def launch(self, slot: int, now: float) -> WorkerProcess:
+        """A new worker process for ``slot``; raises OSError if the OS refuses."""
+        extra: dict[str, object] = dict(self.credentials)
+        if self.listeners_for is not None:
+            extra["listeners"] = self.listeners_for(slot)
+        return self.spawn(slot, self.command, self.cwd, now, **extra)
+
+    def error(self, slot: int, error: OSError) -> str:
+        """'could not start worker N: why, and the fix'."""
+        return (
+            f"could not start worker {slot}: {describe_spawn_error(error, self.command, self.credentials.get('user'))}"
+        )

@@ -28,10 +28,11 @@ Events come in as method calls (``boot``, ``ready``, ``exited``, ``due``,
 ``lost_control``). Each returns the decisions for the loop, to carry out in
 order: ``Connect`` (a new process: open its link), ``SendStop`` (STOP after every
 hand-off already queued for it), ``Ping``, ``Listening`` (every slot's first
-worker is ready) and ``Halt`` (workers cannot start: stop the server). Signals to
-processes the supervisor sends itself. Its deadlines (restarts, kills, the next
-heartbeat) have one earliest time, ``next_deadline``, kept up to date for the
-loop's ``select`` timeout.
+worker is ready) and ``Halt`` (workers cannot start: stop the server); they are
+``decisions``'. Signals to processes the supervisor sends itself. Its deadlines
+(restarts, kills, the next heartbeat: ``deadlines``) have one earliest time,
+``next_deadline``, for the loop's ``select`` timeout; when a slot starts again is
+``restarts.RestartPolicy``'s answer.
 
 Which states take connections is the supervisor's answer too (``takes_connections``):
 ``STARTING`` and ``READY`` on the master path (hand-offs wait in a starting worker's
@@ -46,7 +47,6 @@ when the loop sees SIGCHLD, and respawns are deadlines. The only wait is in
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import signal
 import socket
@@ -54,39 +54,23 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from ..errors import WorkerBootError
 from ..protocol.environment import LAUNCH_CWD
-from .process import WorkerProcess, WorkerState, describe_exit, describe_spawn_error, entry_command, spawn_worker
+from .deadlines import Deadlines
+from .decisions import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode
+from .process import Launcher, SpawnFunction, WorkerProcess, WorkerState, describe_exit, entry_command, spawn_worker
+from .restarts import RestartPolicy, halt
 
 __all__ = [
     "ABORT_GRACE",
-    "BACKOFF_FIRST",
-    "BACKOFF_MAX",
-    "HEALTHY_UPTIME",
     "HEARTBEATS_PER_TIMEOUT",
-    "MAX_BOOT_FAILURES",
     "QUICK_STOP_SECONDS",
-    "Connect",
-    "Decision",
-    "Halt",
-    "Listening",
-    "Ping",
-    "RestartPolicy",
-    "SendStop",
-    "StopMode",
     "Supervisor",
 ]
 
 logger = logging.getLogger("sticky_server.supervisor")
 
-BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 10.0
-# A worker that was ready and lived this long counts as healthy: its slot restarts at once.
-HEALTHY_UPTIME = 1.0
-# Workers of one slot that die before they are ready this many times in a row stop the server.
-MAX_BOOT_FAILURES = 5
 # Heartbeats per `timeout`; a hung worker gets this long after SIGABRT before SIGKILL.
 HEARTBEATS_PER_TIMEOUT = 3
 ABORT_GRACE = 1.0
@@ -94,72 +78,6 @@ ABORT_GRACE = 1.0
 QUICK_STOP_SECONDS = 2.0
 # How long shut_down waits for a SIGKILLed worker to be reaped.
 KILL_WAIT = 5.0
-
-
-class StopMode(enum.Enum):
-    """How the server stops (master, rule 5)."""
-
-    GRACEFUL = "graceful"
-    QUICK = "quick"
-    KILL = "kill"
-
-
-@dataclass(frozen=True, slots=True)
-class Connect:
-    """A new process: open the master's link to it."""
-
-    worker: WorkerProcess
-
-
-@dataclass(frozen=True, slots=True)
-class SendStop:
-    """Send STOP to ``worker`` after every hand-off already queued for it."""
-
-    worker: WorkerProcess
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    """Send ``worker`` a heartbeat PING."""
-
-    worker: WorkerProcess
-
-
-@dataclass(frozen=True, slots=True)
-class Listening:
-    """Every slot's first worker is ready: the server has started."""
-
-
-@dataclass(frozen=True, slots=True)
-class Halt:
-    """Workers cannot start: stop the server at once, and raise ``error`` from ``listen()``."""
-
-    error: WorkerBootError
-
-
-Decision = Connect | SendStop | Ping | Listening | Halt
-
-
-@dataclass
-class RestartPolicy:
-    """When a slot starts again after its worker exited."""
-
-    first: float = BACKOFF_FIRST
-    maximum: float = BACKOFF_MAX
-    healthy_uptime: float = HEALTHY_UPTIME
-    failures: dict[int, int] = field(default_factory=dict)
-
-    def delay(self, slot: int, was_ready: bool, uptime: float) -> float:
-        """Seconds to wait before starting ``slot`` again; records the outcome."""
-        if was_ready and uptime >= self.healthy_uptime:
-            self.failures[slot] = 0
-            return 0.0
-        failures = self.failures.get(slot, 0) + 1
-        self.failures[slot] = failures
-        return float(min(self.first * 2.0 ** (failures - 1), self.maximum))
-
-
-SpawnFunction = Callable[..., WorkerProcess]
 
 
 class Supervisor:
@@ -182,12 +100,12 @@ class Supervisor:
         routes_to_starting: bool = True,
     ) -> None:
         self.size = size
-        self._listeners_for = listeners_for  # kernel path: a slot's own listeners, which its workers inherit
+        credentials = {name: value for name, value in (("user", user), ("group", group)) if value is not None}
+        command = list(command) if command is not None else entry_command()
+        self._launcher = Launcher(command, cwd, spawn, credentials, listeners_for)
         # Whether a starting worker takes connections: on the master path they wait in its socket;
         # on the kernel path its clients go to their next choice until it is ready.
         self._routable = _ROUTABLE if routes_to_starting else frozenset({WorkerState.READY})
-        self.command = list(command) if command is not None else entry_command()
-        self.cwd = cwd
         self.policy = policy or RestartPolicy()
         self.graceful_timeout = graceful_timeout
         self.timeout = timeout  # heartbeat: a ready worker silent this long is killed (None: no heartbeat)
@@ -197,15 +115,14 @@ class Supervisor:
         self.restarts: dict[int, int] = {}  # per slot: workers restarted after an unexpected exit
         self.started = False  # every slot's first worker was ready once
         self.stopping = False
-        self.next_deadline: float | None = None  # the earliest of the deadlines below
-        self._restart_at: dict[int, float] = {}
-        self._kill_at: dict[WorkerProcess, tuple[float, str]] = {}
-        self._next_heartbeat: float | None = None
+        self._deadlines = Deadlines()  # restarts, kills, the next heartbeat
         self._replace_queue: deque[int] = deque()
-        self._boot_failures: dict[int, int] = {}
-        self._spawn = spawn
         self._clock = clock
-        self._credentials = {name: value for name, value in (("user", user), ("group", group)) if value is not None}
+
+    @property
+    def next_deadline(self) -> float | None:
+        """The earliest deadline (a restart, a kill, the heartbeat): the loop calls ``due`` then."""
+        return self._deadlines.earliest
 
     # --- events -----------------------------------------------------------------
 
@@ -216,10 +133,9 @@ class Supervisor:
             try:
                 decisions.append(Connect(self._start(slot)))
             except OSError as exc:
-                raise WorkerBootError(f"{self.spawn_error(slot, exc)}; the server did not start") from None
+                raise WorkerBootError(f"{self._launcher.error(slot, exc)}; the server did not start") from None
         if self.timeout:
-            self._next_heartbeat = self._clock() + self.timeout / HEARTBEATS_PER_TIMEOUT
-            self._deadlines_changed()
+            self._deadlines.heartbeat(self._clock() + self.timeout / HEARTBEATS_PER_TIMEOUT)
         return decisions
 
     def ready(self, worker: WorkerProcess) -> list[Decision]:
@@ -227,7 +143,7 @@ class Supervisor:
         worker.ready_at = self._clock()
         if worker.state is WorkerState.STARTING:
             worker.state = WorkerState.READY
-        self._boot_failures[worker.slot] = 0
+        self.policy.ready(worker.slot)
         if self.stopping:
             return []
         decisions: list[Decision] = []
@@ -252,8 +168,7 @@ class Supervisor:
 
     def exited(self, worker: WorkerProcess, returncode: int) -> list[Decision]:
         """``worker`` exited: abandon a reload, restart its slot, or halt (module docstring)."""
-        if self._kill_at.pop(worker, None) is not None:
-            self._deadlines_changed()
+        self._deadlines.forget_kill(worker)
         slot = worker.slot
         how = describe_exit(returncode)
         if self.replacements.get(slot) is worker:
@@ -275,47 +190,12 @@ class Supervisor:
             return self._next_replacement()
         if not self.started and worker.ready_at is None:
             logger.error("worker %d (pid %d) %s before it was ready", slot, worker.pid, how)
-            return [
-                Halt(
-                    WorkerBootError(
-                        f"worker {slot} (pid {worker.pid}) {how} before it was ready, so the server did not "
-                        "start. Its own error is printed above; fix it and start again."
-                    )
-                )
-            ]
-        if worker.ready_at is None:
-            self._boot_failures[slot] = self._boot_failures.get(slot, 0) + 1
-        phase = "" if worker.ready_at is not None else " before it was ready"
-        if self._boot_failures.get(slot, 0) >= MAX_BOOT_FAILURES:
-            logger.error(
-                "worker %d (pid %d) %s%s: %d failed starts in a row", slot, worker.pid, how, phase, MAX_BOOT_FAILURES
-            )
-            return [
-                Halt(
-                    WorkerBootError(
-                        f"the workers of slot {slot} failed to start {MAX_BOOT_FAILURES} times in a row "
-                        f"(the last {how}), so the server stopped. "
-                        "Their error is printed above; fix it and start again."
-                    )
-                )
-            ]
-        uptime = self._clock() - worker.started_at
-        delay = self.policy.delay(slot, worker.ready_at is not None, uptime)
-        failures = self.policy.failures.get(slot, 0)
-        streak = f" ({failures} quick failures in a row)" if failures > 1 else ""
-        self._restart_at[slot] = self._clock() + delay
-        self._deadlines_changed()
+            return [halt(f"worker {slot} (pid {worker.pid}) {how} before it was ready, so the server did not start")]
+        restart = self.policy.after_exit(worker, how, self._clock())
+        if isinstance(restart, Halt):
+            return [restart]
+        self._deadlines.restart(slot, self._clock() + restart)
         self.restarts[slot] = self.restarts.get(slot, 0) + 1
-        logger.warning(
-            "worker %d (pid %d) %s%s after %.1f s; restarting it in %.1f s%s",
-            slot,
-            worker.pid,
-            how,
-            phase,
-            uptime,
-            delay,
-            streak,
-        )
         return self._next_replacement()
 
     def due(self, now: float, last_heard: Callable[[WorkerProcess], float | None]) -> list[Decision] | None:
@@ -323,24 +203,21 @@ class Supervisor:
 
         ``last_heard(worker)`` is when the loop last read from the worker (None: its link is closed).
         """
-        if self.next_deadline is None or now < self.next_deadline:
+        deadlines = self._deadlines
+        if deadlines.earliest is None or now < deadlines.earliest:
             return None
         decisions: list[Decision] = []
-        for slot in sorted(slot for slot, when in self._restart_at.items() if when <= now):
-            del self._restart_at[slot]
+        for slot in deadlines.due_restarts(now):
             try:
                 decisions.append(Connect(self._start(slot)))
             except OSError as exc:
                 self.spawn_failed(slot, exc)
-        for worker, (when, why) in list(self._kill_at.items()):
-            if when <= now:
-                del self._kill_at[worker]
-                if worker.process.poll() is None:
-                    logger.warning("worker %d (pid %d) %s; killing it", worker.slot, worker.pid, why)
-                    worker.process.kill()
-        if self._next_heartbeat is not None and self._next_heartbeat <= now:
+        for worker, why in deadlines.due_kills(now):
+            if worker.process.poll() is None:
+                logger.warning("worker %d (pid %d) %s; killing it", worker.slot, worker.pid, why)
+                worker.process.kill()
+        if deadlines.heartbeat_due(now):
             decisions += self._heartbeat(now, last_heard)
-        self._deadlines_changed()
         return decisions
 
     def reload(self) -> list[Decision]:
@@ -382,8 +259,7 @@ class Supervisor:
         self.size -= 1
         slot = self.size
         logger.info("SIGTTOU: %d workers now; stopping worker %d", slot, slot)
-        if self._restart_at.pop(slot, None) is not None:
-            self._deadlines_changed()
+        self._deadlines.forget_restart(slot)
         decisions: list[Decision] = []
         for table in (self.current, self.replacements):
             worker = table.pop(slot, None)
@@ -402,9 +278,8 @@ class Supervisor:
             self.kill_all()
             return
         self.stopping = True
-        self._restart_at.clear()
+        self._deadlines.forget_restarts()
         self._replace_queue.clear()
-        self._deadlines_changed()
         if mode is StopMode.KILL:
             self.kill_all()
         elif mode is StopMode.QUICK:
@@ -415,12 +290,8 @@ class Supervisor:
                 self._kill_after(worker, seconds, f"did not exit within {QUICK_STOP_SECONDS:.1f} s of SIGQUIT")
             self.kill_all(signal.SIGQUIT)
         else:
-            logger.info(
-                "%s: stopping; waiting up to %.1f s for %d workers to finish",
-                why,
-                self.graceful_timeout,
-                len(self.processes),
-            )
+            waiting = (why, self.graceful_timeout, len(self.processes))
+            logger.info("%s: stopping; waiting up to %.1f s for %d workers to finish", *waiting)
 
     def stop_workers(self) -> list[Decision]:
         """Graceful stop: STOP to every process not told yet, each killed ``graceful_timeout`` later."""
@@ -432,7 +303,7 @@ class Supervisor:
 
     def lost_control(self, worker: WorkerProcess) -> None:
         """``worker``'s control socket closed: it can do nothing useful; kill it if it does not exit on its own."""
-        if self.stopping or worker.process.poll() is not None or worker in self._kill_at:
+        if self.stopping or worker.process.poll() is not None or self._deadlines.kills(worker):
             return
         worker.state = WorkerState.STOPPING
         self._kill_after(worker, self.graceful_timeout, "lost its control socket and did not exit")
@@ -452,10 +323,7 @@ class Supervisor:
     def shut_down(self) -> list[WorkerProcess]:
         """Kill every process and wait for them; return them all (the loop closes what it holds of each)."""
         self.stopping = True
-        self._restart_at.clear()
-        self._kill_at.clear()
-        self._next_heartbeat = None
-        self._deadlines_changed()
+        self._deadlines = Deadlines()
         self.kill_all()
         for worker in self.processes:
             worker.state = WorkerState.STOPPING
@@ -478,22 +346,13 @@ class Supervisor:
     def spawn_failed(self, slot: int, error: OSError) -> None:
         """Back off after the OS refused to create a process for ``slot``."""
         delay = self.policy.delay(slot, False, 0.0)
-        self._restart_at[slot] = self._clock() + delay
-        self._deadlines_changed()
-        logger.error("%s; trying again in %.1f s", self.spawn_error(slot, error), delay)
-
-    def spawn_error(self, slot: int, error: OSError) -> str:
-        """'could not start worker N: why, and the fix'."""
-        why = describe_spawn_error(error, self.command, self._credentials.get("user"))
-        return f"could not start worker {slot}: {why}"
+        self._deadlines.restart(slot, self._clock() + delay)
+        logger.error("%s; trying again in %.1f s", self._launcher.error(slot, error), delay)
 
     # --- the parts --------------------------------------------------------------
 
     def _spawn_process(self, slot: int) -> WorkerProcess:
-        extra: dict[str, object] = dict(self._credentials)
-        if self._listeners_for is not None:
-            extra["listeners"] = self._listeners_for(slot)
-        worker = self._spawn(slot, self.command, self.cwd, self._clock(), **extra)
+        worker = self._launcher.launch(slot, self._clock())
         self.processes.add(worker)
         logger.info("worker %d started (pid %d)", slot, worker.pid)
         return worker
@@ -545,7 +404,7 @@ class Supervisor:
     def _heartbeat(self, now: float, last_heard: Callable[[WorkerProcess], float | None]) -> list[Decision]:
         """Ping every ready current worker; abort those silent for ``timeout``."""
         assert self.timeout is not None
-        self._next_heartbeat = now + self.timeout / HEARTBEATS_PER_TIMEOUT
+        self._deadlines.heartbeat(now + self.timeout / HEARTBEATS_PER_TIMEOUT)
         decisions: list[Decision] = []
         for worker in list(self.current.values()):
             heard = last_heard(worker)
@@ -567,14 +426,7 @@ class Supervisor:
         return decisions
 
     def _kill_after(self, worker: WorkerProcess, seconds: float, why: str, now: float | None = None) -> None:
-        self._kill_at[worker] = ((self._clock() if now is None else now) + seconds, why)
-        self._deadlines_changed()
-
-    def _deadlines_changed(self) -> None:
-        deadlines = [*self._restart_at.values(), *(when for when, _ in self._kill_at.values())]
-        if self._next_heartbeat is not None:
-            deadlines.append(self._next_heartbeat)
-        self.next_deadline = min(deadlines) if deadlines else None
+        self._deadlines.kill(worker, (self._clock() if now is None else now) + seconds, why)
 
 
 _ROUTABLE = frozenset({WorkerState.STARTING, WorkerState.READY})

@@ -35,13 +35,14 @@ from ..errors import ProtocolError
 from ..protocol.frames import Frame, FrameKind, unpack_count
 from ..protocol.wire import read_back
 from ..util.slices import SLICE_SECONDS, run_for
+from .decisions import Decision
 from .hooks import Hooks, run_hooks
 from .link import Link, Owed, owed_in
 from .messages import MessageRouter
 from .process import WorkerProcess
 from .router import Router
 from .stats import SlotCounters
-from .supervisor import Decision, Supervisor
+from .supervisor import Supervisor
 
 __all__ = ["FULL_CHECK_INTERVAL", "MAX_DRAIN_READS", "Traffic", "client_of"]
 
