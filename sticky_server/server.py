@@ -9,19 +9,17 @@ master), ``is_master`` is False and ``work(worker)`` serves what the master send
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-from .balancer import Balancer, IPHashBalancer
-from .errors import BindError, WrongProcessError
-from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, Bind, open_bind, parse_bind, validate_port
+from .balancer import Balancer
+from .errors import WrongProcessError
+from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, Bind, parse_bind, validate_port
 from .master.hooks import Hooks
 from .master.loop import Dispatcher
-from .master.supervisor import Supervisor
+from .master.serving import Serving
 from .protocol import messages as channel
 from .protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
 from .settings import (
@@ -33,14 +31,13 @@ from .settings import (
     group_id,
     user_id,
 )
-from .steering import KernelSteering, kernel_path_unavailable, open_kernel_steering
 from .worker.asyncio_loop import AsyncWorkerRuntime
 from .worker.base import ConnectionHandler, check_worker, is_async_worker
 from .worker.channel import WorkerChannel
 from .worker.environment import worker_identity
-from .worker.proxy_hint import ProxyHint
 from .worker.selector_loop import WorkerRuntime
 from .worker.session import DEFAULT_STOP_SECONDS, WorkerSession, exit_on_boot_failure
+from .working import Runtime, start_runtime
 
 __all__ = [
     "DEFAULT_GRACEFUL_TIMEOUT",
@@ -57,7 +54,6 @@ logger = logging.getLogger("sticky_server")
 _USAGE = "`if sticky.is_master: sticky.listen(port) else: sticky.work(worker)`"
 
 ListeningCallback = Callable[[Any], Any]
-_Runtime = TypeVar("_Runtime", WorkerRuntime, AsyncWorkerRuntime)
 
 
 class StickyServer:
@@ -143,21 +139,9 @@ class StickyServer:
             forwarded_header_fallback=forwarded_header_fallback,
             unix_socket_mode=unix_socket_mode,
         )
-        self.settings = settings
-        self.unix_socket_mode = settings.unix_socket_mode
-        self.client_addresses = settings.client_addresses
-        self.user = settings.user_id
-        self.group = settings.group_id
-        assert settings.workers is not None and isinstance(settings.balancer, Balancer)
+        self.settings = settings  # checked and resolved; what every part is built from
+        assert settings.workers is not None
         self._workers = settings.workers
-        self.balancer = settings.balancer
-        self.graceful_timeout = settings.graceful_timeout
-        self.timeout = settings.timeout
-        self.max_connections_per_worker = settings.max_connections_per_worker
-        self.max_connections_jitter = settings.max_connections_jitter
-        self.max_message_size = settings.max_message_size
-        self.backlog = settings.backlog
-        self.steering = settings.steering
         self._hooks = Hooks()
         self._dispatcher: Dispatcher | None = None
         self._identity = worker_identity()
@@ -258,87 +242,22 @@ class StickyServer:
             raise RuntimeError("listen() was already called on this StickyServer; create one per program")
 
     def _serve(self, binds: list[Bind]) -> None:
-        if (self.user is not None or self.group is not None) and os.geteuid() != 0:
+        if (self.settings.user_id is not None or self.settings.group_id is not None) and os.geteuid() != 0:
             raise PermissionError(
-                f"user/group ({self.user}/{self.group}) need the master to run as root; run it as root or drop them"
+                f"user/group ({self.settings.user}/{self.settings.group}) need the master to run as root; "
+                "run it as root or drop them"
             )
         self._listen_called = True
-        listeners: list[socket.socket] = []
-        steering: KernelSteering | None = None
+        serving = Serving(self.settings, binds, self._workers)
         try:
-            steering = self._kernel_steering(binds)
-            if steering is not None:
-                self.addresses = [group.address for group in steering.groups]
-            else:
-                for bind in binds:
-                    listeners.append(open_bind(bind, self.backlog, self.unix_socket_mode))
-                self._warn_about_unix_clients(binds)
-                self.addresses = [listener.getsockname() for listener in listeners]
-            supervisor = Supervisor(
-                self._workers,
-                user=self.user,
-                group=self.group,
-                graceful_timeout=self.graceful_timeout,
-                timeout=self.timeout,
-                listeners_for=steering.listeners if steering is not None else None,
-                routes_to_starting=steering is None,
-            )
-            dispatcher = Dispatcher(
-                listeners,
-                supervisor,
-                self.balancer,
-                max_connections_per_worker=self.max_connections_per_worker,
-                max_connections_jitter=self.max_connections_jitter,
-                on_ready=self._notify_listening,
-                hooks=self._hooks,
-                client_addresses=self.client_addresses,
-                max_message_size=self.max_message_size,
-                steering=steering,
-            )
-            self._dispatcher = dispatcher
-            dispatcher.run()
+            serving.open()
+            self.addresses = serving.addresses
+            self._dispatcher = serving.dispatcher(self._hooks, self._notify_listening)
+            self._dispatcher.run()
         finally:
             self._dispatcher = None
-            if steering is not None:
-                steering.close()
-            for listener, bind in zip(listeners, binds, strict=False):
-                listener.close()
-                if bind.path is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(bind.path)
+            serving.close()
         logger.info("stopped")
-
-    def _warn_about_unix_clients(self, binds: list[Bind]) -> None:
-        if self.client_addresses is not None or not isinstance(self.balancer, IPHashBalancer):
-            return
-        for bind in binds:
-            if bind.path is not None:
-                logger.warning(
-                    "clients of unix:%s have no address, so IP hash sends each connection to the next worker in "
-                    "turn: sessions (socket.io's polling, any state kept in a worker) break. Behind a proxy, route "
-                    "by its header: forwarded_header='x-forwarded-for' (the command line does it by default for "
-                    "Unix sockets), or proxy_protocol=True",
-                    bind.path,
-                )
-
-    def _kernel_steering(self, binds: list[Bind]) -> KernelSteering | None:
-        """The kernel path's listener groups, or None for the master path (see ``steering``)."""
-        why = kernel_path_unavailable(self.steering, self.balancer, binds, self.client_addresses is not None)
-        if why is None:
-            assert isinstance(self.balancer, IPHashBalancer)
-            try:
-                return open_kernel_steering(binds, self._workers, self.balancer, self.backlog)
-            except BindError:
-                raise
-            except (OSError, ValueError) as exc:
-                why = f"the kernel refused the steering program ({exc})"
-        if self.steering == "kernel":
-            raise ValueError(f"steering='kernel' is not possible here: {why}. Use steering='auto' or 'master'")
-        if self.steering == "auto":
-            # A choice of the user's (a balancer, a proxy header) is news; the kernel saying no is a surprise.
-            level = logging.WARNING if why.startswith("the kernel refused") else logging.INFO
-            logger.log(level, "connections go through the master: %s", why)
-        return None
 
     def stats(self) -> dict[str, Any]:
         """Master only, while serving: live figures per worker slot and for the master (see README, Stats).
@@ -383,41 +302,16 @@ class StickyServer:
         """
         await self._runtime(AsyncWorkerRuntime, self._worker_check(worker)).serve()
 
-    def _runtime(self, kind: type[_Runtime], handler: ConnectionHandler) -> _Runtime:
+    def _runtime(self, kind: type[Runtime], handler: ConnectionHandler) -> Runtime:
         assert self._channel is not None and self._identity is not None
-        runtime = kind(
-            handler,
-            self._channel,
-            self._identity.slot,
-            on_ready=self._disarm_boot_hook,
-            graceful_timeout=self.graceful_timeout,
-            peer_from_proxy=self._peer_from_proxy(handler),
-            listeners=self._identity.listeners,
-            report_accepts_at_once=self.max_connections_per_worker is not None,
-            proxy_hint=ProxyHint(self._identity.slot) if self.client_addresses is None else None,
-        )
+        runtime = start_runtime(kind, handler, self._identity, self._channel, self.settings, self._disarm_boot_hook)
         self._session = runtime.session
         return runtime
 
     def tells_the_client(self) -> bool:
         """Whether handed-off sockets may tell a client a proxy named as their peer, not the kernel's
         (``connections.ProxiedSocket``): behind ``proxy_protocol`` or a forwarded header."""
-        return self.client_addresses is not None
-
-    def _peer_from_proxy(self, handler: object) -> bool:
-        """Whether handed-off sockets report the proxy-told client as their peer (see connections.py).
-
-        Yes behind a PROXY-protocol proxy; behind a forwarded header too, unless the
-        worker's framework reads that header itself, request by request
-        (``forwarded_headers_read``), and so needs to see the proxy as the peer.
-        """
-        settings = self.client_addresses
-        if settings is None:
-            return False
-        if settings.proxy_protocol:
-            return True
-        header = settings.forwarded_header
-        return header is not None and header not in getattr(handler, "forwarded_headers_read", ())
+        return self.settings.client_addresses is not None
 
     def _worker_check(self, worker: object) -> ConnectionHandler:
         if self._identity is None:
@@ -463,11 +357,11 @@ class StickyServer:
         if self._channel is not None:
             if to is not None:
                 raise TypeError("in a worker, send() goes to the master; use publish() to reach the other workers")
-            self._channel.send(channel.encode(message, self.max_message_size))
+            self._channel.send(channel.encode(message, self.settings.max_message_size))
             return
         if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < self.workers:
             raise ValueError(f"send(message, to=...) needs a worker id from 0 to {self.workers - 1}; got {to!r}")
-        body = channel.encode(message, self.max_message_size)
+        body = channel.encode(message, self.settings.max_message_size)
 
         def deliver() -> None:
             if not self._running().messages.send(to, body):
@@ -479,7 +373,7 @@ class StickyServer:
         """Master only: send a JSON ``message`` to every worker (see ``send`` for errors and limits)."""
         if self._channel is not None:
             raise WrongProcessError("broadcast() is for the master; a worker reaches all workers with publish()")
-        body = channel.encode(message, self.max_message_size)
+        body = channel.encode(message, self.settings.max_message_size)
         self._running().call_soon_threadsafe(lambda: self._running().messages.broadcast(body))
 
     def publish(self, message: Any, include_self: bool = False) -> None:
@@ -489,7 +383,7 @@ class StickyServer:
         """
         if self._channel is None:
             raise WrongProcessError("publish() is for workers; the master reaches all workers with broadcast()")
-        body = channel.encode(message, self.max_message_size)
+        body = channel.encode(message, self.settings.max_message_size)
         self._channel.publish(body, include_self)
 
     def message_queue(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Queue[tuple[Any, Any]]:
@@ -541,7 +435,7 @@ def trusted_forwarders(header: str) -> list[str] | None:
     For an adapter whose framework reads that header itself, request by request.
     """
     sticky = StickyServer._current
-    settings = None if sticky is None else sticky.client_addresses
+    settings = None if sticky is None else sticky.settings.client_addresses
     if settings is None or settings.forwarded_header != header:
         return None
     return settings.trusted.names

@@ -27,7 +27,7 @@ def test_custom_balancer_example_runs_and_does_what_it_says(monkeypatch: pytest.
     assert len([line for line in code.splitlines() if line.strip()]) <= 15
     namespace: dict[str, Any] = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    balancer = namespace["sticky"].balancer
+    balancer = namespace["sticky"].settings.balancer
     assert isinstance(balancer, Balancer)
     everyone = WorkerSet(4, (0, 1, 2, 3))
     assert {balancer.pick(ClientInfo(f"10.1.{n}.9", 1), everyone) for n in range(50)} == {0}

@@ -47,8 +47,8 @@ def test_defaults(fresh_identity: None) -> None:
     sticky = StickyServer()
     assert sticky.is_master and sticky.worker_id is None and sticky.address is None
     assert sticky.workers == (os.cpu_count() or 1)
-    assert isinstance(sticky.balancer, IPHashBalancer)
-    assert sticky.graceful_timeout == 30.0
+    assert isinstance(sticky.settings.balancer, IPHashBalancer)
+    assert sticky.settings.graceful_timeout == 30.0
 
 
 @pytest.mark.parametrize(
@@ -154,16 +154,16 @@ def test_user_and_group_are_checked_up_front(fresh_identity: None) -> None:
     with pytest.raises(TypeError, match="user must be a name, a numeric id or None"):
         StickyServer(user=1.5)  # type: ignore[arg-type]
     sticky = StickyServer(user="nobody")
-    assert sticky.user == 65534 and sticky.group is not None
+    assert sticky.settings.user_id == 65534 and sticky.settings.group_id is not None
     assert StickyServer(user=12345).group is None  # a bare uid: the group is left alone
 
 
 def test_proxy_settings(fresh_identity: None) -> None:
-    assert StickyServer().client_addresses is None
-    settings = StickyServer(forwarded_header="X-Forwarded-For").client_addresses
+    assert StickyServer().settings.client_addresses is None
+    settings = StickyServer(forwarded_header="X-Forwarded-For").settings.client_addresses
     assert settings is not None and settings.forwarded_header == "x-forwarded-for"
     assert "127.0.0.9" in settings.trusted and "::1" in settings.trusted and "10.0.0.1" not in settings.trusted
-    settings = StickyServer(proxy_protocol=True, trusted_proxies="10.0.0.0/8").client_addresses
+    settings = StickyServer(proxy_protocol=True, trusted_proxies="10.0.0.0/8").settings.client_addresses
     assert settings is not None and settings.proxy_protocol and "10.1.2.3" in settings.trusted
 
 
@@ -190,7 +190,7 @@ def test_settings_are_checked_once_and_resolved_the_same_everywhere() -> None:
     assert settings.trusted_proxies == ("10.0.0.0/8",)
     assert settings.client_addresses is not None and settings.client_addresses.forwarded_header == "forwarded"
     sticky = StickyServer.from_settings(settings)
-    assert sticky.settings == settings and sticky.workers == 3 and sticky.balancer is settings.balancer
+    assert sticky.settings == settings and sticky.workers == 3 and sticky.settings.balancer is settings.balancer
     assert ServerSettings().workers == (os.cpu_count() or 1)
     with pytest.raises(ValueError, match="header_timeout"):
         ServerSettings(header_timeout=float("nan"), proxy_protocol=True)

@@ -1,0 +1,63 @@
+"""A worker process's side of ``StickyServer``: its session and the loop that drives it, from the server's settings.
+
+``StickyServer.work`` and ``serve`` check the user's worker object and run it with
+``selector_loop.WorkerRuntime`` or ``asyncio_loop.AsyncWorkerRuntime``; what the
+session is told comes from the one ``ServerSettings`` (the stop budget, whether
+hand-offs carry a proxy-told client, whether accepts are reported at once for
+recycling, the proxy hint when no proxy setting is given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from .settings import ServerSettings
+from .worker.asyncio_loop import AsyncWorkerRuntime
+from .worker.base import ConnectionHandler
+from .worker.channel import WorkerChannel
+from .worker.environment import WorkerIdentity
+from .worker.proxy_hint import ProxyHint
+from .worker.selector_loop import WorkerRuntime
+
+__all__ = ["peer_from_proxy", "start_runtime"]
+
+Runtime = TypeVar("Runtime", WorkerRuntime, AsyncWorkerRuntime)
+
+
+def start_runtime(
+    kind: type[Runtime],
+    handler: ConnectionHandler,
+    identity: WorkerIdentity,
+    channel: WorkerChannel,
+    settings: ServerSettings,
+    on_ready: Callable[[], None] | None,
+) -> Runtime:
+    """The loop of ``kind`` driving a new session of ``handler`` in this worker process."""
+    return kind(
+        handler,
+        channel,
+        identity.slot,
+        on_ready=on_ready,
+        graceful_timeout=settings.graceful_timeout,
+        peer_from_proxy=peer_from_proxy(settings, handler),
+        listeners=identity.listeners,
+        report_accepts_at_once=settings.max_connections_per_worker is not None,
+        proxy_hint=ProxyHint(identity.slot) if settings.client_addresses is None else None,
+    )
+
+
+def peer_from_proxy(settings: ServerSettings, handler: object) -> bool:
+    """Whether handed-off sockets report the proxy-told client as their peer (see ``worker.connections``).
+
+    Yes behind a PROXY-protocol proxy; behind a forwarded header too, unless the
+    worker's framework reads that header itself, request by request
+    (``forwarded_headers_read``), and so needs to see the proxy as the peer.
+    """
+    addresses = settings.client_addresses
+    if addresses is None:
+        return False
+    if addresses.proxy_protocol:
+        return True
+    header = addresses.forwarded_header
+    return header is not None and header not in getattr(handler, "forwarded_headers_read", ())
