@@ -80,7 +80,7 @@ def test_bad_arguments_are_refused_with_the_fix(fresh_identity: None, kwargs: di
 
 
 def test_balancer_by_name(fresh_identity: None) -> None:
-    assert isinstance(StickyServer(balancer="round-robin").balancer, RoundRobinBalancer)
+    assert isinstance(StickyServer(balancer="round-robin").settings.balancer, RoundRobinBalancer)
 
 
 def test_work_in_the_master_is_refused(fresh_identity: None) -> None:
@@ -155,7 +155,7 @@ def test_user_and_group_are_checked_up_front(fresh_identity: None) -> None:
         StickyServer(user=1.5)  # type: ignore[arg-type]
     sticky = StickyServer(user="nobody")
     assert sticky.settings.user_id == 65534 and sticky.settings.group_id is not None
-    assert StickyServer(user=12345).group is None  # a bare uid: the group is left alone
+    assert StickyServer(user=12345).settings.group_id is None  # a bare uid: the group is left alone
 
 
 def test_proxy_settings(fresh_identity: None) -> None:
