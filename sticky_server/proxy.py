@@ -20,6 +20,7 @@ import re
 import socket
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_V1_HEADER",
     "PROXY_V1_PREFIX",
     "PROXY_V2_SIGNATURE",
+    "ClientAddressSettings",
     "ForwardedHeaderError",
     "ProxyHeader",
     "ProxyHeaderError",
@@ -305,3 +307,17 @@ def client_from_forwarded(addresses: Sequence[str], trusted: TrustedProxies) -> 
         if client is None or client not in trusted:
             return client
     return client
+
+
+@dataclass(frozen=True)
+class ClientAddressSettings:
+    """How the master learns client addresses from proxies (see ``StickyServer``)."""
+
+    proxy_protocol: bool
+    forwarded_header: str | None
+    trusted: TrustedProxies
+    timeout: float
+    max_size: int
+    # A trusted peer that sends no HTTP request (other bytes, or nothing in time) is routed by its
+    # own address instead of closed: the CLI's Unix sockets, where a proxy and local clients mix.
+    fallback: bool = False

@@ -23,10 +23,9 @@ from typing import Any
 from .balancer import Balancer, balancer_from
 from .checks import check_count, check_seconds
 from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, MAX_BACKLOG
-from .master.intake import ClientAddressSettings
 from .protocol.frames import MAX_PAYLOAD
 from .protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
-from .proxy import DEFAULT_TRUSTED_PROXIES, TrustedProxies
+from .proxy import DEFAULT_TRUSTED_PROXIES, ClientAddressSettings, TrustedProxies
 from .steering import STEERINGS
 
 __all__ = [

@@ -12,8 +12,8 @@ import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server.balancer import ClientInfo
-from sticky_server.master.intake import ClientAddressSettings, Intake
-from sticky_server.proxy import TrustedProxies
+from sticky_server.master.intake import Intake
+from sticky_server.proxy import ClientAddressSettings, TrustedProxies
 
 Routed = list[tuple[int, int, ClientInfo]]
 

@@ -46,10 +46,10 @@ from collections.abc import Callable
 
 from ..balancer import ClientInfo
 from ..proxy import (
+    ClientAddressSettings,
     ForwardedHeaderError,
     ProxyHeader,
     ProxyHeaderError,
-    TrustedProxies,
     client_from_forwarded,
     forwarded_addresses,
     may_be_http,
@@ -58,7 +58,7 @@ from ..proxy import (
 )
 from ..util.throttle import ThrottledLog
 
-__all__ = ["ClientAddressSettings", "Intake"]
+__all__ = ["Intake"]
 
 logger = logging.getLogger("sticky_server.intake")
 
@@ -82,20 +82,6 @@ def _peer_closed(sock: socket.socket) -> bool:
         return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] in _PEER_CLOSED_STATES
     except OSError:
         return True
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientAddressSettings:
-    """How the master learns client addresses from proxies (see ``StickyServer``)."""
-
-    proxy_protocol: bool
-    forwarded_header: str | None
-    trusted: TrustedProxies
-    timeout: float
-    max_size: int
-    # A trusted peer that sends no HTTP request (other bytes, or nothing in time) is routed by its
-    # own address instead of closed: the CLI's Unix sockets, where a proxy and local clients mix.
-    fallback: bool = False
 
 
 @dataclasses.dataclass(eq=False)

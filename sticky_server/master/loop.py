@@ -111,6 +111,7 @@ from ..errors import WorkerBootError
 from ..listener import ACCEPT_BURST, format_address
 from ..protocol.frames import FrameKind
 from ..protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
+from ..proxy import ClientAddressSettings
 from ..steering import KernelSteering
 from ..steering.keeper import SteeringKeeper
 from ..util.signals import SignalQueue
@@ -119,7 +120,7 @@ from .acceptor import Acceptor, Local, listening_address
 from .calls import ThreadCalls
 from .decisions import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode
 from .hooks import Hooks, run_hooks
-from .intake import ClientAddressSettings, Intake
+from .intake import Intake
 from .messages import MessageRouter
 from .router import Router
 from .stats import collect, log_stats
