@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import socket
 import time
@@ -40,9 +41,30 @@ def make_intake(intake_settings: ClientAddressSettings) -> tuple[selectors.BaseS
     return selector, intake, routed, faults
 
 
-def take_one(intake: Intake, listener: socket.socket, conn_id: int = 1) -> None:
+def take_one(intake: Intake, listener: socket.socket, conn_id: int = 1, arrived: int = 0) -> None:
+    """Accept one connection and give it to the intake once ``arrived`` bytes of it wait to be read."""
     fd, address = listener._accept()  # type: ignore[attr-defined]
+    wait_for_bytes(fd, arrived)
     intake.take(conn_id, fd, listener.family, ClientInfo(address[0], address[1]))
+
+
+def wait_for_bytes(fd: int, count: int, timeout: float = 5.0) -> None:
+    """Until ``count`` bytes wait on ``fd``: the test's point of synchronisation (peeked; its mode untouched)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        deadline = time.monotonic() + timeout
+        while count and len(peek(sock, count)) < count:
+            assert time.monotonic() < deadline, f"{count} bytes did not arrive in {timeout} s"
+            select.select([fd], [], [], 0.01)
+    finally:
+        sock.detach()
+
+
+def peek(sock: socket.socket, count: int) -> bytes:
+    try:
+        return sock.recv(count, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
 
 
 def run(selector: selectors.BaseSelector, intake: Intake, seconds: float) -> int:
@@ -61,8 +83,7 @@ def test_a_partial_header_does_not_spin_the_loop(listener: socket.socket) -> Non
     selector, intake, routed, _faults = make_intake(settings())
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 203.0.113.5 ")
-        time.sleep(0.05)
-        take_one(intake, listener)
+        take_one(intake, listener, arrived=len(b"PROXY TCP4 203.0.113.5 "))
         assert intake.waiting == 1
         # Level-triggered readiness on peeked-but-unread bytes would fire thousands of
         # times here; SO_RCVLOWAT holds it back until the rest arrives.
@@ -85,8 +106,7 @@ def test_a_complete_header_is_routed_without_waiting(listener: socket.socket) ->
     request = b"GET / HTTP/1.1\r\nX-Forwarded-For: 198.51.100.3\r\n\r\n"
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(request)
-        time.sleep(0.05)
-        take_one(intake, listener)
+        take_one(intake, listener, arrived=len(request))
         assert intake.waiting == 0 and len(routed) == 1  # routed at once, no selector round
         with socket.socket(fileno=routed[0][1]) as handed:
             assert handed.recv(1000) == request  # nothing consumed
@@ -132,9 +152,12 @@ def test_a_default_socket_timeout_neither_blocks_the_master_nor_reaches_the_work
     try:
         with socket.create_connection(listener.getsockname()) as client:
             client.sendall(b"PROXY TCP4 203.0.113.5 ")
-            time.sleep(0.05)
+            fd, address = listener._accept()  # type: ignore[attr-defined]
+            wait_for_bytes(fd, len(b"PROXY TCP4 203.0.113.5 "))
             started = time.monotonic()
-            take_one(intake, listener)  # an incomplete header: the peek must not wait for the rest
+            intake.take(
+                1, fd, listener.family, ClientInfo(address[0], address[1])
+            )  # an incomplete header: the peek must not wait for the rest
             assert time.monotonic() - started < 1.0 and intake.waiting == 1
             client.sendall(b"127.0.0.1 1000 80\r\nhello")
             run(selector, intake, 0.3)
@@ -150,8 +173,7 @@ def test_readable_with_nothing_new_is_not_taken_for_end_of_stream(listener: sock
     selector, intake, routed, _faults = make_intake(settings())
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 203.0.113.5 ")
-        time.sleep(0.05)
-        take_one(intake, listener)
+        take_one(intake, listener, arrived=len(b"PROXY TCP4 203.0.113.5 "))
         assert intake.waiting == 1
         # What Linux does to a socket that runs low on receive memory (a header in many
         # tiny segments): report it readable below its low-water mark, with nothing new.
@@ -171,8 +193,7 @@ def test_an_error_while_parsing_closes_that_connection_only(listener: socket.soc
     mocker.patch.object(intake, "_parse", side_effect=RuntimeError("a bug in a parser"))
     with socket.create_connection(listener.getsockname()) as client:
         client.sendall(b"PROXY TCP4 203.0.113.5 127.0.0.1 1000 80\r\n")
-        time.sleep(0.05)
-        take_one(intake, listener)
+        take_one(intake, listener, arrived=len(b"PROXY TCP4 203.0.113.5 127.0.0.1 1000 80\r\n"))
         assert intake.waiting == 0 and not selector.get_map() and not routed
         ((fd, client_info, error),) = faults
         assert isinstance(error, RuntimeError) and client_info.host == "127.0.0.1"

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -20,13 +19,13 @@ from pytest_mock import MockerFixture
 
 from sticky_server.balancer import ClientInfo, IPHashBalancer
 from sticky_server.master.loop import Dispatcher
-from sticky_server.master.process import WorkerProcess
 from sticky_server.master.supervisor import Supervisor
 from sticky_server.protocol.frames import MASTER_SENDS, FrameKind, pack_ids
 from sticky_server.protocol.frames import encode as encode_frame
 from sticky_server.protocol.messages import encode, pack_publish, unpack_delivery
 from sticky_server.protocol.outbox import Outbox
 from sticky_server.protocol.wire import FrameReader
+from tests.fakes import FakeSpawn
 
 from .worker_harness import tcp_pair
 
@@ -61,25 +60,13 @@ class Setup:
 
 
 @pytest.fixture
-def setup(mocker: MockerFixture) -> Iterator[Setup]:
-    worker_ends: dict[int, socket.socket] = {}
-
-    def spawn(slot: int, command: list[str], cwd: str, now: float, **credentials: int) -> WorkerProcess:
-        master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        master_end.setblocking(False)
-        worker_ends[slot] = worker_end
-        process = mocker.Mock(spec=subprocess.Popen, pid=1_000_000 + slot)
-        process.poll.return_value = None
-        return WorkerProcess(slot=slot, process=process, control=master_end, started_at=now)
-
+def setup() -> Iterator[Setup]:
+    spawn = FakeSpawn(first_pid=1_000_000)
     supervisor = Supervisor(WORKERS, ["not run"], spawn=spawn, graceful_timeout=1.0)
     dispatcher = Dispatcher([], supervisor, IPHashBalancer())
     dispatcher._carry_out(supervisor.boot())
-    yield Setup(dispatcher, worker_ends)
-    for link in list(dispatcher._router.links.values()):
-        link.worker.control.close()
-    for sock in worker_ends.values():
-        sock.close()
+    yield Setup(dispatcher, spawn.worker_ends)
+    spawn.close()
 
 
 def publishes(messages: range) -> Outbox:

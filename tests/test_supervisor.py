@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import errno
 import signal
-import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from unittest.mock import Mock
 
 import pytest
@@ -17,6 +16,7 @@ from sticky_server.master.decisions import Connect, Decision, Halt, Listening, P
 from sticky_server.master.process import WorkerProcess, WorkerState, describe_exit, describe_spawn_error, entry_command
 from sticky_server.master.restarts import BACKOFF_FIRST, BACKOFF_MAX, MAX_BOOT_FAILURES, RestartPolicy
 from sticky_server.master.supervisor import ABORT_GRACE, QUICK_STOP_SECONDS, Supervisor
+from tests.fakes import FakeSpawn
 
 
 class FakeClock:
@@ -34,19 +34,9 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def supervisor(clock: FakeClock) -> Iterator[Supervisor]:
-    sockets: list[socket.socket] = []
-    pids = iter(range(5000, 6000))
-
-    def spawn(slot: int, command: Sequence[str], cwd: str, now: float) -> WorkerProcess:
-        process = Mock(pid=next(pids))
-        process.poll.return_value = None
-        control, other = socket.socketpair()
-        sockets.extend([control, other])
-        return WorkerProcess(slot=slot, process=process, control=control, started_at=now)
-
+    spawn = FakeSpawn()
     yield Supervisor(3, ["python", "app.py"], spawn=spawn, clock=clock)
-    for sock in sockets:
-        sock.close()
+    spawn.close()
 
 
 def test_restart_policy_backs_off_exponentially_up_to_the_cap() -> None:
@@ -128,9 +118,7 @@ def test_boot_starts_every_slot_and_says_listening_once_all_are_ready(supervisor
 
 
 def test_a_worker_the_os_cannot_start_at_boot_is_one_error(clock: FakeClock) -> None:
-    def spawn(slot: int, command: Sequence[str], cwd: str, now: float) -> WorkerProcess:
-        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-
+    spawn = FakeSpawn(fail=BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"))
     with pytest.raises(WorkerBootError, match=r"could not start worker 0: .*the server did not start"):
         Supervisor(2, ["x"], spawn=spawn, clock=clock).boot()
 
@@ -358,15 +346,11 @@ def test_entry_command_reruns_the_interpreter_with_its_original_arguments(mocker
 
 
 def test_spawn_passes_user_and_group(clock: FakeClock) -> None:
-    seen: list[dict[str, object]] = []
-
-    def spawn(slot: int, command: Sequence[str], cwd: str, now: float, **credentials: object) -> WorkerProcess:
-        seen.append(credentials)
-        return WorkerProcess(slot=slot, process=Mock(pid=1), control=Mock(), started_at=now)
-
+    spawn = FakeSpawn()
     Supervisor(1, ["x"], spawn=spawn, clock=clock, user=65534, group=65534).boot()
     Supervisor(1, ["x"], spawn=spawn, clock=clock).boot()
-    assert seen == [{"user": 65534, "group": 65534}, {}]
+    assert spawn.extras == [{"user": 65534, "group": 65534}, {}]
+    spawn.close()
 
 
 @pytest.mark.parametrize(
@@ -387,16 +371,12 @@ def test_a_worker_the_os_cannot_start_is_one_line_naming_the_fix(error: OSError,
 
 def test_on_the_kernel_path_a_starting_worker_takes_no_connections(clock: FakeClock) -> None:
     listeners_for = Mock(return_value=["listener"])
-
-    def spawn(slot: int, command: Sequence[str], cwd: str, now: float, listeners: list[str]) -> WorkerProcess:
-        assert listeners == ["listener"]  # the slot's own listener, inherited
-        process = Mock(pid=7000 + slot)
-        process.poll.return_value = None
-        return WorkerProcess(slot=slot, process=process, control=Mock(), started_at=now)
-
+    spawn = FakeSpawn()
     supervisor = Supervisor(2, ["app"], spawn=spawn, clock=clock, listeners_for=listeners_for, routes_to_starting=False)
     workers = booted(supervisor)
     assert [call.args for call in listeners_for.call_args_list] == [(0,), (1,)]
+    assert spawn.extras == [{"listeners": ["listener"]}] * 2  # the slot's own listener, inherited
     assert not any(supervisor.takes_connections(worker) for worker in workers)  # its clients: their next choice
     supervisor.ready(workers[0])
     assert supervisor.takes_connections(workers[0]) and not supervisor.takes_connections(workers[1])
+    spawn.close()
