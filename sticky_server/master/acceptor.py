@@ -93,7 +93,7 @@ class Acceptor:
         except OSError as exc:
             if self._keeper is None:
                 raise  # the master's own listener: nothing else can break it
-            # A slot's listener, shared with its worker: broken there (rule 7 replaces it).
+            # A slot's listener, shared with its worker: broken there (master rule 7 replaces it).
             logger.debug("accepting on a kernel-path listener failed: %s", exc)
             self._watch({})
             self._keeper.check_soon()

@@ -17,7 +17,7 @@ __all__ = ["Connect", "Decision", "Halt", "Listening", "Ping", "SendStop", "Stop
 
 
 class StopMode(enum.Enum):
-    """How the server stops (master, rule 5)."""
+    """How the server stops (master rule 5)."""
 
     GRACEFUL = "graceful"
     QUICK = "quick"

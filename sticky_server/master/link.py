@@ -26,9 +26,9 @@ applied the event, and nothing else writes them.
 | condition | set by | cleared by |
 |---|---|---|
 | not ``connected`` | ``close`` | never: a new process gets a new link |
-| ``full`` (rule 3) | ``route``: ``MAX_QUEUED`` not taken | ``sent``, ``caught_up``: half that |
-| ``no_room`` (rule 6) | ``route``, ``accepted_itself``: at ``max_live``; ``lost_at_limit`` | ``closed``: a tenth |
-| ``backed_up`` (rule 7) | ``look_at_queue``: its listeners' queue grows | ``heard_since_backed_up`` |
+| ``full`` (master rule 3) | ``route``: ``MAX_QUEUED`` not taken | ``sent``, ``caught_up``: half that |
+| ``no_room`` (master rule 6) | ``route``, ``accepted_itself``: ``max_live``; ``lost_at_limit`` | ``closed``: a tenth |
+| ``backed_up`` (master rule 7) | ``look_at_queue``: its listeners' queue grows | ``heard_since_backed_up`` |
 
 (The rules are the master's, ``master.loop``.)
 """
@@ -49,9 +49,9 @@ from .process import WorkerProcess
 
 __all__ = ["BACKED_UP_QUEUE", "FULL", "MAX_QUEUED", "NO_ROOM", "Link", "Owed", "descriptor_headroom"]
 
-# Rule 3: a worker with this many connections it has not taken is routed around.
+# Master rule 3: a worker with this many connections it has not taken is routed around.
 MAX_QUEUED = 1024
-# Rule 7: connections waiting on a slot's listeners at two looks that make it backed up.
+# Master rule 7: connections waiting on a slot's listeners at two looks that make it backed up.
 BACKED_UP_QUEUE = 128
 # What a worker's counts are believed up to: no worker accepts faster than this on any machine,
 # plus a burst (a report may cover a whole accept burst after a pause).
@@ -59,14 +59,14 @@ MAX_ACCEPT_RATE = 1_000_000  # connections a second
 ACCEPT_BURST_SLACK = 65_536
 
 # What took a link out of routing (``Link.route`` and the other events), as bits.
-FULL = 1  # rule 3
-NO_ROOM = 2  # rule 6
+FULL = 1  # master rule 3
+NO_ROOM = 2  # master rule 6
 
 Owed = tuple[int, int, ClientInfo]  # (connection id, descriptor, what the balancer was told)
 
 
 def descriptor_headroom(limit: int) -> int | None:
-    """Rule 6: the live connections a worker with descriptor limit ``limit`` may hold (None: no ceiling).
+    """Master rule 6: the live connections a worker with descriptor limit ``limit`` may hold (None: no ceiling).
 
     The rest is left for what the worker's own code opens (files, outgoing
     connections, its event loop): an eighth of the limit, at least 32.
@@ -119,7 +119,7 @@ class Link:
         """A connection routed here: pending until ``frame_pending``, live until the worker says it closed.
 
         Returns what took the link out of routing (``NO_ROOM`` at its descriptor
-        ceiling, rule 6; ``FULL`` at ``MAX_QUEUED`` not taken, rule 3), or 0.
+        ceiling, master rule 6; ``FULL`` at ``MAX_QUEUED`` not taken, master rule 3), or 0.
         """
         self.pending.append(entry)
         self.live += 1
@@ -134,8 +134,8 @@ class Link:
         return left
 
     def sent(self) -> tuple[int, bool]:
-        """How many hand-offs went out since the last call (rule 1: they are the worker's now); True when
-        that brought a full link back to half ``MAX_QUEUED`` (rule 3)."""
+        """How many hand-offs went out since the last call (master rule 1: they are the worker's now); True when
+        that brought a full link back to half ``MAX_QUEUED`` (master rule 3)."""
         sent = self.outbox.sent_fds - self.taken
         self.taken += sent
         if self.full and self.unread() <= MAX_QUEUED // 2:
@@ -144,7 +144,7 @@ class Link:
         return sent, False
 
     def caught_up(self) -> bool:
-        """Rule 3, looked at while full (a worker says nothing when it reads): True when it is back to half."""
+        """Master rule 3, looked at while full (a worker says nothing when it reads): True when it is back to half."""
         if self.full and self.connected and self.unread(ask_kernel=True) <= MAX_QUEUED // 2:
             self.full = False
             return True
@@ -161,7 +161,7 @@ class Link:
 
     def closed(self, count: int) -> tuple[int, bool]:
         """The worker reported ``count`` connections closed: how many of them were counted live, and True
-        when that gave it room again (rule 6: a tenth of its ceiling closed)."""
+        when that gave it room again (master rule 6: a tenth of its ceiling closed)."""
         count = min(count, self.live)
         self.live -= count
         if self.no_room and self.has_room_again():
@@ -170,7 +170,7 @@ class Link:
         return count, False
 
     def lost_at_limit(self, lost: int) -> tuple[int, int]:
-        """NO_ROOM ``lost``: the kernel closed hand-offs the worker had no descriptor for (rule 6).
+        """NO_ROOM ``lost``: the kernel closed hand-offs the worker had no descriptor for (master rule 6).
 
         Its ceiling becomes what it holds now. Returns how many were counted live,
         and ``NO_ROOM`` when that takes it out of routing (else 0). More than it was
@@ -209,7 +209,7 @@ class Link:
         return True
 
     def look_at_queue(self, length: int, now: float) -> bool:
-        """Rule 7: ``length`` connections wait on its listeners now; True when that makes it backed up.
+        """Master rule 7: ``length`` connections wait on its listeners now; True when that makes it backed up.
 
         Backed up: ``BACKED_UP_QUEUE`` or more at two looks, and no fewer at the second.
         """
@@ -220,7 +220,7 @@ class Link:
         return False
 
     def heard_since_backed_up(self) -> bool:
-        """Rule 7: a backed-up worker heard from since takes its clients again; True when it does now."""
+        """Master rule 7: a backed-up worker heard from since takes its clients again; True when it does now."""
         if self.backed_up and self.last_heard > self.backed_up_at:
             self.backed_up = False
             self.queue_seen = 0
@@ -230,7 +230,7 @@ class Link:
     # --- what it owes ------------------------------------------------------------
 
     def gave_back(self, count: int) -> None:
-        """``count`` connections it owed went back to the router to be routed again (rule 2): not live here."""
+        """``count`` connections it owed went back to the router to be routed again (master rule 2): not live here."""
         self.live = max(0, self.live - count)
 
     def unread(self, ask_kernel: bool = False) -> int:
@@ -244,7 +244,7 @@ class Link:
         return self.max_live is not None and self.live >= self.max_live
 
     def has_room_again(self) -> bool:
-        """A tenth of the ceiling closed since it was reached (rule 6)."""
+        """A tenth of the ceiling closed since it was reached (master rule 6)."""
         return self.max_live is not None and self.live <= self.max_live - max(1, self.max_live // 10)
 
     def frame_pending(self, addressed: bool, unpackable: Callable[[Owed, BaseException], None]) -> None:
@@ -279,7 +279,7 @@ class Link:
         return True
 
     def close(self) -> list[Owed]:
-        """Close the master's end; return every connection owed that was not sent (rule 2), in order."""
+        """Close the master's end; return every connection owed that was not sent (master rule 2), in order."""
         self.connected = False
         self.worker.control.close()
         self.reader.close()

@@ -25,7 +25,7 @@ hand-offs get a turn between slices.
 
 The rules below are named "master rule N" elsewhere; each is carried out by the part named.
 
-Rule 1 (ownership; ``traffic``): an accepted descriptor belongs to the master until the
+Master rule 1 (ownership; ``traffic``): an accepted descriptor belongs to the master until the
 ``sendmsg`` that carries it to its worker succeeds (a HANDOFF frame; batched: one
 frame per worker per pass of the loop); then the master closes its copy, and the
 connection is the worker's once it reads the frame. The master keeps the worker's
@@ -35,7 +35,7 @@ acknowledgement travels back: it would cost the worker a write and the master a
 wake-up, a read and, often, the connection's final close (the worker's close is not
 the last while the master holds a copy) for every batch.
 
-Rule 2 (no loss; ``traffic``): when a worker's process exits, the master first reads everything
+Master rule 2 (no loss; ``traffic``): when a worker's process exits, the master first reads everything
 it still sent (its last messages), then reads back what is left in the worker's
 end of its control socket and routes every hand-off the worker never read again,
 to the balancer's choice among the remaining slots (``Outbox.unread_hand_offs``
@@ -44,7 +44,7 @@ connections, so their streams are intact. Hand-offs not sent yet are routed agai
 as soon as the worker's link closes. A worker that dies after reading a hand-off
 takes that connection with it, as it would a connection it was serving.
 
-Rule 3 (back-pressure; ``link``, ``traffic``): a worker with ``MAX_QUEUED`` connections routed to it and
+Master rule 3 (back-pressure; ``link``, ``traffic``): a worker with ``MAX_QUEUED`` connections routed to it and
 not read yet (waiting in the master, or in its socket) is full and leaves the alive
 set until that is down to half; its clients go to their next choice meanwhile. The
 master counts what waits in the socket from its record of sent frames and the
@@ -54,25 +54,25 @@ a worker is full (a worker says nothing when it reads). If no slot can take a
 connection, the master stops accepting (the kernel's backlog holds new clients) and
 parks the connections it has until a slot can take them. Nothing is closed for lack of room.
 
-Rule 4 (one current worker per slot; ``supervisor``): routing only ever uses a slot's *current*
+Master rule 4 (one current worker per slot; ``supervisor``): routing only ever uses a slot's *current*
 worker. A reload or a recycle starts a replacement beside it, makes it current
 when it is ready, and only then sends the old one STOP (after every hand-off
 already queued for it), so the slot never stops serving and keeps its clients.
 
-Rule 5 (stop; this loop): graceful (SIGTERM) closes the listeners and sends each worker
+Master rule 5 (stop; this loop): graceful (SIGTERM) closes the listeners and sends each worker
 STOP after the hand-offs queued for it, so everything accepted is served, then
 SIGKILLs what is left ``graceful_timeout`` seconds later. Quick (SIGINT,
 SIGQUIT) sends the workers SIGQUIT and kills them ``QUICK_STOP_SECONDS`` later.
 Any further stop signal kills at once.
 
-Rule 6 (descriptor room; ``link``): a worker tells its descriptor limit when it is ready;
+Master rule 6 (descriptor room; ``link``): a worker tells its descriptor limit when it is ready;
 the master treats it as full once it has ``limit - reserve`` live connections
 (``descriptor_headroom``), and routes its clients elsewhere until some close. If a
 worker still runs out (its own files count too), the kernel closes the hand-offs
 it had no room for, the worker keeps the rest and says how many it lost (NO_ROOM),
 and the master lowers that worker's ceiling to what it holds.
 
-Rule 7 (kernel path, ``steering``; ``steering.keeper``): the master holds every
+Master rule 7 (kernel path, ``steering``; ``steering.keeper``): the master holds every
 slot's listener but accepts only from those the kernel's program leaves out. The program includes the
 alive slots: there the supervisor routes to READY workers only (a starting one's
 clients go to their next choice) and the link must take connections; a slot is also *backed up* when its listeners hold
@@ -359,7 +359,7 @@ class Dispatcher:
         self._acceptor.accept_while(False)
         for listener, local in self._acceptor.every_listener():
             if mode is StopMode.GRACEFUL and router.workers.alive:
-                # Clients whose handshake the kernel completed are served, not reset (rule 5). On the
+                # Clients whose handshake the kernel completed are served, not reset (master rule 5). On the
                 # kernel path a worker takes what reaches its own listener after this (worker side).
                 for conn_id, fd, client in self._acceptor.accept(listener, local, MAX_STOP_DRAIN):
                     self._route(conn_id, fd, client)
@@ -436,7 +436,7 @@ class Dispatcher:
         self._connection_fault_log.note(1, client.host or "a Unix socket", f"{type(error).__name__}: {error}")
         logger.debug("routing a connection failed", exc_info=error)
 
-    # --- the kernel path (rule 7) -------------------------------------------------
+    # --- the kernel path (master rule 7) -------------------------------------------------
 
     def _check_steering(self, keeper: SteeringKeeper, now: float) -> None:
         """Backed-up slots, and broken listeners replaced with their workers (``steering.keeper``)."""

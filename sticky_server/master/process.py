@@ -8,7 +8,7 @@ one descriptor beyond stdio, its end of a fresh control socketpair, and on the
 kernel path its slot's listeners too; their numbers are in the environment (see
 ``environment``). The master keeps that end open
 as well (``WorkerProcess.worker_end``): hand-offs the worker never read outlive it
-there (master, rule 2). With ``user``/``group`` it runs with those ids and no
+there (master rule 2). With ``user``/``group`` it runs with those ids and no
 supplementary groups.
 """
 

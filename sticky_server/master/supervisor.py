@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A slot is a place for one worker. It has one *current* process, the one its
 connections are routed to; during a reload or a recycle also a *replacement*
-that is starting, which becomes current once it is ready (master, rule 4); and
+that is starting, which becomes current once it is ready (master rule 4); and
 perhaps old processes *finishing* what they hold. Each process moves through
 these states, and only the supervisor moves it:
 
@@ -221,7 +221,7 @@ class Supervisor:
         return decisions
 
     def reload(self) -> list[Decision]:
-        """SIGHUP: replace every slot's worker, one slot at a time (rule 4)."""
+        """SIGHUP: replace every slot's worker, one slot at a time (master rule 4)."""
         if self.stopping:
             return []
         logger.info("SIGHUP: replacing %d workers one by one", len(self.current))
@@ -268,7 +268,7 @@ class Supervisor:
         return decisions + self._next_replacement()
 
     def stop(self, why: str, mode: StopMode) -> None:
-        """Begin stopping (rule 5); a second stop kills every worker now.
+        """Begin stopping (master rule 5); a second stop kills every worker now.
 
         A graceful stop sends nothing yet: the loop calls ``stop_workers`` once every
         accepted connection is routed.

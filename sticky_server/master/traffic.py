@@ -13,7 +13,7 @@ connections, the router is told. What the supervisor decides about a worker
 (READY, a worker due for recycling) is returned to the loop (``take_decisions``),
 never carried out here.
 
-Rule 2 (master, no loss) lives here: closing a link parks every connection it owed
+Master rule 2 (no loss) lives here: closing a link parks every connection it owed
 and had not sent, and a gone worker's end of its control socket is read back
 (``read_back``): hand-offs the worker never read are parked too, to be routed again.
 An invalid frame from a worker, or an error while handling one, kills that worker.
@@ -155,7 +155,7 @@ class Traffic:
             self.flush(link)
 
     def close(self, link: Link) -> None:
-        """Close the link and park the connections it held that were not sent yet, to route again (rule 2)."""
+        """Close the link and park the connections it held that were not sent yet, to route again (master rule 2)."""
         if not link.connected:
             return
         self._selector.unregister(link.worker.control)
@@ -166,7 +166,7 @@ class Traffic:
         self._supervisor.lost_control(link.worker)
 
     def drain_and_close(self, worker: WorkerProcess) -> None:
-        """A reaped worker: read its last messages, close its link, route again what it never read (rule 2)."""
+        """A reaped worker: read its last messages, close its link, route again what it never read (master rule 2)."""
         link = self._router.links.pop(worker)
         self._router.mark_dirty()
         for _ in range(MAX_DRAIN_READS):
@@ -261,7 +261,7 @@ class Traffic:
         self._router.closed(link, unpack_count(frame))
 
     def _on_no_room(self, link: Link, frame: Frame) -> None:
-        """Rule 6: the worker lost hand-offs at its descriptor limit; its ceiling is what it holds now."""
+        """Master rule 6: the worker lost hand-offs at its descriptor limit; its ceiling is what it holds now."""
         lost = unpack_count(frame)
         slot = link.worker.slot
         counted, left = link.lost_at_limit(lost)
@@ -324,13 +324,13 @@ class Traffic:
             self._router.mark_dirty()
 
     def routed(self, link: Link) -> None:
-        """Something was queued on ``link`` this pass; a full one is looked at again soon (rule 3)."""
+        """Something was queued on ``link`` this pass; a full one is looked at again soon (master rule 3)."""
         self.touched.add(link)
         if link.full and self.next_full_check is None:
             self.next_full_check = time.monotonic() + FULL_CHECK_INTERVAL
 
     def check_full(self, now: float) -> None:
-        """Rule 3: put full workers that have caught up back in the alive set."""
+        """Master rule 3: put full workers that have caught up back in the alive set."""
         still_full = False
         for link in list(self._router.links.values()):
             if link.caught_up():
@@ -339,7 +339,7 @@ class Traffic:
                 still_full = True
         self.next_full_check = now + FULL_CHECK_INTERVAL if still_full else None
 
-    # --- rule 2 -----------------------------------------------------------------------
+    # --- master rule 2 -----------------------------------------------------------------------
 
     def _park(self, link: Link, owed: list[Owed]) -> None:
         """Park the connections ``link``'s worker never took; the loop routes them among the others."""

@@ -11,7 +11,7 @@ limits datagrams to 2 KiB by default), so message boundaries come from framing::
     +--------+--------+----------+------------+-------------------+
 
 Which side may send which kind is ``MASTER_SENDS`` / ``WORKER_SENDS``; only the
-kinds in ``CARRIES_FDS`` carry descriptors (``wire``, rule 5). How descriptors
+kinds in ``CARRIES_FDS`` carry descriptors (wire rule 5). How descriptors
 travel with the bytes is ``wire``'s; the queue that sends frames is ``outbox``'s.
 """
 
@@ -92,7 +92,7 @@ WORKER_SENDS = frozenset(
     }
 )
 CARRIES_FDS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
-# In a frame's fds: a descriptor the kernel dropped because the receiver had no room for it (rule 3).
+# In a frame's fds: a descriptor the kernel dropped because the receiver had no room for it (wire rule 3).
 LOST_FD = -1
 # A host in an addressed hand-off is at most this many bytes (its length is a u8).
 MAX_HOST_BYTES = 255

@@ -82,14 +82,14 @@ class Outbox:
     up by about a slice: README, Messages). Messages are bounded: ``put_message``
     drops the oldest queued ones beyond ``max_bytes`` and says how many. Order
     within each queue is kept. Consecutive frames go out in one ``sendmsg``; a
-    frame's descriptors ride with the call that sends its first byte (rule 1).
+    frame's descriptors ride with the call that sends its first byte (master rule 1).
 
     Descriptors queued here are owned here: each is closed once the ``sendmsg``
     that carries it succeeds (the message holds it from then on), and ``clear``
     gives back those not sent yet. Frames with descriptors that went out are
     remembered until ``forget_read`` learns that the peer read them whole, so that
     ``unread_hand_offs`` can tell, after the peer is gone, which ones it never read
-    (``wire``, rule 4). A frame with descriptors may carry a ``tag`` (what the
+    (``wire``, master rule 4). A frame with descriptors may carry a ``tag`` (what the
     caller knows of them), given back with it by ``clear`` and ``unread_hand_offs``.
     """
 
@@ -151,7 +151,7 @@ class Outbox:
         descriptors it took with frames it did not read whole (so never handled).
 
         ``unread`` is the count of bytes read back from the peer's end of the socket,
-        ``fds`` the descriptors that came with them, in order: by rule 4 they are
+        ``fds`` the descriptors that came with them, in order: by master rule 4 they are
         exactly those of the frames that start at or after the first unread byte.
         Raises ``ProtocolError`` (the caller owns ``fds`` still) if the count does not
         match.
@@ -251,7 +251,7 @@ class Outbox:
                 self._put_back(buffers, kinds, fds, tag)
                 return False
             if fds:
-                # The frame with them is buffers[0] and starts this call (rule 4); the
+                # The frame with them is buffers[0] and starts this call (master rule 4); the
                 # message holds the descriptors now, so this copy goes.
                 self.sent_hand_offs.append(_SentHandOff(self.written, bytes(buffers[0]), len(fds), tag))
                 self.sent_fds += len(fds)

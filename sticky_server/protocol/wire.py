@@ -5,23 +5,23 @@ Theory of operation
 The frames are ``frames``'s (a header, then the payload, on a stream socket); the
 queue that writes them is ``outbox.Outbox``. The rules:
 
-Rule 1: the descriptors of a frame travel as ``SCM_RIGHTS`` ancillary data on the
+Wire rule 1: the descriptors of a frame travel as ``SCM_RIGHTS`` ancillary data on the
 ``sendmsg`` call that sends the frame's first byte. The kernel never delivers
 ancillary data after the bytes it was sent with; it may deliver it together with
 bytes of an earlier frame.
 
-Rule 2: so the receiver keeps one FIFO of received descriptors, and a complete
+Wire rule 2: so the receiver keeps one FIFO of received descriptors, and a complete
 frame that declares ``n`` descriptors takes the first ``n`` of it. A frame whose
 descriptors have not arrived is a protocol error.
 
-Rule 3: a frame carries at most ``MAX_FDS_PER_FRAME`` descriptors and the receive
+Wire rule 3: a frame carries at most ``MAX_FDS_PER_FRAME`` descriptors and the receive
 buffer for ancillary data holds several frames' worth, so the kernel truncates
 descriptors (``MSG_CTRUNC``, closing those it drops) only when the receiver has no
 room for them: its descriptor limit. The reader then gives the frame that declared
 them ``LOST_FD`` in their place, so the receiver keeps the ones that came and knows
 how many it lost.
 
-Rule 5: only the kinds in ``CARRIES_FDS`` (hand-offs) carry descriptors. A reader
+Wire rule 5: only the kinds in ``CARRIES_FDS`` (hand-offs) carry descriptors. A reader
 for a peer that sends none closes any it receives and raises ``ProtocolError``, and
 no reader keeps more unclaimed descriptors than the frame it is reading declares:
 a peer cannot make its reader hold descriptors.
@@ -31,7 +31,7 @@ once they are sent (the kernel holds them in the message from then on); the rece
 owns every descriptor it receives and must close those it does not hand on
 (``FrameReader.close`` does that for the ones no frame claimed).
 
-Rule 4: a frame with descriptors always starts a ``sendmsg`` call, so its
+Wire rule 4: a frame with descriptors always starts a ``sendmsg`` call, so its
 descriptors ride with its own first byte. A receiver that reads any byte of that
 call takes them; one that reads none leaves them in its socket's queue. The master
 keeps the worker's end of each control socket open for that reason: if the worker
@@ -57,7 +57,7 @@ from .frames import CARRIES_FDS, HEADER, KIND_BY_VALUE, LOST_FD, MAX_FDS_PER_FRA
 __all__ = ["ANCILLARY_BYTES", "FrameReader", "close_all", "read_back", "unread_bytes"]
 
 RECV_BYTES = 256 * 1024
-# Room for several frames' descriptors in one recvmsg (see rule 3).
+# Room for several frames' descriptors in one recvmsg (see wire rule 3).
 ANCILLARY_BYTES = socket.CMSG_SPACE(4 * MAX_FDS_PER_FRAME * array.array("i").itemsize)
 # A plain int: the socket module's flag is an IntFlag, whose "&" runs Python code.
 _MSG_CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
@@ -79,7 +79,7 @@ class FrameReader:
     ``accepted`` is the set of kinds the peer may send; anything else, a payload
     over ``MAX_PAYLOAD``, more than ``MAX_FDS_PER_FRAME`` descriptors, a nonzero
     flags byte, descriptors on a kind outside ``CARRIES_FDS``, descriptors no frame
-    declares (rule 5), or a frame whose descriptors are missing raises
+    declares (wire rule 5), or a frame whose descriptors are missing raises
     ``ProtocolError``, and the descriptors of the frames not returned are closed.
     After a ``ProtocolError`` the reader is spent: close the connection.
     """
@@ -102,7 +102,7 @@ class FrameReader:
     def feed(self, data: bytes | memoryview, fds: Sequence[int] = (), truncated: bool = False) -> list[Frame]:
         """Take bytes and descriptors in arrival order; return the frames now complete.
 
-        ``truncated``: the kernel dropped descriptors sent with these bytes (rule 3).
+        ``truncated``: the kernel dropped descriptors sent with these bytes (wire rule 3).
         """
         if fds or truncated:
             if not self._carries_fds:
@@ -139,7 +139,7 @@ class FrameReader:
         return frames
 
     def _claimable(self) -> int:
-        """How many descriptors the incomplete frame at the end of the buffer may still claim (rule 5)."""
+        """How many descriptors the incomplete frame at the end of the buffer may still claim (wire rule 5)."""
         buffer = self._buffer
         if len(buffer) >= HEADER.size:
             return int(HEADER.unpack_from(buffer)[2])
@@ -179,7 +179,7 @@ class FrameReader:
         return frames, offset
 
     def _claim(self, n_fds: int) -> tuple[int, ...]:
-        """The first ``n_fds`` received descriptors, ``LOST_FD`` for those the kernel dropped (rule 3)."""
+        """The first ``n_fds`` received descriptors, ``LOST_FD`` for those the kernel dropped (wire rule 3)."""
         fds = self._fds
         if n_fds == len(fds):  # the common case: a frame and its descriptors came together
             frame_fds = tuple(fds)
@@ -251,7 +251,7 @@ def _receive_buffer() -> bytearray:
 
 def _receive(sock: socket.socket, flags: int = 0) -> tuple[int, Sequence[int], bool]:
     """One ``recvmsg`` into this thread's receive buffer: the byte count, the descriptors that came, and
-    whether the kernel dropped some (rule 3)."""
+    whether the kernel dropped some (wire rule 3)."""
     size, ancillary, msg_flags, _ = sock.recvmsg_into([_receive_buffer()], ANCILLARY_BYTES, flags)
     return size, _fds_from_ancillary(ancillary), bool(msg_flags & _MSG_CTRUNC)
 

@@ -58,7 +58,7 @@ class Checked:
 
 
 class SteeringKeeper:
-    """Rule 7 over one ``KernelSteering`` (module docstring)."""
+    """Master rule 7 over one ``KernelSteering`` (module docstring)."""
 
     def __init__(
         self,

@@ -366,7 +366,7 @@ class WorkerSession:
             self.master_gone("the control socket closed")
 
     def _no_room(self, lost: int) -> None:
-        """Hand-offs arrived while this process had no descriptor left: the kernel closed them (wire, rule 3).
+        """Hand-offs arrived while this process had no descriptor left: the kernel closed them (wire, master rule 3).
 
         The worker goes on with the connections it has; the master hears of it and
         routes this worker's clients elsewhere until some of its connections close.
