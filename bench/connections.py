@@ -137,8 +137,9 @@ def run_plain(port: int, processes: int) -> None:
 def run_reuseport_worker(port: int, processes: int) -> None:
     """``processes`` processes on SO_REUSEPORT, each accepting with the library's WorkerRuntime, no master."""
     sys.path.insert(0, str(HERE.parent))
-    from sticky_server.protocol.messages import WorkerChannel
-    from sticky_server.worker.runtime import WorkerRuntime
+    from sticky_server.worker.channel import WorkerChannel
+    from sticky_server.worker.selector_loop import WorkerRuntime
+    from sticky_server.worker.session import WorkerSession
 
     class Trivial:
         def add_connection(self, conn: socket.socket) -> None:
@@ -160,7 +161,7 @@ def run_reuseport_worker(port: int, processes: int) -> None:
     unread_master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     if slot == 0:
         print("READY", flush=True)
-    WorkerRuntime(Trivial(), WorkerChannel(worker_end), slot, listeners=[listener]).run()
+    WorkerRuntime(WorkerSession(Trivial(), WorkerChannel(worker_end), slot, listeners=[listener])).run()
     del unread_master_end
 
 

@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from connections import answer  # the trivial job of every server in bench/connections.py
 
 from sticky_server.protocol.frames import FrameKind, encode, pack_ids
-from sticky_server.protocol.messages import WorkerChannel
-from sticky_server.worker.runtime import WorkerRuntime
+from sticky_server.worker.channel import WorkerChannel
+from sticky_server.worker.selector_loop import WorkerRuntime
+from sticky_server.worker.session import WorkerSession
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
 OPEN_CLIENT_ENDS = 64  # the feeder closes its ends of older connections beyond this many
@@ -101,7 +102,7 @@ def measure(mode: str, connections: int, per_handoff: int) -> float:
     master_end.close()
     started = time.thread_time()
     if mode == "sticky":
-        WorkerRuntime(Trivial(), WorkerChannel(worker_end), 0).run()
+        WorkerRuntime(WorkerSession(Trivial(), WorkerChannel(worker_end), 0)).run()
     else:
         run_recv_fds(worker_end)
         worker_end.close()

@@ -19,6 +19,7 @@ from .worker.channel import WorkerChannel
 from .worker.environment import WorkerIdentity
 from .worker.proxy_hint import ProxyHint
 from .worker.selector_loop import WorkerRuntime
+from .worker.session import WorkerSession
 
 __all__ = ["peer_from_proxy", "start_runtime"]
 
@@ -34,7 +35,7 @@ def start_runtime(
     on_ready: Callable[[], None] | None,
 ) -> Runtime:
     """The loop of ``kind`` driving a new session of ``handler`` in this worker process."""
-    return kind(
+    session = WorkerSession(
         handler,
         channel,
         identity.slot,
@@ -45,6 +46,7 @@ def start_runtime(
         report_accepts_at_once=settings.max_connections_per_worker is not None,
         proxy_hint=ProxyHint(identity.slot) if settings.client_addresses is None else None,
     )
+    return kind(session)
 
 
 def peer_from_proxy(settings: ServerSettings, handler: object) -> bool:

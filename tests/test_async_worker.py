@@ -17,6 +17,7 @@ from sticky_server.worker.asyncio_loop import AsyncWorkerRuntime
 from sticky_server.worker.base import is_async_worker
 from sticky_server.worker.channel import WorkerChannel
 from sticky_server.worker.selector_loop import WorkerRuntime
+from sticky_server.worker.session import WorkerSession
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
 
@@ -80,7 +81,7 @@ def test_which_workers_run_on_an_event_loop() -> None:
 
 def test_hand_offs_arrive_on_the_loop_thread(master: Master) -> None:
     worker = Recorder()
-    thread, ident = run_in_thread(AsyncWorkerRuntime(worker, WorkerChannel(master.worker_end), slot=2))
+    thread, ident = run_in_thread(AsyncWorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=2)))
     assert master.next_frame().kind is FrameKind.READY
     assert worker.started  # start() ran before READY
     client, accepted = tcp_pair()
@@ -100,7 +101,7 @@ def test_a_raising_add_connection_closes_its_socket_and_the_next_is_served(
     master: Master, caplog: pytest.LogCaptureFixture
 ) -> None:
     worker = Recorder(refuse_first=1)
-    thread, _ = run_in_thread(AsyncWorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0))
+    thread, _ = run_in_thread(AsyncWorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=0)))
     master.next_frame()
     (client1, accepted1), (client2, accepted2) = tcp_pair("127.0.0.8"), tcp_pair("127.0.0.9")
     with caplog.at_level(logging.ERROR, logger="sticky_server"):
@@ -127,7 +128,7 @@ def test_a_slow_add_connection_does_not_hold_up_the_next_and_is_cancelled_at_sto
             self.sockets.append(sock)
 
     worker = HoldsFirst()
-    thread, _ = run_in_thread(AsyncWorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0))
+    thread, _ = run_in_thread(AsyncWorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=0)))
     master.next_frame()
     (client1, accepted1), (client2, accepted2) = tcp_pair("127.0.0.8"), tcp_pair("127.0.0.9")
     master.send(FrameKind.HANDOFF, pack_ids([1]), [accepted1.detach()])
@@ -156,7 +157,7 @@ def test_message_handlers_run_on_the_loop_and_may_be_coroutines(master: Master) 
         done.set()
 
     channel.handlers += [plain, coroutine]
-    thread, ident = run_in_thread(AsyncWorkerRuntime(Recorder(), channel, slot=0))
+    thread, ident = run_in_thread(AsyncWorkerRuntime(WorkerSession(Recorder(), channel, slot=0)))
     master.next_frame()
     master.send(FrameKind.MESSAGE, pack_delivery(None, b'{"n":1}'))
     assert done.wait(TIMEOUT)
@@ -177,7 +178,7 @@ def test_a_coroutine_handler_in_the_selector_runtime_is_an_error_not_a_silent_dr
     class Plain(Worker):
         def add_connection(self, sock: socket.socket) -> None: ...
 
-    runtime = WorkerRuntime(Plain(), channel, slot=4)
+    runtime = WorkerRuntime(WorkerSession(Plain(), channel, slot=4))
     thread = threading.Thread(target=runtime.run, daemon=True)
     thread.start()
     master.next_frame()
@@ -189,6 +190,6 @@ def test_a_coroutine_handler_in_the_selector_runtime_is_an_error_not_a_silent_dr
 
 def test_sigterm_stops_the_async_worker_gracefully_and_restores_handlers(master: Master) -> None:
     worker = Recorder()
-    runtime = AsyncWorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0)
+    runtime = AsyncWorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=0))
     run_until_sigterm(master, lambda: asyncio.run(asyncio.wait_for(runtime.serve(), TIMEOUT)))
     assert worker.stopped

@@ -24,7 +24,7 @@ from sticky_server.worker.asyncio_loop import AsyncWorkerRuntime
 from sticky_server.worker.base import check_worker
 from sticky_server.worker.channel import WorkerChannel
 from sticky_server.worker.selector_loop import WorkerRuntime
-from sticky_server.worker.session import ORPHAN_EXIT_SECONDS
+from sticky_server.worker.session import ORPHAN_EXIT_SECONDS, WorkerSession
 
 from .worker_harness import Master, run_until_sigterm, tcp_pair
 
@@ -53,7 +53,7 @@ def start(runtime: WorkerRuntime) -> threading.Thread:
 
 def test_ready_then_an_unread_blocking_socket_of_the_client_and_nothing_sent_back(master: Master) -> None:
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=3))
+    thread = start(WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=3)))
     assert master.next_frame().kind is FrameKind.READY
     client, accepted = tcp_pair()
     client.sendall(b"intact")
@@ -75,7 +75,7 @@ def test_add_connection_raising_is_logged_and_that_socket_closed(
     master: Master, caplog: pytest.LogCaptureFixture
 ) -> None:
     worker = Recorder(refuse_first=1)
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0))
+    thread = start(WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=0)))
     master.next_frame()
     (client1, accepted1), (client2, accepted2) = tcp_pair("127.0.0.8"), tcp_pair("127.0.0.9")
     with caplog.at_level(logging.ERROR, logger="sticky_server"):
@@ -94,7 +94,7 @@ def test_add_connection_raising_is_logged_and_that_socket_closed(
 def test_master_gone_stops_the_worker_and_arms_the_exit_timer(master: Master, mocker: MockerFixture) -> None:
     exit_soon = mocker.patch("sticky_server.worker.session.exit_soon")
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=1))
+    thread = start(WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=1)))
     master.next_frame()
     master.sock.close()
     thread.join(10)
@@ -104,7 +104,7 @@ def test_master_gone_stops_the_worker_and_arms_the_exit_timer(master: Master, mo
 
 def test_invalid_frame_from_the_master_stops_the_worker(master: Master, caplog: pytest.LogCaptureFixture) -> None:
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=1))
+    thread = start(WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=1)))
     master.next_frame()
     master.sock.sendall(b"\xff" * 8)
     thread.join(10)
@@ -114,7 +114,7 @@ def test_invalid_frame_from_the_master_stops_the_worker(master: Master, caplog: 
 
 def test_hand_offs_sent_together_are_delivered_in_order(master: Master) -> None:
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0))
+    thread = start(WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=0)))
     master.next_frame()
     pairs = [tcp_pair(f"127.0.0.{20 + index}") for index in range(3)]
     outbox = Outbox()
@@ -133,7 +133,7 @@ def test_a_hand_off_whose_ids_do_not_match_its_descriptors_is_refused(
     master: Master, caplog: pytest.LogCaptureFixture
 ) -> None:
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=2))
+    thread = start(WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=2)))
     master.next_frame()
     client, accepted = tcp_pair()
     master.send(FrameKind.HANDOFF, pack_ids([1, 2]), [accepted.detach()])  # two ids, one descriptor
@@ -147,7 +147,7 @@ def test_a_hand_off_whose_ids_do_not_match_its_descriptors_is_refused(
 
 def test_sigterm_stops_the_worker_gracefully(master: Master) -> None:
     worker = Recorder()
-    run_until_sigterm(master, WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0).run)
+    run_until_sigterm(master, WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=0)).run)
     assert worker.stopped.is_set()
 
 
@@ -233,7 +233,7 @@ def test_a_hand_off_behind_a_backlog_of_messages_is_taken_within_a_slice(
 ) -> None:
     worker = OrderRecorder()
     channel = WorkerChannel(master.worker_end)
-    runtime = runtime_class(worker, channel, slot=0)
+    runtime = runtime_class(WorkerSession(worker, channel, slot=0))
     runtime.session.slice_seconds = 0.0  # one message per slice: the test counts slices, not time
     client, accepted = tcp_pair()
     last = threading.Event()
@@ -265,7 +265,7 @@ def test_a_hand_off_behind_a_backlog_of_messages_is_taken_within_a_slice(
 def test_messages_received_before_a_stop_still_reach_the_handlers(master: Master) -> None:
     worker = Recorder()
     channel = WorkerChannel(master.worker_end)
-    runtime = WorkerRuntime(worker, channel, slot=0)
+    runtime = WorkerRuntime(WorkerSession(worker, channel, slot=0))
     runtime.session.slice_seconds = 0.0
     seen: list[object] = []
     channel.handlers.append(lambda sender, message: seen.append(message))
@@ -294,7 +294,7 @@ def test_a_worker_whose_handlers_fall_behind_drops_its_oldest_messages(
             done.set()
 
     channel.handlers.append(handler)
-    thread = start(WorkerRuntime(worker, channel, slot=4))
+    thread = start(WorkerRuntime(WorkerSession(worker, channel, slot=4)))
     master.next_frame()
     with caplog.at_level(logging.WARNING, logger="sticky_server"):
         send_messages(master, range(10, 50))  # 40 messages of one size, read at once
@@ -308,7 +308,7 @@ def test_a_worker_whose_handlers_fall_behind_drops_its_oldest_messages(
 def test_a_handed_off_tcp_socket_has_nagle_off_and_tells_its_protocol(master: Master) -> None:
     """Pins what the hand-off may not skip: TCP_NODELAY, and proto IPPROTO_TCP, not 0 (asyncio checks it)."""
     worker = Recorder()
-    thread = start(WorkerRuntime(worker, WorkerChannel(master.worker_end), slot=0))
+    thread = start(WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), slot=0)))
     assert master.next_frame().kind is FrameKind.READY
     client, accepted = tcp_pair()
     master.send(FrameKind.HANDOFF, pack_ids([1]), [accepted.detach()])
@@ -334,7 +334,9 @@ def test_kernel_path_worker_accepts_from_its_own_listener_and_reports_it(master:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.setblocking(False)
         runtime = WorkerRuntime(
-            worker, WorkerChannel(master.worker_end), 1, listeners=[listener], report_accepts_at_once=True
+            WorkerSession(
+                worker, WorkerChannel(master.worker_end), 1, listeners=[listener], report_accepts_at_once=True
+            )
         )
         thread = start(runtime)
         assert master.next_frame().kind is FrameKind.READY
@@ -366,7 +368,7 @@ def test_out_of_descriptors_pauses_every_listener_once_and_resumes(master: Maste
     with socket.create_server(("127.0.0.1", 0)) as first, socket.create_server(("127.0.0.1", 0)) as second:
         for listener in (first, second):
             listener.setblocking(False)
-        runtime = WorkerRuntime(worker, WorkerChannel(master.worker_end), 0, listeners=[first, second])
+        runtime = WorkerRuntime(WorkerSession(worker, WorkerChannel(master.worker_end), 0, listeners=[first, second]))
         clients = [socket.create_connection(listener.getsockname(), timeout=10) for listener in (first, second)]
         thread = start(runtime)  # both listeners are ready in its first select: one pause, not a crash
         assert master.next_frame().kind is FrameKind.READY

@@ -27,16 +27,12 @@ import inspect
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..listener import ACCEPT_BACKOFF
 from ..util.signals import SignalQueue
-from .base import ConnectionHandler
-from .channel import WorkerChannel
 from .connections import CLOSE_SWEEP_INTERVAL
-from .proxy_hint import ProxyHint
-from .session import DEFAULT_STOP_SECONDS, GRACEFUL_SIGNALS, QUICK_SIGNALS, WorkerSession, describe_peer
+from .session import GRACEFUL_SIGNALS, QUICK_SIGNALS, WorkerSession, describe_peer
 
 __all__ = ["AsyncWorkerRuntime"]
 
@@ -49,30 +45,9 @@ _CLIENT_FAULTS = (ssl.SSLError, ConnectionError, TimeoutError, EOFError)
 class AsyncWorkerRuntime:
     """Drives a ``WorkerSession`` with the running asyncio loop (module docstring)."""
 
-    def __init__(
-        self,
-        worker: ConnectionHandler,
-        channel: WorkerChannel,
-        slot: int,
-        on_ready: Callable[[], None] | None = None,
-        graceful_timeout: float = DEFAULT_STOP_SECONDS,
-        peer_from_proxy: bool = False,
-        listeners: Sequence[socket.socket] = (),
-        report_accepts_at_once: bool = False,
-        proxy_hint: ProxyHint | None = None,
-    ) -> None:
-        self.session = WorkerSession(
-            worker,
-            channel,
-            slot,
-            follow_up=self._run_as_task,
-            on_ready=on_ready,
-            graceful_timeout=graceful_timeout,
-            peer_from_proxy=peer_from_proxy,
-            listeners=listeners,
-            report_accepts_at_once=report_accepts_at_once,
-            proxy_hint=proxy_hint,
-        )
+    def __init__(self, session: WorkerSession) -> None:
+        self.session = session
+        session.follow_up = self._run_as_task  # what a user's callback returns may be awaited: a task
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writing = False
         self._dispatching: asyncio.Handle | None = None

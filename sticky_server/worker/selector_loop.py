@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import logging
 import selectors
-import socket
 import time
-from collections.abc import Callable, Sequence
 
 from ..util.signals import SignalQueue
-from .base import ConnectionHandler
-from .channel import WorkerChannel
 from .connections import CLOSE_SWEEP_INTERVAL
-from .proxy_hint import ProxyHint
-from .session import DEFAULT_STOP_SECONDS, GRACEFUL_SIGNALS, QUICK_SIGNALS, WorkerSession
+from .session import GRACEFUL_SIGNALS, QUICK_SIGNALS, WorkerSession
 
 __all__ = ["WorkerRuntime"]
 
@@ -33,29 +28,8 @@ logger = logging.getLogger("sticky_server.worker")
 class WorkerRuntime:
     """Drives a ``WorkerSession`` with a selector (module docstring)."""
 
-    def __init__(
-        self,
-        worker: ConnectionHandler,
-        channel: WorkerChannel,
-        slot: int,
-        on_ready: Callable[[], None] | None = None,
-        graceful_timeout: float = DEFAULT_STOP_SECONDS,
-        peer_from_proxy: bool = False,
-        listeners: Sequence[socket.socket] = (),
-        report_accepts_at_once: bool = False,
-        proxy_hint: ProxyHint | None = None,
-    ) -> None:
-        self.session = WorkerSession(
-            worker,
-            channel,
-            slot,
-            on_ready=on_ready,
-            graceful_timeout=graceful_timeout,
-            peer_from_proxy=peer_from_proxy,
-            listeners=listeners,
-            report_accepts_at_once=report_accepts_at_once,
-            proxy_hint=proxy_hint,
-        )
+    def __init__(self, session: WorkerSession) -> None:
+        self.session = session
 
     def run(self) -> None:
         """Serve hand-offs until told to stop, then call ``worker.stop()`` and return."""

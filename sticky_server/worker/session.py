@@ -168,7 +168,6 @@ class WorkerSession:
         channel: WorkerChannel,
         slot: int,
         *,
-        follow_up: FollowUp | None = None,
         on_ready: Callable[[], None] | None = None,
         graceful_timeout: float = DEFAULT_STOP_SECONDS,
         peer_from_proxy: bool = False,
@@ -223,8 +222,9 @@ class WorkerSession:
         self.quick = False
         self.master_lost = False
         self.stop_deadline: float | None = None  # when the master kills this process, once a stop began
-        # What to do with what a user's callback returns: refuse an awaitable, or (asyncio) run it as a task.
-        self._follow_up: FollowUp = follow_up or self._refuse_awaitable
+        # What to do with what a user's callback returns: a synchronous loop refuses an awaitable; the
+        # asyncio loop sets its own, which runs it as a task.
+        self.follow_up: FollowUp = self._refuse_awaitable
 
     @property
     def has_messages(self) -> bool:
@@ -405,7 +405,7 @@ class WorkerSession:
     def _dispatch_message(self, sender: int | None, message: Any) -> None:
         for handler in self.channel.handlers:
             try:
-                self._follow_up(handler(sender, message), "a message handler", None)
+                self.follow_up(handler(sender, message), "a message handler", None)
             except Exception:
                 logger.exception("worker %d: a message handler raised", self.slot)
 
@@ -453,7 +453,7 @@ class WorkerSession:
         if self._proxy_hint is not None and self._proxy_hint.look(sock):
             self._proxy_hint = None
         try:
-            self._follow_up(self.worker.add_connection(sock), "add_connection", sock)
+            self.follow_up(self.worker.add_connection(sock), "add_connection", sock)
         except Exception:
             logger.exception(
                 "worker %d: add_connection raised; closed the connection from %s", self.slot, describe_peer(sock)
