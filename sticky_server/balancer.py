@@ -66,6 +66,8 @@ class ClientInfo(NamedTuple):
     """The trusted proxy's (address, port) when ``host`` came from its PROXY or forwarded header, else None."""
     local: tuple[str, int] | None = None
     """The listening address the connection came in on (as bound: a wildcard stays a wildcard)."""
+    session: str | None = None
+    """With ``route_by``: the session key its first request carries (None: none, a new session)."""
 
 
 class WorkerSet(NamedTuple):

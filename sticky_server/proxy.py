@@ -21,7 +21,10 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .sessions import RouteBy
 
 __all__ = [
     "DEFAULT_TRUSTED_PROXIES",
@@ -321,3 +324,11 @@ class ClientAddressSettings:
     # A trusted peer that sends no HTTP request (other bytes, or nothing in time) is routed by its
     # own address instead of closed: the CLI's Unix sockets, where a proxy and local clients mix.
     fallback: bool = False
+    # Routing by session (``sessions``): the key the first request of every connection carries, from
+    # any peer; a connection with no request head in time is routed by its address (fallback).
+    session: RouteBy | None = None
+
+    @property
+    def names_clients(self) -> bool:
+        """Whether a proxy's header may name the client (not so when only sessions are read)."""
+        return self.proxy_protocol or self.forwarded_header is not None

@@ -22,6 +22,7 @@ from .master.loop import Dispatcher
 from .master.serving import Serving
 from .protocol import messages as channel
 from .protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
+from .sessions import DEFAULT_LOAD_FACTOR, RouteBy
 from .settings import (
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -91,6 +92,10 @@ class StickyServer:
     ``forwarded_header_fallback``: with ``forwarded_header``, a trusted peer that sends
     no HTTP request (other bytes first, or nothing within ``header_timeout``) is
     routed by its own address instead of closed.
+    ``route_by``: route HTTP connections by the session their first request names
+    instead of by address alone (``"engineio"``, ``"cookie:NAME"``, ``"header:NAME"``,
+    ``"query:NAME"``, ``"path:N"``; see the README, Sticky by session); new sessions are
+    placed by IP hash with bounded loads (``session_load_factor``, default 0.25).
     ``unix_socket_mode``: the file mode of ``unix:`` binds (default ``0o666``, as
     uvicorn: a proxy running as another user, such as nginx's www-data, can connect).
     """
@@ -118,6 +123,8 @@ class StickyServer:
         steering: str = "auto",
         forwarded_header_fallback: bool = False,
         unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE,
+        route_by: str | RouteBy | None = None,
+        session_load_factor: float = DEFAULT_LOAD_FACTOR,
     ) -> None:
         settings = ServerSettings(
             workers,
@@ -138,6 +145,8 @@ class StickyServer:
             steering=steering,
             forwarded_header_fallback=forwarded_header_fallback,
             unix_socket_mode=unix_socket_mode,
+            route_by=route_by,
+            session_load_factor=session_load_factor,
         )
         self.settings = settings  # checked and resolved; what every part is built from
         assert settings.workers is not None
@@ -311,7 +320,8 @@ class StickyServer:
     def tells_the_client(self) -> bool:
         """Whether handed-off sockets may tell a client a proxy named as their peer, not the kernel's
         (``connections.ProxiedSocket``): behind ``proxy_protocol`` or a forwarded header."""
-        return self.settings.client_addresses is not None
+        addresses = self.settings.client_addresses
+        return addresses is not None and addresses.names_clients
 
     def _worker_check(self, worker: object) -> ConnectionHandler:
         if self._identity is None:

@@ -20,12 +20,13 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .balancer import Balancer, balancer_from
+from .balancer import Balancer, IPHashBalancer, balancer_from
 from .checks import check_count, check_seconds
 from .listener import DEFAULT_BACKLOG, DEFAULT_UNIX_SOCKET_MODE, MAX_BACKLOG
 from .protocol.frames import MAX_PAYLOAD
 from .protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
 from .proxy import DEFAULT_TRUSTED_PROXIES, ClientAddressSettings, TrustedProxies
+from .sessions import DEFAULT_LOAD_FACTOR, RouteBy, SessionBalancer
 from .steering import STEERINGS
 
 __all__ = [
@@ -148,6 +149,8 @@ class ServerSettings:
     steering: str = "auto"
     forwarded_header_fallback: bool = False
     unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE
+    route_by: str | RouteBy | None = None
+    session_load_factor: float = DEFAULT_LOAD_FACTOR
     # Resolved from the above when made.
     client_addresses: ClientAddressSettings | None = dataclasses.field(init=False, repr=False, compare=False)
     user_id: int | None = dataclasses.field(init=False, repr=False, compare=False)
@@ -180,7 +183,12 @@ class ServerSettings:
             resolved["trusted_proxies"] = (self.trusted_proxies,)
         elif self.trusted_proxies is not None:
             resolved["trusted_proxies"] = tuple(self.trusted_proxies)
-        resolved["client_addresses"] = _client_address_settings(
+        route = (
+            self.route_by
+            if isinstance(self.route_by, RouteBy) or self.route_by is None
+            else RouteBy.parse(self.route_by)
+        )
+        addresses = _client_address_settings(
             self.proxy_protocol,
             self.forwarded_header,
             resolved.get("trusted_proxies"),
@@ -188,7 +196,12 @@ class ServerSettings:
             self.max_header_size,
             self.forwarded_header_fallback,
         )
-        resolved["balancer"] = balancer_from(self.balancer)
+        balancer = balancer_from(self.balancer)
+        if route is not None:
+            balancer, addresses = _session_routing(route, self, balancer, addresses)
+        resolved["route_by"] = route
+        resolved["client_addresses"] = addresses
+        resolved["balancer"] = balancer
         resolved["user_id"] = user_id(self.user)
         resolved["group_id"] = group_id(self.group, resolved["user_id"])
         for name, value in resolved.items():
@@ -202,6 +215,38 @@ class ServerSettings:
     def given(self) -> dict[str, Any]:
         """The settings as given to ``__init__``, resolved (for ``StickyServer(**settings.given())``)."""
         return {name: getattr(self, name) for name in self.names()}
+
+
+def _session_routing(
+    route: RouteBy, settings: ServerSettings, balancer: Balancer, addresses: ClientAddressSettings | None
+) -> tuple[SessionBalancer, ClientAddressSettings]:
+    """With ``route_by``: the balancer that routes by session, and the intake that reads every first request."""
+    if isinstance(balancer, SessionBalancer) and balancer.route == route:
+        return balancer, _reading_sessions(route, settings, addresses)  # made from these settings already
+    if type(balancer) is not IPHashBalancer:
+        raise ValueError(
+            f"route_by places sessions itself (by their key, new ones by IP hash with bounded loads); it cannot "
+            f"use the balancer {balancer.name!r}: drop one of the two"
+        )
+    if settings.proxy_protocol:
+        raise ValueError(
+            "route_by reads each connection's first request, which the PROXY protocol header precedes; "
+            "have the proxy send X-Forwarded-For instead (forwarded_header='x-forwarded-for')"
+        )
+    sessions = SessionBalancer(route, settings.session_load_factor, balancer.ipv4_prefix, balancer.ipv6_prefix)
+    return sessions, _reading_sessions(route, settings, addresses)
+
+
+def _reading_sessions(
+    route: RouteBy, settings: ServerSettings, addresses: ClientAddressSettings | None
+) -> ClientAddressSettings:
+    """The intake's settings with routing by session: every peer's first request is read (bytes that are no
+    request, or no head in time, route by the peer's address)."""
+    if addresses is None:
+        addresses = ClientAddressSettings(
+            False, None, TrustedProxies([]), float(settings.header_timeout), settings.max_header_size
+        )
+    return dataclasses.replace(addresses, fallback=True, session=route)
 
 
 def _check_optional_count(name: str, value: object, minimum: int, what: str) -> None:

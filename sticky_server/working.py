@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from .sessions import RouteBy
 from .settings import ServerSettings
 from .worker.asyncio_loop import AsyncWorkerRuntime
 from .worker.base import ConnectionHandler
 from .worker.channel import WorkerChannel
+from .worker.engineio_sessions import arrange_engineio_sessions
 from .worker.environment import WorkerIdentity
 from .worker.proxy_hint import ProxyHint
 from .worker.selector_loop import WorkerRuntime
@@ -35,6 +37,9 @@ def start_runtime(
     on_ready: Callable[[], None] | None,
 ) -> Runtime:
     """The loop of ``kind`` driving a new session of ``handler`` in this worker process."""
+    route = settings.route_by
+    if isinstance(route, RouteBy) and route.kind == "engineio":
+        arrange_engineio_sessions(identity.slot)
     session = WorkerSession(
         handler,
         channel,

@@ -1,6 +1,6 @@
 """What the hot path's shortcuts assume, pinned: if one of these fails, the shortcut beside it is wrong now.
 
-- the master builds ``ClientInfo`` with ``tuple.__new__`` (its NamedTuple ``__new__`` is Python code);
+- the master builds ``ClientInfo`` with ``tuple.__new__``, five fields (its NamedTuple ``__new__`` is Python code);
 - ``wire.FrameReader`` builds ``Frame`` the same way;
 - the master accepts with ``socket._accept()`` (a raw descriptor and address, no socket object).
 """
@@ -16,11 +16,12 @@ from sticky_server.balancer import ClientInfo
 from sticky_server.protocol.frames import Frame, FrameKind
 
 
-def test_client_info_is_the_four_field_tuple_the_master_builds() -> None:
-    assert ClientInfo._fields == ("host", "port", "proxy", "local")
-    built = tuple.__new__(ClientInfo, ("10.0.0.1", 5000, None, ("0.0.0.0", 80)))
+def test_client_info_is_the_five_field_tuple_the_master_builds() -> None:
+    assert ClientInfo._fields == ("host", "port", "proxy", "local", "session")
+    built = tuple.__new__(ClientInfo, ("10.0.0.1", 5000, None, ("0.0.0.0", 80), None))
     assert built == ClientInfo("10.0.0.1", 5000, None, ("0.0.0.0", 80))
     assert (built.host, built.port, built.proxy, built.local) == ("10.0.0.1", 5000, None, ("0.0.0.0", 80))
+    assert built.session is None
 
 
 def test_frame_is_the_three_field_tuple_the_reader_builds() -> None:

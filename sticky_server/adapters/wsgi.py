@@ -264,7 +264,7 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
             environ["wsgi.multithread"] = True
             if self.max_body_size is not None:
                 environ["wsgi.input"] = _LimitedBody(environ["wsgi.input"], self.max_body_size)
-            result = self.app(environ, response.start_response)
+            result = self.app(environ, _closing_on_request(response))
             if isinstance(result, environ["wsgi.file_wrapper"]):
                 response.write_file(result)
             else:
@@ -386,3 +386,18 @@ def _kernel_peer(sock: socket.socket) -> Any:
 def _write_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
     with contextlib.suppress(OSError):  # the client is gone
         gunicorn_util.write_error(sock, status, reason, message)
+
+
+def _closing_on_request(response: Any) -> Any:
+    """``response.start_response``, and a ``Connection: close`` from the app ends the connection after it.
+
+    (gunicorn drops the hop-by-hop header without acting on it; engine.io under
+    ``route_by="engineio"`` needs each polling connection to carry one session.)
+    """
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if any(name.lower() == "connection" and value.strip().lower() == "close" for name, value in headers):
+            response.must_close = True
+        return response.start_response(status, headers, exc_info)
+
+    return start_response

@@ -23,6 +23,7 @@ from ..balancer import BALANCERS
 from ..checks import check_count, check_seconds
 from ..listener import MAX_BACKLOG, parse_bind
 from ..server import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_TIMEOUT
+from ..sessions import DEFAULT_LOAD_FACTOR
 from ..steering import STEERINGS
 
 __all__ = [
@@ -308,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="who puts each connection on its worker: kernel (Linux, ip-hash, TCP: workers accept their own), "
         "master (it accepts and hands off), auto (the kernel where it can; default)",
+    )
+    workers.add_argument(
+        "--route-by",
+        default="ip",
+        metavar="KEY",
+        help="what keeps a client on its worker: ip (default), engineio (socket.io's session id), cookie:NAME, "
+        "header:NAME, query:NAME or path:N (HTTP only; new sessions spread by load)",
+    )
+    workers.add_argument(
+        "--session-load-factor",
+        type=float,
+        default=DEFAULT_LOAD_FACTOR,
+        metavar="E",
+        help="with --route-by: a new session passes over a worker holding more than 1+E times the average "
+        "(default: 0.25)",
     )
     workers.add_argument(
         "--graceful-timeout",

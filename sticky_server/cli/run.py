@@ -187,6 +187,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         steering=args.steering,
         forwarded_header_fallback=args.forwarded_header_fallback,
         unix_socket_mode=DEFAULT_UNIX_SOCKET_MODE & ~(args.umask or 0),
+        route_by=args.route_by,
+        session_load_factor=args.session_load_factor,
         **({"backlog": args.backlog} if args.backlog else {}),
     )
 

@@ -186,6 +186,8 @@ _FLAGS = {
     "max_connections_per_worker": "--max-requests",
     "max_connections_jitter": "--max-requests-jitter",
     "unix_socket_mode": "--umask",
+    "session_load_factor": "--session-load-factor",
+    "route_by": "--route-by",
     "workers": "--workers",
     "timeout": "--timeout",
     "backlog": "--backlog",

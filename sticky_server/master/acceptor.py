@@ -83,7 +83,7 @@ class Acceptor:
                 self.accepted += 1
                 if type(address) is tuple:
                     # The same tuple ClientInfo(...) builds, without its Python-level __new__.
-                    yield self.accepted, fd, new_client(ClientInfo, (address[0], address[1], None, local))
+                    yield self.accepted, fd, new_client(ClientInfo, (address[0], address[1], None, local, None))
                 else:
                     yield self.accepted, fd, ClientInfo("", 0, None, local)
         except OutOfDescriptors as exc:

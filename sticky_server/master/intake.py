@@ -56,6 +56,7 @@ from ..proxy import (
     parse_proxy_header,
     request_head_length,
 )
+from ..sessions import session_key
 from ..util.throttle import ThrottledLog
 
 __all__ = ["Intake"]
@@ -116,6 +117,7 @@ class Intake:
         self._selector = selector
         self._settings = settings
         self._trusted = settings.trusted
+        self._session = settings.session  # routing by session: every connection's first request is read
         self._route = route
         self._fault = fault
         self._waiting: dict[int, _Waiting] = {}  # by descriptor, oldest first
@@ -133,7 +135,13 @@ class Intake:
             REJECT_LOG_INTERVAL,
         )
         self._told_no_header = False  # said once: Unix-socket requests without the forwarded header
-        self._what = "PROXY protocol header" if settings.proxy_protocol else f"{settings.forwarded_header} header"
+        self._what = (
+            "PROXY protocol header"
+            if settings.proxy_protocol
+            else f"{settings.forwarded_header} header"
+            if settings.forwarded_header
+            else "request head"
+        )
 
     @property
     def waiting(self) -> int:
@@ -142,7 +150,7 @@ class Intake:
 
     def take(self, conn_id: int, fd: int, family: int, client: ClientInfo) -> None:
         """A new connection: route it now, or once its header is in."""
-        if client.host not in self._trusted:
+        if self._session is None and client.host not in self._trusted:
             self._route(conn_id, fd, client)
             return
         try:
@@ -207,9 +215,7 @@ class Intake:
 
     def _try(self, waiting: _Waiting) -> None:
         settings = self._settings
-        size = (
-            settings.max_size if settings.forwarded_header else min(settings.max_size, max(PROXY_PEEK, waiting.needed))
-        )
+        size = min(settings.max_size, max(PROXY_PEEK, waiting.needed)) if settings.proxy_protocol else settings.max_size
         try:
             data = waiting.sock.recv(size, _PEEK)
         except BlockingIOError:
@@ -263,7 +269,6 @@ class Intake:
             if header.source is None:
                 return header.length, peer  # a health check (LOCAL/UNKNOWN): the proxy itself
             return header.length, ClientInfo(header.source[0], header.source[1], (peer.host, peer.port), peer.local)
-        assert settings.forwarded_header is not None
         if settings.fallback and not may_be_http(data):
             return 0, peer
         try:
@@ -274,7 +279,19 @@ class Intake:
             raise
         if length is None:
             return len(data) + 1, None
-        host = client_from_forwarded(forwarded_addresses(data[:length], settings.forwarded_header), self._trusted)
+        head = data[:length]
+        client = peer
+        if settings.forwarded_header is not None and peer.host in self._trusted:
+            client = self._forwarded_client(head, peer)
+        if self._session is not None:
+            client = client._replace(session=session_key(head, self._session))
+        return 0, client
+
+    def _forwarded_client(self, head: bytes, peer: ClientInfo) -> ClientInfo:
+        """The client a trusted proxy's forwarded header names (``peer`` itself when it names none)."""
+        settings = self._settings
+        assert settings.forwarded_header is not None
+        host = client_from_forwarded(forwarded_addresses(head, settings.forwarded_header), self._trusted)
         if host is None:
             if not peer.host and not self._told_no_header:
                 self._told_no_header = True
@@ -285,8 +302,8 @@ class Intake:
                     "'option forwardfor'",
                     settings.forwarded_header,
                 )
-            return 0, peer
-        return 0, ClientInfo(host, 0, (peer.host, peer.port), peer.local)
+            return peer
+        return ClientInfo(host, 0, (peer.host, peer.port), peer.local)
 
     def _consume(self, waiting: _Waiting, length: int) -> bool:
         """Read exactly the header's bytes (they are in the buffer: the peek saw them)."""

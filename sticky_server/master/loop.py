@@ -175,7 +175,7 @@ class Dispatcher:
             self._router,
             hooks=hooks,
             listening=listening,
-            addressed=client_addresses is not None,
+            addressed=client_addresses is not None and client_addresses.names_clients,
             unpackable=lambda entry, error: self._connection_failed(entry[1], entry[2], error),
             kernel_path=steering is not None,
             max_message_size=max_message_size,

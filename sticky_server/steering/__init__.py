@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from ..balancer import Balancer, IPHashBalancer
 from ..listener import DEFAULT_BACKLOG, Bind, format_address
+from ..sessions import SessionBalancer
 from .bpf import attach, rendezvous_program
 from .group import ListenerGroup, holders, queue_length
 
@@ -44,6 +45,8 @@ def kernel_path_unavailable(
         return "steering='master'"
     if not sys.platform.startswith("linux"):
         return f"kernel steering needs Linux (this is {sys.platform})"
+    if type(balancer) is SessionBalancer:
+        return "route_by: the master reads each connection's first request to route it by session"
     if reads_client_headers:
         return "the master reads each client's address from a proxy header (proxy_protocol / forwarded_header)"
     if type(balancer) is not IPHashBalancer:

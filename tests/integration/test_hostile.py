@@ -522,6 +522,46 @@ def test_with_the_fallback_any_first_bytes_are_routed_by_the_peer_or_the_header(
     assert settle_fds(server, before) <= before
 
 
+_HEAD_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\r\n"), max_size=60)
+
+
+def _request_heads() -> st.SearchStrategy[bytes]:
+    """Request heads with keys good and bad (garbage, huge, encoded, repeated), and bytes that are none."""
+    key = st.one_of(_HEAD_TEXT, st.just("a" * 600), st.sampled_from(["", "%", "%zz", "9999.x", "2.abc", "k&k=2"]))
+    headers = st.lists(_HEAD_TEXT, max_size=3).map(lambda lines: "".join(f"{line}\r\n" for line in lines))
+    ending = st.sampled_from(["\r\n", ""])  # a complete head, or one the client never finishes
+    http = st.tuples(st.sampled_from(["GET", "POST", "get", "GET GET"]), key, headers, ending).map(
+        lambda h: f"{h[0]} /room?x=1&k={h[1]} HTTP/1.1\r\nCookie: k=1\r\n{h[2]}{h[3]}".encode("latin-1")
+    )
+    return st.one_of(http, st.binary(max_size=200).map(lambda b: b + b"\n"))
+
+
+def test_hostile_request_heads_under_session_routing_never_hurt_the_master(start_app: StartApp) -> None:
+    """``route_by``: the master reads every connection's first request head, from any peer."""
+    server = start_app({"APP_WORKERS": "2", "APP_ROUTE_BY": "query:k", "APP_HEADER_TIMEOUT": "0.3"})
+    address = server.wait_listening()
+    keyed = [reply_of(exchange(address, b"GET /room?k=doc-7 HTTP/1.1\r\n\r\n"))["slot"] for _ in range(4)]
+    assert len(set(keyed)) == 1  # one key, one worker
+    before = open_fds(server.process.pid)
+
+    @HOSTILE
+    @given(_request_heads(), st.lists(st.integers(1, 299), max_size=4, unique=True))
+    def run(data: bytes, cuts: list[int]) -> None:
+        answer = _send_in_pieces(address, data, sorted(cut for cut in cuts if cut < len(data)))
+        # Answered by a worker, whatever the head; a head cut short by the client's own close is closed, as a
+        # server alone would.
+        assert reply_of(answer)["pid"] > 0 if answer else not data.endswith(b"\r\n\r\n")
+        assert server.process.poll() is None
+
+    run()
+    with socket.create_connection(address, timeout=TIMEOUT) as never_done:  # no head in time: routed as it is
+        never_done.sendall(b"GET /room?k=doc-7 HTTP/1.1\r\n")
+        assert read_reply(never_done)["line"] == "GET /room?k=doc-7 HTTP/1.1"
+    assert reply_of(exchange(address, b"GET /room?k=doc-7 HTTP/1.1\r\n\r\n"))["slot"] == keyed[0]
+    assert server.count("Traceback") + server.count("could not be routed") == 0, server.output
+    assert settle_fds(server, before) <= before
+
+
 def test_hostile_control_frames_from_a_worker_never_hurt_the_master(start_app: StartApp) -> None:
     server = start_app({"APP_WORKERS": "2", "APP_CHANNEL": "1"})
     address = server.wait_listening()

@@ -322,6 +322,7 @@ def main() -> None:
         trusted_proxies=os.environ["APP_TRUSTED"].split(",") if os.environ.get("APP_TRUSTED") else None,
         header_timeout=float(os.environ.get("APP_HEADER_TIMEOUT", "5")),
         steering=os.environ.get("APP_STEERING", "auto"),
+        route_by=os.environ.get("APP_ROUTE_BY") or None,
     )
     mode = os.environ.get("APP_MODE", "normal")
     if sticky.is_master:

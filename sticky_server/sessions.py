@@ -1,0 +1,215 @@
+"""Routing by session: the key a request carries, the engine.io session id that names its worker, bounded loads.
+
+Theory of operation
+-------------------
+An address is a poor stand-in for a session: many clients share one behind a NAT or
+a proxy, and one client's changes (Wi-Fi to cellular). With ``route_by`` set, the
+master peeks at the head of each new connection's first request (nothing is read:
+the worker's server sees it whole) and routes by the key it carries:
+
+- ``engineio``: the ``sid`` query parameter of an engine.io / socket.io request. The
+  session ids the workers hand out start with their slot (``3.<random>``), so a
+  request of a known session goes to the slot that created it, with no shared table;
+  a slot whose worker was replaced gives the sid to the replacement, which answers as
+  engine.io does for a session it does not know (the client connects again).
+- ``cookie:NAME``, ``header:NAME``, ``query:NAME``, ``path:N`` (the Nth segment of
+  the path, from 1): the rendezvous hash of the key over the alive slots, so a key
+  stays on its slot while that slot is alive and only its own keys move when not.
+
+A request without a key (a new session, a client that sends none, bytes that are no
+HTTP request) is placed by IP hash with bounded loads (Mirrokni, Thorup and
+Zadimoghaddam, 2016): its address's first choice unless that worker already holds
+more than ``1 + load_factor`` times the average, then the next in the address's
+rendezvous order. Clients behind one address spread out; a client with its own
+address lands where IP hash would put it.
+
+Only the first request of a connection is looked at: a worker serving a kept-alive
+connection answers every request on it. An engine.io worker therefore closes its
+polling connections after each response (the adapters add ``Connection: close``),
+so the next request comes on a new connection and is routed by its own sid, whatever
+pooled the connections (a browser, a proxy with upstream keep-alive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from .balancer import Balancer, ClientInfo, IPHashBalancer, WorkerSet
+from .rendezvous import MASK32, address_key, mix32, slot_seed
+
+__all__ = [
+    "DEFAULT_LOAD_FACTOR",
+    "MAX_KEY_LENGTH",
+    "ROUTE_BY_KINDS",
+    "RouteBy",
+    "SessionBalancer",
+    "key_hash",
+    "session_key",
+    "sid_with_slot",
+    "slot_in_sid",
+]
+
+ROUTE_BY_KINDS = ("engineio", "cookie", "header", "query", "path")
+# A key longer than this is no key: the request is placed as a new session is.
+MAX_KEY_LENGTH = 512
+# New sessions go past their first choice once it holds more than (1 + this) times the average.
+DEFAULT_LOAD_FACTOR = 0.25
+# The most digits a slot takes in a session id (slots are fewer than 10,000).
+_SLOT_DIGITS = 4
+
+
+@dataclass(frozen=True)
+class RouteBy:
+    """Which key routes a request (module docstring): ``kind`` and, but for ``engineio``, its ``name``."""
+
+    kind: str
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTE_BY_KINDS:
+            raise ValueError(f"route_by {self.kind!r}: expected ip, {', '.join(ROUTE_BY_KINDS[:-1])} or path")
+        if self.kind == "engineio":
+            if self.name:
+                raise ValueError("route_by 'engineio' takes no name")
+            return
+        if not self.name or any(c in self.name for c in " \t\r\n;=:"):
+            example = "path:2" if self.kind == "path" else f"{self.kind}:session"
+            raise ValueError(f"route_by {self.kind!r} needs a name after a colon, e.g. {example!r}")
+        if self.kind == "path" and not (self.name.isascii() and self.name.isdigit() and 0 < int(self.name) <= 64):
+            raise ValueError(f"route_by 'path:{self.name}': the segment is a number from 1 to 64, e.g. 'path:2'")
+
+    @classmethod
+    def parse(cls, text: str) -> RouteBy | None:
+        """``"ip"`` is None (IP hash); else ``"engineio"``, ``"cookie:NAME"``, ``"header:NAME"``, ..."""
+        kind, _, name = text.strip().partition(":")
+        if kind == "ip" and not name:
+            return None
+        return cls(kind, name.strip().lower() if kind == "header" else name.strip())
+
+    def __str__(self) -> str:
+        return self.kind if not self.name else f"{self.kind}:{self.name}"
+
+
+def session_key(head: bytes, route: RouteBy) -> str | None:
+    """The key ``route`` names in a complete HTTP request head, or None (no key, or not a request)."""
+    line_end = head.find(b"\r\n")
+    request_line = head[: line_end if line_end >= 0 else len(head)].decode("latin-1")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return None
+    target = parts[1]
+    kind = route.kind
+    if kind in ("engineio", "query"):
+        query = target.partition("?")[2]
+        wanted = "sid" if kind == "engineio" else route.name
+        for pair in query.split("&"):
+            name, _, value = pair.partition("=")
+            if unquote(name) == wanted:
+                return _bounded(unquote(value))
+        return None
+    if kind == "path":
+        segments = [segment for segment in target.partition("?")[0].split("/") if segment]
+        index = int(route.name) - 1
+        return _bounded(unquote(segments[index])) if index < len(segments) else None
+    wanted_header = "cookie" if kind == "cookie" else route.name
+    for line in head[line_end + 2 :].decode("latin-1").split("\r\n"):
+        name, colon, value = line.partition(":")
+        if not colon or name.strip().lower() != wanted_header:
+            continue
+        if kind == "header":
+            return _bounded(value.strip())
+        for cookie in value.split(";"):
+            cookie_name, _, cookie_value = cookie.strip().partition("=")
+            if cookie_name == route.name:
+                return _bounded(cookie_value.strip().strip('"'))
+    return None
+
+
+def _bounded(key: str) -> str | None:
+    return key if 0 < len(key) <= MAX_KEY_LENGTH else None
+
+
+def sid_with_slot(slot: int, sid: str) -> str:
+    """An engine.io session id that names the slot whose worker created it."""
+    return f"{slot}.{sid}"
+
+
+def slot_in_sid(sid: str) -> int | None:
+    """The slot a session id from ``sid_with_slot`` names; None for any other text."""
+    digits, dot, rest = sid.partition(".")
+    if not dot or not rest or not 0 < len(digits) <= _SLOT_DIGITS or not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits)
+
+
+def key_hash(key: str) -> int:
+    """A 32-bit hash of a session key, the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "big")
+
+
+class SessionBalancer(Balancer):
+    """Routes a request that names a session by its key, and places a new session by IP hash with bounded loads.
+
+    ``route``: which key (see ``RouteBy``). ``load_factor``: a new session passes
+    over a worker holding more than ``1 + load_factor`` times the average of live
+    connections. ``ipv4_prefix`` / ``ipv6_prefix``: as for ``IPHashBalancer``.
+    """
+
+    name = "session"
+
+    def __init__(
+        self,
+        route: RouteBy,
+        load_factor: float = DEFAULT_LOAD_FACTOR,
+        ipv4_prefix: int = 32,
+        ipv6_prefix: int = 128,
+    ) -> None:
+        if not (isinstance(load_factor, (int, float)) and 0 <= load_factor <= 100) or isinstance(load_factor, bool):
+            raise ValueError(f"session_load_factor must be a number from 0 to 100, got {load_factor!r}")
+        self.route = route
+        self.load_factor = float(load_factor)
+        self._ip = IPHashBalancer(ipv4_prefix, ipv6_prefix)
+        self._seeds: list[int] = []
+
+    def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
+        key = client.session
+        alive = workers.alive
+        if key is not None:
+            if self.route.kind == "engineio":
+                slot = slot_in_sid(key)
+                if slot is not None and slot in alive:
+                    return slot
+                # A session of a slot with no worker that takes connections now: placed as a new one (its
+                # worker there does not know it and says so; the client connects again).
+            else:
+                return self._ranked(key_hash(key), alive)[0]
+        return self.place(client, workers)
+
+    def place(self, client: ClientInfo, workers: WorkerSet) -> int:
+        """A new session: the first slot in the address's rendezvous order that is not over its bound."""
+        alive = workers.alive
+        if len(alive) == 1:
+            return alive[0]
+        if not client.host:
+            return self._ip.pick(client, workers)
+        ranked = self._ranked(address_key(client.host, self._ip.ipv4_prefix, self._ip.ipv6_prefix), alive)
+        loads = workers.connections
+        if not loads:
+            return ranked[0]
+        total = sum(loads[slot] for slot in alive) + 1  # with this one
+        # At most (1 + e) times the average, counting this one (and room for one on an idle server).
+        bound = max(1, math.floor((1 + self.load_factor) * total / len(alive)))
+        for slot in ranked:
+            if loads[slot] < bound:
+                return slot
+        return min(ranked, key=lambda slot: loads[slot])
+
+    def _ranked(self, key: int, alive: tuple[int, ...]) -> list[int]:
+        """``alive`` in ``key``'s rendezvous order, best first (the first is what IP hash picks for it)."""
+        seeds = self._seeds
+        while len(seeds) <= alive[-1]:
+            seeds.append(slot_seed(len(seeds)))
+        return sorted(alive, key=lambda slot: (mix32((key ^ seeds[slot]) & MASK32), -slot), reverse=True)

@@ -1,0 +1,112 @@
+"""Sticky by session (``--route-by engineio``), with Node's own socket.io client from npm, through the command.
+
+- 100 clients behind ONE address, sharing one keep-alive agent (pooled connections, as
+  behind a NAT or a browser), on 4 workers: they spread with the busiest worker at most
+  1.25 times the average, all upgrade to websocket and hear every broadcast exactly
+  once. Control: IP hash puts all 100 on one worker.
+- Clients whose address changes mid-session (the handshake from one address, the next
+  request from another, the rest and the websocket from a third) keep their session.
+  Control: with IP hash they lose it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet
+
+from .conftest import StartApp
+from .harness import CLIENT_IPS, HERE
+
+SHOUTS = ["first", "second", "third"]
+CLI_LISTENING = r"listening on 127\.0\.0\.1:(\d+) with"
+NODE_TIMEOUT = 120
+SERVERS = {
+    "asgi-cli": ("apps.socketio_asgi:app", "--asgi"),
+    "flask-socketio-cli": ("apps.flask_socketio_app:app", "--wsgi"),
+}
+
+
+def serve(start_app: StartApp, server: str, route_by: str) -> int:
+    target, kind = SERVERS[server]
+    command = [sys.executable, "-m", "sticky_server", target, kind, "-w", "4", "-b", "127.0.0.1:0"]
+    command += ["--route-by", route_by, "--graceful-timeout", "2"]
+    app = start_app(command=command, cwd=HERE)
+    return int(app.wait_for(CLI_LISTENING, 60).group(1))
+
+
+def run_clients(node_dir: Path, port: int, transports: str, ip: str, count: int, sources: str = "") -> Any:
+    arguments = ["node", str(node_dir / "one_address_clients.js"), f"http://127.0.0.1:{port}", transports, ip]
+    done = subprocess.run(
+        [*arguments, str(count), *([sources] if sources else [])],
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+        check=True,
+    )
+    results: dict[str, Any] = json.loads(done.stdout)
+    assert "fatal" not in results, results
+    return results
+
+
+def addresses_on_different_workers(count: int) -> list[str]:
+    """``count`` client addresses that IP hash puts on ``count`` different workers of 4."""
+    everyone = WorkerSet(4, (0, 1, 2, 3))
+    chosen: dict[int, str] = {}
+    for ip in CLIENT_IPS:
+        chosen.setdefault(IPHashBalancer().pick(ClientInfo(ip, 0), everyone), ip)
+    assert len(chosen) >= count
+    return list(chosen.values())[:count]
+
+
+def working(results: dict[str, Any], transport: str) -> set[str]:
+    return {
+        name
+        for name, result in results.items()
+        if result["error"] is None and result["transport"] == transport and sorted(result["heard"]) == sorted(SHOUTS)
+    }
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+def test_a_hundred_clients_behind_one_address_spread_and_keep_their_sessions(
+    start_app: StartApp, node_clients: Path, server: str
+) -> None:
+    port = serve(start_app, server, "engineio")
+    results = run_clients(node_clients, port, "polling,websocket", CLIENT_IPS[0], 100)
+    errors = {name: result["error"] for name, result in results.items() if result["error"]}
+    assert not errors, errors
+    assert working(results, "websocket") == set(results), "every client upgrades and hears every broadcast once"
+    per_worker = Counter(result["worker"] for result in results.values())
+    assert len(per_worker) == 4 and max(per_worker.values()) <= 1.25 * 25, per_worker
+    assert all(result["sids"][0] == result["sids"][-1] for result in results.values())  # no new session
+
+
+def test_control_ip_hash_puts_one_address_on_one_worker(start_app: StartApp, node_clients: Path) -> None:
+    port = serve(start_app, "asgi-cli", "ip")
+    results = run_clients(node_clients, port, "polling,websocket", CLIENT_IPS[0], 20)
+    assert len({result["worker"] for result in results.values() if result["worker"] is not None}) == 1
+
+
+@pytest.mark.parametrize(("route_by", "keeps"), [("engineio", True), ("ip", False)])
+def test_a_client_whose_address_changes_mid_session_keeps_it(
+    start_app: StartApp, node_clients: Path, route_by: str, keeps: bool
+) -> None:
+    port = serve(start_app, "asgi-cli", route_by)
+    sources = ",".join(addresses_on_different_workers(3))  # the handshake, the next request, then the rest
+    results = run_clients(node_clients, port, "polling,websocket", CLIENT_IPS[1], 8, sources)
+    kept = {
+        name
+        for name, result in results.items()
+        if name in working(results, "websocket") and result["sids"][0] == result["sids"][-1]
+    }
+    if keeps:
+        assert kept == set(results), {name: result["error"] for name, result in results.items()}
+    else:
+        assert len(kept) < len(results), "IP hash kept every moving client: the control proves nothing"
