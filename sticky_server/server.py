@@ -317,12 +317,6 @@ class StickyServer:
         self._session = runtime.session
         return runtime
 
-    def tells_the_client(self) -> bool:
-        """Whether handed-off sockets may tell a client a proxy named as their peer, not the kernel's
-        (``connections.ProxiedSocket``): behind ``proxy_protocol`` or a forwarded header."""
-        addresses = self.settings.client_addresses
-        return addresses is not None and addresses.names_clients
-
     def _worker_check(self, worker: object) -> ConnectionHandler:
         if self._identity is None:
             raise WrongProcessError(f"work() was called in the master process; only workers work. Use {_USAGE}")

@@ -207,6 +207,12 @@ class ServerSettings:
         for name, value in resolved.items():
             object.__setattr__(self, name, value)
 
+    @property
+    def tells_the_client(self) -> bool:
+        """Whether handed-off sockets may tell a client a proxy named as their peer, not the kernel's
+        (``worker.connections.ProxiedSocket``): behind ``proxy_protocol`` or a forwarded header."""
+        return self.client_addresses is not None and self.client_addresses.names_clients
+
     @classmethod
     def names(cls) -> list[str]:
         """The settings a user gives (the fields ``__init__`` takes)."""

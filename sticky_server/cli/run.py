@@ -233,7 +233,7 @@ def _work(args: argparse.Namespace, sticky: StickyServer) -> int:
             print_user_error(f"sticky-server: importing {args.target} failed:", exc)
         return EXIT_BOOT_FAILURE
     run_hook(args.hooks, "post_worker_init", me)
-    _choose_loop(args.loop, sticky.tells_the_client())
+    _choose_loop(args.loop, sticky.settings.tells_the_client)
     try:
         sticky.work(worker)
     finally:

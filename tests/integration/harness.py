@@ -386,3 +386,13 @@ class LoadGenerator:
         assert len(self.served) >= minimum_served, self.report()
         assert not self.refused, self.refused[:10]
         assert not self.unexplained, self.unexplained[:10]
+
+
+def run_node(node_dir: Path, script: str, *arguments: str, timeout: float = 120.0) -> Any:
+    """Run one of ``tests/node``'s client scripts; the JSON object it prints (one that says ``fatal`` fails)."""
+    done = subprocess.run(
+        ["node", str(node_dir / script), *arguments], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    results = json.loads(done.stdout)
+    assert "fatal" not in results, results
+    return results

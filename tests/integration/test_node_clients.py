@@ -15,8 +15,6 @@ The clients come from ``tests/node`` (``npm ci`` there; the fixture runs it when
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 
 from .conftest import StartApp
-from .harness import CLIENT_IPS, HERE
+from .harness import CLIENT_IPS, HERE, run_node
 
 CLIENTS = CLIENT_IPS[:20]
 SHOUTS = ["first", "second", "third"]
@@ -55,15 +53,9 @@ def serve(start_app: StartApp, server: str, balancer: str = "ip-hash") -> int:
 
 
 def run_clients(node_dir: Path, port: int, transports: str) -> dict[str, Any]:
-    done = subprocess.run(
-        ["node", str(node_dir / "chat_clients.js"), f"http://127.0.0.1:{port}", transports, *CLIENTS],
-        capture_output=True,
-        text=True,
-        timeout=NODE_TIMEOUT,
-        check=True,
+    results: dict[str, Any] = run_node(
+        node_dir, "chat_clients.js", f"http://127.0.0.1:{port}", transports, *CLIENTS, timeout=NODE_TIMEOUT
     )
-    results: dict[str, Any] = json.loads(done.stdout)
-    assert "fatal" not in results, results
     return results
 
 

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,7 +21,7 @@ import pytest
 from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet
 
 from .conftest import StartApp
-from .harness import CLIENT_IPS, HERE
+from .harness import CLIENT_IPS, HERE, run_node
 
 SHOUTS = ["first", "second", "third"]
 CLI_LISTENING = r"listening on 127\.0\.0\.1:(\d+) with"
@@ -43,17 +41,8 @@ def serve(start_app: StartApp, server: str, route_by: str) -> int:
 
 
 def run_clients(node_dir: Path, port: int, transports: str, ip: str, count: int, sources: str = "") -> Any:
-    arguments = ["node", str(node_dir / "one_address_clients.js"), f"http://127.0.0.1:{port}", transports, ip]
-    done = subprocess.run(
-        [*arguments, str(count), *([sources] if sources else [])],
-        capture_output=True,
-        text=True,
-        timeout=NODE_TIMEOUT,
-        check=True,
-    )
-    results: dict[str, Any] = json.loads(done.stdout)
-    assert "fatal" not in results, results
-    return results
+    arguments = [f"http://127.0.0.1:{port}", transports, ip, str(count), *([sources] if sources else [])]
+    return run_node(node_dir, "one_address_clients.js", *arguments, timeout=NODE_TIMEOUT)
 
 
 def addresses_on_different_workers(count: int) -> list[str]:
