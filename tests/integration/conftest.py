@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,7 +115,7 @@ def start_haproxy(tmp_path: Path) -> Iterator[HaproxyStarter]:
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(tcp_port: int, http_backend_port: int) -> dict[str, tuple[str, int]]:
-        ports = {"v1_port": free_port(), "v2_port": free_port(), "http_port": free_port()}
+        ports = {"v1_port": free_port(), "v2_port": free_port(), "http_port": free_port(), "reuse_port": free_port()}
         config = tmp_path / f"haproxy{len(processes)}.cfg"
         config.write_text(HAPROXY_CONFIG.format(tcp_port=tcp_port, http_backend_port=http_backend_port, **ports))
         assert HAPROXY is not None
@@ -152,3 +154,109 @@ def steering(request: pytest.FixtureRequest) -> str:
     if request.param == "kernel" and not sys.platform.startswith("linux"):
         pytest.skip("kernel steering is Linux's")
     return str(request.param)
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+NGINX_CONFIG = """
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {folder}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {folder}/tmp/body;
+    proxy_temp_path {folder}/tmp/proxy;
+    fastcgi_temp_path {folder}/tmp/fastcgi;
+    uwsgi_temp_path {folder}/tmp/uwsgi;
+    scgi_temp_path {folder}/tmp/scgi;
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        '' {no_upgrade};
+    }}
+    upstream app {{
+        server {upstream};
+        {keepalive}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }}
+    }}
+}}
+"""
+
+NginxStarter = Callable[..., int]
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder nginx's www-data workers can reach (pytest's tmp_path is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="sticky-nginx-"))
+    folder.chmod(0o755)
+    (folder / "tmp").mkdir(mode=0o777)
+    (folder / "tmp").chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def start_nginx(shared_folder: Path) -> Iterator[NginxStarter]:
+    """``start(upstream, keepalive=False)`` runs nginx in front of ``upstream`` (``unix:/path`` or ``HOST:PORT``);
+    its port. ``keepalive``: nginx keeps idle connections to the upstream open and mixes clients on them."""
+    if NGINX is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed; .ci/run installs it (apt-get install nginx-light)")
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream: str, keepalive: bool = False) -> int:
+        port = free_port()
+        config = shared_folder / f"nginx{len(processes)}.conf"
+        user = "user www-data;" if os.geteuid() == 0 else ""
+        pooled = (
+            {"keepalive": "keepalive 16;", "no_upgrade": '""'}
+            if keepalive
+            else {"keepalive": "", "no_upgrade": "close"}
+        )
+        config.write_text(NGINX_CONFIG.format(user=user, folder=shared_folder, upstream=upstream, port=port, **pooled))
+        assert NGINX is not None
+        process = subprocess.Popen(
+            [NGINX, "-c", str(config), "-p", str(shared_folder)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+
+        def listening() -> bool:
+            assert process.poll() is None, process.communicate(timeout=5)[0].decode(errors="replace")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        assert wait_until(listening, 15), "nginx did not listen"
+        return port
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT)  # nginx's graceful stop: it ends its workers itself
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+    for pid_file in shared_folder.glob("*.pid"):
+        assert not pid_alive(int(pid_file.read_text() or 0)), "nginx left behind"

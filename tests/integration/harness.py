@@ -59,6 +59,17 @@ backend sticky_http
     mode http
     http-reuse never
     server master 127.0.0.1:{http_backend_port}
+frontend web_reuse
+    mode http
+    bind 127.0.0.1:{reuse_port}
+    option forwardfor
+    timeout tunnel 60s
+    default_backend sticky_reuse
+backend sticky_reuse
+    mode http
+    balance roundrobin
+    http-reuse always
+    server master 127.0.0.1:{http_backend_port}
 """
 
 

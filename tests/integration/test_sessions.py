@@ -20,8 +20,8 @@ import pytest
 
 from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet
 
-from .conftest import StartApp
-from .harness import CLIENT_IPS, HERE, run_node
+from .conftest import HaproxyStarter, NginxStarter, StartApp
+from .harness import CLIENT_IPS, HERE, free_port, run_node
 
 SHOUTS = ["first", "second", "third"]
 CLI_LISTENING = r"listening on 127\.0\.0\.1:(\d+) with"
@@ -99,3 +99,49 @@ def test_a_client_whose_address_changes_mid_session_keeps_it(
         assert kept == set(results), {name: result["error"] for name, result in results.items()}
     else:
         assert len(kept) < len(results), "IP hash kept every moving client: the control proves nothing"
+
+
+# --- behind proxies that pool their connections to the backend and mix clients on them ------------------
+
+
+def serve_behind(start_app: StartApp, server: str, bind: list[str], *flags: str) -> None:
+    target, kind = SERVERS[server]
+    command = [sys.executable, "-m", "sticky_server", target, kind, "-w", "4", *bind, "--route-by", "engineio"]
+    app = start_app(command=[*command, "--graceful-timeout", "2", *flags], cwd=HERE)
+    app.wait_for(r"listening on (\S+) with", 60)
+
+
+def assert_fifty_work_and_see_their_own_address(results: dict[str, Any]) -> None:
+    errors = {name: result["error"] for name, result in results.items() if result["error"]}
+    assert not errors, errors
+    assert working(results, "websocket") == set(results), "every client upgrades and hears every broadcast once"
+    assert all(result["client"] == result["address"] for result in results.values())  # the proxy told it
+    per_worker = Counter(result["worker"] for result in results.values())
+    assert len(per_worker) == 4 and max(per_worker.values()) <= 1.25 * 50 / 4 + 1, per_worker
+
+
+@pytest.mark.parametrize(("server", "over"), [("asgi-cli", "tcp"), ("asgi-cli", "unix"), ("flask-socketio-cli", "tcp")])
+def test_behind_nginx_with_upstream_keepalive(
+    start_app: StartApp, start_nginx: NginxStarter, node_clients: Path, shared_folder: Path, server: str, over: str
+) -> None:
+    if over == "unix":
+        path = shared_folder / "app.sock"
+        serve_behind(start_app, server, ["--uds", str(path)])  # X-Forwarded-For read there by default
+        upstream = f"unix:{path}"
+    else:
+        backend = free_port()
+        serve_behind(start_app, server, ["-b", f"127.0.0.1:{backend}"], "--proxy-headers")
+        upstream = f"127.0.0.1:{backend}"
+    port = start_nginx(upstream, keepalive=True)
+    results = run_clients(node_clients, port, "polling,websocket", ",".join(CLIENT_IPS[:5]), 50)
+    assert_fifty_work_and_see_their_own_address(results)
+
+
+def test_behind_haproxy_reusing_its_backend_connections(
+    start_app: StartApp, start_haproxy: HaproxyStarter, node_clients: Path
+) -> None:
+    backend = free_port()
+    serve_behind(start_app, "asgi-cli", ["-b", f"127.0.0.1:{backend}"], "--proxy-headers")
+    frontend = start_haproxy(free_port(), backend)["reuse_port"]
+    results = run_clients(node_clients, frontend[1], "polling,websocket", ",".join(CLIENT_IPS[:5]), 50)
+    assert_fifty_work_and_see_their_own_address(results)

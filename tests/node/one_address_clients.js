@@ -1,9 +1,10 @@
 // Many real socket.io clients (socket.io-client from npm) behind ONE address, as behind a NAT or a proxy.
 //
-//   node one_address_clients.js URL TRANSPORTS IP COUNT [SOURCES]
+//   node one_address_clients.js URL TRANSPORTS IP[,IP...] COUNT [SOURCES]
 //
 // COUNT clients connect from IP through one shared keep-alive http.Agent, so their
-// polling requests share pooled connections as a browser's or a proxy's would. With
+// polling requests share pooled connections as a browser's or a proxy's would (with
+// several IPs, client N uses the Nth in turn, each IP with its own shared agent). With
 // SOURCES (a comma-separated list of addresses) each client's connections come from
 // those addresses in turn instead (the last one for the rest): a client whose address
 // changes mid-session. The run is chat_run.js's; prints one JSON object, per client:
@@ -16,8 +17,10 @@ const { run, report } = require("./chat_run");
 const [url, transportList, ip, countText, sourcesText] = process.argv.slice(2);
 const names = Array.from({ length: Number(countText) }, (_, n) => `client-${n}`);
 
-// One agent for every client: pooled keep-alive connections carry requests of many sessions.
-const shared = new http.Agent({ localAddress: ip, keepAlive: true, maxSockets: 8 });
+// One agent per address for all its clients: pooled keep-alive connections carry requests of many sessions.
+const ips = ip.split(",");
+const shared = ips.map((address) => new http.Agent({ localAddress: address, keepAlive: true, maxSockets: 8 }));
+const turn = (name) => Number(name.split("-")[1]) % ips.length;
 
 // An agent whose every new connection comes from the next of SOURCES.
 function movingAgent(sources) {
@@ -34,7 +37,10 @@ function movingAgent(sources) {
 
 report(() =>
   run(url, transportList.split(","), names, {
-    agentFor: () => (sourcesText ? movingAgent(sourcesText.split(",")) : shared),
+    agentFor: (name) => (sourcesText ? movingAgent(sourcesText.split(",")) : shared[turn(name)]),
     localAddress: () => undefined,
+  }).then((results) => {
+    for (const [name, result] of Object.entries(results)) result.address = ips[turn(name)];
+    return results;
   }),
 );
