@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,6 +24,7 @@ from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet
 
 from .conftest import HaproxyStarter, NginxStarter, StartApp
 from .harness import CLIENT_IPS, HERE, free_port, run_node
+from .websocket_client import BlockingWebSocket
 
 SHOUTS = ["first", "second", "third"]
 CLI_LISTENING = r"listening on 127\.0\.0\.1:(\d+) with"
@@ -145,3 +148,28 @@ def test_behind_haproxy_reusing_its_backend_connections(
     frontend = start_haproxy(free_port(), backend)["reuse_port"]
     results = run_clients(node_clients, frontend[1], "polling,websocket", ",".join(CLIENT_IPS[:5]), 50)
     assert_fifty_work_and_see_their_own_address(results)
+
+
+# --- a key the user names: a path segment ---------------------------------------------------------
+
+
+def open_doc(port: int, doc: str, source: str) -> dict[str, Any]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    with BlockingWebSocket(sock, f"ws://127.0.0.1:{port}/doc/{doc}", 10) as websocket:
+        answer: dict[str, Any] = json.loads(websocket.recv())
+        websocket.send("done")
+    return answer
+
+
+@pytest.mark.parametrize(("route_by", "together"), [("path:2", True), ("ip", False)])
+def test_every_editor_of_a_document_meets_on_one_worker(start_app: StartApp, route_by: str, together: bool) -> None:
+    command = [sys.executable, "-m", "sticky_server", "apps.doc_app:app", "--asgi", "-w", "4", "-b", "127.0.0.1:0"]
+    app = start_app(command=[*command, "--route-by", route_by, "--graceful-timeout", "2"], cwd=HERE)
+    port = int(app.wait_for(CLI_LISTENING, 60).group(1))
+    docs = [f"doc-{n}" for n in range(12)]
+    where = {doc: {open_doc(port, doc, source)["worker"] for source in CLIENT_IPS[:4]} for doc in docs}
+    if together:
+        assert all(len(workers) == 1 for workers in where.values()), where
+        assert len({next(iter(workers)) for workers in where.values()}) >= 3, where  # documents spread
+    else:
+        assert any(len(workers) > 1 for workers in where.values()), "IP hash kept every document together"
