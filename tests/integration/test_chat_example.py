@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,8 +79,8 @@ def sources_on_different_workers() -> tuple[str, str]:
     return first, second
 
 
-def start_chat(start_app: StartApp) -> int:
-    server = start_app(command=[sys.executable, str(CHAT / "chat_server.py"), "0"])
+def start_chat(start_app: StartApp, *flags: str) -> int:
+    server = start_app(command=[sys.executable, str(CHAT / "chat_server.py"), "0", *flags])
     return int(server.wait_for(r"chat on http://127\.0\.0\.1:(\d+)/", 60).group(1))
 
 
@@ -100,28 +101,38 @@ def test_terminal_clients_on_different_workers_hear_each_other(start_app: StartA
     assert carol.process.returncode == 0 and dave.process.returncode == 0
 
 
-def test_the_chat_page_in_headless_chromium(start_app: StartApp, node_clients: Path) -> None:
+def find_chromium() -> str:
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium")
     if chromium is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is needed for the browser test; .ci/run installs it (apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
+    return chromium
+
+
+def open_pages(node_clients: Path, port: int, chromium: str, names: str = "alice,bob") -> Any:
+    done = subprocess.run(
+        ["node", str(node_clients / "chat_page.js"), f"http://127.0.0.1:{port}/", names],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+        env={**os.environ, "CHROMIUM": chromium},
+    )
+    pages = json.loads(done.stdout)
+    assert "fatal" not in pages, pages["fatal"]
+    return pages
+
+
+def test_the_chat_page_in_headless_chromium(start_app: StartApp, node_clients: Path) -> None:
+    chromium = find_chromium()
     port = start_chat(start_app)
     # The browser connects from 127.0.0.1; a terminal client on another worker must hear the pages too.
     carol_ip = next(ip for ip in CLIENT_IPS if expected_slot(ip, WORKERS) != expected_slot("127.0.0.1", WORKERS))
     carol = ChatClient("carol", port, carol_ip)
     try:
         carol.wait_for("connected")
-        done = subprocess.run(
-            ["node", str(node_clients / "chat_page.js"), f"http://127.0.0.1:{port}/"],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            check=True,
-            env={**os.environ, "CHROMIUM": chromium},
-        )
-        pages = json.loads(done.stdout)
-        assert "fatal" not in pages, pages["fatal"]
+        pages = open_pages(node_clients, port, chromium)
         browser_worker = expected_slot("127.0.0.1", WORKERS)
         for name in ("alice", "bob"):
             assert f"to worker {browser_worker}" in pages[name]["status"], pages
@@ -133,3 +144,14 @@ def test_the_chat_page_in_headless_chromium(start_app: StartApp, node_clients: P
         assert carol.wait_for("bob: hello from bob")
     finally:
         carol.close()
+
+
+def test_three_tabs_of_one_browser_spread_over_workers_by_session(start_app: StartApp, node_clients: Path) -> None:
+    """``--route-by engineio``: one browser, one address, one connection pool; each tab its own worker."""
+    port = start_chat(start_app, "--route-by", "engineio")
+    names = ["alice", "bob", "carol"]
+    pages = open_pages(node_clients, port, find_chromium(), ",".join(names))
+    workers = {name: pages[name]["status"].rsplit(" ", 1)[-1] for name in names}
+    assert len(set(workers.values())) == 3, pages
+    for name in names:
+        assert sorted(pages[name]["heard"]) == sorted(f"[worker {workers[n]}] {n}: hello from {n}" for n in names)

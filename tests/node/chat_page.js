@@ -1,15 +1,17 @@
 // The example chat page in headless Chromium (Debian's package), driven by playwright-core.
 //
-//   node chat_page.js URL
+//   node chat_page.js URL [NAME,NAME,...]
 //
-// Opens two pages, waits until each is connected (and upgraded to websocket), has
-// each say a line, and prints one JSON object: per page, its status line and the
-// lines it heard. Exits 0 whatever happened: the test judges.
+// Opens a page (a tab of one browser: one connection pool) per name (default alice and
+// bob), waits until each is connected (and upgraded to websocket), has each say a line,
+// and prints one JSON object: per page, its status line and the lines it heard. Exits 0
+// whatever happened: the test judges.
 "use strict";
 const { chromium } = require("playwright-core");
 
 const url = process.argv[2];
-const LINES = { alice: "hello from alice", bob: "hello from bob" };
+const names = (process.argv[3] || "alice,bob").split(",");
+const LINES = Object.fromEntries(names.map((name) => [name, `hello from ${name}`]));
 
 async function main() {
   const browser = await chromium.launch({
@@ -41,7 +43,9 @@ async function main() {
     }
     for (const [name, page] of Object.entries(pages)) {
       await page
-        .waitForFunction((count) => document.querySelectorAll("#log li").length >= count, 2, { timeout: 15000 })
+        .waitForFunction((count) => document.querySelectorAll("#log li").length >= count, names.length, {
+          timeout: 15000,
+        })
         .catch(() => {});
       result[name] = {
         status: await page.textContent("#status"),
