@@ -26,6 +26,9 @@ over R rounds:
                and hands off every connection)
   sticky-rr    the same, round-robin
   sticky-proxy the same, IP hash, with the PROXY protocol (the client sends v1 headers)
+  sticky-session  the same, routed by session (route_by="engineio": the master reads each
+               request head; a request with no sid is a new session, placed by IP hash
+               with bounded loads): the cost of routing by session against sticky-master
   node         Node's sticky-session with N workers
 
 Two loads, both from 64 client addresses, a new TCP connection per request:
@@ -80,6 +83,7 @@ CONFIGS = (
     "sticky-master",
     "sticky-rr",
     "sticky-proxy",
+    "sticky-session",
     "node",
 )
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -229,7 +233,7 @@ def run_floor(port: int, workers: int, keep_until_ack: bool) -> None:
                 batch.clear()
 
 
-def run_sticky(port: int, workers: int, balancer: str, proxy: bool, steering: str) -> None:
+def run_sticky(port: int, workers: int, balancer: str, proxy: bool, steering: str, route_by: str | None = None) -> None:
     sys.path.insert(0, str(HERE.parent))
     from sticky_server import StickyServer
 
@@ -238,7 +242,12 @@ def run_sticky(port: int, workers: int, balancer: str, proxy: bool, steering: st
             answer(conn)
 
     sticky = StickyServer(
-        workers=workers, balancer=balancer, proxy_protocol=proxy, graceful_timeout=5, steering=steering
+        workers=workers,
+        balancer=balancer,
+        proxy_protocol=proxy,
+        graceful_timeout=5,
+        steering=steering,
+        route_by=route_by,
     )
     if sticky.is_master:
         sticky.on_listening(lambda address: print("READY", flush=True))
@@ -555,7 +564,7 @@ def main() -> None:
         )
     if "node" in median:
         node = median["node"]
-        for name in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy"):
+        for name in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy", "sticky-session"):
             if name in median:
                 m = median[name]
                 print(
@@ -576,8 +585,10 @@ if __name__ == "__main__":
         run_floor(port, workers, role == "floor-ack")
     elif role == "reuseport-worker":
         run_reuseport_worker(port, workers)
-    elif role in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy"):
+    elif role in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy", "sticky-session"):
         balancer = "round-robin" if role == "sticky-rr" else "ip-hash"
-        run_sticky(port, workers, balancer, role == "sticky-proxy", "master" if role == "sticky-master" else "auto")
+        steering = "master" if role == "sticky-master" else "auto"
+        route_by = "engineio" if role == "sticky-session" else None
+        run_sticky(port, workers, balancer, role == "sticky-proxy", steering, route_by)
     else:
         main()
