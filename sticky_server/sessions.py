@@ -47,6 +47,8 @@ __all__ = [
     "RouteBy",
     "SessionBalancer",
     "key_hash",
+    "rendezvous_order",
+    "session_bound",
     "session_key",
     "sid_with_slot",
     "slot_in_sid",
@@ -150,6 +152,23 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=4).digest(), "big")
 
 
+def session_bound(total: int, alive: int, load_factor: float) -> int:
+    """How many live connections a worker may hold and still take a new session: at most ``1 + load_factor``
+    times the average of ``total`` over ``alive`` workers, counting the new one (and room for one when idle)."""
+    return max(1, math.floor((1 + load_factor) * (total + 1) / alive))
+
+
+_SEEDS: list[int] = []  # slot_seed(slot) by slot, grown as slots appear (the same in every process)
+
+
+def rendezvous_order(key: int, alive: tuple[int, ...]) -> list[int]:
+    """``alive`` (ascending) in ``key``'s rendezvous order, best first: the first is IP hash's choice for it."""
+    seeds = _SEEDS
+    while len(seeds) <= alive[-1]:
+        seeds.append(slot_seed(len(seeds)))
+    return sorted(alive, key=lambda slot: (mix32((key ^ seeds[slot]) & MASK32), -slot), reverse=True)
+
+
 class SessionBalancer(Balancer):
     """Routes a request that names a session by its key, and places a new session by IP hash with bounded loads.
 
@@ -171,8 +190,7 @@ class SessionBalancer(Balancer):
             raise ValueError(f"session_load_factor must be a number from 0 to 100, got {load_factor!r}")
         self.route = route
         self.load_factor = float(load_factor)
-        self._ip = IPHashBalancer(ipv4_prefix, ipv6_prefix)
-        self._seeds: list[int] = []
+        self.ip_hash = IPHashBalancer(ipv4_prefix, ipv6_prefix)  # new sessions' first choices; the kernel's too
 
     def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
         key = client.session
@@ -185,7 +203,7 @@ class SessionBalancer(Balancer):
                 # A session of a slot with no worker that takes connections now: placed as a new one (its
                 # worker there does not know it and says so; the client connects again).
             else:
-                return self._ranked(key_hash(key), alive)[0]
+                return rendezvous_order(key_hash(key), alive)[0]
         return self.place(client, workers)
 
     def place(self, client: ClientInfo, workers: WorkerSet) -> int:
@@ -194,22 +212,13 @@ class SessionBalancer(Balancer):
         if len(alive) == 1:
             return alive[0]
         if not client.host:
-            return self._ip.pick(client, workers)
-        ranked = self._ranked(address_key(client.host, self._ip.ipv4_prefix, self._ip.ipv6_prefix), alive)
+            return self.ip_hash.pick(client, workers)
+        ranked = rendezvous_order(address_key(client.host, self.ip_hash.ipv4_prefix, self.ip_hash.ipv6_prefix), alive)
         loads = workers.connections
         if not loads:
             return ranked[0]
-        total = sum(loads[slot] for slot in alive) + 1  # with this one
-        # At most (1 + e) times the average, counting this one (and room for one on an idle server).
-        bound = max(1, math.floor((1 + self.load_factor) * total / len(alive)))
+        bound = session_bound(sum(loads[slot] for slot in alive), len(alive), self.load_factor)
         for slot in ranked:
             if loads[slot] < bound:
                 return slot
         return min(ranked, key=lambda slot: loads[slot])
-
-    def _ranked(self, key: int, alive: tuple[int, ...]) -> list[int]:
-        """``alive`` in ``key``'s rendezvous order, best first (the first is what IP hash picks for it)."""
-        seeds = self._seeds
-        while len(seeds) <= alive[-1]:
-            seeds.append(slot_seed(len(seeds)))
-        return sorted(alive, key=lambda slot: (mix32((key ^ seeds[slot]) & MASK32), -slot), reverse=True)

@@ -22,6 +22,7 @@ from .worker.environment import WorkerIdentity
 from .worker.proxy_hint import ProxyHint
 from .worker.selector_loop import WorkerRuntime
 from .worker.session import WorkerSession
+from .worker.sorting import SessionSorter
 
 __all__ = ["peer_from_proxy", "start_runtime"]
 
@@ -37,9 +38,12 @@ def start_runtime(
     on_ready: Callable[[], None] | None,
 ) -> Runtime:
     """The loop of ``kind`` driving a new session of ``handler`` in this worker process."""
-    route = settings.route_by
-    if isinstance(route, RouteBy) and route.kind == "engineio":
+    route = settings.route_by if isinstance(settings.route_by, RouteBy) else None
+    if route is not None and route.kind == "engineio":
         arrange_engineio_sessions(identity.slot)
+    sorter = None
+    if route is not None and identity.listeners:  # the kernel path: this worker accepts, then sorts
+        sorter = SessionSorter(route, identity.slot, settings.max_header_size)
     session = WorkerSession(
         handler,
         channel,
@@ -48,8 +52,10 @@ def start_runtime(
         graceful_timeout=settings.graceful_timeout,
         peer_from_proxy=peer_from_proxy(settings, handler),
         listeners=identity.listeners,
-        report_accepts_at_once=settings.max_connections_per_worker is not None,
+        # Recycling counts every accept at once; so does routing by session (the bound follows the loads).
+        report_accepts_at_once=settings.max_connections_per_worker is not None or sorter is not None,
         proxy_hint=ProxyHint(identity.slot) if settings.client_addresses is None else None,
+        sorter=sorter,
     )
     return kind(session)
 

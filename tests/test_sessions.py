@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import Counter
 
 import pytest
@@ -9,14 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet
+from sticky_server.errors import ProtocolError
+from sticky_server.master.traffic import moved_client
+from sticky_server.protocol.frames import pack_routes, unpack_routes
 from sticky_server.sessions import (
     MAX_KEY_LENGTH,
     RouteBy,
     SessionBalancer,
+    key_hash,
+    rendezvous_order,
     session_key,
     sid_with_slot,
     slot_in_sid,
 )
+from sticky_server.worker.sorting import SessionSorter
 
 POLL = b"GET /socket.io/?EIO=4&transport=polling&sid=3.AbC-d_e HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -113,3 +121,85 @@ def test_a_client_with_its_own_address_lands_where_ip_hash_puts_it() -> None:
     for n in range(200):
         client = ClientInfo(f"198.51.100.{n}", 1)
         assert balancer.pick(client, everyone(5)) == ip_hash.pick(client, everyone(5))
+
+
+# --- the kernel path: a worker sorts what it accepted ----------------------------------------------
+
+
+def peer_with(data: bytes) -> tuple[socket.socket, socket.socket]:
+    """(the worker's end, the client's end) of a connection whose client sent ``data``."""
+    worker_end, client_end = socket.socketpair()
+    if data:
+        client_end.sendall(data)
+    return worker_end, client_end
+
+
+@pytest.mark.parametrize(
+    ("head", "keeps"),
+    [
+        (b"GET /socket.io/?EIO=4&transport=polling&sid=1.abc HTTP/1.1\r\n\r\n", True),  # its own session
+        (b"GET /socket.io/?EIO=4&transport=polling&sid=2.abc HTTP/1.1\r\n\r\n", False),  # another worker's
+        (b"GET /socket.io/?EIO=4&transport=polling&sid=7.abc HTTP/1.1\r\n\r\n", True),  # no such slot: here
+        (b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\n", False),  # the head is not all there yet
+        (b"\x16\x03\x01\x00\x05hello", True),  # no HTTP request: as the kernel chose
+        (b"", False),  # nothing yet: the master waits for it
+    ],
+)
+def test_a_worker_keeps_its_own_sessions_and_passes_on_the_rest(head: bytes, keeps: bool) -> None:
+    sorter = SessionSorter(RouteBy("engineio"), slot=1, max_head=8192)
+    sorter.update(pack_routes(100, [0, 1, 2]))
+    worker_end, client_end = peer_with(head)
+    with worker_end, client_end:
+        assert sorter.keeps_fd(worker_end.fileno(), worker_end.family) is keeps
+        assert worker_end.recv(1 << 16, socket.MSG_DONTWAIT | socket.MSG_PEEK) == head if head else True  # unread
+    assert sorter.moved == (0 if keeps else 1)
+
+
+def test_new_sessions_stay_until_the_worker_holds_the_bound() -> None:
+    from sticky_server.worker.connections import RECORD
+
+    sorter = SessionSorter(RouteBy("engineio"), slot=0, max_head=8192)
+    new = b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\n\r\n"
+    worker_end, client_end = peer_with(new)
+    with worker_end, client_end:
+        assert sorter.keeps(worker_end)  # no word from the master yet: kept
+        sorter.update(pack_routes(len(RECORD) + 1, [0, 1]))
+        assert sorter.keeps(worker_end)
+        sorter.update(pack_routes(len(RECORD), [0, 1]))
+        assert not sorter.keeps(worker_end)  # at the bound: the master places it
+
+
+def test_a_named_key_stays_only_on_its_rendezvous_choice() -> None:
+    head = b"GET /doc/42 HTTP/1.1\r\n\r\n"
+    choice = rendezvous_order(key_hash("42"), (0, 1, 2, 3))[0]
+    for slot in range(4):
+        sorter = SessionSorter(RouteBy("path", "2"), slot=slot, max_head=8192)
+        sorter.update(pack_routes(100, [0, 1, 2, 3]))
+        worker_end, client_end = peer_with(head)
+        with worker_end, client_end:
+            assert sorter.keeps(worker_end) is (slot == choice)
+
+
+def test_routes_frames_round_trip_and_garbage_is_a_protocol_error() -> None:
+    assert unpack_routes(pack_routes(31, [0, 2, 3])) == (31, frozenset({0, 2, 3}))
+    for garbage in (b"", b"\x00\x00\x00", b"\x00\x00\x00\x01\x00"):
+        with pytest.raises(ProtocolError):
+            unpack_routes(garbage)
+
+
+def test_a_moved_descriptor_must_be_a_tcp_connection() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        with client, accepted:
+            family, info = moved_client(accepted.fileno(), [("127.0.0.1", listener.getsockname()[1])])
+            assert family == socket.AF_INET and info.host == "127.0.0.1"
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(ProtocolError, match="no socket"):
+            moved_client(read_end, [])
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram, pytest.raises(ProtocolError, match="not a TCP"):
+        moved_client(datagram.fileno(), [])

@@ -16,6 +16,7 @@ in the kernel's backlog. A connection aborted before ``accept`` is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -34,8 +35,9 @@ __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "Acceptor", "listening_address"]
 
 logger = logging.getLogger("sticky_server.master")
 
-# Running out of descriptors is logged at most once per this many seconds.
+# Running out of descriptors, and connections that failed in routing, are logged at most once per this many seconds.
 ACCEPT_ERROR_LOG_INTERVAL = 10.0
+FAULT_LOG_INTERVAL = 10.0
 
 Local = tuple[str, int]
 OnReadable = Callable[[socket.socket, Local, int], None]
@@ -74,6 +76,12 @@ class Acceptor:
             "raise the descriptor limit (`ulimit -n`)",
             ACCEPT_ERROR_LOG_INTERVAL,
         )
+        self._fault_log = ThrottledLog(
+            logger,
+            logging.ERROR,
+            "closed %d connection(s) that could not be routed (latest from %s: %s)",
+            FAULT_LOG_INTERVAL,
+        )
 
     def accept(self, listener: socket.socket, local: Local, limit: int) -> Iterator[tuple[int, int, ClientInfo]]:
         """Accept up to ``limit`` connections waiting on ``listener``: (number, descriptor, client) each."""
@@ -97,6 +105,19 @@ class Acceptor:
             logger.debug("accepting on a kernel-path listener failed: %s", exc)
             self._watch({})
             self._keeper.check_soon()
+
+    def failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
+        """An unexpected error while reading one connection's header or packing its hand-off: close it, log
+        (throttled), go on."""
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        self._fault_log.note(1, client.host or "a Unix socket", f"{type(error).__name__}: {error}")
+        logger.debug("routing a connection failed", exc_info=error)
+
+    def number(self) -> int:
+        """A number for a connection accepted elsewhere (a worker's, moved), counted as accepted."""
+        self.accepted += 1
+        return self.accepted
 
     def accept_while(self, should: bool) -> None:
         """Accept now if ``should`` and no pause is on; watch exactly the listeners that takes."""

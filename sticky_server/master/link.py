@@ -103,6 +103,7 @@ class Link:
     writing: bool = False
     recycling: bool = False
     said_ready: bool = False
+    told_routes: bytes = b""  # route_by on the kernel path: the ROUTES payload it was last sent
     accepts_reported_at: float = 0.0  # when the worker's last ACCEPTED count was taken (or its link made)
 
     @property

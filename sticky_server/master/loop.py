@@ -93,7 +93,6 @@ master's own state: it propagates, and the ``finally`` of ``run`` kills every wo
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -112,16 +111,17 @@ from ..listener import ACCEPT_BURST, format_address
 from ..protocol.frames import FrameKind
 from ..protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
 from ..proxy import ClientAddressSettings
+from ..sessions import SessionBalancer
 from ..steering import KernelSteering
 from ..steering.keeper import SteeringKeeper
 from ..util.signals import SignalQueue
-from ..util.throttle import ThrottledLog
 from .acceptor import Acceptor, Local, listening_address
 from .calls import ThreadCalls
 from .decisions import Connect, Decision, Halt, Listening, Ping, SendStop, StopMode
 from .hooks import Hooks, run_hooks
 from .intake import Intake
 from .messages import MessageRouter
+from .route_notices import RouteNotices
 from .router import Router
 from .stats import collect, log_stats
 from .supervisor import Supervisor
@@ -131,8 +131,6 @@ __all__ = ["Dispatcher", "Hooks", "StopMode"]
 
 logger = logging.getLogger("sticky_server.master")
 
-# Connections that failed in routing are logged at most once per this many seconds.
-FAULT_LOG_INTERVAL = 10.0
 # A graceful stop accepts at most this many connections still in each listener's backlog.
 MAX_STOP_DRAIN = 65536
 
@@ -176,27 +174,28 @@ class Dispatcher:
             hooks=hooks,
             listening=listening,
             addressed=client_addresses is not None and client_addresses.names_clients,
-            unpackable=lambda entry, error: self._connection_failed(entry[1], entry[2], error),
+            unpackable=lambda entry, error: self._acceptor.failed(entry[1], entry[2], error),
             kernel_path=steering is not None,
             max_message_size=max_message_size,
+            moves=steering is not None and isinstance(balancer, SessionBalancer),
             max_connections_per_worker=max_connections_per_worker,
             max_connections_jitter=max_connections_jitter,
         )
         self.messages: MessageRouter = self._traffic.messages
         self._intake = (
-            Intake(self._selector, client_addresses, self._route, self._connection_failed) if client_addresses else None
+            Intake(self._selector, client_addresses, self._route, self._acceptor.failed) if client_addresses else None
         )
         self._followed = -1  # the router's generation the kernel's program last followed
+        # Kernel path with route_by: the workers sort what they accept, told the alive set and the bound.
+        self._notices = (
+            RouteNotices(self._router, self._traffic, balancer.load_factor)
+            if steering is not None and isinstance(balancer, SessionBalancer)
+            else None
+        )
         self._stops_wait_for_intake = False
         self._boot_error: WorkerBootError | None = None
         self._calls = ThreadCalls()
         self.call_soon_threadsafe = self._calls.call_soon_threadsafe
-        self._connection_fault_log = ThrottledLog(
-            logger,
-            logging.ERROR,
-            "closed %d connection(s) that could not be routed (latest from %s: %s)",
-            FAULT_LOG_INTERVAL,
-        )
         self._signal_handlers: dict[int, Callable[[], None]] = {
             signal.SIGTERM: functools.partial(self._stop, "SIGTERM", StopMode.GRACEFUL),
             signal.SIGINT: functools.partial(self._stop, "SIGINT", StopMode.QUICK),
@@ -257,6 +256,7 @@ class Dispatcher:
             self._acceptor.paused_until,
             self._traffic.next_full_check,
             self._keeper.next_check if self._keeper is not None else None,
+            self._notices.next_due if self._notices is not None else None,
             self._intake.next_deadline() if self._intake else None,
         ):
             if deadline is not None and (earliest is None or deadline < earliest):
@@ -277,6 +277,9 @@ class Dispatcher:
         keeper = self._keeper
         if keeper is not None and keeper.next_check is not None and keeper.next_check <= now:
             self._check_steering(keeper, now)
+        notices = self._notices
+        if notices is not None and notices.next_due is not None and notices.next_due <= now:
+            notices.tell()
         if self._intake is not None:
             self._intake.expire(now)
 
@@ -293,6 +296,8 @@ class Dispatcher:
             decisions = traffic.take_decisions()
             if decisions:
                 self._carry_out(decisions)
+            for fd, family, client in traffic.take_moved():
+                self._take(self._acceptor.number(), fd, family, client)
             if router.parked and router.alive:
                 self._route_parked()
             if not traffic.touched:
@@ -310,6 +315,8 @@ class Dispatcher:
         if keeper is not None and following and router.generation != self._followed:
             keeper.follow(alive)
             self._followed = router.generation
+            if self._notices is not None:
+                self._notices.tell()
         self._acceptor.accept_while(not supervisor.stopping and bool(alive) and not router.parked)
 
     # --- the supervisor's decisions ---------------------------------------------
@@ -416,6 +423,13 @@ class Dispatcher:
             if router.parked:
                 break  # no slot takes connections now: the rest wait in the kernel's backlog
 
+    def _take(self, conn_id: int, fd: int, family: int, client: ClientInfo) -> None:
+        """Route a connection, through the intake when it reads heads first."""
+        if self._intake is None:
+            self._route(conn_id, fd, client)
+        else:
+            self._intake.take(conn_id, fd, family, client)
+
     def _route(self, conn_id: int, fd: int, client: ClientInfo) -> None:
         link = self._router.route((conn_id, fd, client))
         if link is not None:
@@ -427,14 +441,6 @@ class Dispatcher:
         parked, router.parked = router.parked, deque()
         for entry in parked:
             self._route(*entry)
-
-    def _connection_failed(self, fd: int, client: ClientInfo, error: BaseException) -> None:
-        """An unexpected error while reading one connection's header or packing its hand-off: close it, log
-        (throttled), go on."""
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        self._connection_fault_log.note(1, client.host or "a Unix socket", f"{type(error).__name__}: {error}")
-        logger.debug("routing a connection failed", exc_info=error)
 
     # --- the kernel path (master rule 7) -------------------------------------------------
 

@@ -65,6 +65,12 @@ _PER_WORKER = [
         "descriptor_limit",
     ),
     (
+        "sticky_server_connections_moved_total",
+        "counter",
+        "Connections the slot's workers accepted and passed back to be routed by session (route_by).",
+        "moved",
+    ),
+    (
         "sticky_server_connections_lost_no_room_total",
         "counter",
         "Connections the kernel closed because the slot's worker was at its descriptor limit.",

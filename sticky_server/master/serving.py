@@ -19,6 +19,7 @@ from typing import Any
 from ..balancer import IPHashBalancer
 from ..errors import BindError
 from ..listener import Bind, open_bind
+from ..sessions import SessionBalancer
 from ..settings import ServerSettings
 from ..steering import KernelSteering, kernel_path_unavailable, open_kernel_steering
 from .hooks import Hooks
@@ -108,11 +109,16 @@ class Serving:
         settings = self._settings
         balancer, wanted = settings.balancer, settings.steering
         assert not isinstance(balancer, str)
-        why = kernel_path_unavailable(wanted, balancer, self._binds, settings.client_addresses is not None)
+        addresses = settings.client_addresses
+        why = kernel_path_unavailable(wanted, balancer, self._binds, addresses is not None and addresses.names_clients)
         if why is None:
-            assert isinstance(balancer, IPHashBalancer)
+            # Routed by session, the kernel still makes IP hash's choice: each worker then sorts what it accepts.
+            ip_hash = balancer.ip_hash if isinstance(balancer, SessionBalancer) else balancer
+            assert isinstance(ip_hash, IPHashBalancer)
             try:
-                return open_kernel_steering(self._binds, self._workers, balancer, settings.backlog)
+                return open_kernel_steering(
+                    self._binds, self._workers, ip_hash, settings.backlog, defer_accept=settings.route_by is not None
+                )
             except BindError:
                 raise
             except (OSError, ValueError) as exc:

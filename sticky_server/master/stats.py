@@ -25,6 +25,7 @@ class SlotCounters:
     handed_off: dict[int, int] = field(default_factory=dict)
     lost_no_room: dict[int, int] = field(default_factory=dict)  # hand-offs the kernel closed at the fd limit
     accepted_by_workers: int = 0  # kernel path: connections workers accepted from their own listeners
+    moved: dict[int, int] = field(default_factory=dict)  # kernel path, route_by: sent back to be routed again
 
 
 def collect(
@@ -46,6 +47,7 @@ def collect(
                 "restarts": supervisor.restarts.get(slot, 0),
                 "descriptor_limit": link.descriptor_limit if link is not None else 0,
                 "lost_no_room": counters.lost_no_room.get(slot, 0),
+                "moved": counters.moved.get(slot, 0),
             }
         )
     return {
@@ -58,6 +60,7 @@ def collect(
         "live": sum(entry["live"] for entry in slots),
         "restarts": sum(entry["restarts"] for entry in slots),
         "lost_no_room": sum(entry["lost_no_room"] for entry in slots),
+        "moved": sum(entry["moved"] for entry in slots),
     }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import selectors
 import socket
@@ -32,8 +33,8 @@ from typing import Any
 
 from ..balancer import ClientInfo
 from ..errors import ProtocolError
-from ..protocol.frames import Frame, FrameKind, unpack_count
-from ..protocol.wire import read_back
+from ..protocol.frames import LOST_FD, WORKER_SENDS, Frame, FrameKind, unpack_count
+from ..protocol.wire import FrameReader, read_back
 from ..util.slices import SLICE_SECONDS, run_for
 from .decisions import Decision
 from .hooks import Hooks, run_hooks
@@ -74,6 +75,25 @@ def client_of(fd: int, listening: Sequence[tuple[str, int]]) -> ClientInfo:
     return ClientInfo("", 0, None, local)
 
 
+def moved_client(fd: int, listening: Sequence[tuple[str, int]]) -> tuple[int, ClientInfo]:
+    """The family and client of a connection a worker moved; family 0 when the client has left already.
+
+    A descriptor that is no TCP stream socket is a worker's lie: ProtocolError.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        raise ProtocolError("MOVED a descriptor that is no socket") from None
+    try:
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ProtocolError(f"MOVED a {sock.family.name} {sock.type.name} socket, not a TCP connection")
+        family = int(sock.family)
+    finally:
+        sock.detach()
+    client = client_of(fd, listening)
+    return (family if client.host else 0), client
+
+
 class Traffic:
     """Reads, handles and writes the workers' control sockets (module docstring). Call on the loop's thread."""
 
@@ -89,6 +109,7 @@ class Traffic:
         unpackable: Callable[[Owed, BaseException], None],
         kernel_path: bool,
         max_message_size: int,
+        moves: bool = False,
         max_connections_per_worker: int | None = None,
         max_connections_jitter: int | None = None,
     ) -> None:
@@ -100,6 +121,9 @@ class Traffic:
         self._addressed = addressed  # hand-offs carry their client's address (a proxy named it)
         self._unpackable = unpackable
         self._kernel_path = kernel_path
+        # What a worker may send: MOVED (with descriptors) only when workers sort by session (route_by, kernel
+        # path); otherwise a descriptor from a worker is a protocol error as soon as it arrives (wire rule 5).
+        self._accepts = WORKER_SENDS if moves else WORKER_SENDS - {FrameKind.MOVED}
         self._max_connections = max_connections_per_worker
         self._max_connections_jitter = max_connections_jitter
         self.counters = SlotCounters()
@@ -118,7 +142,14 @@ class Traffic:
             FrameKind.CLOSED: self._on_closed,
             FrameKind.NO_ROOM: self._on_no_room,
             FrameKind.ACCEPTED: self._on_accepted,
+            FrameKind.MOVED: self._on_moved,
         }
+        self._moved: list[tuple[int, int, ClientInfo]] = []  # (descriptor, family, client): to route again
+
+    def take_moved(self) -> list[tuple[int, int, ClientInfo]]:
+        """Connections workers accepted that belong elsewhere (route_by), for the loop to route again."""
+        moved, self._moved = self._moved, []
+        return moved
 
     def take_decisions(self) -> list[Decision]:
         """What the supervisor decided while frames were handled, for the loop to carry out."""
@@ -140,18 +171,24 @@ class Traffic:
                 jitter = int(self._max_connections * RECYCLE_JITTER)
             recycle_after = self._max_connections + random.randint(0, jitter)
         now = time.monotonic()
-        link = Link(worker, last_heard=now, recycle_after=recycle_after, accepts_reported_at=now)
+        link = Link(
+            worker,
+            last_heard=now,
+            recycle_after=recycle_after,
+            accepts_reported_at=now,
+            reader=FrameReader(self._accepts),
+        )
         self._router.links[worker] = link
         self._router.mark_dirty()
         self._selector.register(worker.control, selectors.EVENT_READ, functools.partial(self._on_control, link))
         return link
 
-    def put(self, worker: WorkerProcess, kind: FrameKind) -> None:
-        """Send ``kind`` (STOP, PING) now, after every hand-off routed to the worker this pass."""
+    def put(self, worker: WorkerProcess, kind: FrameKind, payload: bytes = b"") -> None:
+        """Send ``kind`` (STOP, PING, ROUTES) now, after every hand-off routed to the worker this pass."""
         link = self._router.links.get(worker)
         if link is not None and link.connected:
             link.frame_pending(self._addressed, self._unpackable)
-            link.outbox.put(kind)
+            link.outbox.put(kind, payload)
             self.flush(link)
 
     def close(self, link: Link) -> None:
@@ -281,6 +318,25 @@ class Traffic:
         self._took(link, count)
         if left:
             self._router.changed(link, left)
+
+    def _on_moved(self, link: Link, frame: Frame) -> None:
+        """Kernel path with route_by: the worker accepted these, and their first request belongs elsewhere."""
+        fds = [fd for fd in frame.fds if fd != LOST_FD]
+        try:
+            if not self._kernel_path:
+                raise ProtocolError("MOVED from a worker that has no listener of its own (master path)")
+            moved = [(fd, *moved_client(fd, self._listening)) for fd in fds]
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        slot = link.worker.slot
+        self.counters.moved[slot] = self.counters.moved.get(slot, 0) + len(moved)
+        for fd, family, client in moved:
+            if family:
+                self._moved.append((fd, family, client))
+            else:
+                os.close(fd)  # the client left on the way: nobody to serve
 
     # --- writing --------------------------------------------------------------------
 

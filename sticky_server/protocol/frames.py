@@ -43,10 +43,12 @@ __all__ = [
     "pack_addressed",
     "pack_count",
     "pack_ids",
+    "pack_routes",
     "split_frames",
     "unpack_addressed",
     "unpack_count",
     "unpack_ids",
+    "unpack_routes",
 ]
 
 HEADER = struct.Struct(">BBHI")
@@ -74,11 +76,13 @@ class FrameKind(enum.IntEnum):
     HANDOFF_PROXIED = 11  # master -> worker: as HANDOFF, plus each client's address (see pack_addressed)
     NO_ROOM = 12  # worker -> master: payload: u32 count of handed-off connections lost at the descriptor limit
     ACCEPTED = 13  # worker -> master: payload: u32 count of connections it accepted from its own listener
+    MOVED = 14  # worker -> master: fds it accepted from its own listener that belong elsewhere (route_by)
+    ROUTES = 15  # master -> worker: with route_by on the kernel path: the new-session bound, the alive slots
 
 
 KIND_BY_VALUE = {kind.value: kind for kind in FrameKind}
 MASTER_SENDS = frozenset(
-    {FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE}
+    {FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED, FrameKind.STOP, FrameKind.PING, FrameKind.MESSAGE, FrameKind.ROUTES}
 )
 WORKER_SENDS = frozenset(
     {
@@ -89,9 +93,10 @@ WORKER_SENDS = frozenset(
         FrameKind.CLOSED,
         FrameKind.NO_ROOM,
         FrameKind.ACCEPTED,
+        FrameKind.MOVED,
     }
 )
-CARRIES_FDS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED})
+CARRIES_FDS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED, FrameKind.MOVED})
 # In a frame's fds: a descriptor the kernel dropped because the receiver had no room for it (wire rule 3).
 LOST_FD = -1
 # A host in an addressed hand-off is at most this many bytes (its length is a u8).
@@ -180,6 +185,19 @@ def unpack_addressed(payload: bytes) -> tuple[tuple[int, ...], list[tuple[str, i
     if offset != len(payload):
         raise ProtocolError(f"addressed hand-off has {len(payload) - offset} bytes left over")
     return tuple(ids), addresses
+
+
+def pack_routes(bound: int, alive: Sequence[int]) -> bytes:
+    """ROUTES: u32 the live connections past which a worker passes new sessions on, then each alive slot as u16."""
+    return struct.pack(f">I{len(alive)}H", bound, *alive)
+
+
+def unpack_routes(payload: bytes) -> tuple[int, frozenset[int]]:
+    """What ``pack_routes`` packed; anything malformed is a protocol error."""
+    if len(payload) < _U32.size or (len(payload) - _U32.size) % 2:
+        raise ProtocolError(f"malformed ROUTES frame ({len(payload)} bytes)")
+    values = struct.unpack(f">I{(len(payload) - _U32.size) // 2}H", payload)
+    return values[0], frozenset(values[1:])
 
 
 def split_frames(data: bytes) -> list[bytes]:

@@ -135,6 +135,11 @@ class Outbox:
         self.queued_fds = 0
         return unsent
 
+    def forget_sent(self) -> None:
+        """Keep no record of the frames with descriptors sent so far (a sender that never reads back)."""
+        self.sent_hand_offs.clear()
+        self.unconfirmed_fds = 0
+
     def forget_read(self, unread: int) -> None:
         """Forget the sent frames with descriptors that the peer has read whole.
 

@@ -45,11 +45,9 @@ def kernel_path_unavailable(
         return "steering='master'"
     if not sys.platform.startswith("linux"):
         return f"kernel steering needs Linux (this is {sys.platform})"
-    if type(balancer) is SessionBalancer:
-        return "route_by: the master reads each connection's first request to route it by session"
     if reads_client_headers:
         return "the master reads each client's address from a proxy header (proxy_protocol / forwarded_header)"
-    if type(balancer) is not IPHashBalancer:
+    if type(balancer) not in (IPHashBalancer, SessionBalancer):
         return f"the balancer is {type(balancer).__name__}; the kernel computes only IPHashBalancer's choice"
     if any(bind.path is not None for bind in binds):
         return "a Unix socket is among the binds (its clients have no address to hash)"
@@ -122,9 +120,13 @@ class KernelSteering:
 
 
 def open_kernel_steering(
-    binds: Sequence[Bind], workers: int, balancer: IPHashBalancer, backlog: int = DEFAULT_BACKLOG
+    binds: Sequence[Bind],
+    workers: int,
+    balancer: IPHashBalancer,
+    backlog: int = DEFAULT_BACKLOG,
+    defer_accept: bool = False,
 ) -> KernelSteering:
-    """Bind every group with a listener per slot and steer over all of them.
+    """Bind every group with a listener per slot and steer over all of them (``defer_accept``: see ``group``).
 
     Raises BindError if an address cannot be used; OSError if the kernel refuses the
     program, ValueError if it would be too long (the caller may then take the master path).
@@ -132,7 +134,7 @@ def open_kernel_steering(
     groups: list[ListenerGroup] = []
     try:
         for bind in binds:
-            groups.append(ListenerGroup(bind, backlog))
+            groups.append(ListenerGroup(bind, backlog, defer_accept))
         steering = KernelSteering(groups, balancer)
         steering.steer(tuple(range(workers)))
     except BaseException:

@@ -46,10 +46,15 @@ def queue_length(listener: socket.socket) -> int:
     return length
 
 
+# With TCP_DEFER_ACCEPT, a connection that sends nothing is accepted after about this long anyway.
+DEFER_ACCEPT_SECONDS = 1
+
+
 class ListenerGroup:
     """The listeners of one TCP bind, ``listeners[slot]`` each slot's (module docstring)."""
 
-    def __init__(self, bind: Bind, backlog: int = DEFAULT_BACKLOG) -> None:
+    def __init__(self, bind: Bind, backlog: int = DEFAULT_BACKLOG, defer_accept: bool = False) -> None:
+        self._defer_accept = defer_accept  # accept only once data has come (route_by: the head is there)
         if bind.path is not None or bind.fd is not None:
             raise ValueError("a listener group is for TCP binds (host and port)")
         validate_port(bind.port)
@@ -70,7 +75,10 @@ class ListenerGroup:
             claim.close()
 
     def _listen(self) -> socket.socket:
-        return listen_at(self._family, self.address, self._dualstack, self._backlog, reuse_port=True)
+        listener = listen_at(self._family, self.address, self._dualstack, self._backlog, reuse_port=True)
+        if self._defer_accept:
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+        return listener
 
     def listener(self, slot: int) -> socket.socket:
         """``slot``'s listener, joining the group (with every slot before it) if it has none yet."""

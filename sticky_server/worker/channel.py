@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol.frames import FrameKind
+from ..protocol.frames import MAX_FDS_PER_FRAME, FrameKind
 from ..protocol.messages import DROP_LOG_INTERVAL, EARLY_FLUSH_BYTES, MAX_QUEUED_MESSAGE_BYTES, pack_publish
 from ..protocol.outbox import Outbox
 from ..util.throttle import ThrottledLog
@@ -56,6 +56,13 @@ class WorkerChannel:
         with self._lock:
             self._outbox.put(kind, payload)
 
+    def put_moved(self, fds: list[int]) -> None:
+        """Queue connections this worker accepted for the master to route elsewhere (route_by); the channel
+        owns the descriptors now and closes its copies once they are sent."""
+        with self._lock:
+            for start in range(0, len(fds), MAX_FDS_PER_FRAME):
+                self._outbox.put(FrameKind.MOVED, b"", fds[start : start + MAX_FDS_PER_FRAME])
+
     def put_message(self, kind: FrameKind, payload: bytes) -> None:
         """Queue a message frame for the master and wake the loop."""
         if self.closed:
@@ -82,6 +89,7 @@ class WorkerChannel:
         """Write what the socket takes; True when nothing is left. Raises when the master is gone."""
         with self._lock:
             drained = self._outbox.flush(self.control)
+            self._outbox.forget_sent()  # nobody reads back what a worker sent: no record to keep
             self._flush_early_at = self._outbox.message_bytes + EARLY_FLUSH_BYTES
             return drained
 

@@ -76,6 +76,7 @@ from .channel import WorkerChannel
 from .connections import RECORD, HandedOffSocket, ProxiedSocket
 from .lockdown import retire_listener
 from .proxy_hint import ProxyHint
+from .sorting import SessionSorter
 
 __all__ = [
     "DEFAULT_STOP_SECONDS",
@@ -174,8 +175,12 @@ class WorkerSession:
         listeners: Sequence[socket.socket] = (),
         report_accepts_at_once: bool = False,
         proxy_hint: ProxyHint | None = None,
+        sorter: SessionSorter | None = None,
     ) -> None:
         self.worker = worker
+        # Kernel path with route_by: which accepted connections are this worker's (the rest go to the master).
+        self._sorter = sorter
+        self._moving: list[int] = []
         # With no proxy setting: looks at the first connections for a proxy nobody declared.
         self._proxy_hint = proxy_hint
         # Kernel path (steering): this slot's own listeners; connections accepted there are
@@ -253,9 +258,12 @@ class WorkerSession:
             # The worker's server is at its own limit: new clients wait in the kernel's queue.
             self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             return False
-        deliver = self._deliver
+        deliver, sorter, family = self._deliver, self._sorter, listener.family
         try:
             for fd, _ in accept_waiting(listener, limit):
+                if sorter is not None and not sorter.keeps_fd(fd, family):
+                    self._moving.append(fd)  # the master's once the MOVED frame is out (route_by)
+                    continue
                 self._accepted += 1
                 deliver(fd, None, False)
         except OutOfDescriptors:
@@ -271,6 +279,9 @@ class WorkerSession:
             self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             return False
         finally:
+            if self._moving:
+                self.channel.put_moved(list(self._moving))
+                self._moving.clear()
             if self._report_accepts_at_once:
                 self._report_accepted()
         return True
@@ -339,6 +350,8 @@ class WorkerSession:
                     pinged = True
                 elif kind is FrameKind.STOP:
                     self.stop_reason = "the master asked"
+                elif kind is FrameKind.ROUTES and self._sorter is not None:
+                    self._sorter.update(frame.payload)
         except BlockingIOError:
             return
         except ProtocolError as exc:

@@ -1,0 +1,85 @@
+"""Kernel path with ``route_by``: which connections a worker accepted belong to it, and which go elsewhere.
+
+The kernel's program puts each new connection on a slot by IP hash, the same first
+choice the master would make. Routed by session, a connection belongs elsewhere when
+its first request names a session of another alive slot (or a key whose rendezvous
+choice is another slot), or when it starts a new session and this worker already
+holds the most a worker may (``bound``: ``1 + load_factor`` times the average, which
+the master works out; the worker counts what it holds itself, at once). The worker peeks at the first
+request head (nothing is read) of each connection it accepts and keeps those that are
+its own; the others go to the master with their descriptors (a MOVED frame), which
+routes them as it routes what it accepts itself, and no byte goes through it.
+
+A connection whose head is not all there when it is accepted (the listeners defer the
+accept until data arrives, so this is rare) goes to the master too: it waits for heads
+without blocking anyone. Bytes that are no HTTP request stay (IP hash, as the kernel
+chose). The alive set and the bound come from the master in ROUTES frames.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from ..protocol.frames import unpack_routes
+from ..proxy import ForwardedHeaderError, may_be_http, request_head_length
+from ..sessions import RouteBy, key_hash, rendezvous_order, session_key, slot_in_sid
+from .connections import RECORD
+
+__all__ = ["SessionSorter"]
+
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+
+class SessionSorter:
+    """Whether this worker keeps a connection it accepted (module docstring)."""
+
+    def __init__(self, route: RouteBy, slot: int, max_head: int) -> None:
+        self._route = route
+        self._slot = slot
+        self._max_head = max_head
+        self._engineio = route.kind == "engineio"
+        self.alive: frozenset[int] = frozenset()  # until the master says: every request stays
+        self.bound: int | None = None  # None: no bound known yet
+        self.moved = 0
+
+    def update(self, payload: bytes) -> None:
+        """A ROUTES frame from the master."""
+        self.bound, self.alive = unpack_routes(payload)
+
+    def keeps_fd(self, fd: int, family: int) -> bool:
+        """``keeps`` for an accepted descriptor (still the caller's either way); counts the moves."""
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        try:
+            kept = self.keeps(sock)
+        finally:
+            sock.detach()
+        if not kept:
+            self.moved += 1
+        return kept
+
+    def keeps(self, sock: socket.socket) -> bool:
+        """Whether the connection ``sock`` (accepted, nothing read) is this worker's to serve."""
+        try:
+            data = sock.recv(self._max_head, _PEEK)
+        except OSError:
+            return False  # nothing yet (or gone): the master waits for its head, or sees it gone
+        if not data:
+            return False
+        if not may_be_http(data):
+            return True
+        try:
+            length = request_head_length(data, self._max_head)
+        except ForwardedHeaderError:
+            return True  # no HTTP request after all: IP hash, as the kernel chose
+        if length is None:
+            return False  # the rest is on its way: the master waits for it
+        key = session_key(data[:length], self._route)
+        if key is None:  # a new session: here, unless this worker holds its share already
+            return self.bound is None or len(RECORD) < self.bound
+        alive = self.alive
+        if self._engineio:
+            owner = slot_in_sid(key)
+            return owner is None or owner == self._slot or owner not in alive
+        if not alive:
+            return True
+        return rendezvous_order(key_hash(key), tuple(sorted(alive)))[0] == self._slot
