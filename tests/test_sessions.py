@@ -140,7 +140,8 @@ def peer_with(data: bytes) -> tuple[socket.socket, socket.socket]:
         (b"GET /socket.io/?EIO=4&transport=polling&sid=1.abc HTTP/1.1\r\n\r\n", True),  # its own session
         (b"GET /socket.io/?EIO=4&transport=polling&sid=2.abc HTTP/1.1\r\n\r\n", False),  # another worker's
         (b"GET /socket.io/?EIO=4&transport=polling&sid=7.abc HTTP/1.1\r\n\r\n", True),  # no such slot: here
-        (b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\n", False),  # the head is not all there yet
+        (b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\n", True),  # a new session: the line is enough
+        (b"GET /socket.io/?EIO=4&transp", False),  # the request line is not all there yet
         (b"\x16\x03\x01\x00\x05hello", True),  # no HTTP request: as the kernel chose
         (b"", False),  # nothing yet: the master waits for it
     ],
@@ -150,7 +151,7 @@ def test_a_worker_keeps_its_own_sessions_and_passes_on_the_rest(head: bytes, kee
     sorter.update(pack_routes(100, [0, 1, 2]))
     worker_end, client_end = peer_with(head)
     with worker_end, client_end:
-        assert sorter.keeps_fd(worker_end.fileno(), worker_end.family) is keeps
+        assert sorter.keeps(worker_end) is keeps
         assert worker_end.recv(1 << 16, socket.MSG_DONTWAIT | socket.MSG_PEEK) == head if head else True  # unread
     assert sorter.moved == (0 if keeps else 1)
 

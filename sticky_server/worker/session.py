@@ -49,6 +49,7 @@ that crashed while serving by whether READY came (``supervisor``), not by the co
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -160,6 +161,21 @@ def describe_peer(sock: socket.socket) -> str:
     return repr(peer)
 
 
+def refuse_awaitable(slot: int, result: object, what: str, sock: socket.socket | None = None) -> None:
+    """A synchronous worker's follow-up of a value a user's callback returned: an awaitable is a mistake."""
+    if result is not None and inspect.isawaitable(result):  # None first: the per-connection common case
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited: say so once here rather than in a RuntimeWarning
+        logger.error(
+            "worker %d: %s returned an awaitable, but this worker runs no event loop; "
+            "make the worker asynchronous (subclass sticky_server.AsyncWorker) or use a plain function",
+            slot,
+            what,
+        )
+        if sock is not None:
+            sock.close()
+
+
 class WorkerSession:
     """One worker process's session with its master (module docstring); a loop drives it."""
 
@@ -229,7 +245,7 @@ class WorkerSession:
         self.stop_deadline: float | None = None  # when the master kills this process, once a stop began
         # What to do with what a user's callback returns: a synchronous loop refuses an awaitable; the
         # asyncio loop sets its own, which runs it as a task.
-        self.follow_up: FollowUp = self._refuse_awaitable
+        self.follow_up: FollowUp = functools.partial(refuse_awaitable, slot)
 
     @property
     def has_messages(self) -> bool:
@@ -258,14 +274,19 @@ class WorkerSession:
             # The worker's server is at its own limit: new clients wait in the kernel's queue.
             self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             return False
-        deliver, sorter, family = self._deliver, self._sorter, listener.family
+        deliver, sorter = self._deliver, self._sorter
         try:
             for fd, _ in accept_waiting(listener, limit):
-                if sorter is not None and not sorter.keeps_fd(fd, family):
-                    self._moving.append(fd)  # the master's once the MOVED frame is out (route_by)
-                    continue
                 self._accepted += 1
-                deliver(fd, None, False)
+                if sorter is None:
+                    deliver(fd, None, False)
+                    continue
+                sock = HandedOffSocket(type=socket.SOCK_STREAM, fileno=fd)  # the one the worker gets, if it keeps it
+                if sorter.keeps(sock):
+                    self._serve(sock, fd, None)
+                else:  # the master's once the MOVED frame is out (route_by)
+                    self._moving.append(sock.detach())
+                    self._accepted -= 1
         except OutOfDescriptors:
             self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             self._no_room(0)
@@ -422,20 +443,6 @@ class WorkerSession:
             except Exception:
                 logger.exception("worker %d: a message handler raised", self.slot)
 
-    def _refuse_awaitable(self, result: object, what: str, sock: socket.socket | None = None) -> None:
-        """A synchronous worker's follow-up of a value a user's callback returned: an awaitable is a mistake."""
-        if result is not None and inspect.isawaitable(result):  # None first: the per-connection common case
-            if inspect.iscoroutine(result):
-                result.close()  # never awaited: say so once here rather than in a RuntimeWarning
-            logger.error(
-                "worker %d: %s returned an awaitable, but this worker runs no event loop; "
-                "make the worker asynchronous (subclass sticky_server.AsyncWorker) or use a plain function",
-                self.slot,
-                what,
-            )
-            if sock is not None:
-                sock.close()
-
     def _deliver(self, fd: int, address: tuple[str, int] | None, nodelay: bool = True) -> None:
         """Wrap ``fd`` and give it to ``add_connection``; ``nodelay=False``: it has ``TCP_NODELAY`` already."""
         try:
@@ -460,6 +467,10 @@ class WorkerSession:
             os.close(fd)
             logger.error("worker %d: a handed-off descriptor is not a socket (%s); closed it", self.slot, exc)
             return
+        self._serve(sock, fd, address)
+
+    def _serve(self, sock: HandedOffSocket, fd: int, address: tuple[str, int] | None) -> None:
+        """Record the connection and give it to ``add_connection``."""
         if _HANDOFFS_MAY_BE_NONBLOCKING or socket.getdefaulttimeout() is not None:
             sock.setblocking(True)
         RECORD.add(fd, address)

@@ -46,25 +46,33 @@ class SessionSorter:
         """A ROUTES frame from the master."""
         self.bound, self.alive = unpack_routes(payload)
 
-    def keeps_fd(self, fd: int, family: int) -> bool:
-        """``keeps`` for an accepted descriptor (still the caller's either way); counts the moves."""
-        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    def keeps(self, sock: socket.socket) -> bool:
+        """Whether the connection ``sock`` (accepted, nothing read) is this worker's to serve; counts the moves."""
         try:
-            kept = self.keeps(sock)
-        finally:
-            sock.detach()
+            data = sock.recv(self._max_head, _PEEK)
+        except OSError:
+            data = b""  # nothing yet (or gone): the master waits for its head, or sees it gone
+        kept = bool(data) and (self._keeps_engineio(data) if self._engineio else self._keeps_keyed(data))
         if not kept:
             self.moved += 1
         return kept
 
-    def keeps(self, sock: socket.socket) -> bool:
-        """Whether the connection ``sock`` (accepted, nothing read) is this worker's to serve."""
-        try:
-            data = sock.recv(self._max_head, _PEEK)
-        except OSError:
-            return False  # nothing yet (or gone): the master waits for its head, or sees it gone
-        if not data:
-            return False
+    def _keeps_engineio(self, data: bytes) -> bool:
+        # Only the request line matters (the sid is in its query): no need to wait for, or parse, the rest.
+        line_end = data.find(b"\r\n")
+        if line_end < 0:
+            return not may_be_http(data)  # no HTTP request: IP hash; one coming: the master waits for it
+        if data.find(b"sid=", 0, line_end) < 0:
+            return self._room_for_new()
+        key = session_key(data[: line_end + 2], self._route)
+        owner = None if key is None else slot_in_sid(key)
+        return owner is None or owner == self._slot or owner not in self.alive
+
+    def _room_for_new(self) -> bool:
+        """A new session stays here unless this worker holds its share already."""
+        return self.bound is None or len(RECORD) < self.bound
+
+    def _keeps_keyed(self, data: bytes) -> bool:
         if not may_be_http(data):
             return True
         try:
@@ -74,12 +82,7 @@ class SessionSorter:
         if length is None:
             return False  # the rest is on its way: the master waits for it
         key = session_key(data[:length], self._route)
-        if key is None:  # a new session: here, unless this worker holds its share already
-            return self.bound is None or len(RECORD) < self.bound
+        if key is None:
+            return self._room_for_new()
         alive = self.alive
-        if self._engineio:
-            owner = slot_in_sid(key)
-            return owner is None or owner == self._slot or owner not in alive
-        if not alive:
-            return True
-        return rendezvous_order(key_hash(key), tuple(sorted(alive)))[0] == self._slot
+        return not alive or rendezvous_order(key_hash(key), tuple(sorted(alive)))[0] == self._slot
