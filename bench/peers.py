@@ -16,6 +16,8 @@ over R rounds, access logs off in all:
   sticky    ``sticky-server bench.peers_app:app --asgi -w N``, as configured by
             default (on Linux the kernel path)
   sticky-master  the same with ``--steering master`` (every connection through the master)
+  sticky-session  ``sticky-server ... --route-by engineio`` (routed by session; kernel path)
+  sticky-session-master  the same with ``--steering master``
 
 The loads:
 
@@ -27,6 +29,12 @@ The loads:
                 waiting for its echo, over and over (messages/s)
 
 It prints medians and every server's ratio to nginx and to uvicorn.
+
+``--one-address N`` runs another load instead: N socket.io clients (Node's
+``socket.io-client``, ``bench/one_address.js``) behind ONE address, one shared
+keep-alive agent, connect, upgrade and ask which process serves them: the time until
+all are served, and how many sessions each process holds (nginx's
+``hash $remote_addr`` and IP hash put them all on one; ``--route-by`` spreads them).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -55,6 +64,7 @@ from connections import build_client, children_of, closed_loop  # noqa: E402
 
 HOST = "127.0.0.1"
 SERVERS = ("nginx", "uvicorn", "sticky", "sticky-master")
+ONE_ADDRESS_SERVERS = ("nginx", "sticky", "sticky-session", "sticky-session-master")
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 NGINX_CONFIG = """
 worker_processes auto;
@@ -137,6 +147,7 @@ class Server:
             command = uvicorn_command("--port", str(self.port), "--workers", str(workers))
             self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
         else:
+            session = ["--route-by", "engineio"] if kind.startswith("sticky-session") else []
             command = [
                 sys.executable,
                 "-m",
@@ -153,7 +164,8 @@ class Server:
                 "--log-level",
                 "warning",
                 "--steering",
-                "master" if kind == "sticky-master" else "auto",
+                "master" if kind.endswith("master") else "auto",
+                *session,
             ]
             self.processes.append(subprocess.Popen(command, cwd=REPO, **quiet))  # type: ignore[call-overload]
         self._wait([self.port])
@@ -248,13 +260,53 @@ def websocket_echo(port: int, seconds: int, clients: int = 32) -> float:
     return asyncio.run(run())
 
 
+def one_address(port: int, count: int) -> tuple[float, list[int], int]:
+    """``bench/one_address.js``: milliseconds until ``count`` clients behind one address are served, the
+    sessions per process (largest first), and the clients that failed."""
+    node_path = REPO / "tests" / "node" / "node_modules"
+    done = subprocess.run(
+        ["node", str(HERE / "one_address.js"), f"http://{HOST}:{port}", "127.0.0.2", str(count)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, "NODE_PATH": str(node_path)},
+    )
+    result = json.loads(done.stdout)
+    return float(result["ms"]), sorted(result["perPid"].values(), reverse=True), int(result["errors"])
+
+
+def one_address_rounds(servers: list[str], workers: int, rounds: int, count: int) -> None:
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    print(f"{workers} workers, {rounds} rounds: {count} socket.io clients behind one address", flush=True)
+    for round_ in range(rounds):
+        for name in servers:
+            server = Server(name, workers)
+            try:
+                ms, split, errors = one_address(server.port, count)
+            finally:
+                server.stop()
+            times[name].append(ms)
+            print(f"  round {round_ + 1} {name:<22} {ms:7.0f} ms  sessions per process {split}  errors {errors}")
+    print()
+    for name, values in times.items():
+        print(f"{name:<22} median {statistics.median(values):7.0f} ms until all {count} are served")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--one-address", type=int, metavar="N", help="instead: N socket.io clients behind one address")
     args = parser.parse_args()
+    if args.one_address:
+        servers = args.servers.split(",") if args.servers != ",".join(SERVERS) else list(ONE_ADDRESS_SERVERS)
+        if "nginx" in servers and NGINX is None:
+            servers.remove("nginx")
+        one_address_rounds(servers, args.workers, args.rounds, args.one_address)
+        return
     build_client()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")

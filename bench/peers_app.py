@@ -7,6 +7,7 @@ with ``--workers``, or behind nginx) and by ``sticky-server bench.peers_app:app 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,3 +39,9 @@ async def plain(scope: dict[str, Any], receive: Receive, send: Send) -> None:
 
 sio = socketio.AsyncServer(async_mode="asgi")
 app = socketio.ASGIApp(sio, other_asgi_app=plain)
+
+
+@sio.on("whoami")  # type: ignore[untyped-decorator]
+async def whoami(sid: str) -> dict[str, int]:
+    """The process that serves this session (bench/one_address.js counts sessions per process)."""
+    return {"pid": os.getpid()}

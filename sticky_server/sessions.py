@@ -153,8 +153,8 @@ def key_hash(key: str) -> int:
 
 
 def session_bound(total: int, alive: int, load_factor: float) -> int:
-    """How many live connections a worker may hold and still take a new session: at most ``1 + load_factor``
-    times the average of ``total`` over ``alive`` workers, counting the new one (and room for one when idle)."""
+    """How many sessions a worker may hold and still take a new one: at most ``1 + load_factor`` times the
+    average of ``total`` over ``alive`` workers, counting the new one (and room for one when idle)."""
     return max(1, math.floor((1 + load_factor) * (total + 1) / alive))
 
 
@@ -173,8 +173,8 @@ class SessionBalancer(Balancer):
     """Routes a request that names a session by its key, and places a new session by IP hash with bounded loads.
 
     ``route``: which key (see ``RouteBy``). ``load_factor``: a new session passes
-    over a worker holding more than ``1 + load_factor`` times the average of live
-    connections. ``ipv4_prefix`` / ``ipv6_prefix``: as for ``IPHashBalancer``.
+    over a worker holding more than ``1 + load_factor`` times the average of the
+    sessions placed on the workers. ``ipv4_prefix`` / ``ipv6_prefix``: as for ``IPHashBalancer``.
     """
 
     name = "session"
@@ -191,6 +191,9 @@ class SessionBalancer(Balancer):
         self.route = route
         self.load_factor = float(load_factor)
         self.ip_hash = IPHashBalancer(ipv4_prefix, ipv6_prefix)  # new sessions' first choices; the kernel's too
+        # Sessions placed per slot (the load new sessions are bounded by): a connection count would not do,
+        # as a polling session holds no connection between its requests. Forgotten when the slot's worker changes.
+        self.sessions: dict[int, int] = {}
 
     def pick(self, client: ClientInfo, workers: WorkerSet) -> int:
         key = client.session
@@ -209,16 +212,25 @@ class SessionBalancer(Balancer):
     def place(self, client: ClientInfo, workers: WorkerSet) -> int:
         """A new session: the first slot in the address's rendezvous order that is not over its bound."""
         alive = workers.alive
-        if len(alive) == 1:
-            return alive[0]
-        if not client.host:
-            return self.ip_hash.pick(client, workers)
-        ranked = rendezvous_order(address_key(client.host, self.ip_hash.ipv4_prefix, self.ip_hash.ipv6_prefix), alive)
-        loads = workers.connections
-        if not loads:
-            return ranked[0]
-        bound = session_bound(sum(loads[slot] for slot in alive), len(alive), self.load_factor)
-        for slot in ranked:
-            if loads[slot] < bound:
-                return slot
-        return min(ranked, key=lambda slot: loads[slot])
+        if len(alive) == 1 or not client.host:
+            slot = alive[0] if len(alive) == 1 else self.ip_hash.pick(client, workers)
+        else:
+            key = address_key(client.host, self.ip_hash.ipv4_prefix, self.ip_hash.ipv6_prefix)
+            ranked = rendezvous_order(key, alive)
+            sessions, bound = self.sessions, self.bound(alive)
+            under = [slot for slot in ranked if sessions.get(slot, 0) < bound]
+            slot = under[0] if under else min(ranked, key=lambda slot: sessions.get(slot, 0))
+        self.sessions[slot] = self.sessions.get(slot, 0) + 1
+        return slot
+
+    def bound(self, alive: tuple[int, ...]) -> int:
+        """The sessions past which a slot takes no new one: ``session_bound`` of those ``alive`` hold."""
+        return session_bound(sum(self.sessions.get(slot, 0) for slot in alive), len(alive), self.load_factor)
+
+    def kept(self, slot: int, count: int) -> None:
+        """Kernel path: ``slot``'s worker kept ``count`` new sessions it accepted itself."""
+        self.sessions[slot] = self.sessions.get(slot, 0) + count
+
+    def forget(self, slot: int) -> None:
+        """``slot`` has a new worker: the sessions of the one before are gone with it."""
+        self.sessions.pop(slot, None)

@@ -52,9 +52,7 @@ def start_runtime(
         graceful_timeout=settings.graceful_timeout,
         peer_from_proxy=peer_from_proxy(settings, handler),
         listeners=identity.listeners,
-        # Recycling counts every accept at once; so does sorting by session: the master's bound follows the
-        # loads closely enough that a burst of new sessions is not mostly sent back (bench/connections.py).
-        report_accepts_at_once=settings.max_connections_per_worker is not None or sorter is not None,
+        report_accepts_at_once=settings.max_connections_per_worker is not None,
         proxy_hint=ProxyHint(identity.slot) if settings.client_addresses is None else None,
         sorter=sorter,
     )

@@ -177,7 +177,7 @@ class Dispatcher:
             unpackable=lambda entry, error: self._acceptor.failed(entry[1], entry[2], error),
             kernel_path=steering is not None,
             max_message_size=max_message_size,
-            moves=steering is not None and isinstance(balancer, SessionBalancer),
+            sessions=balancer if steering is not None and isinstance(balancer, SessionBalancer) else None,
             max_connections_per_worker=max_connections_per_worker,
             max_connections_jitter=max_connections_jitter,
         )
@@ -188,7 +188,7 @@ class Dispatcher:
         self._followed = -1  # the router's generation the kernel's program last followed
         # Kernel path with route_by: the workers sort what they accept, told the alive set and the bound.
         self._notices = (
-            RouteNotices(self._router, self._traffic, balancer.load_factor)
+            RouteNotices(self._router, self._traffic, balancer)
             if steering is not None and isinstance(balancer, SessionBalancer)
             else None
         )

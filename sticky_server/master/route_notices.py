@@ -2,10 +2,11 @@
 
 Each worker keeps a connection it accepted when its first request is its own (see
 ``worker.sorting``); for that it needs the alive slots and the new-session bound: the
-live connections past which it passes new sessions to the master to place. The loop
-tells every current worker whenever the alive set changes, and looks every
-``ROUTES_INTERVAL`` seconds whether the bound moved (the loads change with every
-connection, so not at each one); a worker hears only what is new to it.
+number of new sessions it may still keep before it passes them to the master to place
+(its allowance: the bound less the sessions placed on it). The loop tells every
+current worker whenever the alive set changes, and looks every ``ROUTES_INTERVAL``
+seconds whether an allowance moved; a worker hears only what is new to it, and
+reports the new sessions it kept (SESSIONS).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 
 from ..protocol.frames import FrameKind, pack_routes
-from ..sessions import session_bound
+from ..sessions import SessionBalancer
 from .router import Router
 from .traffic import Traffic
 
@@ -26,22 +27,21 @@ ROUTES_INTERVAL = 0.05
 class RouteNotices:
     """Tells the workers the alive slots and the new-session bound (module docstring)."""
 
-    def __init__(self, router: Router, traffic: Traffic, load_factor: float) -> None:
+    def __init__(self, router: Router, traffic: Traffic, sessions: SessionBalancer) -> None:
         self._router = router
         self._traffic = traffic
-        self._load_factor = load_factor
+        self._sessions = sessions
         self.next_due: float | None = None
 
     def tell(self) -> None:
         """Send each current worker what changed for it; look again ``ROUTES_INTERVAL`` from now."""
         self.next_due = time.monotonic() + ROUTES_INTERVAL
-        workers = self._router.workers
-        if not workers.alive:
+        alive = self._router.workers.alive
+        if not alive:
             return
-        loads = workers.connections
-        bound = session_bound(sum(loads[slot] for slot in workers.alive), len(workers.alive), self._load_factor)
-        payload = pack_routes(bound, workers.alive)
-        for link in self._router.current.values():
+        bound, placed = self._sessions.bound(alive), self._sessions.sessions
+        for slot, link in self._router.current.items():
+            payload = pack_routes(max(0, bound - placed.get(slot, 0)), alive)
             if link.told_routes != payload and link.connected:
                 link.told_routes = payload
                 self._traffic.put(link.worker, FrameKind.ROUTES, payload)

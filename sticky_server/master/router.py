@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import overload
 
 from ..balancer import Balancer, ClientInfo, WorkerSet
+from ..sessions import SessionBalancer
 from ..util.throttle import ThrottledLog
 from .guarded_pick import GuardedBalancer
 from .link import FULL, NO_ROOM, Link, Owed
@@ -67,6 +68,7 @@ class Router:
     def __init__(self, supervisor: Supervisor, balancer: Balancer) -> None:
         self._supervisor = supervisor
         self.balancer = GuardedBalancer(balancer)
+        self._sessions = balancer if isinstance(balancer, SessionBalancer) else None
         self.links: dict[WorkerProcess, Link] = {}  # every live process's link
         self._current: dict[int, Link] = {}  # each slot's current worker's link, as the supervisor says
         self._workers = WorkerSet(supervisor.size, (), LiveCounts(self))
@@ -160,6 +162,9 @@ class Router:
             link = links.get(worker)
             if link is not None:
                 current[slot] = link
+        for slot, link in current.items():
+            if self._sessions is not None and self._current.get(slot, link) is not link:
+                self._sessions.forget(slot)  # a new worker: the old one's sessions went with it
         self._current = current
         self._dirty = False
         alive = tuple(

@@ -35,6 +35,7 @@ from ..balancer import ClientInfo
 from ..errors import ProtocolError
 from ..protocol.frames import LOST_FD, WORKER_SENDS, Frame, FrameKind, unpack_count
 from ..protocol.wire import FrameReader, read_back
+from ..sessions import SessionBalancer
 from ..util.slices import SLICE_SECONDS, run_for
 from .decisions import Decision
 from .hooks import Hooks, run_hooks
@@ -53,6 +54,8 @@ logger = logging.getLogger("sticky_server.master")
 FULL_CHECK_INTERVAL = 0.05
 # How many reads of a dead worker's socket at most (each reads up to 256 KiB).
 MAX_DRAIN_READS = 64
+# A worker keeps no more new sessions than its allowance between two reports; this is far past any allowance.
+MAX_SESSIONS_REPORT = 1 << 24
 # max_connections_per_worker is raised by up to this fraction, per worker, at random,
 # so that workers started together are not all recycled at once.
 RECYCLE_JITTER = 0.1
@@ -109,7 +112,7 @@ class Traffic:
         unpackable: Callable[[Owed, BaseException], None],
         kernel_path: bool,
         max_message_size: int,
-        moves: bool = False,
+        sessions: SessionBalancer | None = None,
         max_connections_per_worker: int | None = None,
         max_connections_jitter: int | None = None,
     ) -> None:
@@ -123,7 +126,8 @@ class Traffic:
         self._kernel_path = kernel_path
         # What a worker may send: MOVED (with descriptors) only when workers sort by session (route_by, kernel
         # path); otherwise a descriptor from a worker is a protocol error as soon as it arrives (wire rule 5).
-        self._accepts = WORKER_SENDS if moves else WORKER_SENDS - {FrameKind.MOVED}
+        self._accepts = WORKER_SENDS if sessions else WORKER_SENDS - {FrameKind.MOVED, FrameKind.SESSIONS}
+        self._sessions = sessions
         self._max_connections = max_connections_per_worker
         self._max_connections_jitter = max_connections_jitter
         self.counters = SlotCounters()
@@ -143,6 +147,7 @@ class Traffic:
             FrameKind.NO_ROOM: self._on_no_room,
             FrameKind.ACCEPTED: self._on_accepted,
             FrameKind.MOVED: self._on_moved,
+            FrameKind.SESSIONS: self._on_sessions,
         }
         self._moved: list[tuple[int, int, ClientInfo]] = []  # (descriptor, family, client): to route again
 
@@ -318,6 +323,14 @@ class Traffic:
         self._took(link, count)
         if left:
             self._router.changed(link, left)
+
+    def _on_sessions(self, link: Link, frame: Frame) -> None:
+        """The worker kept this many new sessions it accepted (the master places the rest)."""
+        assert self._sessions is not None  # (the reader refuses SESSIONS otherwise)
+        count = unpack_count(frame)
+        if count > MAX_SESSIONS_REPORT:
+            raise ProtocolError(f"SESSIONS {count}: more new sessions than a worker keeps between reports")
+        self._sessions.kept(link.worker.slot, count)
 
     def _on_moved(self, link: Link, frame: Frame) -> None:
         """Kernel path with route_by: the worker accepted these, and their first request belongs elsewhere."""

@@ -77,7 +77,8 @@ class FrameKind(enum.IntEnum):
     NO_ROOM = 12  # worker -> master: payload: u32 count of handed-off connections lost at the descriptor limit
     ACCEPTED = 13  # worker -> master: payload: u32 count of connections it accepted from its own listener
     MOVED = 14  # worker -> master: fds it accepted from its own listener that belong elsewhere (route_by)
-    ROUTES = 15  # master -> worker: with route_by on the kernel path: the new-session bound, the alive slots
+    ROUTES = 15  # master -> worker: with route_by on the kernel path: its new-session allowance, the alive slots
+    SESSIONS = 16  # worker -> master: payload: u32 count of new sessions it kept (route_by, kernel path)
 
 
 KIND_BY_VALUE = {kind.value: kind for kind in FrameKind}
@@ -94,6 +95,7 @@ WORKER_SENDS = frozenset(
         FrameKind.NO_ROOM,
         FrameKind.ACCEPTED,
         FrameKind.MOVED,
+        FrameKind.SESSIONS,
     }
 )
 CARRIES_FDS = frozenset({FrameKind.HANDOFF, FrameKind.HANDOFF_PROXIED, FrameKind.MOVED})
@@ -187,9 +189,9 @@ def unpack_addressed(payload: bytes) -> tuple[tuple[int, ...], list[tuple[str, i
     return tuple(ids), addresses
 
 
-def pack_routes(bound: int, alive: Sequence[int]) -> bytes:
-    """ROUTES: u32 the live connections past which a worker passes new sessions on, then each alive slot as u16."""
-    return struct.pack(f">I{len(alive)}H", bound, *alive)
+def pack_routes(allowance: int, alive: Sequence[int]) -> bytes:
+    """ROUTES: u32 how many more new sessions the worker may keep, then each alive slot as u16."""
+    return struct.pack(f">I{len(alive)}H", allowance, *alive)
 
 
 def unpack_routes(payload: bytes) -> tuple[int, frozenset[int]]:

@@ -303,6 +303,9 @@ class WorkerSession:
             if self._moving:
                 self.channel.put_moved(list(self._moving))
                 self._moving.clear()
+            if sorter is not None and sorter.kept_new:  # at once: the master's allowances count on it
+                self.channel.put_control(FrameKind.SESSIONS, pack_count(sorter.kept_new))
+                sorter.kept_new = 0
             if self._report_accepts_at_once:
                 self._report_accepted()
         return True
@@ -311,6 +314,7 @@ class WorkerSession:
         if self._accepted:
             self.channel.put_control(FrameKind.ACCEPTED, pack_count(self._accepted))
             self._accepted = 0
+
 
     def _close_listeners(self) -> None:
         """On a stop: take what already waits (not on a quick stop), then close this process's copies.

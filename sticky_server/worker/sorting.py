@@ -4,8 +4,9 @@ The kernel's program puts each new connection on a slot by IP hash, the same fir
 choice the master would make. Routed by session, a connection belongs elsewhere when
 its first request names a session of another alive slot (or a key whose rendezvous
 choice is another slot), or when it starts a new session and this worker already
-holds the most a worker may (``bound``: ``1 + load_factor`` times the average, which
-the master works out; the worker counts what it holds itself, at once). The worker peeks at the first
+holds as many sessions as a worker may (``1 + load_factor`` times the average): the
+master tells it how many more it may keep (its allowance), and it reports those it
+kept (SESSIONS), so both count sessions, not connections. The worker peeks at the first
 request head (nothing is read) of each connection it accepts and keeps those that are
 its own; the others go to the master with their descriptors (a MOVED frame), which
 routes them as it routes what it accepts itself, and no byte goes through it.
@@ -13,7 +14,7 @@ routes them as it routes what it accepts itself, and no byte goes through it.
 A connection whose head is not all there when it is accepted (the listeners defer the
 accept until data arrives, so this is rare) goes to the master too: it waits for heads
 without blocking anyone. Bytes that are no HTTP request stay (IP hash, as the kernel
-chose). The alive set and the bound come from the master in ROUTES frames.
+chose). The alive set and the allowance come from the master in ROUTES frames.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import socket
 from ..protocol.frames import unpack_routes
 from ..proxy import ForwardedHeaderError, may_be_http, request_head_length
 from ..sessions import RouteBy, key_hash, rendezvous_order, session_key, slot_in_sid
-from .connections import RECORD
 
 __all__ = ["SessionSorter"]
 
@@ -39,12 +39,13 @@ class SessionSorter:
         self._max_head = max_head
         self._engineio = route.kind == "engineio"
         self.alive: frozenset[int] = frozenset()  # until the master says: every request stays
-        self.bound: int | None = None  # None: no bound known yet
+        self.allowance: int | None = None  # new sessions it may still keep (None: no word from the master yet)
+        self.kept_new = 0  # new sessions kept since the last report to the master
         self.moved = 0
 
     def update(self, payload: bytes) -> None:
         """A ROUTES frame from the master."""
-        self.bound, self.alive = unpack_routes(payload)
+        self.allowance, self.alive = unpack_routes(payload)
 
     def keeps(self, sock: socket.socket) -> bool:
         """Whether the connection ``sock`` (accepted, nothing read) is this worker's to serve; counts the moves."""
@@ -69,8 +70,13 @@ class SessionSorter:
         return owner is None or owner == self._slot or owner not in self.alive
 
     def _room_for_new(self) -> bool:
-        """A new session stays here unless this worker holds its share already."""
-        return self.bound is None or len(RECORD) < self.bound
+        """A new session stays here while the allowance lasts (the master counts it once it hears)."""
+        if self.allowance is not None:
+            if self.allowance <= 0:
+                return False
+            self.allowance -= 1
+        self.kept_new += 1
+        return True
 
     def _keeps_keyed(self, data: bytes) -> bool:
         if not may_be_http(data):
