@@ -315,7 +315,6 @@ class WorkerSession:
             self.channel.put_control(FrameKind.ACCEPTED, pack_count(self._accepted))
             self._accepted = 0
 
-
     def _close_listeners(self) -> None:
         """On a stop: take what already waits (not on a quick stop), then close this process's copies.
 
