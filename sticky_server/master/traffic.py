@@ -97,6 +97,32 @@ def moved_client(fd: int, listening: Sequence[tuple[str, int]]) -> tuple[int, Cl
     return (family if client.host else 0), client
 
 
+def never_read(link: Link, listening: Sequence[tuple[str, int]]) -> list[Owed]:
+    """Master rule 2: the hand-offs a gone worker never read, read back from the master's copy of its end of
+    the control socket (closed here), with what the balancer was told of each."""
+    worker_end, link.worker.worker_end = link.worker.worker_end, None
+    if worker_end is None:
+        return []
+    slot, pid = link.worker.slot, link.worker.pid
+    try:
+        unread, fds = read_back(worker_end)
+    except ProtocolError as exc:
+        logger.error("worker %d (pid %d): %s; its unread connections are lost", slot, pid, exc)
+        return []
+    finally:
+        worker_end.close()
+    try:
+        frames, lost = link.outbox.unread_hand_offs(unread, fds)
+    except ProtocolError as exc:
+        logger.error("worker %d (pid %d): %s; routing them by their own addresses", slot, pid, exc)
+        return [(0, fd, client_of(fd, listening)) for fd in fds]
+    if lost:
+        logger.warning(
+            "worker %d (pid %d) died while reading a hand-off; its %d connection(s) are lost", slot, pid, lost
+        )
+    return owed_in(frames)
+
+
 class Traffic:
     """Reads, handles and writes the workers' control sockets (module docstring). Call on the loop's thread."""
 
@@ -424,31 +450,4 @@ class Traffic:
 
     def read_back(self, link: Link) -> None:
         """Route again what a gone worker never read; then close the master's copy of its end."""
-        worker_end, link.worker.worker_end = link.worker.worker_end, None
-        if worker_end is None:
-            return
-        try:
-            unread, fds = read_back(worker_end)
-        except ProtocolError as exc:
-            logger.error(
-                "worker %d (pid %d): %s; its unread connections are lost", link.worker.slot, link.worker.pid, exc
-            )
-            return
-        finally:
-            worker_end.close()
-        try:
-            frames, lost = link.outbox.unread_hand_offs(unread, fds)
-        except ProtocolError as exc:
-            logger.error(
-                "worker %d (pid %d): %s; routing them by their own addresses", link.worker.slot, link.worker.pid, exc
-            )
-            self._park(link, [(0, fd, client_of(fd, self._listening)) for fd in fds])
-            return
-        if lost:
-            logger.warning(
-                "worker %d (pid %d) died while reading a hand-off; its %d connection(s) are lost",
-                link.worker.slot,
-                link.worker.pid,
-                lost,
-            )
-        self._park(link, owed_in(frames))
+        self._park(link, never_read(link, self._listening))
