@@ -554,6 +554,11 @@ def test_hostile_request_heads_under_session_routing_never_hurt_the_master(start
         assert server.process.poll() is None
 
     run()
+    with socket.create_connection(address, timeout=TIMEOUT) as trickled:  # a head one byte at a time
+        trickled.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in b"GET /room?k=doc-7 HTTP/1.1\r\n\r\n":
+            trickled.sendall(bytes([byte]))
+        assert read_reply(trickled)["slot"] == keyed[0]
     with socket.create_connection(address, timeout=TIMEOUT) as never_done:  # no head in time: routed as it is
         never_done.sendall(b"GET /room?k=doc-7 HTTP/1.1\r\n")
         assert read_reply(never_done)["line"] == "GET /room?k=doc-7 HTTP/1.1"
