@@ -167,7 +167,7 @@ def test_new_sessions_stay_while_the_allowance_lasts_and_are_reported() -> None:
     worker_end, client_end = peer_with(new)
     with worker_end, client_end:
         assert sorter.keeps(worker_end)  # no word from the master yet: kept
-        sorter.update(pack_routes(2, [0, 1]))
+        sorter.update(pack_routes(3, [0, 1]))  # three, less the one kept and not reported yet
         assert sorter.keeps(worker_end) and sorter.keeps(worker_end)
         assert not sorter.keeps(worker_end)  # the allowance is spent: the master places it
     assert sorter.kept_new == 3 and sorter.moved == 1

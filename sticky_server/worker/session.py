@@ -300,12 +300,11 @@ class WorkerSession:
             self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             return False
         finally:
+            if sorter is not None and (self._moving or (sorter.allowance is not None and sorter.allowance <= 0)):
+                self._report_sessions()  # before the moved ones: the master places those by the counts
             if self._moving:
                 self.channel.put_moved(list(self._moving))
                 self._moving.clear()
-            if sorter is not None and sorter.kept_new:  # at once: the master's allowances count on it
-                self.channel.put_control(FrameKind.SESSIONS, pack_count(sorter.kept_new))
-                sorter.kept_new = 0
             if self._report_accepts_at_once:
                 self._report_accepted()
         return True
@@ -314,6 +313,13 @@ class WorkerSession:
         if self._accepted:
             self.channel.put_control(FrameKind.ACCEPTED, pack_count(self._accepted))
             self._accepted = 0
+
+    def _report_sessions(self) -> None:
+        """Route_by on the kernel path: the new sessions kept since the last report (with the sweep, or at once
+        when this worker passes new ones on)."""
+        if self._sorter is not None and self._sorter.kept_new:
+            self.channel.put_control(FrameKind.SESSIONS, pack_count(self._sorter.kept_new))
+            self._sorter.kept_new = 0
 
     def _close_listeners(self) -> None:
         """On a stop: take what already waits (not on a quick stop), then close this process's copies.
@@ -340,6 +346,7 @@ class WorkerSession:
 
     def sweep(self) -> None:
         self._report_accepted()  # before CLOSED: the master counts these live first
+        self._report_sessions()
         closed = RECORD.sweep()
         if closed:
             self.channel.put_control(FrameKind.CLOSED, pack_count(closed))

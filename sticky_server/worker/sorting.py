@@ -6,7 +6,8 @@ its first request names a session of another alive slot (or a key whose rendezvo
 choice is another slot), or when it starts a new session and this worker already
 holds as many sessions as a worker may (``1 + load_factor`` times the average): the
 master tells it how many more it may keep (its allowance), and it reports those it
-kept (SESSIONS), so both count sessions, not connections. The worker peeks at the first
+kept (SESSIONS: with its sweep, or at once when it passes new ones on, so that the
+master places those by current counts), so both count sessions, not connections. The worker peeks at the first
 request head (nothing is read) of each connection it accepts and keeps those that are
 its own; the others go to the master with their descriptors (a MOVED frame), which
 routes them as it routes what it accepts itself, and no byte goes through it.
@@ -45,7 +46,8 @@ class SessionSorter:
 
     def update(self, payload: bytes) -> None:
         """A ROUTES frame from the master."""
-        self.allowance, self.alive = unpack_routes(payload)
+        told, self.alive = unpack_routes(payload)
+        self.allowance = told - self.kept_new  # those not reported yet were not counted in it
 
     def keeps(self, sock: socket.socket) -> bool:
         """Whether the connection ``sock`` (accepted, nothing read) is this worker's to serve; counts the moves."""
