@@ -292,7 +292,9 @@ def test_idle_metrics_connections_never_hold_up_the_server(start_app: StartApp) 
             assert "slot" in request(address, source=ip, timeout=5)
         assert time.monotonic() - began < 5
         threads = len(os.listdir(f"/proc/{server.process.pid}/task"))
-        assert threads <= threads_before + 8, threads  # MAX_SCRAPES scrape threads at most
+        # MAX_SCRAPES scrape threads, and the threads of scrapes just evicted for newer ones, still exiting
+        # (192 idle connections keep the eviction going): bounded, not one per connection.
+        assert threads <= threads_before + 8 + 2, threads
     finally:
         for sock in idle:
             sock.close()
