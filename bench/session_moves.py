@@ -24,11 +24,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from connections import answer  # noqa: E402
 
 from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet  # noqa: E402
 
 SOURCE = "127.0.0.2"
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
 def serve(port: int, steering: str) -> None:
@@ -36,12 +38,7 @@ def serve(port: int, steering: str) -> None:
 
     class Answer:
         def add_connection(self, conn: socket.socket) -> None:
-            try:
-                conn.recv(4096)
-                conn.sendall(RESPONSE)
-            except OSError:
-                pass
-            conn.close()
+            answer(conn)  # bench/connections.py's trivial job
 
     sticky = StickyServer(workers=2, route_by="engineio", steering=steering, graceful_timeout=2)
     if sticky.is_master:
