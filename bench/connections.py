@@ -26,9 +26,11 @@ over R rounds:
                and hands off every connection)
   sticky-rr    the same, round-robin
   sticky-proxy the same, IP hash, with the PROXY protocol (the client sends v1 headers)
-  sticky-session  the same, routed by session (route_by="engineio": the master reads each
-               request head; a request with no sid is a new session, placed by IP hash
-               with bounded loads): the cost of routing by session against sticky-master
+  sticky-session  the same, routed by session (route_by="engineio"; on the kernel path each
+               worker peeks at the request heads it accepts; a request with no sid is a new
+               session, placed by IP hash with bounded loads): the cost against sticky
+  sticky-session-master  routed by session on the master path (the master peeks at each
+               request head): the cost against sticky-master
   node         Node's sticky-session with N workers
 
 Two loads, both from 64 client addresses, a new TCP connection per request:
@@ -84,6 +86,7 @@ CONFIGS = (
     "sticky-rr",
     "sticky-proxy",
     "sticky-session",
+    "sticky-session-master",
     "node",
 )
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -564,7 +567,7 @@ def main() -> None:
         )
     if "node" in median:
         node = median["node"]
-        for name in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy", "sticky-session"):
+        for name in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy", "sticky-session", "sticky-session-master"):
             if name in median:
                 m = median[name]
                 print(
@@ -585,10 +588,10 @@ if __name__ == "__main__":
         run_floor(port, workers, role == "floor-ack")
     elif role == "reuseport-worker":
         run_reuseport_worker(port, workers)
-    elif role in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy", "sticky-session"):
+    elif role in ("sticky", "sticky-master", "sticky-rr", "sticky-proxy", "sticky-session", "sticky-session-master"):
         balancer = "round-robin" if role == "sticky-rr" else "ip-hash"
-        steering = "master" if role == "sticky-master" else "auto"
-        route_by = "engineio" if role == "sticky-session" else None
+        steering = "master" if role in ("sticky-master", "sticky-session-master") else "auto"
+        route_by = "engineio" if role.startswith("sticky-session") else None
         run_sticky(port, workers, balancer, role == "sticky-proxy", steering, route_by)
     else:
         main()

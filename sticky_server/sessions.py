@@ -44,9 +44,11 @@ __all__ = [
     "DEFAULT_LOAD_FACTOR",
     "MAX_KEY_LENGTH",
     "ROUTE_BY_KINDS",
+    "UNBOUNDED_ALLOWANCE",
     "RouteBy",
     "SessionBalancer",
     "key_hash",
+    "new_session_allowance",
     "rendezvous_order",
     "session_bound",
     "session_key",
@@ -98,6 +100,8 @@ class RouteBy:
 def session_key(head: bytes, route: RouteBy) -> str | None:
     """The key ``route`` names in a complete HTTP request head, or None (no key, or not a request)."""
     line_end = head.find(b"\r\n")
+    if route.kind == "engineio" and head.find(b"sid=", 0, line_end if line_end >= 0 else len(head)) < 0:
+        return None  # a new session (most new connections): nothing to decode
     request_line = head[: line_end if line_end >= 0 else len(head)].decode("latin-1")
     parts = request_line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
@@ -158,6 +162,29 @@ def session_bound(total: int, alive: int, load_factor: float) -> int:
     return max(1, math.floor((1 + load_factor) * (total + 1) / alive))
 
 
+# More than any worker could take between two ROUTES frames: the allowance when the bound can never bind.
+UNBOUNDED_ALLOWANCE = 0xFFFFFFFF
+
+
+def new_session_allowance(held: int, total: int, alive: int, load_factor: float) -> int:
+    """How many new sessions in a row a worker holding ``held`` of ``total`` may keep under ``session_bound``.
+
+    Each one it keeps raises the average it is bounded by, so this is more than the
+    bound less ``held``: the largest k with ``held + j < session_bound(total + j, ...)``
+    for every j < k, taken from ``(held + j + 1) * alive <= (1 + load_factor) * (total
+    + j + 1)``, which implies it. Exact when no other worker takes a new session
+    meanwhile, and never too many when they do (theirs raise the average too), so a
+    worker with its own share of the addresses is not held back by how seldom it hears.
+    """
+    growth = 1 + load_factor
+    if alive <= growth:
+        return UNBOUNDED_ALLOWANCE  # one worker more can never pass the average by the factor
+    room = growth * (total + 1) - alive * (held + 1)
+    projected = math.floor(room / (alive - growth)) + 1 if room >= 0 else 0
+    plain = session_bound(total, alive, load_factor) - held  # the room at once (at least one when idle)
+    return min(UNBOUNDED_ALLOWANCE, max(0, projected, plain))
+
+
 _SEEDS: list[int] = []  # slot_seed(slot) by slot, grown as slots appear (the same in every process)
 
 
@@ -211,21 +238,26 @@ class SessionBalancer(Balancer):
 
     def place(self, client: ClientInfo, workers: WorkerSet) -> int:
         """A new session: the first slot in the address's rendezvous order that is not over its bound."""
-        alive = workers.alive
-        if len(alive) == 1 or not client.host:
-            slot = alive[0] if len(alive) == 1 else self.ip_hash.pick(client, workers)
-        else:
-            key = address_key(client.host, self.ip_hash.ipv4_prefix, self.ip_hash.ipv6_prefix)
-            ranked = rendezvous_order(key, alive)
-            sessions, bound = self.sessions, self.bound(alive)
-            under = [slot for slot in ranked if sessions.get(slot, 0) < bound]
-            slot = under[0] if under else min(ranked, key=lambda slot: sessions.get(slot, 0))
-        self.sessions[slot] = self.sessions.get(slot, 0) + 1
+        alive, sessions = workers.alive, self.sessions
+        slot = alive[0] if len(alive) == 1 else self.ip_hash.pick(client, workers)  # first in the rendezvous order
+        if client.host and len(alive) > 1:
+            bound = self.bound(alive)
+            if sessions.get(slot, 0) >= bound:
+                key = address_key(client.host, self.ip_hash.ipv4_prefix, self.ip_hash.ipv6_prefix)
+                ranked = rendezvous_order(key, alive)
+                under = [slot for slot in ranked if sessions.get(slot, 0) < bound]
+                slot = under[0] if under else min(ranked, key=lambda slot: sessions.get(slot, 0))
+        sessions[slot] = sessions.get(slot, 0) + 1
         return slot
 
     def bound(self, alive: tuple[int, ...]) -> int:
         """The sessions past which a slot takes no new one: ``session_bound`` of those ``alive`` hold."""
         return session_bound(sum(self.sessions.get(slot, 0) for slot in alive), len(alive), self.load_factor)
+
+    def allowance(self, slot: int, alive: tuple[int, ...]) -> int:
+        """Kernel path: how many new sessions ``slot``'s worker may keep before it passes them to the master."""
+        total = sum(self.sessions.get(alive_slot, 0) for alive_slot in alive)
+        return new_session_allowance(self.sessions.get(slot, 0), total, len(alive), self.load_factor)
 
     def kept(self, slot: int, count: int) -> None:
         """Kernel path: ``slot``'s worker kept ``count`` new sessions it accepted itself."""

@@ -14,12 +14,16 @@ from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet
 from sticky_server.errors import ProtocolError
 from sticky_server.master.traffic import moved_client
 from sticky_server.protocol.frames import pack_routes, unpack_routes
+from sticky_server.rendezvous import address_key
 from sticky_server.sessions import (
     MAX_KEY_LENGTH,
+    UNBOUNDED_ALLOWANCE,
     RouteBy,
     SessionBalancer,
     key_hash,
+    new_session_allowance,
     rendezvous_order,
+    session_bound,
     session_key,
     sid_with_slot,
     slot_in_sid,
@@ -126,6 +130,38 @@ def test_a_client_with_its_own_address_lands_where_ip_hash_puts_it() -> None:
     # Where its first choice is not over the bound; IP hash's own unevenness is what spills.
     assert sum(a == b for a, b in zip(placed, first, strict=True)) >= 0.8 * len(clients)
     assert max(balancer.sessions.values()) <= 1.25 * 200 / 5 + 1
+
+
+def test_the_first_choice_of_a_new_session_is_ip_hash_s() -> None:
+    # ``place`` takes IP hash's (cached) pick as the first slot of the address's rendezvous order.
+    ip_hash = IPHashBalancer()
+    for count in (2, 3, 5, 8):
+        workers = everyone(count)
+        for n in range(300):
+            host = f"10.{n % 7}.{n // 7}.{n % 251}" if n % 3 else f"2001:db8::{n:x}"
+            key = address_key(host, 32, 128)
+            assert rendezvous_order(key, workers.alive)[0] == ip_hash.pick(ClientInfo(host, 1), workers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    held=st.integers(0, 5000),
+    others=st.integers(0, 5000),
+    alive=st.integers(1, 9),
+    load_factor=st.sampled_from([0.0, 0.1, 0.25, 0.5, 1.0, 3.0]),
+)
+def test_an_allowance_never_lets_a_worker_pass_the_bound(
+    held: int, others: int, alive: int, load_factor: float
+) -> None:
+    total = held + others
+    allowance = new_session_allowance(held, total, alive, load_factor)
+    fits = [held + j < session_bound(total + j, alive, load_factor) for j in range(min(allowance, 20000) + 2)]
+    if allowance == UNBOUNDED_ALLOWANCE:
+        assert alive <= 1 + load_factor
+        return
+    assert all(fits[:allowance])  # each one kept in a row stays under the bound, the average rising with it
+    assert allowance >= session_bound(total, alive, load_factor) - held  # never less than the room at once
+    assert not all(fits)  # and it is the most: two more would pass it
 
 
 # --- the kernel path: a worker sorts what it accepted ----------------------------------------------

@@ -118,6 +118,7 @@ class Intake:
         self._settings = settings
         self._trusted = settings.trusted
         self._session = settings.session  # routing by session: every connection's first request is read
+        self._line_is_enough = settings.session is not None and settings.session.kind == "engineio"
         self._route = route
         self._fault = fault
         self._waiting: dict[int, _Waiting] = {}  # by descriptor, oldest first
@@ -271,6 +272,12 @@ class Intake:
             return header.length, ClientInfo(header.source[0], header.source[1], (peer.host, peer.port), peer.local)
         if settings.fallback and not may_be_http(data):
             return 0, peer
+        if self._line_is_enough and (settings.forwarded_header is None or peer.host not in self._trusted):
+            # An engine.io sid is in the request line: no need to wait for, or scan, the rest of the head.
+            line_end = data.find(b"\r\n")
+            if line_end >= 0:
+                assert self._session is not None
+                return 0, peer._replace(session=session_key(data[: line_end + 2], self._session))
         try:
             length = request_head_length(data, settings.max_size) if data else None
         except ForwardedHeaderError:

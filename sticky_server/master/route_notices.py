@@ -3,7 +3,7 @@
 Each worker keeps a connection it accepted when its first request is its own (see
 ``worker.sorting``); for that it needs the alive slots and the new-session bound: the
 number of new sessions it may still keep before it passes them to the master to place
-(its allowance: the bound less the sessions placed on it). The loop tells every
+(its allowance: see ``sessions.new_session_allowance``). The loop tells every
 current worker whenever the alive set changes, and looks every ``ROUTES_INTERVAL``
 seconds whether an allowance moved; a worker hears only what is new to it, and
 reports the new sessions it kept (SESSIONS).
@@ -39,9 +39,8 @@ class RouteNotices:
         alive = self._router.workers.alive
         if not alive:
             return
-        bound, placed = self._sessions.bound(alive), self._sessions.sessions
         for slot, link in self._router.current.items():
-            payload = pack_routes(max(0, bound - placed.get(slot, 0)), alive)
+            payload = pack_routes(self._sessions.allowance(slot, alive), alive)
             if link.told_routes != payload and link.connected:
                 link.told_routes = payload
                 self._traffic.put(link.worker, FrameKind.ROUTES, payload)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..balancer import IPHashBalancer
 from ..errors import BindError
-from ..listener import Bind, open_bind
+from ..listener import Bind, defer_accept, open_bind
 from ..sessions import SessionBalancer
 from ..settings import ServerSettings
 from ..steering import KernelSteering, kernel_path_unavailable, open_kernel_steering
@@ -50,7 +50,10 @@ class Serving:
             return
         settings = self._settings
         for bind in self._binds:
-            self._listeners.append(open_bind(bind, settings.backlog, settings.unix_socket_mode))
+            listener = open_bind(bind, settings.backlog, settings.unix_socket_mode)
+            if settings.route_by is not None:
+                defer_accept(listener)
+            self._listeners.append(listener)
         self._warn_about_unix_clients()
         self.addresses = [listener.getsockname() for listener in self._listeners]
 

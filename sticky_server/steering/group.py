@@ -25,7 +25,16 @@ import struct
 import sys
 from typing import Any
 
-from ..listener import DEFAULT_BACKLOG, Bind, bind_error, format_address, listen_at, resolve_address, validate_port
+from ..listener import (
+    DEFAULT_BACKLOG,
+    Bind,
+    bind_error,
+    defer_accept,
+    format_address,
+    listen_at,
+    resolve_address,
+    validate_port,
+)
 
 __all__ = ["ListenerGroup", "holders", "listening_inodes", "queue_length"]
 
@@ -44,10 +53,6 @@ def queue_length(listener: socket.socket) -> int:
         return 0
     length: int = struct.unpack_from("=I", info, _TCPI_UNACKED_OFFSET)[0]
     return length
-
-
-# With TCP_DEFER_ACCEPT, a connection that sends nothing is accepted after about this long anyway.
-DEFER_ACCEPT_SECONDS = 1
 
 
 class ListenerGroup:
@@ -77,7 +82,7 @@ class ListenerGroup:
     def _listen(self) -> socket.socket:
         listener = listen_at(self._family, self.address, self._dualstack, self._backlog, reuse_port=True)
         if self._defer_accept:
-            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS)
+            defer_accept(listener)
         return listener
 
     def listener(self, slot: int) -> socket.socket:

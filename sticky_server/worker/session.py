@@ -300,7 +300,7 @@ class WorkerSession:
             self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             return False
         finally:
-            if sorter is not None and (self._moving or (sorter.allowance is not None and sorter.allowance <= 0)):
+            if sorter is not None and sorter.kept_new and (self._moving or sorter.report_due()):
                 self._report_sessions()  # before the moved ones: the master places those by the counts
             if self._moving:
                 self.channel.put_moved(list(self._moving))
@@ -315,11 +315,11 @@ class WorkerSession:
             self._accepted = 0
 
     def _report_sessions(self) -> None:
-        """Route_by on the kernel path: the new sessions kept since the last report (with the sweep, or at once
-        when this worker passes new ones on)."""
+        """Route_by on the kernel path: the new sessions kept since the last report (with the sweep, every
+        ``SESSIONS_REPORT_INTERVAL`` while it keeps new ones, and at once when it passes new ones on)."""
         if self._sorter is not None and self._sorter.kept_new:
             self.channel.put_control(FrameKind.SESSIONS, pack_count(self._sorter.kept_new))
-            self._sorter.kept_new = 0
+            self._sorter.reported()
 
     def _close_listeners(self) -> None:
         """On a stop: take what already waits (not on a quick stop), then close this process's copies.

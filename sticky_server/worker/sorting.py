@@ -6,8 +6,9 @@ its first request names a session of another alive slot (or a key whose rendezvo
 choice is another slot), or when it starts a new session and this worker already
 holds as many sessions as a worker may (``1 + load_factor`` times the average): the
 master tells it how many more it may keep (its allowance), and it reports those it
-kept (SESSIONS: with its sweep, or at once when it passes new ones on, so that the
-master places those by current counts), so both count sessions, not connections. The worker peeks at the first
+kept (SESSIONS: every ``SESSIONS_REPORT_INTERVAL`` while it keeps new ones, with its
+sweep, and at once when it passes new ones on, so that the master places those by
+current counts), so both count sessions, not connections. The worker peeks at the first
 request head (nothing is read) of each connection it accepts and keeps those that are
 its own; the others go to the master with their descriptors (a MOVED frame), which
 routes them as it routes what it accepts itself, and no byte goes through it.
@@ -21,14 +22,19 @@ chose). The alive set and the allowance come from the master in ROUTES frames.
 from __future__ import annotations
 
 import socket
+import time
 
 from ..protocol.frames import unpack_routes
 from ..proxy import ForwardedHeaderError, may_be_http, request_head_length
 from ..sessions import RouteBy, key_hash, rendezvous_order, session_key, slot_in_sid
 
-__all__ = ["SessionSorter"]
+__all__ = ["SESSIONS_REPORT_INTERVAL", "SessionSorter"]
 
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+
+# While it keeps new sessions, a worker reports them this often (or with its sweep): the master's counts, and
+# so every worker's allowance, follow the sessions within about this plus ``ROUTES_INTERVAL``.
+SESSIONS_REPORT_INTERVAL = 0.05
 
 
 class SessionSorter:
@@ -43,11 +49,23 @@ class SessionSorter:
         self.allowance: int | None = None  # new sessions it may still keep (None: no word from the master yet)
         self.kept_new = 0  # new sessions kept since the last report to the master
         self.moved = 0
+        self._reported_at = time.monotonic()
 
     def update(self, payload: bytes) -> None:
         """A ROUTES frame from the master."""
         told, self.alive = unpack_routes(payload)
         self.allowance = told - self.kept_new  # those not reported yet were not counted in it
+
+    def report_due(self) -> bool:
+        """Whether the new sessions kept since the last report should go to the master now."""
+        return self.allowance is not None and (
+            self.allowance <= 0 or time.monotonic() - self._reported_at >= SESSIONS_REPORT_INTERVAL
+        )
+
+    def reported(self) -> None:
+        """The new sessions kept so far went to the master."""
+        self.kept_new = 0
+        self._reported_at = time.monotonic()
 
     def keeps(self, sock: socket.socket) -> bool:
         """Whether the connection ``sock`` (accepted, nothing read) is this worker's to serve; counts the moves."""
