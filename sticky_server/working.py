@@ -9,6 +9,7 @@ recycling, the proxy hint when no proxy setting is given).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -24,7 +25,9 @@ from .worker.selector_loop import WorkerRuntime
 from .worker.session import WorkerSession
 from .worker.sorting import SessionSorter
 
-__all__ = ["peer_from_proxy", "start_runtime"]
+__all__ = ["arrange_one_request_per_connection", "peer_from_proxy", "start_runtime"]
+
+logger = logging.getLogger("sticky_server.worker")
 
 Runtime = TypeVar("Runtime", WorkerRuntime, AsyncWorkerRuntime)
 
@@ -41,6 +44,8 @@ def start_runtime(
     route = settings.route_by if isinstance(settings.route_by, RouteBy) else None
     if route is not None and route.kind == "engineio":
         arrange_engineio_sessions(identity.slot)
+    elif route is not None:
+        arrange_one_request_per_connection(handler, route, identity.slot)
     sorter = None
     if route is not None and identity.listeners:  # the kernel path: this worker accepts, then sorts
         sorter = SessionSorter(route, identity.slot, settings.max_header_size)
@@ -73,3 +78,25 @@ def peer_from_proxy(settings: ServerSettings, handler: object) -> bool:
         return True
     header = addresses.forwarded_header
     return header is not None and header not in getattr(handler, "forwarded_headers_read", ())
+
+
+def arrange_one_request_per_connection(handler: ConnectionHandler, route: RouteBy, slot: int) -> bool:
+    """Have ``handler`` end each HTTP response's connection (``route_by`` a named key); warn when it cannot.
+
+    Each request then comes on a new connection, whose first request is the one the
+    master or the kernel-path worker reads to route it: a client or a proxy that
+    would send requests for several keys on one kept-alive connection (browsers pool
+    connections, proxies mix clients on theirs) sends each to its own key's worker.
+    """
+    close_each_response = getattr(handler, "close_each_response", None)
+    if callable(close_each_response) and close_each_response():
+        return True
+    if slot == 0:  # once, not once per worker
+        logger.warning(
+            "route_by=%s: %s cannot end each HTTP response's connection, so a request for another key on a "
+            "kept-alive connection is served by the worker of the connection's first request. Answer each "
+            "request with 'Connection: close', or serve the app with one of sticky_server.adapters",
+            route,
+            type(handler).__name__,
+        )
+    return False

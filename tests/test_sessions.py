@@ -29,6 +29,7 @@ from sticky_server.sessions import (
     slot_in_sid,
 )
 from sticky_server.worker.sorting import SessionSorter
+from sticky_server.working import arrange_one_request_per_connection
 
 POLL = b"GET /socket.io/?EIO=4&transport=polling&sid=3.AbC-d_e HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -243,3 +244,20 @@ def test_a_moved_descriptor_must_be_a_tcp_connection() -> None:
         os.close(write_end)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram, pytest.raises(ProtocolError, match="not a TCP"):
         moved_client(datagram.fileno(), [])
+
+
+def test_a_worker_that_cannot_close_each_response_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    class Plain:
+        def add_connection(self, sock: socket.socket) -> None: ...
+
+    class Closing(Plain):
+        def close_each_response(self) -> bool:
+            return True
+
+    route = RouteBy("cookie", "sid")
+    with caplog.at_level("WARNING", logger="sticky_server.worker"):
+        assert arrange_one_request_per_connection(Closing(), route, 0)
+        assert not arrange_one_request_per_connection(Plain(), route, 1)  # (slot 0 says it for all)
+        assert not caplog.records
+        assert not arrange_one_request_per_connection(Plain(), route, 0)
+    assert "route_by=cookie:sid: Plain cannot end each HTTP response's connection" in caplog.text

@@ -31,6 +31,12 @@ from ._stopping import shutdown_budget
 __all__ = ["AiohttpWorker"]
 
 
+async def _close_after(request: web.Request, response: web.StreamResponse) -> None:
+    """Each response says ``Connection: close`` and ends its connection (``close_each_response``)."""
+    if not isinstance(response, web.WebSocketResponse):  # (it says "Connection: upgrade" and holds on)
+        response.force_close()
+
+
 class AiohttpWorker(AsyncWorker):
     """A worker that serves ``app`` (an aiohttp ``web.Application``) on the worker's event loop."""
 
@@ -46,6 +52,10 @@ class AiohttpWorker(AsyncWorker):
         self.shutdown_timeout = shutdown_timeout
         self._runner_options = runner_options
         self.runner: web.AppRunner | None = None
+
+    def close_each_response(self) -> bool:
+        self.app.on_response_prepare.append(_close_after)
+        return True
 
     async def start(self) -> None:
         # Before a stop, the budget is the whole graceful timeout less the margin (see shutdown_budget).

@@ -51,6 +51,26 @@ class _HandedOffServer(uvicorn.Server):
         return protocol
 
 
+class _ClosingEachResponse:
+    """ASGI middleware: every HTTP response says ``Connection: close`` (uvicorn then ends the connection)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(name, value) for name, value in message.get("headers", ()) if name.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
+
+
 # uvicorn options that assume uvicorn owns the process or the listening socket, and what
 # does their job here. Every other uvicorn.Config option applies to each connection and is
 # honoured (root_path, timeout_keep_alive, limit_concurrency, ws*, lifespan, http, headers...).
@@ -115,10 +135,17 @@ class ASGIWorker(AsyncWorker):
         self.shutdown_timeout = shutdown_timeout
         self.server = _HandedOffServer(self.config)
         self._ticker: asyncio.Task[None] | None = None
+        self._closing_each_response = False
+
+    def close_each_response(self) -> bool:
+        self._closing_each_response = True
+        return True
 
     async def start(self) -> None:
         if not self.config.loaded:
             self.config.load()
+        if self._closing_each_response and not isinstance(self.config.loaded_app, _ClosingEachResponse):
+            self.config.loaded_app = _ClosingEachResponse(self.config.loaded_app)
         self.server.lifespan = self.config.lifespan_class(self.config)
         await self.server.startup()
         if self.ssl_context is None:

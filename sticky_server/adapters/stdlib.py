@@ -117,6 +117,28 @@ class HTTPWorker(SocketServerWorker):
         server.daemon_threads = True
         super().__init__(server, ssl_context, shutdown_timeout)
 
+    def close_each_response(self) -> bool:
+        server: Any = self.server
+        server.RequestHandlerClass = _closing_each_response(server.RequestHandlerClass)
+        return True
+
+
+def _closing_each_response(handler_class: type[BaseHTTPRequestHandler]) -> type[BaseHTTPRequestHandler]:
+    """``handler_class``, answering one request per connection, each response saying ``Connection: close``."""
+
+    class ClosingEachResponse(handler_class):  # type: ignore[valid-type,misc]
+        def end_headers(self) -> None:
+            if not self.close_connection:
+                self.send_header("Connection", "close")  # (and so close_connection)
+            super().end_headers()
+
+        def handle(self) -> None:
+            self.close_connection = True
+            self.handle_one_request()
+
+    ClosingEachResponse.__name__ = ClosingEachResponse.__qualname__ = handler_class.__name__
+    return ClosingEachResponse
+
 
 class _QuietWSGIRequestHandler(WSGIRequestHandler):
     """wsgiref's handler, with its per-request line on the logging tree (DEBUG) instead of stderr."""
@@ -143,6 +165,9 @@ class WSGIWorker(SocketServerWorker):
         server.set_app(app)
         self._environ_ready = False
         super().__init__(server, ssl_context, shutdown_timeout)
+
+    def close_each_response(self) -> bool:
+        return True  # wsgiref's HTTP/1.0 serves one request per connection
 
     def prepare(self, sock: socket.socket) -> None:
         if self._environ_ready:

@@ -91,6 +91,10 @@ class TornadoWorker(AsyncWorker):
         self.server: _TrackedHTTPServer | None = None
         self._stopping = False
 
+    def close_each_response(self) -> bool:
+        self._server_options["no_keep_alive"] = True
+        return True
+
     async def start(self) -> None:
         # Built on the running loop: tornado binds its IOLoop to it.
         self.server = _TrackedHTTPServer(self.app, ssl_options=self.ssl_context, **self._server_options)

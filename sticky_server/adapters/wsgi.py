@@ -135,6 +135,11 @@ class WSGIWorker(SocketServerWorker):
         if self._fallback is not None:
             self._fallback.prepare(sock)
 
+    def close_each_response(self) -> bool:
+        if isinstance(self.server, _GunicornServer):
+            self.server.close_each_response = True
+        return True  # (wsgiref's HTTP/1.0 serves one request per connection anyway)
+
     def has_room(self) -> bool:
         """Whether a new connection would get a thread now (the kernel path accepts only then)."""
         server = self.server
@@ -174,6 +179,7 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
         self.access_log = access_log
         self.max_connections = max_connections
         self.max_body_size = max_body_size
+        self.close_each_response = False  # route_by a named key: one request per connection
         self.serving = 0
         self.waiting: collections.deque[tuple[Any, Any]] = collections.deque()
         self.arrived: dict[Any, float] = {}  # waiting connections -> when they came
@@ -264,7 +270,7 @@ class _GunicornServer(socketserver.ThreadingMixIn, socketserver.BaseServer):
             environ["wsgi.multithread"] = True
             if self.max_body_size is not None:
                 environ["wsgi.input"] = _LimitedBody(environ["wsgi.input"], self.max_body_size)
-            result = self.app(environ, _closing_on_request(response))
+            result = self.app(environ, _closing_on_request(response, self.close_each_response))
             if isinstance(result, environ["wsgi.file_wrapper"]):
                 response.write_file(result)
             else:
@@ -388,15 +394,16 @@ def _write_error(sock: socket.socket, status: int, reason: str, message: str) ->
         gunicorn_util.write_error(sock, status, reason, message)
 
 
-def _closing_on_request(response: Any) -> Any:
-    """``response.start_response``, and a ``Connection: close`` from the app ends the connection after it.
+def _closing_on_request(response: Any, always: bool) -> Any:
+    """``response.start_response``, and a ``Connection: close`` from the app (or ``always``) ends the connection.
 
     (gunicorn drops the hop-by-hop header without acting on it; engine.io under
-    ``route_by="engineio"`` needs each polling connection to carry one session.)
+    ``route_by="engineio"`` needs each polling connection to carry one session, and
+    ``route_by`` a named key each request on a connection of its own.)
     """
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        if any(name.lower() == "connection" and value.strip().lower() == "close" for name, value in headers):
+        if always or any(name.lower() == "connection" and value.strip().lower() == "close" for name, value in headers):
             response.must_close = True
         return response.start_response(status, headers, exc_info)
 

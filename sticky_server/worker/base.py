@@ -34,6 +34,17 @@ class Worker:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement add_connection(sock)")
 
+    def close_each_response(self) -> bool:
+        """``route_by`` names a key (cookie, header, query, path): make each HTTP response end its connection.
+
+        Only the first request of a connection is routed by its key, so each request
+        must come on a connection of its own (``Connection: close``), or one for
+        another key on a kept-alive connection is served where the first one was.
+        Called before ``start``; return True once arranged. The adapters do; this
+        default cannot, and the worker logs a warning saying so.
+        """
+        return False
+
     def stop(self) -> None:
         """Called once when this worker is told to stop; finish in-flight work and return.
 
@@ -68,6 +79,17 @@ class AsyncWorker:
 
     async def start(self) -> None:
         """Runs on the loop before the first connection; if it raises, the worker fails to boot."""
+
+    def close_each_response(self) -> bool:
+        """``route_by`` names a key (cookie, header, query, path): make each HTTP response end its connection.
+
+        Only the first request of a connection is routed by its key, so each request
+        must come on a connection of its own (``Connection: close``), or one for
+        another key on a kept-alive connection is served where the first one was.
+        Called before ``start``; return True once arranged. The adapters do; this
+        default cannot, and the worker logs a warning saying so.
+        """
+        return False
 
     async def add_connection(self, sock: socket.socket) -> None:
         """Serve ``sock`` (connected, no byte read), e.g. with ``loop.connect_accepted_socket``.

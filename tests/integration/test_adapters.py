@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from sticky_server.balancer import IPHashBalancer, address_key
+from sticky_server.sessions import key_hash, rendezvous_order
 
 from .conftest import StartApp
 from .harness import CLIENT_IPS, HERE, ServerProcess
@@ -224,3 +225,47 @@ def test_keep_alive_requests_never_wait_for_a_delayed_ack(start_app: StartApp, a
     finally:
         conn.close()
     assert elapsed < 2.0, f"200 keep-alive requests took {elapsed:.2f} s"
+
+
+# --- route_by a named key: each request on a connection of its own ------------------------------------
+
+ROOMS = [f"room-{n}" for n in range(8)]
+
+
+def curl_rooms(address: tuple[str, int], ip: str) -> list[tuple[int, int]]:
+    """curl fetching ``/?room=R`` for every room in one run (curl reuses a connection it may keep):
+    (the slot that answered, the connections curl opened for it) for each."""
+    command = ["curl", "-sS", "--max-time", str(TIMEOUT), "--interface", ip]
+    for room in ROOMS:
+        command += [f"http://{address[0]}:{address[1]}/?room={room}", "-w", " %{num_connects}\n"]
+    lines = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT * 2, check=True).stdout
+    answers = [line.rsplit(" ", 1) for line in lines.splitlines() if line.strip()]
+    return [(json.loads(body)["slot"], int(connects)) for body, connects in answers]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.parametrize("adapter", [name for name in ADAPTERS if name != "asyncio"])
+@pytest.mark.parametrize("route_by", ["query:room", "ip"])
+def test_each_request_of_a_kept_alive_client_reaches_its_key_s_worker(
+    start_app: StartApp, adapter: str, route_by: str, tmp_path: Path
+) -> None:
+    """curl sends the rooms' requests on one connection when the server keeps it; with ``route_by`` naming the
+    key every response closes its connection, so each request comes on a new one, routed by its own key.
+    Control: by address, one connection's requests all reach one worker, whatever room they name."""
+    server, address = start(start_app, adapter, tmp_path, APP_ROUTE_BY=route_by)
+    answers = curl_rooms(address, CLIENT_IPS[0])
+    slots = [slot for slot, _ in answers]
+    owners = [rendezvous_order(key_hash(room), tuple(range(WORKERS)))[0] for room in ROOMS]
+    assert len(set(owners)) == WORKERS  # the rooms belong to different workers
+    if route_by == "ip":
+        assert set(slots) == {expected_slot(CLIENT_IPS[0])} and slots != owners
+        return
+    assert slots == owners, server.output_tail()
+    assert all(connects == 1 for _, connects in answers), answers  # a connection per request
+    assert server.stop(timeout=TIMEOUT + 10) == 0, server.output_tail()
+
+
+def test_a_worker_that_cannot_close_each_response_says_so(start_app: StartApp, tmp_path: Path) -> None:
+    server, _address = start(start_app, "asyncio", tmp_path, APP_ROUTE_BY="query:room")
+    server.wait_for(r"route_by=query:room: \w+ cannot end each HTTP response's connection", TIMEOUT)
+    assert server.stop(timeout=TIMEOUT + 10) == 0, server.output_tail()

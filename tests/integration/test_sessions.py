@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 
 from sticky_server.balancer import ClientInfo, IPHashBalancer, WorkerSet
+from sticky_server.sessions import key_hash, rendezvous_order
 
 from .conftest import HaproxyStarter, NginxStarter, StartApp
 from .harness import CLIENT_IPS, HERE, free_port, run_node
@@ -158,6 +161,11 @@ def test_behind_haproxy_reusing_its_backend_connections(
 # --- a key the user names: a path segment ---------------------------------------------------------
 
 
+def owner(doc: str) -> int:
+    """The worker of 4 a document's key hashes to (rendezvous over the slots, as the master and workers pick)."""
+    return rendezvous_order(key_hash(doc), (0, 1, 2, 3))[0]
+
+
 def open_doc(port: int, doc: str, source: str) -> dict[str, Any]:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     with BlockingWebSocket(sock, f"ws://127.0.0.1:{port}/doc/{doc}", 10) as websocket:
@@ -178,3 +186,37 @@ def test_every_editor_of_a_document_meets_on_one_worker(start_app: StartApp, rou
         assert len({next(iter(workers)) for workers in where.values()}) >= 3, where  # documents spread
     else:
         assert any(len(workers) > 1 for workers in where.values()), "IP hash kept every document together"
+
+
+def curl_docs(port: int, docs: list[str]) -> list[dict[str, Any]]:
+    """One curl run fetching each document's ``/who``: curl keeps its connection to nginx for all of them."""
+    command = ["curl", "-sS", "--max-time", "20", "--interface", CLIENT_IPS[1]]
+    for doc in docs:
+        command += [f"http://127.0.0.1:{port}/doc/{doc}/who", "-w", "\\n"]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=40, check=True).stdout
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.parametrize("route_by", ["path:2", "ip"])
+def test_behind_nginx_pooling_its_connections_each_document_reaches_its_worker(
+    start_app: StartApp, start_nginx: NginxStarter, route_by: str
+) -> None:
+    """nginx keeps idle upstream connections and sends any client's next request (or websocket upgrade) on
+    one: each response closing its connection, every request and upgrade is the first of its own.
+    Control: by address, every document lands on the one worker of the client's address."""
+    backend = free_port()
+    command = [sys.executable, "-m", "sticky_server", "apps.doc_app:app", "--asgi", "-w", "4"]
+    command += ["-b", f"127.0.0.1:{backend}", "--proxy-headers", "--route-by", route_by, "--graceful-timeout", "2"]
+    start_app(command=command, cwd=HERE).wait_for(CLI_LISTENING, 60)
+    port = start_nginx(f"127.0.0.1:{backend}", keepalive=True)
+    docs = [f"doc-{n}" for n in range(12)]
+    owners = [owner(doc) for doc in docs]
+    assert len(set(owners)) >= 3
+    over_http = [answer["worker"] for answer in curl_docs(port, docs)]
+    over_websockets = [open_doc(port, doc, CLIENT_IPS[1])["worker"] for doc in docs]
+    if route_by == "ip":
+        assert len(set(over_http + over_websockets)) == 1, (over_http, over_websockets)
+        return
+    assert over_http == owners and over_websockets == owners, (over_http, over_websockets, owners)
+    assert [answer["worker"] for answer in curl_docs(port, docs)] == owners  # and again, the pool warm

@@ -6,7 +6,7 @@ GET /slow   the same after 1 s (a request in flight when the worker is told to s
 
 When a worker has finished stopping (the framework's shutdown hook, or the
 adapter's stop for servers that have none) it writes APP_SHUTDOWN_DIR/<slot>-<pid>.
-APP_TLS_CERT and APP_TLS_KEY turn on TLS in the worker. Every process records its
+APP_TLS_CERT and APP_TLS_KEY turn on TLS in the worker; APP_ROUTE_BY sets ``route_by``. Every process records its
 pid in APP_PID_DIR.
 """
 
@@ -316,6 +316,7 @@ def main() -> None:
         workers=int(os.environ.get("APP_WORKERS", "2")),
         graceful_timeout=float(os.environ.get("APP_GRACEFUL", "15")),
         balancer=os.environ.get("APP_BALANCER", "ip-hash"),
+        route_by=os.environ.get("APP_ROUTE_BY") or None,
     )
     if sticky.is_master:
         record_pid("master")

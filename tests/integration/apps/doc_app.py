@@ -4,6 +4,7 @@
 
 ``/doc/{doc_id}`` is a websocket; its first message back names the worker and the
 document, as an app keeping each document's editors in memory would need.
+``GET /doc/{doc_id}/who`` answers the same over plain HTTP.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from fastapi import FastAPI, WebSocket
 from sticky_server import current_server
 
 app = FastAPI()
+
+
+@app.get("/doc/{doc_id}/who")
+async def who(doc_id: str) -> dict[str, object]:
+    return {"worker": current_server().worker_id, "doc": doc_id}
 
 
 @app.websocket("/doc/{doc_id}")
