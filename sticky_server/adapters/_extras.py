@@ -15,6 +15,7 @@ EXTRAS = {
     "tornado": ("tornado", "tornado apps run on tornado"),
     "wsgi": ("wsgi", "WSGI apps get keep-alive and websockets from gunicorn's parser and simple-websocket"),
     "socketio": ("socketio", "the socket.io client managers extend python-socketio"),
+    "channels": ("channels", "the Channels layer implements Django Channels' layer API"),
 }
 
 
@@ -25,6 +26,7 @@ FRAMEWORKS = {
     "tornado": ("tornado",),
     "wsgi": ("gunicorn",),
     "socketio": ("socketio", "engineio"),
+    "channels": ("channels", "django", "asgiref"),
 }
 
 
