@@ -20,6 +20,7 @@ from .worker.base import ConnectionHandler
 from .worker.channel import WorkerChannel
 from .worker.engineio_sessions import arrange_engineio_sessions
 from .worker.environment import WorkerIdentity
+from .worker.local_layers import warn_about_process_local_layers
 from .worker.proxy_hint import ProxyHint
 from .worker.selector_loop import WorkerRuntime
 from .worker.session import WorkerSession
@@ -46,6 +47,7 @@ def start_runtime(
         arrange_engineio_sessions(identity.slot)
     elif route is not None:
         arrange_one_request_per_connection(handler, route, identity.slot)
+    warn_about_process_local_layers(settings.workers or 1, identity.slot)
     sorter = None
     if route is not None and identity.listeners:  # the kernel path: this worker accepts, then sorts
         sorter = SessionSorter(route, identity.slot, settings.max_header_size)
