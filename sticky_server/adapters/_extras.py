@@ -16,6 +16,7 @@ EXTRAS = {
     "wsgi": ("wsgi", "WSGI apps get keep-alive and websockets from gunicorn's parser and simple-websocket"),
     "socketio": ("socketio", "the socket.io client managers extend python-socketio"),
     "channels": ("channels", "the Channels layer implements Django Channels' layer API"),
+    "broadcaster": ("broadcaster", "the broadcast backend implements the broadcaster package's backend API"),
 }
 
 
@@ -27,6 +28,7 @@ FRAMEWORKS = {
     "wsgi": ("gunicorn",),
     "socketio": ("socketio", "engineio"),
     "channels": ("channels", "django", "asgiref"),
+    "broadcaster": ("broadcaster",),
 }
 
 

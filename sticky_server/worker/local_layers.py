@@ -3,7 +3,9 @@
 Django Channels' ``InMemoryChannelLayer`` (what it uses without Redis) and broadcaster's
 ``memory://`` keep each process's groups and subscribers to themselves: under several
 workers a broadcast silently reaches only the clients of the worker that sent it. Each
-is named with its sticky replacement. Looked for only when the app imported them.
+is named with its sticky replacement, by worker 0: the Channels setting when the worker
+starts, broadcaster's memory backend when it first connects (in the app's startup).
+Looked for only when the app imported them.
 """
 
 from __future__ import annotations
@@ -42,3 +44,21 @@ def warn_about_process_local_layers(workers: int, slot: int) -> None:
         return
     for problem in process_local_layers():
         logger.warning("%s: with %d workers, a broadcast reaches only its own worker's clients", problem, workers)
+    memory = sys.modules.get("broadcaster._backends.memory")
+    backend: Any = getattr(memory, "MemoryBackend", None)
+    if backend is not None and not getattr(backend, "_sticky_server_warns", False):
+        # A Broadcast("memory://") is made in the app's code and connects in its startup: said when it does.
+        connect = backend.connect
+
+        async def warning_connect(self: Any) -> None:
+            logger.warning(
+                "broadcaster's memory:// keeps each worker's subscribers to itself: with %d workers, a publish "
+                "reaches only its own worker's. Use Broadcast(backend=sticky_server.adapters.broadcaster."
+                "StickyBackend()) (pip install 'sticky-server[broadcaster]')",
+                workers,
+            )
+            backend.connect = connect
+            await connect(self)
+
+        backend.connect = warning_connect
+        backend._sticky_server_warns = True

@@ -5,13 +5,20 @@
   each message reaches all 20 exactly once (400/400). Control: channels' own
   ``InMemoryChannelLayer`` (what Django Channels uses without Redis) loses most of them,
   and the server warns at start, naming the sticky layer.
+- A FastAPI websocket chat with rooms on broadcaster's ``Broadcast`` with ``StickyBackend``:
+  the same 20 clients, 400/400, and ``curl -N`` reading the room as server-sent events
+  (sse-starlette) from 4 more addresses hears all 20 messages. Control: ``memory://``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import shutil
+import subprocess
 import sys
+import threading
 from collections import Counter
 from typing import Any
 
@@ -71,3 +78,54 @@ def test_the_channels_tutorial_chat_reaches_every_client_on_every_worker(start_a
         assert got == Counter({f"from {sender}": 1 for sender in heard}), (ip, got)  # each once, none missing
     assert deliveries == CLIENTS * CLIENTS
     assert len(workers) >= 3, workers  # the clients were spread over the workers
+
+
+class EventStream:
+    """``curl -N`` reading a server-sent event stream from ``ip``: its data lines, as they come."""
+
+    def __init__(self, url: str, ip: str) -> None:
+        command = ["curl", "-sS", "-N", "--max-time", "60", "--interface", ip, url]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("data:"):
+                self.lines.put(line[5:].strip())
+
+    def data(self, timeout: float) -> str:
+        return self.lines.get(timeout=timeout)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.parametrize("backend", ["sticky", "memory"])
+def test_fastapi_rooms_on_broadcaster_reach_every_client_and_event_stream(start_app: StartApp, backend: str) -> None:
+    env = {"APP_BROADCAST": "memory"} if backend == "memory" else None
+    app = serve(start_app, "apps.fastapi_rooms:app", env=env)
+    port = int(app.wait_for(CLI_LISTENING, 60).group(1))
+    streams = [EventStream(f"http://127.0.0.1:{port}/rooms/lobby/events", ip) for ip in CLIENT_IPS[-4:]]
+    try:
+        stream_workers = {stream.data(15) for stream in streams}  # each says "ready" once it has subscribed
+        heard = asyncio.run(chat(port, "/rooms/lobby", CLIENTS))
+        deliveries = sum(len(messages) for messages in heard.values())
+        if backend == "memory":
+            assert deliveries < CLIENTS * CLIENTS, "memory:// reached every worker's clients"
+            app.wait_for(r"memory:// keeps each worker's subscribers to itself.*StickyBackend", 5)
+            return
+        for ip, messages in heard.items():
+            got = Counter(entry["text"] for entry in messages)
+            assert got == Counter({f'{{"message": "from {sender}"}}': 1 for sender in heard}), (ip, got)
+        assert len({entry["worker"] for messages in heard.values() for entry in messages}) >= 3
+        assert len(stream_workers) >= 2, stream_workers  # the event streams were served by other workers too
+        for stream in streams:
+            texts = Counter(json.loads(stream.data(10))["text"] for _ in range(CLIENTS))
+            assert texts == Counter({f'{{"message": "from {sender}"}}': 1 for sender in heard}), texts
+    finally:
+        for stream in streams:
+            stream.close()

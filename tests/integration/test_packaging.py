@@ -133,10 +133,12 @@ def test_core_install_imports_every_module_and_names_each_missing_extra(
         "sticky_server.adapters.tornado",
         "sticky_server.adapters.socketio",
         "sticky_server.adapters.channels",
+        "sticky_server.adapters.broadcaster",
     }, missing
     assert "pip install 'sticky-server[asgi]'" in missing["sticky_server.adapters.asgi"]
     assert "pip install 'sticky-server[socketio]'" in missing["sticky_server.adapters.socketio"]
     assert "pip install 'sticky-server[channels]'" in missing["sticky_server.adapters.channels"]
+    assert "pip install 'sticky-server[broadcaster]'" in missing["sticky_server.adapters.broadcaster"]
 
 
 def test_the_console_script_of_a_core_install_serves_a_wsgi_app(
