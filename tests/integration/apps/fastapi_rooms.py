@@ -46,7 +46,7 @@ async def chat(websocket: WebSocket, room: str) -> None:
 
         async def relay() -> None:
             async for event in subscriber:  # type: ignore[union-attr]
-                await websocket.send_text(event.message)
+                await websocket.send_text(event.message)  # type: ignore[union-attr]
 
         relaying = asyncio.create_task(relay())
         try:
@@ -66,6 +66,6 @@ async def events(room: str) -> EventSourceResponse:
         async with broadcast.subscribe(channel=f"room.{room}") as subscriber:
             yield {"event": "ready", "data": str(current_server().worker_id)}
             async for event in subscriber:  # type: ignore[union-attr]
-                yield {"data": event.message}
+                yield {"data": event.message}  # type: ignore[union-attr]
 
     return EventSourceResponse(stream())
