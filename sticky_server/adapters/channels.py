@@ -70,6 +70,8 @@ logger = logging.getLogger("sticky_server.channels")
 DROP_LOG_INTERVAL = 10.0
 _BYTES = "\x00bytes"  # a bytes value, base64 in JSON: {"\x00bytes": "..."} (no key a message of channels uses)
 _ALPHABET = string.ascii_lowercase + string.digits
+# Expired messages of channels nobody receives on, and expired memberships, are swept at most this often.
+SWEEP_INTERVAL = 1.0
 
 
 def _to_json(value: Any) -> Any:
@@ -133,6 +135,7 @@ class StickyChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._channels: dict[str, _Channel] = {}
         self._groups: dict[str, dict[str, float]] = {}  # group -> this worker's member channels -> joined at
         self._lock = threading.Lock()
+        self._next_sweep = 0.0
         self._dropped_log = ThrottledLog(
             logger,
             logging.WARNING,
@@ -179,8 +182,12 @@ class StickyChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
-                self._clean_expired()
+                self._sweep_now_and_then()
                 queue = self._channels.get(channel)
+                if queue is not None:
+                    now = time.time()
+                    while queue.messages and queue.messages[0][0] < now:
+                        queue.messages.popleft()  # expired
                 if queue is not None and queue.messages:
                     message = queue.messages.popleft()[2]
                     if not queue.messages and not queue.waiters:
@@ -212,6 +219,13 @@ class StickyChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         for waiter in waiters:
             wake(waiter)
         return True
+
+    def _sweep_now_and_then(self) -> None:
+        """``_clean_expired`` at most every ``SWEEP_INTERVAL``: each receive and delivery looks at its own part."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+            self._clean_expired()
 
     def _clean_expired(self) -> None:
         """Drop expired messages and expired memberships; under the lock."""
@@ -310,8 +324,9 @@ class StickyChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     def _deliver_to_group(self, group: str, expires: float, message: Any) -> None:
         with self._lock:
-            self._clean_expired()
-            members = list(self._groups.get(group, ()))
+            self._sweep_now_and_then()
+            joined_since = time.time() - self.group_expiry
+            members = [channel for channel, joined in self._groups.get(group, {}).items() if joined >= joined_since]
         if not members:
             return
         decoded = _from_json(message)
