@@ -44,7 +44,7 @@ def figures() -> Any:
         current[slot] = link
     supervisor.restarts[2] = 4
     counters = SlotCounters(handed_off={0: 7, 2: 5}, lost_no_room={2: 1}, accepted_by_workers=3)
-    yield collect(supervisor, current, counters, 12, "kernel")
+    yield collect(supervisor, current, counters, 12, "kernel", {1: 6})
     spawn.close()
 
 
@@ -55,6 +55,8 @@ def test_the_figures_per_slot_and_their_totals(figures: dict[str, Any]) -> None:
     assert figures["accepted"] == 15 and figures["handed_off"] == 12 and figures["live"] == 40
     assert figures["restarts"] == 4 and figures["lost_no_room"] == 1
     assert figures["workers"][0]["descriptor_limit"] == 1024
+    assert [worker["messages_dropped"] for worker in figures["workers"]] == [0, 6, 0]
+    assert figures["messages_dropped"] == 6
 
 
 def test_sigusr1_logs_one_line_for_the_master_and_one_per_slot(
@@ -71,6 +73,7 @@ def test_the_prometheus_text_names_every_slot(figures: dict[str, Any]) -> None:
     assert "sticky_server_workers 3\n" in text
     assert 'sticky_server_connections_live{slot="2"} 30\n' in text
     assert 'sticky_server_worker_up{slot="1"} 0\n' in text
+    assert 'sticky_server_messages_dropped_total{slot="1"} 6\n' in text
     assert "process_start_time_seconds " in text and text.endswith("\n")
 
 

@@ -53,6 +53,9 @@ class MessageRouter:
         self._queued = queued
         self._on_message = on_message
         self._max_message_size = max_message_size
+        # Per slot: messages for it that never reached a worker (none at that moment, the oldest of a backlog,
+        # or queued for one that died).
+        self.dropped: dict[int, int] = {}
         self._dropped_log = ThrottledLog(
             logger,
             logging.WARNING,
@@ -86,12 +89,19 @@ class MessageRouter:
     def _queue(self, slot: int, frame: bytes) -> bool:
         link = self._router.current_link(slot)
         if link is None or not link.connected:
+            self.dropped[slot] = self.dropped.get(slot, 0) + 1
             return False
         dropped = link.outbox.put_message_frame(frame, MAX_QUEUED_MESSAGE_BYTES)
         if dropped:
+            self.dropped[slot] = self.dropped.get(slot, 0) + dropped
             self._dropped_log.note(dropped, slot, MAX_QUEUED_MESSAGE_BYTES)
         self._queued(link)
         return True
+
+    def lost(self, slot: int, count: int) -> None:
+        """``count`` messages queued for ``slot``'s worker went with it: counted as dropped."""
+        if count:
+            self.dropped[slot] = self.dropped.get(slot, 0) + count
 
     def _check_size(self, body_size: int) -> None:
         if body_size > self._max_message_size:

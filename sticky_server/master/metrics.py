@@ -71,6 +71,12 @@ _PER_WORKER = [
         "moved",
     ),
     (
+        "sticky_server_messages_dropped_total",
+        "counter",
+        "Channel messages for the slot that never reached a worker (none then, or the oldest of a backlog).",
+        "messages_dropped",
+    ),
+    (
         "sticky_server_connections_lost_no_room_total",
         "counter",
         "Connections the kernel closed because the slot's worker was at its descriptor limit.",

@@ -29,9 +29,14 @@ class SlotCounters:
 
 
 def collect(
-    supervisor: Supervisor, current: Mapping[int, Link], counters: SlotCounters, accepted: int, steering: str
+    supervisor: Supervisor,
+    current: Mapping[int, Link],
+    counters: SlotCounters,
+    accepted: int,
+    steering: str,
+    messages_dropped: Mapping[int, int],
 ) -> dict[str, Any]:
-    """The figures of every slot (its current worker's) and the totals."""
+    """The figures of every slot (its current worker's) and the totals; ``messages_dropped`` by slot."""
     now = time.monotonic()
     slots: list[dict[str, Any]] = []
     for slot in range(supervisor.size):
@@ -48,6 +53,7 @@ def collect(
                 "descriptor_limit": link.descriptor_limit if link is not None else 0,
                 "lost_no_room": counters.lost_no_room.get(slot, 0),
                 "moved": counters.moved.get(slot, 0),
+                "messages_dropped": messages_dropped.get(slot, 0),
             }
         )
     return {
@@ -61,6 +67,7 @@ def collect(
         "restarts": sum(entry["restarts"] for entry in slots),
         "lost_no_room": sum(entry["lost_no_room"] for entry in slots),
         "moved": sum(entry["moved"] for entry in slots),
+        "messages_dropped": sum(entry["messages_dropped"] for entry in slots),
     }
 
 

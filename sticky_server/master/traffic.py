@@ -227,6 +227,7 @@ class Traffic:
         if not link.connected:
             return
         self._selector.unregister(link.worker.control)
+        self.messages.lost(link.worker.slot, link.outbox.queued_messages)  # (a worker gone with them unread)
         owed = link.close()
         self.busy.pop(link, None)
         self._park(link, owed)

@@ -117,6 +117,11 @@ class Outbox:
         self._control.append((encode(kind, payload, len(fds)), tuple(fds), tag))
         self.queued_fds += len(fds)
 
+    @property
+    def queued_messages(self) -> int:
+        """How many message frames wait (not yet started on the socket)."""
+        return len(self._messages)
+
     def put_message(self, kind: FrameKind, payload: bytes, max_bytes: int) -> int:
         """Queue one message frame; return how many older messages were dropped to stay under ``max_bytes``."""
         return self.put_message_frame(encode(kind, payload), max_bytes)

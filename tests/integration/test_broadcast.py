@@ -8,17 +8,24 @@
 - A FastAPI websocket chat with rooms on broadcaster's ``Broadcast`` with ``StickyBackend``:
   the same 20 clients, 400/400, and ``curl -N`` reading the room as server-sent events
   (sse-starlette) from 4 more addresses hears all 20 messages. Control: ``memory://``.
+- ``sticky_server.pubsub`` while a worker is killed mid-broadcast: the others hear every
+  message in order, a closed subscription gets nothing more, the master counts what the
+  dead worker's slot missed (``messages_dropped``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -129,3 +136,24 @@ def test_fastapi_rooms_on_broadcaster_reach_every_client_and_event_stream(start_
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_a_worker_killed_mid_broadcast_leaves_the_others_delivering(start_app: StartApp) -> None:
+    """Worker 1 publishes 4000 ticks of 1 kB over 2 s; worker 2 stops reading (SIGSTOP), then is killed. Workers
+    0 and 1 hear every tick in order; a subscription closed after 100 holds nothing more; the master counts
+    the ticks that went with worker 2 unread (its slot's ``messages_dropped``)."""
+    app = start_app(script=HERE / "apps" / "pubsub_app.py", env={"APP_MESSAGES": "4000", "APP_PAD": "1000"})
+    app.wait_for("PUBLISHING", 60)  # (after all three said READY)
+    pids = {int(slot): int(pid) for slot, pid in re.findall(r"READY (\d) (\d+)", "\n".join(app.lines))}
+    time.sleep(0.3)
+    os.kill(pids[2], signal.SIGSTOP)  # its socket fills, then the master queues for it
+    time.sleep(0.7)
+    os.kill(pids[2], signal.SIGKILL)
+    stats = json.loads(app.wait_for(r"STATS (\{.*\})", 60).group(1))
+    results = [json.loads(match) for match in re.findall(r"RESULT (\{.*\})", "\n".join(app.lines))]
+    for slot in (0, 1):
+        (result,) = [entry for entry in results if entry["slot"] == slot]
+        assert result["heard"] == 4000 and result["in_order"], result
+        assert result["early_closed"] and result["early_queued"] == 0, result
+    dropped = [worker["messages_dropped"] for worker in stats["workers"]]
+    assert dropped[0] == dropped[1] == 0 and dropped[2] > 0, dropped
