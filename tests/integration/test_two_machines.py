@@ -1,4 +1,4 @@
-"""Past one machine, on loopback: HAProxy in front of two sticky masters, python-socketio over Redis.
+"""Past one machine, on loopback: HAProxy in front of two sticky masters, python-socketio and Channels over Redis.
 
 The topology the README's "Scaling past one machine" describes, with the real
 programs from Debian's packages: HAProxy (``balance source``, ``hash-type
@@ -8,6 +8,8 @@ machines), each with 2 workers and ``proxy_protocol=True``; python-socketio's ow
 Every client (a distinct 127.x address, polling first and then websocket, a new
 TCP connection per request) must complete the handshake, which fails unless all
 its connections reach one worker of one master, and must hear every broadcast once.
+The same for the Django Channels tutorial's chat under the command, with channels-redis's
+layer on the same Redis (the one-machine layer, ``StickyChannelLayer``, swapped for it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +29,7 @@ import pytest
 from .conftest import StartApp
 from .harness import CLIENT_IPS, HERE, free_port, stop_process, wait_until
 from .socketio_clients import SHOUTS, chat
+from .websocket_chat import chat as websocket_chat
 
 pytest.importorskip("socketio")
 pytest.importorskip("redis")
@@ -120,3 +125,35 @@ def test_haproxy_in_front_of_two_masters_with_redis_broadcasts(
         assert len({who["worker"] for who in result["who"].values() if who["master"] == name}) == 2, result["who"]
     for ip in CLIENTS:
         assert sorted(result["heard"][ip]) == sorted(SHOUTS), (ip, machines[ip], result["heard"][ip])
+
+
+def test_haproxy_in_front_of_two_masters_with_the_channels_chat_on_channels_redis(
+    start_app: StartApp, daemon: Daemon, tmp_path: Path
+) -> None:
+    pytest.importorskip("channels_redis")
+    assert REDIS is not None and HAPROXY is not None
+    redis_port, port_a, port_b, front = free_port(), free_port(), free_port(), free_port()
+    daemon([REDIS, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], redis_port)
+    masters = {}
+    for name, port in (("a", port_a), ("b", port_b)):
+        command = [sys.executable, "-m", "sticky_server", "apps.django_chat:application", "--asgi", "-w", "2"]
+        command += ["-b", f"127.0.0.1:{port}", "--proxy-protocol", "--trusted-proxy", "127.0.0.1"]
+        env = {
+            "APP_NAME": name,
+            "APP_LAYER": "channels_redis.core.RedisChannelLayer",
+            "APP_LAYER_HOSTS": f"redis://127.0.0.1:{redis_port}/0",
+        }
+        masters[name] = start_app(env, command=[*command, "--graceful-timeout", "2"], cwd=HERE)
+    for server in masters.values():
+        server.wait_for(r"listening on 127\.0\.0\.1:\d+ with", 60)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(front=front, port_a=port_a, port_b=port_b))
+    daemon([HAPROXY, "-db", "-f", str(config)], front)
+
+    heard = asyncio.run(websocket_chat(front, "/ws/chat/lobby/", len(CLIENTS)))
+
+    for ip, messages in heard.items():
+        got = Counter(entry["message"] for entry in messages)
+        assert got == Counter({f"from {sender}": 1 for sender in heard}), (ip, got)
+    senders = {(entry["machine"], entry["worker"]) for messages in heard.values() for entry in messages}
+    assert {machine for machine, _ in senders} == {"a", "b"}, senders  # both machines sent to everyone

@@ -3,8 +3,9 @@
     sticky-server apps.django_chat:application --asgi -w 4
 
 CHANNEL_LAYERS names ``sticky_server.adapters.channels.StickyChannelLayer`` (APP_LAYER
-overrides the backend: channels' own ``InMemoryChannelLayer`` for the control run).
-Each message back also names the worker that sent it.
+overrides the backend: channels' own ``InMemoryChannelLayer`` for the control run, or
+channels-redis's ``RedisChannelLayer`` on the Redis at APP_LAYER_HOSTS for two
+machines). Each message back also names the worker and the machine (APP_NAME) that sent it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ settings.configure(
     MIDDLEWARE=[],
     INSTALLED_APPS=["channels"],
     CHANNEL_LAYERS={
-        "default": {"BACKEND": os.environ.get("APP_LAYER", "sticky_server.adapters.channels.StickyChannelLayer")}
+        "default": {
+            "BACKEND": os.environ.get("APP_LAYER", "sticky_server.adapters.channels.StickyChannelLayer"),
+            "CONFIG": {"hosts": [os.environ["APP_LAYER_HOSTS"]]} if os.environ.get("APP_LAYER_HOSTS") else {},
+        }
     },
 )
 django.setup()
@@ -54,7 +58,9 @@ class ChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         await self.channel_layer.group_send(self.room_group_name, {"type": "chat.message", "message": message})
 
     async def chat_message(self, event: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps({"message": event["message"], "worker": current_server().worker_id}))
+        worker = current_server().worker_id
+        machine = os.environ.get("APP_NAME", "")
+        await self.send(text_data=json.dumps({"message": event["message"], "worker": worker, "machine": machine}))
 
 
 application = ProtocolTypeRouter(
