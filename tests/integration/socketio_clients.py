@@ -15,8 +15,10 @@ CLIENTS = CLIENT_IPS[:20]
 SHOUTS = ["first", "second", "third"]
 
 
-async def chat(port: int, ips: list[str] = CLIENTS) -> dict[str, Any]:
-    """Connect a client from each address (polling first, then websocket), shout, collect what each heard."""
+async def chat(port: int, ips: list[str] = CLIENTS, patience: float = 1.0) -> dict[str, Any]:
+    """Connect a client from each address (polling first, then websocket), shout, collect what each heard.
+
+    ``patience`` scales every wait (a control run that expects broken clients need not wait them out)."""
     clients: dict[str, Any] = {}
     sessions = []
     heard: dict[str, list[str]] = {ip: [] for ip in ips}
@@ -32,7 +34,8 @@ async def chat(port: int, ips: list[str] = CLIENTS) -> dict[str, Any]:
         client.on("heard", handler=lambda data: heard[ip].append(data["text"]))
         try:
             url = f"http://127.0.0.1:{port}"
-            await asyncio.wait_for(client.connect(url, transports=["polling", "websocket"], wait_timeout=10), 20)
+            connecting = client.connect(url, transports=["polling", "websocket"], wait_timeout=10 * patience)
+            await asyncio.wait_for(connecting, 20 * patience)
             clients[ip] = client
         except Exception as exc:
             failures[ip] = repr(exc)
@@ -44,11 +47,11 @@ async def chat(port: int, ips: list[str] = CLIENTS) -> dict[str, Any]:
     try:
         # Broken clients (the control run) are recorded, not raised: the assertions judge.
         with contextlib.suppress(TimeoutError):
-            await wait_for(lambda: all(client.transport() == "websocket" for client in clients.values()), 15)
+            await wait_for(lambda: all(client.transport() == "websocket" for client in clients.values()), 15 * patience)
 
         async def whoami(ip: str, client: Any) -> None:
             try:
-                who[ip] = await client.call("whoami", timeout=5)
+                who[ip] = await client.call("whoami", timeout=5 * patience)
                 workers[ip] = who[ip]["worker"]
             except Exception as exc:
                 failures.setdefault(ip, f"whoami: {exc!r}")
@@ -59,7 +62,7 @@ async def chat(port: int, ips: list[str] = CLIENTS) -> dict[str, Any]:
                 with contextlib.suppress(Exception):
                     await list(clients.values())[n * 7 % len(clients)].emit("shout", text)
         with contextlib.suppress(TimeoutError):
-            await wait_for(lambda: all(len(heard[ip]) >= len(SHOUTS) for ip in clients), 20)
+            await wait_for(lambda: all(len(heard[ip]) >= len(SHOUTS) for ip in clients), 20 * patience)
         await asyncio.sleep(0.5)  # anything arriving twice would arrive now
         transports = {ip: client.transport() for ip, client in clients.items()}
     finally:
