@@ -16,7 +16,22 @@ class ConnectionHandler(Protocol):
     def add_connection(self, sock: socket.socket) -> object: ...
 
 
-class Worker:
+class _HTTPServing:
+    """What both base classes say about the HTTP server a worker runs."""
+
+    def close_each_response(self) -> bool:
+        """``route_by`` names a key (cookie, header, query, path): make each HTTP response end its connection.
+
+        Only the first request of a connection is routed by its key, so each request
+        must come on a connection of its own (``Connection: close``), or one for
+        another key on a kept-alive connection is served where the first one was.
+        Called before the first connection (and ``start``); return True once arranged. The adapters do; this
+        default cannot, and the worker logs a warning saying so.
+        """
+        return False
+
+
+class Worker(_HTTPServing):
     """Optional base class for worker objects; any object with ``add_connection`` works.
 
     Subclass it, build your server in ``__init__`` (without a listening socket:
@@ -33,17 +48,6 @@ class Worker:
         If it raises, the error is logged and the socket is closed.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement add_connection(sock)")
-
-    def close_each_response(self) -> bool:
-        """``route_by`` names a key (cookie, header, query, path): make each HTTP response end its connection.
-
-        Only the first request of a connection is routed by its key, so each request
-        must come on a connection of its own (``Connection: close``), or one for
-        another key on a kept-alive connection is served where the first one was.
-        Called before ``start``; return True once arranged. The adapters do; this
-        default cannot, and the worker logs a warning saying so.
-        """
-        return False
 
     def stop(self) -> None:
         """Called once when this worker is told to stop; finish in-flight work and return.
@@ -69,7 +73,7 @@ def check_worker(worker: object) -> ConnectionHandler:
     return worker  # type: ignore[return-value]
 
 
-class AsyncWorker:
+class AsyncWorker(_HTTPServing):
     """Base class for a worker that serves connections on an asyncio event loop.
 
     ``work()`` runs the loop (or ``await sticky.serve(worker)`` on yours). Override
@@ -79,17 +83,6 @@ class AsyncWorker:
 
     async def start(self) -> None:
         """Runs on the loop before the first connection; if it raises, the worker fails to boot."""
-
-    def close_each_response(self) -> bool:
-        """``route_by`` names a key (cookie, header, query, path): make each HTTP response end its connection.
-
-        Only the first request of a connection is routed by its key, so each request
-        must come on a connection of its own (``Connection: close``), or one for
-        another key on a kept-alive connection is served where the first one was.
-        Called before ``start``; return True once arranged. The adapters do; this
-        default cannot, and the worker logs a warning saying so.
-        """
-        return False
 
     async def add_connection(self, sock: socket.socket) -> None:
         """Serve ``sock`` (connected, no byte read), e.g. with ``loop.connect_accepted_socket``.

@@ -33,7 +33,7 @@ import pytest
 
 from .conftest import StartApp
 from .harness import CLIENT_IPS, HERE
-from .websocket_chat import chat
+from .websocket_chat import assert_each_heard_each_once, chat
 
 CLI_LISTENING = r"listening on 127\.0\.0\.1:(\d+) with"
 CLIENTS = 20
@@ -56,9 +56,7 @@ def test_the_channels_tutorial_chat_reaches_every_client_on_every_worker(start_a
         assert deliveries < CLIENTS * CLIENTS, "the in-memory layer reached every worker's clients"
         app.wait_for(r"InMemoryChannelLayer.*keeps each worker's.*StickyChannelLayer", 5)
         return
-    for ip, messages in heard.items():
-        got = Counter(entry["message"] for entry in messages)
-        assert got == Counter({f"from {sender}": 1 for sender in heard}), (ip, got)  # each once, none missing
+    assert_each_heard_each_once(heard, "message")
     assert deliveries == CLIENTS * CLIENTS
     assert len(workers) >= 3, workers  # the clients were spread over the workers
 
@@ -101,9 +99,7 @@ def test_fastapi_rooms_on_broadcaster_reach_every_client_and_event_stream(start_
             assert deliveries < CLIENTS * CLIENTS, "memory:// reached every worker's clients"
             app.wait_for(r"memory:// keeps each worker's subscribers to itself.*StickyBackend", 5)
             return
-        for ip, messages in heard.items():
-            got = Counter(entry["text"] for entry in messages)
-            assert got == Counter({f'{{"message": "from {sender}"}}': 1 for sender in heard}), (ip, got)
+        assert_each_heard_each_once(heard, "text", '{{"message": "from {}"}}')
         assert len({entry["worker"] for messages in heard.values() for entry in messages}) >= 3
         assert len(stream_workers) >= 2, stream_workers  # the event streams were served by other workers too
         for stream in streams:

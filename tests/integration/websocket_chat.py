@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from typing import Any
 
 import websockets
@@ -36,3 +37,11 @@ async def chat(
     for socket in sockets:
         await socket.close()
     return heard
+
+
+def assert_each_heard_each_once(heard: dict[str, list[dict[str, Any]]], key: str, said: str = "from {}") -> None:
+    """Every client heard every client's message (``said`` of its address, under ``key``) exactly once."""
+    expected = Counter({said.format(sender): 1 for sender in heard})
+    for ip, messages in heard.items():
+        got = Counter(entry[key] for entry in messages)
+        assert got == expected, (ip, got)
