@@ -1,7 +1,8 @@
-/* A load generator for bench/connections.py: one new TCP connection per request, epoll, no threads.
+/* A load generator for bench/connections.py and bench/peers.py: epoll, no threads.
  *
- *   client HOST PORT closed CONCURRENCY SECONDS SOURCES PROXY
- *   client HOST PORT burst  COUNT       TIMEOUT SOURCES PROXY
+ *   client HOST PORT closed    CONCURRENCY SECONDS SOURCES PROXY
+ *   client HOST PORT burst     COUNT       TIMEOUT SOURCES PROXY
+ *   client HOST PORT keepalive CONCURRENCY SECONDS SOURCES PROXY
  *
  * Each connection binds to one of SOURCES client addresses 127.0.0.2, 127.0.0.3, ...
  * (in turn), connects, writes "GET / HTTP/1.1" (after a PROXY v1 header naming that
@@ -13,6 +14,9 @@
  * burst:  open COUNT connections and write every request, print "queued N", wait for a
  *         line on stdin, then time until every answer is in (at most TIMEOUT seconds);
  *         prints "done OK ERRORS SECONDS P50_US P99_US" (latency from the go line).
+ * keepalive: CONCURRENCY kept-alive connections (each from the next of SOURCES addresses)
+ *         send "GET /" again as soon as each answer (by its Content-Length) is in, for
+ *         SECONDS; a connection the server closes is opened again. OK counts answers.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -38,12 +42,14 @@ struct conn {
     int fd;
     int state;
     int got;
-    char head[16];
+    char head[1024]; /* the answer's first bytes: its status line and (keepalive) its head */
+    long need;       /* keepalive: the answer's whole length, once its head is in (-1 before) */
     double started;
 };
 
 static struct sockaddr_in server;
-static int sources, proxy, server_port;
+static int sources, proxy, server_port, keepalive;
+static double stop_at;
 static long next_source;
 static double *latencies;
 static long latency_count, latency_cap, ok, errors;
@@ -76,6 +82,7 @@ static int open_conn(int ep, struct conn *c, double started) {
     }
     c->state = CONNECTING;
     c->got = 0;
+    c->need = -1;
     c->started = started;
     struct epoll_event ev = {.events = EPOLLOUT, .data.ptr = c};
     epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
@@ -93,7 +100,9 @@ static int send_request(struct conn *c) {
         inet_ntop(AF_INET, &local.sin_addr, ip, sizeof ip);
         n = snprintf(buf, sizeof buf, "PROXY TCP4 %s 127.0.0.1 %d %d\r\n", ip, ntohs(local.sin_port), server_port);
     }
-    n += snprintf(buf + n, sizeof buf - n, "GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    if (proxy && c->state != CONNECTING) n = 0; /* keepalive: the PROXY header went with the first request */
+    n += snprintf(buf + n, sizeof buf - n, keepalive ? "GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+                                                     : "GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
     return send(c->fd, buf, n, MSG_NOSIGNAL) == n ? 0 : -1;
 }
 
@@ -107,6 +116,43 @@ static void finish(int ep, struct conn *c, int success, double t) {
     } else {
         errors++;
     }
+}
+
+/* keepalive: the length of the answer whose head is in c->head (its head plus Content-Length), or -1. */
+static long answer_length(struct conn *c) {
+    int limit = c->got < (int)sizeof c->head ? c->got : (int)sizeof c->head;
+    char *end = memmem(c->head, limit, "\r\n\r\n", 4);
+    if (!end) return -1;
+    long body = 0;
+    for (char *line = c->head; line < end; line++) {
+        if ((line == c->head || line[-1] == '\n') && strncasecmp(line, "content-length:", 15) == 0) {
+            body = atol(line + 15);
+            break;
+        }
+    }
+    return (end - c->head) + 4 + body;
+}
+
+/* keepalive: an answer is in; count it, and send the next request (1: the connection is done). */
+static int answered(int ep, struct conn *c) {
+    double t = now();
+    int success = memcmp(c->head, "HTTP/1.1 200", 12) == 0;
+    if (success) {
+        ok++;
+        if (latency_count < latency_cap) latencies[latency_count++] = (t - c->started) * 1e6;
+    } else {
+        errors++;
+    }
+    c->got = 0;
+    c->need = -1;
+    c->started = t;
+    if (t >= stop_at || send_request(c) < 0) {
+        epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+        close(c->fd);
+        c->fd = -1;
+        return 1;
+    }
+    return 0;
 }
 
 /* Advance one connection on an event; returns 1 when it is finished. */
@@ -131,9 +177,19 @@ static int step(int ep, struct conn *c, unsigned events) {
             int keep = (int)sizeof c->head - c->got;
             if (keep > 0) memcpy(c->head + c->got, buf, n < keep ? n : keep);
             c->got += (int)n;
+            if (keepalive) {
+                if (c->need < 0) c->need = answer_length(c);
+                if (c->need >= 0 && c->got >= c->need && answered(ep, c)) return 1;
+            }
             continue;
         }
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+        if (keepalive && n == 0 && c->got == 0) { /* closed between answers: opened again, not an error */
+            epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+            close(c->fd);
+            c->fd = -1;
+            return 1;
+        }
         int success = n == 0 && c->got >= 12 && memcmp(c->head, "HTTP/1.1 200", 12) == 0;
         finish(ep, c, success, now());
         return 1;
@@ -153,7 +209,7 @@ static void report(double elapsed) {
 
 int main(int argc, char **argv) {
     if (argc != 8) {
-        fprintf(stderr, "usage: %s HOST PORT closed|burst N SECONDS SOURCES PROXY\n", argv[0]);
+        fprintf(stderr, "usage: %s HOST PORT closed|burst|keepalive N SECONDS SOURCES PROXY\n", argv[0]);
         return 2;
     }
     server.sin_family = AF_INET;
@@ -161,6 +217,7 @@ int main(int argc, char **argv) {
     server_port = atoi(argv[2]);
     server.sin_port = htons(server_port);
     int burst = strcmp(argv[3], "burst") == 0;
+    keepalive = strcmp(argv[3], "keepalive") == 0;
     long n = atol(argv[4]);
     double seconds = atof(argv[5]);
     sources = atoi(argv[6]);
@@ -174,7 +231,9 @@ int main(int argc, char **argv) {
     struct epoll_event events[512];
 
     if (!burst) {
-        double start = now(), stop_at = start + seconds, deadline = stop_at + 10;
+        double start = now(), deadline;
+        stop_at = start + seconds;
+        deadline = stop_at + 10;
         long active = 0;
         for (long i = 0; i < n; i++)
             if (open_conn(ep, &conns[i], now()) == 0) active++; else errors++, conns[i].fd = -1;

@@ -11,8 +11,11 @@ over R rounds, access logs off in all:
   nginx     nginx (worker_processes auto) with ``hash $remote_addr consistent`` and
             upstream keep-alive in front of N uvicorn processes on their own ports:
             python-socketio's documented deployment for several workers
+  nginx-1   the same with ``worker_processes 1``
   uvicorn   ``uvicorn --workers N``: one shared socket, not sticky (it breaks
             socket.io's long polling): the ceiling, not a choice for socket.io
+  granian   ``granian --interface asgi --workers N`` (a reference, not sticky either;
+            skipped, saying so, when granian is not installed)
   sticky    ``sticky-server bench.peers_app:app --asgi -w N``, as configured by
             default (on Linux the kernel path)
   sticky-master  the same with ``--steering master`` (every connection through the master)
@@ -23,8 +26,11 @@ The loads:
 
   keep-alive    ``wrk -t1 -c32``: requests over 32 kept-alive connections (one
                 client address, so the sticky servers put them all on one worker)
+  keep-alive-64 the C client's keep-alive mode: 64 kept-alive connections, each from
+                its own address (what production looks like)
   new-conn      the C client's closed loop: a new connection per request, 32 in
                 flight, from 64 client addresses
+  new-conn-250  the same from 250 client addresses
   websocket     32 websockets from 32 client addresses, each sending a message and
                 waiting for its echo, over and over (messages/s)
 
@@ -63,11 +69,15 @@ sys.path.insert(0, str(HERE))
 from connections import build_client, children_of, closed_loop  # noqa: E402
 
 HOST = "127.0.0.1"
-SERVERS = ("nginx", "uvicorn", "sticky", "sticky-master")
+SERVERS = ("nginx", "nginx-1", "uvicorn", "granian", "sticky", "sticky-master")
+LOADS = ("keep-alive", "keep-alive-64", "new-conn", "new-conn-250", "websocket")
+GRANIAN = shutil.which("granian") or (
+    str(Path(sys.executable).with_name("granian")) if Path(sys.executable).with_name("granian").exists() else None
+)
 ONE_ADDRESS_SERVERS = ("nginx", "sticky", "sticky-session", "sticky-session-master")
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 NGINX_CONFIG = """
-worker_processes auto;
+worker_processes {processes};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -132,20 +142,30 @@ class Server:
         self.processes: list[subprocess.Popen[bytes]] = []
         self.scratch = tempfile.mkdtemp(prefix=f"peers-{kind}-")
         quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        if kind == "nginx":
+        if kind in ("nginx", "nginx-1"):
             assert NGINX is not None
             ports = [free_port() for _ in range(workers)]
             for port in ports:
                 self.processes.append(subprocess.Popen(uvicorn_command("--port", str(port)), **quiet))  # type: ignore[call-overload]
             servers = "\n".join(f"        server {HOST}:{port};" for port in ports)
             config = Path(self.scratch, "nginx.conf")
-            config.write_text(NGINX_CONFIG.format(prefix=self.scratch, servers=servers, host=HOST, port=self.port))
+            processes = "1" if kind == "nginx-1" else "auto"
+            config.write_text(
+                NGINX_CONFIG.format(
+                    processes=processes, prefix=self.scratch, servers=servers, host=HOST, port=self.port
+                )
+            )
             self._wait(ports)
             command = [NGINX, "-p", self.scratch, "-c", str(config), "-g", "daemon off;"]
             self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
         elif kind == "uvicorn":
             command = uvicorn_command("--port", str(self.port), "--workers", str(workers))
             self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
+        elif kind == "granian":
+            assert GRANIAN is not None
+            command = [GRANIAN, "--interface", "asgi", "--workers", str(workers), "--host", HOST]
+            command += ["--port", str(self.port), "--log-level", "warning", "peers_app:app"]
+            self.processes.append(subprocess.Popen(command, cwd=HERE, **quiet))  # type: ignore[call-overload]
         else:
             session = ["--route-by", "engineio"] if kind.startswith("sticky-session") else []
             command = [
@@ -207,6 +227,17 @@ class _Endpoint:
 
     def processes(self) -> list[int]:
         return [self.process.pid]
+
+
+def c_client(port: int, mode: str, concurrency: int, seconds: int, sources: int) -> float:
+    """The C client (``bench/client.c``) in ``mode`` (closed, keepalive): answers per second."""
+    command = [str(build_client()), HOST, str(port), mode, str(concurrency), str(seconds), str(sources), "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True)
+    done = result.stdout.strip().splitlines()[-1].split()
+    ok, errors, elapsed = int(done[1]), int(done[2]), float(done[3])
+    if errors > ok // 100:
+        raise RuntimeError(f"{mode} from {sources} addresses: {errors} errors against {ok} answers")
+    return ok / elapsed
 
 
 def keep_alive(port: int, seconds: int) -> float:
@@ -311,10 +342,15 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     servers = [name for name in args.servers.split(",") if name]
-    if "nginx" in servers and NGINX is None:
-        print("nginx: skipped (not found: apt-get install nginx)")
-        servers.remove("nginx")
-    loads = ("keep-alive", "new-conn", "websocket")
+    for name, program, how in (
+        ("nginx", NGINX, "apt-get install nginx"),
+        ("nginx-1", NGINX, "apt-get install nginx"),
+        ("granian", GRANIAN, "pip install granian"),
+    ):
+        if name in servers and program is None:
+            print(f"{name}: skipped (not found: {how})")
+            servers.remove(name)
+    loads = LOADS
     results: dict[str, dict[str, list[float]]] = {name: {load: [] for load in loads} for name in servers}
     print(f"{args.workers} workers, {args.rounds} rounds of {args.seconds} s per load", flush=True)
     for round_ in range(args.rounds):
@@ -324,7 +360,9 @@ def main() -> None:
                 keep_alive(server.port, 1)  # warm-up
                 figures = {
                     "keep-alive": keep_alive(server.port, args.seconds),
+                    "keep-alive-64": c_client(server.port, "keepalive", 64, args.seconds, 64),
                     "new-conn": closed_loop(_Endpoint(server), 32, args.seconds)["rate"],  # type: ignore[arg-type]
+                    "new-conn-250": c_client(server.port, "closed", 32, args.seconds, 250),
                     "websocket": websocket_echo(server.port, args.seconds),
                 }
             finally:
@@ -338,11 +376,11 @@ def main() -> None:
             )
     median = {name: {load: statistics.median(values) for load, values in by.items()} for name, by in results.items()}
     print()
-    print(f"{'medians':<14}" + "".join(f"{load:>14}" for load in loads))
+    print(f"{'medians':<14}" + "".join(f"{load:>15}" for load in loads))
     for name, by in median.items():
-        print(f"{name:<14}" + "".join(f"{by[load]:>12.0f}/s" for load in loads))
+        print(f"{name:<14}" + "".join(f"{by[load]:>13.0f}/s" for load in loads))
     for name in ("sticky", "sticky-master"):
-        for base in ("nginx", "uvicorn"):
+        for base in ("nginx", "nginx-1", "uvicorn", "granian"):
             if base in median and name in median:
                 ratios = ", ".join(f"{load} {median[name][load] / median[base][load]:.2f}x" for load in loads)
                 print(f"{name} vs {base}: {ratios}")

@@ -21,7 +21,8 @@ BODY = b"Hello, world!"
 
 async def plain(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     if scope["type"] == "http":
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(BODY))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": BODY})
     elif scope["type"] == "websocket":
         await receive()  # websocket.connect

@@ -12,7 +12,8 @@ How it works. Each worker holds the channels its consumers receive on
 (``new_channel`` names carry the worker's slot and process: ``specific.sticky2-
 k3j9x0qa!Hd8...``) and the memberships of those channels. ``group_send`` is one
 message over the channel, relayed by the master to every worker, and each worker
-puts it on its own members' channels; a ``send`` or ``group_add`` for another
+puts it on its own members' channels (the sender's own members have it before
+``group_send`` returns, as with a broker); a ``send`` or ``group_add`` for another
 worker's channel travels the same way and only its owner acts on it. So a group
 spans the workers with no shared table, and a worker that restarts takes its
 channels and memberships with it (their consumers' connections went with it too).
@@ -264,10 +265,16 @@ class StickyChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             pubsub.publish(self._topic, {"discard": group, "channel": channel})
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
-        """Send ``message`` to every channel of ``group`` on every worker (a full channel misses it)."""
+        """Send ``message`` to every channel of ``group`` on every worker (a full channel misses it).
+
+        This layer's own members have it when this returns, as with a broker; the other
+        workers' as soon as the master relays it.
+        """
         assert isinstance(message, dict), "Message is not a dict"
         self.require_valid_group_name(group)
-        pubsub.publish(self._topic, {"group": group, "at": time.time() + self.expiry, "message": _to_json(message)})
+        payload, expires = _to_json(message), time.time() + self.expiry
+        self._deliver_to_group(group, expires, pubsub.checked_copy(payload))
+        pubsub.publish(self._topic, {"group": group, "at": expires, "message": payload, "from": self.process})
 
     def _join(self, group: str, channel: str) -> None:
         with self._lock:
@@ -308,7 +315,8 @@ class StickyChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if not isinstance(envelope, dict):
             return
         if "group" in envelope:
-            self._deliver_to_group(envelope["group"], envelope["at"], envelope["message"])
+            if envelope.get("from") != self.process:  # (its sender's own members had it at once)
+                self._deliver_to_group(envelope["group"], envelope["at"], envelope["message"])
         elif "send" in envelope:
             channel = envelope["send"]
             if self._is_mine(channel) and "!" in channel:
