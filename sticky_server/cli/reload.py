@@ -22,6 +22,8 @@ __all__ = ["POLL_SECONDS", "WATCHED_SUFFIXES", "Reloader"]
 logger = logging.getLogger("sticky_server.reload")
 
 POLL_SECONDS = 1.0
+# watchfiles yields at least this often (milliseconds): its first yield says the watch is in place.
+READY_TIMEOUT_MS = 200
 WATCHED_SUFFIXES = (".py",)
 _SKIPPED_FOLDERS = {".git", "__pycache__", ".venv", "venv", "node_modules", ".mypy_cache", ".ruff_cache"}
 
@@ -48,23 +50,20 @@ class Reloader:
         self._thread = threading.Thread(target=self._run, name="sticky-reload", daemon=True)
 
     def start(self) -> None:
-        try:
-            import watchfiles  # noqa: F401
-        except ImportError:
-            how = f"polling every {POLL_SECONDS:g} s (pip install watchfiles to be told at once)"
-        else:
-            how = "watchfiles"
+        """Watch from a thread of its own; it says so (INFO) once a change would be seen."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(POLL_SECONDS * 2)
+
+    def _announce(self, how: str) -> None:
         logger.info(
             "reloading the workers when a file matching %s under %s changes (%s)",
             " ".join(self.include),
             _listed(self.folders),
             how,
         )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(POLL_SECONDS * 2)
 
     def _run(self) -> None:
         try:
@@ -72,8 +71,20 @@ class Reloader:
         except ImportError:
             self._poll()
             return
-        for changes in watchfiles.watch(*self.folders, stop_event=self._stop, watch_filter=self._filter):
-            self._changed(sorted({Path(path) for _, path in changes}))
+        watching = watchfiles.watch(
+            *self.folders,
+            stop_event=self._stop,
+            watch_filter=self._filter,
+            yield_on_timeout=True,  # the first (empty) yield says the watch is in place
+            rust_timeout=READY_TIMEOUT_MS,
+        )
+        announced = False
+        for changes in watching:
+            if not announced:
+                self._announce("watchfiles")
+                announced = True
+            if changes:
+                self._changed(sorted({Path(path) for _, path in changes}))
 
     def _filter(self, change: object, path: str) -> bool:
         return self._watched(Path(path))
@@ -87,6 +98,7 @@ class Reloader:
 
     def _poll(self) -> None:
         seen = self._snapshot()
+        self._announce(f"polling every {POLL_SECONDS:g} s (pip install watchfiles to be told at once)")
         while not self._stop.wait(POLL_SECONDS):
             now = self._snapshot()
             changed = sorted(path for path in now.keys() | seen.keys() if now.get(path) != seen.get(path))

@@ -102,7 +102,8 @@ def test_lifecycle_hooks_see_workers_start_and_exit(start_app: StartApp) -> None
 def test_a_worker_that_stops_reading_gets_a_bounded_queue_and_loses_its_oldest_messages(
     start_app: StartApp,
 ) -> None:
-    server = start_app({**CHANNEL, "APP_WORKERS": "2", "APP_BLOCK_SLOT": "0", "APP_TIMEOUT": "0"})
+    env = {**CHANNEL, "APP_WORKERS": "2", "APP_BLOCK_SLOT": "0", "APP_TIMEOUT": "0", "APP_GRACEFUL": "2"}
+    server = start_app(env)  # (the stuck worker is killed after 2 s on stop, not 10)
     address = server.wait_listening()
     slot_ip = ip_for_each_slot(2)
     master = server.process.pid
