@@ -44,7 +44,8 @@ def figures() -> Any:
         current[slot] = link
     supervisor.restarts[2] = 4
     counters = SlotCounters(handed_off={0: 7, 2: 5}, lost_no_room={2: 1}, accepted_by_workers=3)
-    yield collect(supervisor, current, counters, 12, "kernel", {1: 6})
+    counters.messages_dropped[1] = 6
+    yield collect(supervisor, current, counters, 12, "kernel")
     spawn.close()
 
 

@@ -208,7 +208,9 @@ class StickyChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                         del self._channels[channel]
 
     def _put(self, channel: str, expires: float, message: dict[str, Any]) -> bool:
-        """Queue ``message`` on this worker's ``channel``; False when it is full."""
+        """Queue ``message`` on this worker's ``channel``; False when it is full (or the message expired)."""
+        if expires < time.time():
+            return False
         with self._lock:
             queue = self._channels.get(channel)
             if queue is None:
@@ -341,14 +343,14 @@ class StickyChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         full = 0
         for channel in members:
             # (each its own dict: a consumer may change its own)
-            if expires < time.time() or not self._put(channel, expires, dict(decoded)):
+            if not self._put(channel, expires, dict(decoded)):
                 full += 1
         if full:
             self.dropped += full
             logger.info("%s of %s channels over capacity in group %s", full, len(members), group)  # channels-redis's
 
     def _deliver(self, channel: str, expires: float, message: dict[str, Any]) -> None:
-        if expires < time.time() or not self._put(channel, expires, message):
+        if not self._put(channel, expires, message):
             self.dropped += 1
             self._dropped_log.note(1, channel)
 

@@ -471,14 +471,7 @@ class Dispatcher:
         """Live figures (README, Stats); call on the loop's thread."""
         steering = "kernel" if self._steering is not None else "master"
         traffic = self._traffic
-        return collect(
-            self._supervisor,
-            self._router.current,
-            traffic.counters,
-            self._acceptor.accepted,
-            steering,
-            traffic.messages.dropped,
-        )
+        return collect(self._supervisor, self._router.current, traffic.counters, self._acceptor.accepted, steering)
 
     def stats_from_any_thread(self, timeout: float = 1.0) -> dict[str, Any]:
         """``stats()``, asked of the loop from any thread (TimeoutError if it does not answer in ``timeout``)."""

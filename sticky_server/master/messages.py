@@ -48,14 +48,15 @@ class MessageRouter:
         queued: Callable[[Link], None],
         on_message: Callable[[int, Any], None],
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        dropped: dict[int, int] | None = None,
     ) -> None:
         self._router = router
         self._queued = queued
         self._on_message = on_message
         self._max_message_size = max_message_size
         # Per slot: messages for it that never reached a worker (none at that moment, the oldest of a backlog,
-        # or queued for one that died).
-        self.dropped: dict[int, int] = {}
+        # or queued for one that died); the stats' table (``SlotCounters.messages_dropped``) when given.
+        self.dropped: dict[int, int] = {} if dropped is None else dropped
         self._dropped_log = ThrottledLog(
             logger,
             logging.WARNING,

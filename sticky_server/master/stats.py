@@ -26,17 +26,13 @@ class SlotCounters:
     lost_no_room: dict[int, int] = field(default_factory=dict)  # hand-offs the kernel closed at the fd limit
     accepted_by_workers: int = 0  # kernel path: connections workers accepted from their own listeners
     moved: dict[int, int] = field(default_factory=dict)  # kernel path, route_by: sent back to be routed again
+    messages_dropped: dict[int, int] = field(default_factory=dict)  # channel messages that reached no worker
 
 
 def collect(
-    supervisor: Supervisor,
-    current: Mapping[int, Link],
-    counters: SlotCounters,
-    accepted: int,
-    steering: str,
-    messages_dropped: Mapping[int, int],
+    supervisor: Supervisor, current: Mapping[int, Link], counters: SlotCounters, accepted: int, steering: str
 ) -> dict[str, Any]:
-    """The figures of every slot (its current worker's) and the totals; ``messages_dropped`` by slot."""
+    """The figures of every slot (its current worker's) and the totals."""
     now = time.monotonic()
     slots: list[dict[str, Any]] = []
     for slot in range(supervisor.size):
@@ -53,7 +49,7 @@ def collect(
                 "descriptor_limit": link.descriptor_limit if link is not None else 0,
                 "lost_no_room": counters.lost_no_room.get(slot, 0),
                 "moved": counters.moved.get(slot, 0),
-                "messages_dropped": messages_dropped.get(slot, 0),
+                "messages_dropped": counters.messages_dropped.get(slot, 0),
             }
         )
     return {

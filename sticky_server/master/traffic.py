@@ -162,7 +162,11 @@ class Traffic:
         self.next_full_check: float | None = None
         self._decisions: list[Decision] = []
         self.messages = MessageRouter(
-            router, self.touched.add, lambda slot, message: run_hooks(hooks.message, slot, message), max_message_size
+            router,
+            self.touched.add,
+            lambda slot, message: run_hooks(hooks.message, slot, message),
+            max_message_size,
+            self.counters.messages_dropped,
         )
         self._handlers: dict[FrameKind, Callable[[Link, Frame], None]] = {
             FrameKind.READY: self._on_ready,

@@ -198,18 +198,26 @@ def curl_docs(port: int, docs: list[str]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-@pytest.mark.parametrize("route_by", ["path:2", "ip"])
+@pytest.mark.parametrize(("route_by", "over"), [("path:2", "tcp"), ("path:2", "unix"), ("ip", "tcp")])
 def test_behind_nginx_pooling_its_connections_each_document_reaches_its_worker(
-    start_app: StartApp, start_nginx: NginxStarter, route_by: str
+    start_app: StartApp, start_nginx: NginxStarter, shared_folder: Path, route_by: str, over: str
 ) -> None:
     """nginx keeps idle upstream connections and sends any client's next request (or websocket upgrade) on
     one: each response closing its connection, every request and upgrade is the first of its own.
     Control: by address, every document lands on the one worker of the client's address."""
-    backend = free_port()
     command = [sys.executable, "-m", "sticky_server", "apps.doc_app:app", "--asgi", "-w", "4"]
-    command += ["-b", f"127.0.0.1:{backend}", "--proxy-headers", "--route-by", route_by, "--graceful-timeout", "2"]
-    start_app(command=command, cwd=HERE).wait_for(CLI_LISTENING, 60)
-    port = start_nginx(f"127.0.0.1:{backend}", keepalive=True)
+    command += ["--route-by", route_by, "--graceful-timeout", "2"]
+    if over == "unix":
+        path = shared_folder / "docs.sock"
+        start_app(command=[*command, "--uds", str(path)], cwd=HERE).wait_for(r"listening on (\S+) with", 60)
+        upstream = f"unix:{path}"
+    else:
+        backend = free_port()
+        start_app(command=[*command, "-b", f"127.0.0.1:{backend}", "--proxy-headers"], cwd=HERE).wait_for(
+            CLI_LISTENING, 60
+        )
+        upstream = f"127.0.0.1:{backend}"
+    port = start_nginx(upstream, keepalive=True)
     docs = [f"doc-{n}" for n in range(12)]
     owners = [owner(doc) for doc in docs]
     assert len(set(owners)) >= 3
