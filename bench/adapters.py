@@ -2,9 +2,11 @@
 
     python bench/adapters.py [--adapters http,aiohttp,...] [--rounds R] [--seconds S] [--connections C]
 
-The ASGI adapter is measured on uvicorn's fast stack (``asgi``: httptools and uvloop, what
-the ``[asgi]`` extra installs) and on its plain one (``asgi-h11``: h11 on asyncio), each
-against uvicorn alone on the same stack.
+Every adapter on an event loop is measured on both stacks, each against the framework
+alone on the same stack: the fast one its extra installs (``asgi``: uvicorn with httptools
+on uvloop; ``aiohttp``, ``tornado``, ``asyncio``: on uvloop) and the plain one
+(``asgi-plain``: h11 on asyncio's loop; ``aiohttp-plain``, ``tornado-plain``,
+``asyncio-plain``: asyncio's loop), what ``--http h11 --loop asyncio`` gives.
 
 Needs ``wrk`` (Debian: ``apt-get install wrk``) and the frameworks (``pip install -e '.[test]'``).
 
@@ -44,10 +46,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
-ADAPTERS = ("http", "wsgi", "gunicorn", "asyncio", "aiohttp", "asgi", "asgi-h11", "tornado")
-# The ASGI rows: uvicorn's fast stack (httptools, uvloop: what the [asgi] extra installs and
-# uvicorn picks by itself) and its plain one (h11 on asyncio), the same on both sides.
-ASGI_STACKS = {"asgi": ("httptools", "uvloop"), "asgi-h11": ("h11", "asyncio")}
+ON_A_LOOP = ("asyncio", "aiohttp", "asgi", "tornado")
+ADAPTERS = ("http", "wsgi", "gunicorn", *ON_A_LOOP, *(f"{name}-plain" for name in ON_A_LOOP))
+# What an adapter on a loop runs on, the same on both sides: the fast stack where its extra
+# installs it (uvloop; httptools for uvicorn), and the plain one (asyncio's loop; h11).
 BODY = b"Hello, world!"
 HOST = "127.0.0.1"
 
@@ -113,8 +115,24 @@ def tornado_app() -> Any:
     return web.Application([(r"/", Hello)])
 
 
+def stack(adapter: str) -> tuple[str, str]:
+    """``(framework, loop)``: ``("asgi", "uvloop")`` for ``asgi``, ``("asgi", "asyncio")`` for ``asgi-plain``."""
+    framework, plain, _ = adapter.partition("-plain")
+    return framework, "asyncio" if plain else "uvloop"
+
+
+def run_loop(main: Any, loop: str) -> None:
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def serve_direct(adapter: str, port: int) -> None:
     print("READY", flush=True)
+    adapter, loop = stack(adapter)
     if adapter == "http":
         ThreadingHTTPServer((HOST, port), HelloHandler).serve_forever()
     elif adapter == "wsgi":
@@ -137,23 +155,29 @@ def serve_direct(adapter: str, port: int) -> None:
             server = await asyncio.start_server(stream_handler, HOST, port)
             await server.serve_forever()
 
-        asyncio.run(main())
+        run_loop(main(), loop)
     elif adapter == "aiohttp":
         from aiohttp import web
 
-        web.run_app(aiohttp_app(), host=HOST, port=port, print=None, access_log=None)
-    elif adapter in ASGI_STACKS:
+        async def serve_aiohttp() -> None:
+            runner = web.AppRunner(aiohttp_app(), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, HOST, port).start()
+            await asyncio.Event().wait()
+
+        run_loop(serve_aiohttp(), loop)
+    elif adapter == "asgi":
         import uvicorn
 
-        http, loop = ASGI_STACKS[adapter]
+        http = "httptools" if loop == "uvloop" else "h11"
         uvicorn.run(asgi_app, host=HOST, port=port, log_level="warning", access_log=False, http=http, loop=loop)
     elif adapter == "tornado":
 
-        async def main() -> None:
+        async def serve_tornado() -> None:
             tornado_app().listen(port, HOST)
             await asyncio.Event().wait()
 
-        asyncio.run(main())
+        run_loop(serve_tornado(), loop)
 
 
 def serve_gunicorn(port: int) -> None:
@@ -173,6 +197,7 @@ def serve_gunicorn(port: int) -> None:
 
 
 def sticky_worker(adapter: str) -> Any:
+    adapter, loop = stack(adapter)
     if adapter == "http":
         from sticky_server.adapters.stdlib import HTTPWorker
 
@@ -193,10 +218,11 @@ def sticky_worker(adapter: str) -> Any:
         from sticky_server.adapters.aiohttp import AiohttpWorker
 
         return AiohttpWorker(aiohttp_app(), access_log=None)
-    if adapter in ASGI_STACKS:
+    if adapter == "asgi":
         from sticky_server.adapters.asgi import ASGIWorker
 
-        return ASGIWorker(asgi_app, log_level="warning", access_log=False, http=ASGI_STACKS[adapter][0])
+        http = "httptools" if loop == "uvloop" else "h11"
+        return ASGIWorker(asgi_app, log_level="warning", access_log=False, http=http)
     from sticky_server.adapters.tornado import TornadoWorker
 
     return TornadoWorker(tornado_app())
@@ -206,15 +232,12 @@ def serve_sticky(adapter: str, port: int) -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from sticky_server import StickyServer
 
-    sticky = StickyServer(workers=1, graceful_timeout=5)
+    # loop="auto" would pick uvloop by itself (the fast rows); named here so both rows say what they run.
+    sticky = StickyServer(workers=1, graceful_timeout=5, loop=stack(adapter)[1])
     if sticky.is_master:
         sticky.on_listening(lambda address: print("READY", flush=True))
         sticky.listen(port, host=HOST)
     else:
-        if adapter in ASGI_STACKS and ASGI_STACKS[adapter][1] == "uvloop":
-            import uvloop
-
-            uvloop.install()  # as the command's --loop auto does
         sticky.work(sticky_worker(adapter))
 
 
@@ -326,7 +349,7 @@ def main() -> None:
     print(f"{args.rounds} rounds, {args.seconds} s each, {args.connections} keep-alive connections, wrk -t1")
     print("latency: p99 under that load, and p50 over one connection (2 s), direct/sticky, in ms")
     print(
-        f"{'adapter':<9} {'direct req/s':>13} {'sticky req/s':>13} {'ratio':>7} {'p99 ms':>13} {'1-conn p50 ms':>15}"
+        f"{'adapter':<14} {'direct req/s':>13} {'sticky req/s':>13} {'ratio':>7} {'p99 ms':>13} {'1-conn p50 ms':>15}"
         "   rounds (direct/sticky req/s)"
     )
     for adapter in adapters:
@@ -340,7 +363,7 @@ def main() -> None:
         d50, s50 = (statistics.median(one.p50 for _, one in side) / 1000 for side in (direct, sticky))
         rounds = " ".join(f"{a.rate:.0f}/{b.rate:.0f}" for (a, _), (b, _) in zip(direct, sticky, strict=True))
         print(
-            f"{adapter:<9} {d:>13.0f} {s:>13.0f} {s / d:>7.3f} {d99:>6.2f}/{s99:<6.2f} {d50:>7.3f}/{s50:<7.3f}"
+            f"{adapter:<14} {d:>13.0f} {s:>13.0f} {s / d:>7.3f} {d99:>6.2f}/{s99:<6.2f} {d50:>7.3f}/{s50:<7.3f}"
             f"   {rounds}",
             flush=True,
         )

@@ -43,4 +43,4 @@ __all__ = [
     "time_left_to_stop",
 ]
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"

@@ -36,6 +36,7 @@ from .worker.asyncio_loop import AsyncWorkerRuntime
 from .worker.base import ConnectionHandler, check_worker, is_async_worker
 from .worker.channel import WorkerChannel
 from .worker.environment import worker_identity
+from .worker.event_loop import run_on_chosen_loop
 from .worker.selector_loop import WorkerRuntime
 from .worker.session import DEFAULT_STOP_SECONDS, WorkerSession, exit_on_boot_failure
 from .working import Runtime, start_runtime
@@ -96,6 +97,9 @@ class StickyServer:
     instead of by address alone (``"engineio"``, ``"cookie:NAME"``, ``"header:NAME"``,
     ``"query:NAME"``, ``"path:N"``; see the README, Sticky by session); new sessions are
     placed by IP hash with bounded loads (``session_load_factor``, default 0.25).
+    ``loop``: the event loop of an asynchronous worker (``work()``): ``"auto"`` is
+    uvloop when installed (unless the program set an event loop policy, or a proxy
+    setting names clients: uvloop would lose them), ``"asyncio"``, ``"uvloop"``.
     ``unix_socket_mode``: the file mode of ``unix:`` binds (default ``0o666``, as
     uvicorn: a proxy running as another user, such as nginx's www-data, can connect).
     """
@@ -125,6 +129,7 @@ class StickyServer:
         unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE,
         route_by: str | RouteBy | None = None,
         session_load_factor: float = DEFAULT_LOAD_FACTOR,
+        loop: str = "auto",
     ) -> None:
         settings = ServerSettings(
             workers,
@@ -147,6 +152,7 @@ class StickyServer:
             unix_socket_mode=unix_socket_mode,
             route_by=route_by,
             session_load_factor=session_load_factor,
+            loop=loop,
         )
         self.settings = settings  # checked and resolved; what every part is built from
         assert settings.workers is not None
@@ -294,11 +300,11 @@ class StickyServer:
         it has one) or goes away. Raises TypeError at once if ``worker`` has no
         callable ``add_connection``. An asynchronous worker (an ``AsyncWorker``,
         or one whose ``start``, ``add_connection`` or ``stop`` is ``async def``)
-        runs on a new asyncio event loop: ``asyncio.run(sticky.serve(worker))``.
+        runs on a new event loop (``loop``): ``asyncio.run(sticky.serve(worker))``.
         """
         handler = self._worker_check(worker)
         if is_async_worker(handler):
-            asyncio.run(self.serve(handler))
+            run_on_chosen_loop(self.serve(handler), self.settings.loop, self.settings.tells_the_client)
             return
         self._runtime(WorkerRuntime, handler).run()
 

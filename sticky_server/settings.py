@@ -28,6 +28,7 @@ from .protocol.messages import DEFAULT_MAX_MESSAGE_SIZE
 from .proxy import DEFAULT_TRUSTED_PROXIES, ClientAddressSettings, TrustedProxies
 from .sessions import DEFAULT_LOAD_FACTOR, RouteBy, SessionBalancer
 from .steering import STEERINGS
+from .worker.event_loop import check_loop
 
 __all__ = [
     "DEFAULT_GRACEFUL_TIMEOUT",
@@ -151,6 +152,7 @@ class ServerSettings:
     unix_socket_mode: int = DEFAULT_UNIX_SOCKET_MODE
     route_by: str | RouteBy | None = None
     session_load_factor: float = DEFAULT_LOAD_FACTOR
+    loop: str = "auto"
     # Resolved from the above when made.
     client_addresses: ClientAddressSettings | None = dataclasses.field(init=False, repr=False, compare=False)
     user_id: int | None = dataclasses.field(init=False, repr=False, compare=False)
@@ -202,6 +204,7 @@ class ServerSettings:
         resolved["route_by"] = route
         resolved["client_addresses"] = addresses
         resolved["balancer"] = balancer
+        check_loop(self.loop, addresses is not None and addresses.names_clients)
         resolved["user_id"] = user_id(self.user)
         resolved["group_id"] = group_id(self.group, resolved["user_id"])
         for name, value in resolved.items():

@@ -6,7 +6,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from sticky_server import StickyServer
+
 from .worker_harness import Master
+
+
+@pytest.fixture(autouse=True)
+def no_current_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no StickyServer made in this process: pubsub's hub follows the first one made."""
+    monkeypatch.setattr(StickyServer, "_current", None)
 
 
 @pytest.fixture

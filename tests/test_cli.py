@@ -194,29 +194,17 @@ def test_check_config_prints_the_settings_in_effect(capsys: pytest.CaptureFixtur
     assert lines["bind"] == "['127.0.0.1:8000']"
 
 
-def test_loop_auto_takes_uvloop_only_when_installed(mocker: MockerFixture) -> None:
-    import asyncio
-    import sys
+def test_loop_refusals_speak_in_options(capsys: pytest.CaptureFixture[str], mocker: MockerFixture) -> None:
+    from sticky_server.cli import main
 
-    from sticky_server.cli.run import _choose_loop
-
-    set_policy = mocker.patch.object(asyncio, "set_event_loop_policy")
-    mocker.patch.dict(sys.modules, {"uvloop": None})  # not installed
-    _choose_loop("auto")
-    set_policy.assert_not_called()
-    with pytest.raises(SystemExit, match="--loop uvloop needs uvloop: pip install uvloop"):
-        _choose_loop("uvloop")
-    fake = mocker.MagicMock()
-    mocker.patch.dict(sys.modules, {"uvloop": fake})
-    _choose_loop("auto")
-    set_policy.assert_called_once_with(fake.EventLoopPolicy.return_value)
-    _choose_loop("asyncio")
-    assert set_policy.call_count == 1
-    # Behind a proxy setting the app must see the client the proxy named: uvloop would lose it.
-    _choose_loop("auto", tells_the_client=True)
-    assert set_policy.call_count == 1
-    with pytest.raises(SystemExit, match="uvloop's transports take the peer from the descriptor"):
-        _choose_loop("uvloop", tells_the_client=True)
+    with pytest.raises(SystemExit):
+        main(["m:f", "--loop", "uvloop", "--proxy-protocol", "--check-config"])
+    err = capsys.readouterr().err
+    assert "--loop uvloop: behind --proxy-protocol or a forwarded header" in err
+    mocker.patch("importlib.util.find_spec", return_value=None)
+    with pytest.raises(SystemExit):
+        main(["m:f", "--loop", "uvloop", "--check-config"])
+    assert "--loop uvloop needs uvloop: pip install uvloop" in capsys.readouterr().err
 
 
 GUNICORN_CONF = """

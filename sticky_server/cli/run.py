@@ -16,7 +16,6 @@ starting, and the command exits 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import inspect
 import json
 import logging
@@ -189,6 +188,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         unix_socket_mode=DEFAULT_UNIX_SOCKET_MODE & ~(args.umask or 0),
         route_by=args.route_by,
         session_load_factor=args.session_load_factor,
+        loop=args.loop,
         **({"backlog": args.backlog} if args.backlog else {}),
     )
 
@@ -233,43 +233,11 @@ def _work(args: argparse.Namespace, sticky: StickyServer) -> int:
             print_user_error(f"sticky-server: importing {args.target} failed:", exc)
         return EXIT_BOOT_FAILURE
     run_hook(args.hooks, "post_worker_init", me)
-    _choose_loop(args.loop, sticky.settings.tells_the_client)
     try:
         sticky.work(worker)
     finally:
         run_hook(args.hooks, "worker_exit", server, me)
     return 0
-
-
-# Why uvloop cannot serve here: its transports read the peer from the descriptor, not from the
-# socket object, so the client a PROXY header (or a forwarded header, for the frameworks that do
-# not read it themselves) named would be lost: the app would see the proxy's address.
-_UVLOOP_LOSES_THE_CLIENT = (
-    "behind --proxy-protocol or --forwarded-header the app must see the client the proxy named, and uvloop's "
-    "transports take the peer from the descriptor, not from the socket the master handed over"
-)
-
-
-def _choose_loop(choice: str, tells_the_client: bool = False) -> None:
-    """``--loop``: uvloop for the asyncio workers when asked, or when installed (``auto``, as uvicorn).
-
-    ``tells_the_client``: handed-off sockets carry a client the proxy named (``_UVLOOP_LOSES_THE_CLIENT``):
-    ``auto`` stays on asyncio then, and ``uvloop`` is refused.
-    """
-    if choice == "asyncio":
-        return
-    if tells_the_client:
-        if choice == "uvloop":
-            raise SystemExit(f"sticky-server: --loop uvloop: {_UVLOOP_LOSES_THE_CLIENT}; use --loop asyncio (or auto)")
-        logger.debug("the asyncio loop, not uvloop: %s", _UVLOOP_LOSES_THE_CLIENT)
-        return
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise SystemExit("sticky-server: --loop uvloop needs uvloop: pip install uvloop") from None
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def _preload(args: argparse.Namespace) -> int | None:

@@ -193,6 +193,7 @@ _FLAGS = {
     "backlog": "--backlog",
     "balancer": "--balancer",
     "steering": "--steering",
+    "loop": "--loop",
     "user": "--user",
     "group": "--group",
 }

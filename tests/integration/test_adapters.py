@@ -35,6 +35,7 @@ ADAPTER_APP = HERE / "apps" / "adapter_app.py"
 WORKERS = 2
 ADAPTERS = ["http", "wsgi", "gunicorn", "asyncio", "aiohttp", "asgi", "tornado"]
 WEBSOCKETS = {"gunicorn", "aiohttp", "asgi", "tornado"}
+ASYNC_ADAPTERS = {"asyncio", "aiohttp", "asgi", "tornado"}
 NO_KEEP_ALIVE = {"wsgi"}  # wsgiref: HTTP/1.0, one request per connection
 TIMEOUT = 15.0
 
@@ -88,6 +89,8 @@ def check_requests(adapter: str, address: tuple[str, int], ips: list[str], tls: 
                 assert reply["slot"] == expected_slot(ip), f"{adapter}: {ip} landed on slot {reply['slot']}"
                 assert reply["client"][0] == ip, f"{adapter}: the app saw {reply['client']} for {ip}"
                 assert reply["started"], f"{adapter}: the app's startup did not run before serving"
+                # work() runs an asynchronous worker on uvloop, installed with the test extra (loop="auto").
+                assert reply["loop"] == ("uvloop" if adapter in ASYNC_ADAPTERS else None), reply
             if adapter not in NO_KEEP_ALIVE:
                 # Three answers from one process, to the one client port: one connection, kept alive.
                 assert len({reply["pid"] for reply in replies}) == 1

@@ -176,6 +176,7 @@ def test_asgi_app_with_one_command(start_app: StartApp, steering: str) -> None:
         finally:
             conn.close()
         assert reply["client"] == ip and reply["started"]
+        assert reply["loop"] == "uvloop"  # installed with the test extra: the fast stack without a flag
     assert server.stop(TIMEOUT + 10) == 0
 
 

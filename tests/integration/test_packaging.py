@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,3 +196,23 @@ def test_the_asgi_extra_brings_what_the_asgi_adapter_needs(distributions: dict[s
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_extra_that_serves_http_brings_the_fast_stack(distributions: dict[str, Path]) -> None:
+    # What the wheel declares: the extras that put an app on an event loop bring uvloop, uvicorn's bring httptools.
+    with zipfile.ZipFile(distributions["wheel"]) as wheel:
+        metadata = next(name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
+        requires = [line for line in wheel.read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")]
+
+    def brings(extra: str) -> set[str]:
+        named = [line.split(":", 1)[1].strip() for line in requires if f'extra == "{extra}"' in line]
+        return {re.split(r"[\s\[<>=;]", requirement, maxsplit=1)[0].lower() for requirement in named}
+
+    assert {"uvicorn", "websockets", "httptools", "uvloop"} <= brings("asgi")
+    assert {"httptools", "uvloop"} <= brings("socketio")
+    assert {"aiohttp", "uvloop"} <= brings("aiohttp")
+    assert any("aiohttp[speedups]" in line and 'extra == "aiohttp"' in line for line in requires), requires
+    assert {"tornado", "uvloop"} <= brings("tornado")
+    # matplotlib draws bench/peers.py's chart: the bench extra's, never the library's.
+    assert "matplotlib" in brings("bench")
+    assert not any("matplotlib" in line and "extra ==" not in line for line in requires)

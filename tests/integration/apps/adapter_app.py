@@ -62,6 +62,10 @@ def slow_started(slot: int) -> None:
 
 def reply(slot: int, client: tuple[str, int], started: bool) -> bytes:
     body = {"adapter": ADAPTER, "slot": slot, "pid": os.getpid(), "client": list(client), "started": started}
+    try:
+        body["loop"] = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    except RuntimeError:  # a worker of threads
+        body["loop"] = None
     return json.dumps(body).encode()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -36,7 +37,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     elif scope["type"] == "http":
-        body = json.dumps({"pid": os.getpid(), "client": scope["client"][0], "started": STATE["started"]}).encode()
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        body = json.dumps(
+            {"pid": os.getpid(), "client": scope["client"][0], "started": STATE["started"], "loop": loop}
+        ).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
 
