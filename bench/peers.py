@@ -1,6 +1,6 @@
 """What a python-socketio user would otherwise run, against sticky_server, on the same app and the same loads.
 
-    python bench/peers.py [--workers N] [--rounds R] [--seconds S]
+    python bench/peers.py [--workers N] [--rounds R] [--seconds S] [--stack fast|plain|both] [--chart out.png]
 
 Needs nginx (``apt-get install nginx``; without it that row is skipped, saying so),
 wrk (``apt-get install wrk``) and gcc (``bench/client.c``). The app is
@@ -34,7 +34,16 @@ The loads:
   websocket     32 websockets from 32 client addresses, each sending a message and
                 waiting for its echo, over and over (messages/s)
 
-It prints medians and every server's ratio to nginx and to uvicorn.
+The stacks (``--stack``, default ``fast``): ``fast`` is what the ``[asgi]`` extra
+installs and uvicorn and the command pick by themselves (httptools on uvloop), ``plain``
+is h11 on asyncio's loop (``--http h11 --loop asyncio`` everywhere; granian has no such
+choice and runs in neither); ``both`` runs every server on each.
+
+It prints medians, every server's ratio to nginx and to uvicorn, and with every round
+how the work split over the worker processes (each one's share of the CPU time the
+workers spent in that load: the closed loops are bound by the busier one). ``--chart
+PATH`` also draws the medians side by side as a PNG (needs matplotlib: ``pip install
+-e '.[bench]'``).
 
 ``--one-address N`` runs another load instead: N socket.io clients (Node's
 ``socket.io-client``, ``bench/one_address.js``) behind ONE address, one shared
@@ -49,6 +58,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -61,12 +71,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from connections import build_client, children_of, closed_loop  # noqa: E402
+from connections import build_client, children_of, closed_loop, cpu_seconds  # noqa: E402
 
 HOST = "127.0.0.1"
 SERVERS = ("nginx", "nginx-1", "uvicorn", "granian", "sticky", "sticky-master")
@@ -119,7 +130,10 @@ def answers(port: int) -> bool:
         return False
 
 
-def uvicorn_command(*args: str) -> list[str]:
+STACKS = {"fast": ["--http", "httptools", "--loop", "uvloop"], "plain": ["--http", "h11", "--loop", "asyncio"]}
+
+
+def uvicorn_command(stack: str, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -130,6 +144,7 @@ def uvicorn_command(*args: str) -> list[str]:
         "--no-access-log",
         "--log-level",
         "warning",
+        *STACKS[stack],
         *args,
     ]
 
@@ -137,8 +152,9 @@ def uvicorn_command(*args: str) -> list[str]:
 class Server:
     """One server under test, with every process it started (stopped by pid)."""
 
-    def __init__(self, kind: str, workers: int) -> None:
+    def __init__(self, kind: str, workers: int, stack: str = "fast") -> None:
         self.port = free_port()
+        self.kind = kind
         self.processes: list[subprocess.Popen[bytes]] = []
         self.scratch = tempfile.mkdtemp(prefix=f"peers-{kind}-")
         quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
@@ -146,7 +162,8 @@ class Server:
             assert NGINX is not None
             ports = [free_port() for _ in range(workers)]
             for port in ports:
-                self.processes.append(subprocess.Popen(uvicorn_command("--port", str(port)), **quiet))  # type: ignore[call-overload]
+                command = uvicorn_command(stack, "--port", str(port))
+                self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
             servers = "\n".join(f"        server {HOST}:{port};" for port in ports)
             config = Path(self.scratch, "nginx.conf")
             processes = "1" if kind == "nginx-1" else "auto"
@@ -159,7 +176,7 @@ class Server:
             command = [NGINX, "-p", self.scratch, "-c", str(config), "-g", "daemon off;"]
             self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
         elif kind == "uvicorn":
-            command = uvicorn_command("--port", str(self.port), "--workers", str(workers))
+            command = uvicorn_command(stack, "--port", str(self.port), "--workers", str(workers))
             self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
         elif kind == "granian":
             assert GRANIAN is not None
@@ -185,6 +202,7 @@ class Server:
                 "warning",
                 "--steering",
                 "master" if kind.endswith("master") else "auto",
+                *STACKS[stack],
                 *session,
             ]
             self.processes.append(subprocess.Popen(command, cwd=REPO, **quiet))  # type: ignore[call-overload]
@@ -201,6 +219,12 @@ class Server:
                     raise RuntimeError(f"port {port} does not answer")
                 time.sleep(0.1)
 
+    def workers(self) -> list[int]:
+        """The processes that run the app: nginx's uvicorns, else the server's children that serve."""
+        if self.kind.startswith("nginx"):
+            return [process.pid for process in self.processes[:-1]]
+        return [pid for pid in children_of(self.processes[-1].pid) if _serves(pid)]
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             descendants = children_of(process.pid)
@@ -215,6 +239,32 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _serves(pid: int) -> bool:
+    # multiprocessing's resource tracker is a child of uvicorn --workers too.
+    try:
+        return b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class Split:
+    """Each worker process's share of the CPU time the workers spent between ``__init__`` and ``shares``."""
+
+    def __init__(self, server: Server) -> None:
+        self.pids = server.workers()
+        self.before = [cpu_seconds(pid) for pid in self.pids]
+
+    def shares(self) -> list[float]:
+        spent = [cpu_seconds(pid) - before for pid, before in zip(self.pids, self.before, strict=True)]
+        total = sum(spent) or 1.0
+        return sorted((share / total for share in spent), reverse=True)
+
+
+def measured(server: Server, load: Callable[[], float]) -> tuple[float, list[float]]:
+    split = Split(server)
+    return load(), split.shares()
 
 
 class _Endpoint:
@@ -324,12 +374,66 @@ def one_address_rounds(servers: list[str], workers: int, rounds: int, count: int
         print(f"{name:<22} median {statistics.median(values):7.0f} ms until all {count} are served")
 
 
+def run_loads(server: Server, seconds: int) -> dict[str, tuple[float, list[float]]]:
+    """Every load against ``server``: answers (or messages) per second, and the workers' CPU split."""
+    keep_alive(server.port, 1)  # warm-up
+    port = server.port
+    return {
+        "keep-alive": measured(server, lambda: keep_alive(port, seconds)),
+        "keep-alive-64": measured(server, lambda: c_client(port, "keepalive", 64, seconds, 64)),
+        "new-conn": measured(server, lambda: closed_loop(_Endpoint(server), 32, seconds)["rate"]),  # type: ignore[arg-type]
+        "new-conn-250": measured(server, lambda: c_client(port, "closed", 32, seconds, 250)),
+        "websocket": measured(server, lambda: websocket_echo(port, seconds)),
+    }
+
+
+def row_name(name: str, stack: str) -> str:
+    return name if stack == "fast" else f"{name} (plain)"
+
+
+def chart(path: str, median: dict[str, dict[str, float]], title: str) -> None:
+    """The medians side by side, one group of bars per load (matplotlib, from the bench extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--chart needs matplotlib: pip install -e '.[bench]'") from None
+    rows = list(median)
+    figure, axes = plt.subplots(figsize=(11, 5.5), dpi=110)
+    width = 0.8 / len(rows)
+    for index, row in enumerate(rows):
+        offsets = [load + (index - (len(rows) - 1) / 2) * width for load in range(len(LOADS))]
+        values = [median[row][load] / 1000 for load in LOADS]
+        axes.bar(offsets, values, width, label=row)
+    axes.set_xticks(range(len(LOADS)), [f"{load}\n({UNITS[load]})" for load in LOADS])
+    axes.set_ylabel("thousands per second")
+    axes.set_title(title)
+    axes.legend(fontsize=8, ncol=2)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"chart: {path}")
+
+
+UNITS = {
+    "keep-alive": "req/s, 1 address",
+    "keep-alive-64": "req/s, 64 addresses",
+    "new-conn": "conn/s, 64 addresses",
+    "new-conn-250": "conn/s, 250 addresses",
+    "websocket": "msg/s",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--stack", choices=["fast", "plain", "both"], default="fast")
+    parser.add_argument("--chart", metavar="PATH", help="also draw the medians as a PNG (needs matplotlib)")
     parser.add_argument("--one-address", type=int, metavar="N", help="instead: N socket.io clients behind one address")
     args = parser.parse_args()
     if args.one_address:
@@ -338,6 +442,8 @@ def main() -> None:
             servers.remove("nginx")
         one_address_rounds(servers, args.workers, args.rounds, args.one_address)
         return
+    if args.chart and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("--chart needs matplotlib: pip install -e '.[bench]'")
     build_client()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -350,40 +456,49 @@ def main() -> None:
         if name in servers and program is None:
             print(f"{name}: skipped (not found: {how})")
             servers.remove(name)
-    loads = LOADS
-    results: dict[str, dict[str, list[float]]] = {name: {load: [] for load in loads} for name in servers}
-    print(f"{args.workers} workers, {args.rounds} rounds of {args.seconds} s per load", flush=True)
+    stacks = ["fast", "plain"] if args.stack == "both" else [args.stack]
+    # granian has no h11 / asyncio choice: it is measured as it comes, once.
+    runs = [(name, stack) for stack in stacks for name in servers if name != "granian" or stack == stacks[0]]
+    results: dict[str, dict[str, list[float]]] = {row_name(*run): {load: [] for load in LOADS} for run in runs}
+    print(f"{args.workers} workers, {args.rounds} rounds of {args.seconds} s per load, stack {args.stack}", flush=True)
+    print("each figure: per second, then each worker's share of the workers' CPU in that load", flush=True)
     for round_ in range(args.rounds):
-        for name in servers:
-            server = Server(name, args.workers)
+        for name, stack in runs:
+            server = Server(name, args.workers, "fast" if name == "granian" else stack)
             try:
-                keep_alive(server.port, 1)  # warm-up
-                figures = {
-                    "keep-alive": keep_alive(server.port, args.seconds),
-                    "keep-alive-64": c_client(server.port, "keepalive", 64, args.seconds, 64),
-                    "new-conn": closed_loop(_Endpoint(server), 32, args.seconds)["rate"],  # type: ignore[arg-type]
-                    "new-conn-250": c_client(server.port, "closed", 32, args.seconds, 250),
-                    "websocket": websocket_echo(server.port, args.seconds),
-                }
+                figures = run_loads(server, args.seconds)
             finally:
                 server.stop()
-            for load, value in figures.items():
-                results[name][load].append(value)
+            row = row_name(name, stack)
+            for load, (value, _) in figures.items():
+                results[row][load].append(value)
             print(
-                f"  round {round_ + 1} {name:<14} "
-                + " ".join(f"{load} {value:9.0f}/s" for load, value in figures.items()),
+                f"  round {round_ + 1} {row:<22} "
+                + "  ".join(
+                    f"{load} {value:7.0f} ({'/'.join(f'{share * 100:.0f}' for share in split)})"
+                    for load, (value, split) in figures.items()
+                ),
                 flush=True,
             )
-    median = {name: {load: statistics.median(values) for load, values in by.items()} for name, by in results.items()}
+    median = {row: {load: statistics.median(values) for load, values in by.items()} for row, by in results.items()}
     print()
-    print(f"{'medians':<14}" + "".join(f"{load:>15}" for load in loads))
-    for name, by in median.items():
-        print(f"{name:<14}" + "".join(f"{by[load]:>13.0f}/s" for load in loads))
-    for name in ("sticky", "sticky-master"):
-        for base in ("nginx", "nginx-1", "uvicorn", "granian"):
-            if base in median and name in median:
-                ratios = ", ".join(f"{load} {median[name][load] / median[base][load]:.2f}x" for load in loads)
-                print(f"{name} vs {base}: {ratios}")
+    print(f"{'medians':<22}" + "".join(f"{load:>15}" for load in LOADS))
+    for row, by in median.items():
+        print(f"{row:<22}" + "".join(f"{by[load]:>13.0f}/s" for load in LOADS))
+    for stack in stacks:
+        for name in ("sticky", "sticky-master"):
+            for base in ("nginx", "nginx-1", "uvicorn", "granian"):
+                ours, theirs = row_name(name, stack), row_name(base, stack if base != "granian" else stacks[0])
+                if ours in median and theirs in median:
+                    ratios = ", ".join(f"{load} {median[ours][load] / median[theirs][load]:.2f}x" for load in LOADS)
+                    print(f"{ours} vs {theirs}: {ratios}")
+    if args.chart:
+        title = f"one python-socketio ASGI app, {args.workers} worker processes, {platform_line()}"
+        chart(args.chart, median, title)
+
+
+def platform_line() -> str:
+    return f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"
 
 
 if __name__ == "__main__":
