@@ -33,7 +33,7 @@ over R rounds:
                request head): the cost against sticky-master
   node         Node's sticky-session with N workers
 
-Two loads, both from 64 client addresses, a new TCP connection per request:
+Two loads, both from 64 client addresses (``--sources``), a new TCP connection per request:
 
   closed  C connections kept in flight for S seconds: rate, p50/p99 latency
   burst   every server process paused (SIGSTOP), K connections queued with their
@@ -397,13 +397,13 @@ def parse_done(line: str) -> dict[str, float]:
     return {"ok": int(ok), "errors": int(errors), "seconds": float(seconds), "p50": float(p50), "p99": float(p99)}
 
 
-def closed_loop(server: Server, concurrency: int, seconds: int) -> dict[str, float]:
+def closed_loop(server: Server, concurrency: int, seconds: int, sources: int = SOURCES) -> dict[str, float]:
     proxy = "1" if server.proxy else "0"
     master_before = cpu_seconds(server.process.pid)
     others = server.processes()[1:]
     others_before = sum(cpu_seconds(pid) for pid in others)
     result = subprocess.run(
-        [str(CLIENT), HOST, str(server.port), "closed", str(concurrency), str(seconds), str(SOURCES), proxy],
+        [str(CLIENT), HOST, str(server.port), "closed", str(concurrency), str(seconds), str(sources), proxy],
         capture_output=True,
         text=True,
         timeout=seconds + 30,
@@ -417,13 +417,13 @@ def closed_loop(server: Server, concurrency: int, seconds: int) -> dict[str, flo
     return figures
 
 
-def burst(server: Server, count: int) -> dict[str, float]:
+def burst(server: Server, count: int, sources: int = SOURCES) -> dict[str, float]:
     proxy = "1" if server.proxy else "0"
     pids = server.processes()
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     client = subprocess.Popen(
-        [str(CLIENT), HOST, str(server.port), "burst", str(count), "30", str(SOURCES), proxy],
+        [str(CLIENT), HOST, str(server.port), "burst", str(count), "30", str(sources), proxy],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -491,6 +491,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--burst", type=int, default=4000)
+    parser.add_argument("--sources", type=int, default=SOURCES, help=f"client addresses (default {SOURCES})")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--soak", type=int, metavar="N", help="instead: N connections through one sticky master")
     parser.add_argument(
@@ -510,16 +511,16 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {name: {} for name in configs}
     print(
         f"{args.workers} workers, {args.rounds} rounds; closed loop: {args.concurrency} in flight for "
-        f"{args.seconds} s; burst: {args.burst} queued; {SOURCES} client addresses",
+        f"{args.seconds} s; burst: {args.burst} queued; {args.sources} client addresses",
         flush=True,
     )
     for round_ in range(args.rounds):
         for config in configs:
             server = Server(config, args.workers)
             try:
-                closed_loop(server, args.concurrency, 1)  # warm-up
-                closed = closed_loop(server, args.concurrency, args.seconds)
-                drained = burst(server, args.burst)
+                closed_loop(server, args.concurrency, 1, args.sources)  # warm-up
+                closed = closed_loop(server, args.concurrency, args.seconds, args.sources)
+                drained = burst(server, args.burst, args.sources)
             finally:
                 server.stop()
             into = results[config]

@@ -14,6 +14,12 @@ over R rounds, access logs off in all:
   nginx-1   the same with ``worker_processes 1``
   uvicorn   ``uvicorn --workers N``: one shared socket, not sticky (it breaks
             socket.io's long polling): the ceiling, not a choice for socket.io
+  uvicorn-reuseport  N uvicorn processes, each on a socket of its own bound to the port
+            with SO_REUSEPORT (``uvicorn --fd``): not sticky either (the kernel hashes
+            each connection's four addresses), but like every sticky server it gives
+            each process a queue of its own, so a new connection waits for its process
+            even while another is idle. Against ``uvicorn`` it measures what per-process
+            queues cost on this machine; against ``sticky``, what stickiness costs
   granian   ``granian --interface asgi --workers N`` (a reference, not sticky either;
             skipped, saying so, when granian is not installed)
   sticky    ``sticky-server bench.peers_app:app --asgi -w N``, as configured by
@@ -80,7 +86,7 @@ sys.path.insert(0, str(HERE))
 from connections import build_client, children_of, closed_loop, cpu_seconds  # noqa: E402
 
 HOST = "127.0.0.1"
-SERVERS = ("nginx", "nginx-1", "uvicorn", "granian", "sticky", "sticky-master")
+SERVERS = ("nginx", "nginx-1", "uvicorn", "uvicorn-reuseport", "granian", "sticky", "sticky-master")
 LOADS = ("keep-alive", "keep-alive-64", "new-conn", "new-conn-250", "websocket")
 GRANIAN = shutil.which("granian") or (
     str(Path(sys.executable).with_name("granian")) if Path(sys.executable).with_name("granian").exists() else None
@@ -178,6 +184,17 @@ class Server:
         elif kind == "uvicorn":
             command = uvicorn_command(stack, "--port", str(self.port), "--workers", str(workers))
             self.processes.append(subprocess.Popen(command, **quiet))  # type: ignore[call-overload]
+        elif kind == "uvicorn-reuseport":
+            for _ in range(workers):
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    # uvicorn takes an --fd for a Unix socket and leaves Nagle on: what it accepts
+                    # inherits TCP_NODELAY from here instead (else every answer waits 40 ms).
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.bind((HOST, self.port))
+                    sock.listen(4096)
+                    command = uvicorn_command(stack, "--fd", str(sock.fileno()))
+                    self.processes.append(subprocess.Popen(command, pass_fds=(sock.fileno(),), **quiet))  # type: ignore[call-overload]
         elif kind == "granian":
             assert GRANIAN is not None
             command = [GRANIAN, "--interface", "asgi", "--workers", str(workers), "--host", HOST]
@@ -223,6 +240,8 @@ class Server:
         """The processes that run the app: nginx's uvicorns, else the server's children that serve."""
         if self.kind.startswith("nginx"):
             return [process.pid for process in self.processes[:-1]]
+        if self.kind == "uvicorn-reuseport":
+            return [process.pid for process in self.processes]
         return [pid for pid in children_of(self.processes[-1].pid) if _serves(pid)]
 
     def stop(self) -> None:
@@ -487,7 +506,7 @@ def main() -> None:
         print(f"{row:<22}" + "".join(f"{by[load]:>13.0f}/s" for load in LOADS))
     for stack in stacks:
         for name in ("sticky", "sticky-master"):
-            for base in ("nginx", "nginx-1", "uvicorn", "granian"):
+            for base in ("nginx", "nginx-1", "uvicorn", "uvicorn-reuseport", "granian"):
                 ours, theirs = row_name(name, stack), row_name(base, stack if base != "granian" else stacks[0])
                 if ours in median and theirs in median:
                     ratios = ", ".join(f"{load} {median[ours][load] / median[theirs][load]:.2f}x" for load in LOADS)

@@ -27,6 +27,7 @@ import inspect
 import logging
 import socket
 import ssl
+import types
 from typing import Any
 
 from ..listener import ACCEPT_BACKOFF
@@ -38,6 +39,8 @@ __all__ = ["AsyncWorkerRuntime"]
 
 logger = logging.getLogger("sticky_server.worker")
 
+_COROUTINE = types.CoroutineType
+
 # A client that leaves during the TLS handshake or connection set-up is its own business, not an error.
 _CLIENT_FAULTS = (ssl.SSLError, ConnectionError, TimeoutError, EOFError)
 
@@ -48,7 +51,7 @@ class AsyncWorkerRuntime:
     def __init__(self, session: WorkerSession) -> None:
         self.session = session
         session.follow_up = self._run_as_task  # what a user's callback returns may be awaited: a task
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._writing = False
         self._dispatching: asyncio.Handle | None = None
 
@@ -160,9 +163,12 @@ class AsyncWorkerRuntime:
 
     def _run_as_task(self, result: object, what: str, sock: socket.socket | None = None) -> None:
         """An awaitable a user's callback returned runs as a task of its own; anything else is done."""
-        if result is None or not inspect.isawaitable(result):
+        if type(result) is _COROUTINE:  # add_connection's usual answer: straight to a task
+            task: asyncio.Future[Any] = self._loop.create_task(result)
+        elif result is None or not inspect.isawaitable(result):
             return
-        task = asyncio.ensure_future(result)
+        else:
+            task = asyncio.ensure_future(result)
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._task_done(done, what, sock))
 

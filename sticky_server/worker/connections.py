@@ -33,6 +33,7 @@ request's header.
 
 from __future__ import annotations
 
+import _socket
 import os
 import socket
 from typing import Any
@@ -43,6 +44,11 @@ CLOSE_SWEEP_INTERVAL = 0.5
 _MAPPED_PREFIX = "::ffff:"
 _getpeername = socket.socket.getpeername
 _getsockname = socket.socket.getsockname
+# The C socket's plain ints, and the enum members socket.socket's properties make of them.
+_c_family = _socket.socket.family
+_c_type = _socket.socket.type
+_FAMILIES = {int(family): family for family in socket.AddressFamily}
+_KINDS = {int(kind): kind for kind in socket.SocketKind}
 
 
 def unmapped(address: Any) -> Any:
@@ -74,6 +80,18 @@ class HandedOffSocket(socket.socket):
     def getsockname(self) -> Any:
         local = _getsockname(self)
         return unmapped(local) if len(local) == 4 else local
+
+    # Read by every event loop and server per connection (uvloop twice): socket.socket's
+    # properties build the enum member by calling the enum; a table lookup gives the same one.
+    @property
+    def family(self) -> socket.AddressFamily:
+        value: int = _c_family.__get__(self)
+        return _FAMILIES.get(value, value)  # type: ignore[arg-type]  # an int socket.socket leaves as is
+
+    @property
+    def type(self) -> socket.SocketKind:
+        value: int = _c_type.__get__(self)
+        return _KINDS.get(value, value)  # type: ignore[arg-type]  # an int socket.socket leaves as is
 
 
 class ProxiedSocket(HandedOffSocket):

@@ -110,6 +110,8 @@ _HANDOFF = FrameKind.HANDOFF
 _HANDOFFS_MAY_BE_NONBLOCKING = not sys.platform.startswith("linux")
 # Plain ints, looked up once (the socket module's are IntEnum members).
 _IPPROTO_TCP = int(socket.IPPROTO_TCP)
+_SOCK_STREAM = int(socket.SOCK_STREAM)
+_INET_FAMILIES = (int(socket.AF_INET), int(socket.AF_INET6))
 _TCP_NODELAY = int(socket.TCP_NODELAY)
 # The master's default graceful_timeout; the StickyServer in the worker passes its own.
 DEFAULT_STOP_SECONDS = 30.0
@@ -274,16 +276,18 @@ class WorkerSession:
             # The worker's server is at its own limit: new clients wait in the kernel's queue.
             self.accept_paused_until = time.monotonic() + ACCEPT_BACKOFF
             return False
-        deliver, sorter = self._deliver, self._sorter
+        serve, sorter = self._serve, self._sorter
+        # Every connection accepted here is TCP of the listener's family, with the listener's
+        # TCP_NODELAY: naming all three spares socket() its getsockopt calls (asyncio looks at
+        # proto before it turns Nagle off itself).
+        family = int(listener.family)
+        proto = _IPPROTO_TCP if family in _INET_FAMILIES else 0
         try:
             for fd, _ in accept_waiting(listener, limit):
                 self._accepted += 1
-                if sorter is None:
-                    deliver(fd, None, False)
-                    continue
-                sock = HandedOffSocket(type=socket.SOCK_STREAM, fileno=fd)  # the one the worker gets, if it keeps it
-                if sorter.keeps(sock):
-                    self._serve(sock, fd, None)
+                sock = HandedOffSocket(family, _SOCK_STREAM, proto, fd)
+                if sorter is None or sorter.keeps(sock):
+                    serve(sock, fd, None)
                 else:  # the master's once the MOVED frame is out (route_by)
                     self._moving.append(sock.detach())
                     self._accepted -= 1
