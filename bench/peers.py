@@ -410,8 +410,19 @@ def row_name(name: str, stack: str) -> str:
     return name if stack == "fast" else f"{name} (plain)"
 
 
+COLOURS = {
+    "nginx": "#9e9e9e",
+    "nginx-1": "#c8c8c8",
+    "uvicorn": "#4c72b0",
+    "uvicorn-reuseport": "#8fb0dd",
+    "granian": "#8172b3",
+    "sticky": "#dd8452",
+    "sticky-master": "#f2b98f",
+}
+
+
 def chart(path: str, median: dict[str, dict[str, float]], title: str) -> None:
-    """The medians side by side, one group of bars per load (matplotlib, from the bench extra)."""
+    """The medians side by side: a panel per stack, a group of bars per load (matplotlib, the bench extra)."""
     try:
         import matplotlib
 
@@ -419,21 +430,37 @@ def chart(path: str, median: dict[str, dict[str, float]], title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--chart needs matplotlib: pip install -e '.[bench]'") from None
-    rows = list(median)
-    figure, axes = plt.subplots(figsize=(11, 5.5), dpi=110)
-    width = 0.8 / len(rows)
-    for index, row in enumerate(rows):
-        offsets = [load + (index - (len(rows) - 1) / 2) * width for load in range(len(LOADS))]
-        values = [median[row][load] / 1000 for load in LOADS]
-        axes.bar(offsets, values, width, label=row)
-    axes.set_xticks(range(len(LOADS)), [f"{load}\n({UNITS[load]})" for load in LOADS])
-    axes.set_ylabel("thousands per second")
-    axes.set_title(title)
-    axes.legend(fontsize=8, ncol=2)
-    axes.grid(axis="y", alpha=0.3)
+    stacks = [stack for stack in ("fast", "plain") if any(row_stack(row) == stack for row in median)]
+    figure, panels = plt.subplots(len(stacks), 1, figsize=(11, 4.6 * len(stacks)), dpi=110, squeeze=False)
+    for panel, stack in zip(panels[:, 0], stacks, strict=True):
+        rows = [row for row in median if row_stack(row) == stack]
+        width = 0.84 / len(rows)
+        for index, row in enumerate(rows):
+            name = row.split(" ")[0]
+            offsets = [load + (index - (len(rows) - 1) / 2) * width for load in range(len(LOADS))]
+            values = [median[row][load] / 1000 for load in LOADS]
+            bold = name.startswith("sticky")
+            panel.bar(offsets, values, width, label=name, color=COLOURS.get(name), edgecolor="black" if bold else None)
+        panel.set_xticks(range(len(LOADS)), [f"{load}\n({UNITS[load]})" for load in LOADS])
+        panel.set_ylabel("thousands per second")
+        panel.set_title(f"{STACK_NAMES[stack]}" if len(stacks) > 1 else title, fontsize=10)
+        panel.legend(fontsize=8, ncol=2)
+        panel.grid(axis="y", alpha=0.3)
+    if len(stacks) > 1:
+        figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path)
     print(f"chart: {path}")
+
+
+def row_stack(row: str) -> str:
+    return "plain" if row.endswith("(plain)") else "fast"
+
+
+STACK_NAMES = {
+    "fast": "fast stack: httptools on uvloop (what [asgi] installs; granian as it comes)",
+    "plain": "plain stack: h11 on asyncio's loop (--http h11 --loop asyncio)",
+}
 
 
 UNITS = {
