@@ -7,6 +7,7 @@ brings what its adapter imports: each fails here, the way a user would meet it.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -186,7 +187,22 @@ def test_an_asgi_app_without_its_extra_says_which_extra_in_one_line(
     assert "importing main:app failed" not in result.stderr
 
 
-def test_the_asgi_extra_brings_what_the_asgi_adapter_needs(distributions: dict[str, Path], tmp_path: Path) -> None:
+STACK_APP = """
+import asyncio, json, sys
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    http = "httptools" if "uvicorn.protocols.http.httptools_impl" in sys.modules else "h11"
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps({"loop": loop, "http": http}).encode()})
+"""
+
+
+def test_the_asgi_extra_brings_the_fast_stack_and_the_command_uses_it_without_a_flag(
+    distributions: dict[str, Path], tmp_path: Path, start_app: StartApp
+) -> None:
     python = fresh_venv(tmp_path / "venv", f"sticky-server[asgi] @ {distributions['wheel'].as_uri()}")
     result = subprocess.run(
         [str(python), "-c", "import sticky_server.adapters.asgi, websockets, httptools, uvloop"],
@@ -196,6 +212,24 @@ def test_the_asgi_extra_brings_what_the_asgi_adapter_needs(distributions: dict[s
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
+    (tmp_path / "stack.py").write_text(STACK_APP)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("STICKY_SERVER_", "PYTHON"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    for flags, expected in (
+        ([], {"loop": "uvloop", "http": "httptools"}),
+        (["--loop", "asyncio", "--http", "h11"], {"loop": "asyncio", "http": "h11"}),
+    ):
+        port = free_port()
+        command = [str(python.parent / "sticky-server"), "stack:app", "-w", "1", "-b", f"127.0.0.1:{port}", *flags]
+        server = start_app(command=command, env=env, cwd=tmp_path, marker="stack")
+        server.wait_for(LISTENING, 60)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        try:
+            connection.request("GET", "/")
+            assert json.loads(connection.getresponse().read()) == expected, flags
+        finally:
+            connection.close()
+        assert server.stop(30) == 0
 
 
 def test_every_extra_that_serves_http_brings_the_fast_stack(distributions: dict[str, Path]) -> None:
