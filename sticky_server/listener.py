@@ -30,6 +30,7 @@ __all__ = [
     "open_bind",
     "parse_bind",
     "resolve_address",
+    "takes_mapped_ipv4",
     "validate_port",
 ]
 
@@ -269,6 +270,13 @@ def open_bind(bind: Bind, backlog: int = DEFAULT_BACKLOG, unix_mode: int = DEFAU
 
 # With TCP_DEFER_ACCEPT, a connection that sends nothing is accepted after about this long anyway.
 DEFER_ACCEPT_SECONDS = 1
+
+
+def takes_mapped_ipv4(listener: socket.socket) -> bool:
+    """Whether ``listener`` is IPv6 and takes IPv4 clients too (their peers then read ``::ffff:a.b.c.d``)."""
+    if listener.family != socket.AF_INET6:
+        return False
+    return not listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
 
 
 def defer_accept(listener: socket.socket) -> None:

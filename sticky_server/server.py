@@ -9,6 +9,7 @@ master), ``is_master`` is False and ``work(worker)`` serves what the master send
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -36,7 +37,7 @@ from .worker.asyncio_loop import AsyncWorkerRuntime
 from .worker.base import ConnectionHandler, check_worker, is_async_worker
 from .worker.channel import WorkerChannel
 from .worker.environment import worker_identity
-from .worker.event_loop import run_on_chosen_loop
+from .worker.event_loop import run_on_chosen_loop, why_not_uvloop
 from .worker.selector_loop import WorkerRuntime
 from .worker.session import DEFAULT_STOP_SECONDS, WorkerSession, exit_on_boot_failure
 from .working import Runtime, start_runtime
@@ -304,9 +305,18 @@ class StickyServer:
         """
         handler = self._worker_check(worker)
         if is_async_worker(handler):
-            run_on_chosen_loop(self.serve(handler), self.settings.loop, self.settings.tells_the_client)
+            self._run_on_chosen_loop(handler)
             return
         self._runtime(WorkerRuntime, handler).run()
+
+    def _run_on_chosen_loop(self, handler: ConnectionHandler) -> None:
+        settings, identity = self.settings, self._identity
+        mapped_peers = identity is not None and identity.mapped_peers
+        why = why_not_uvloop(settings.tells_the_client, mapped_peers)
+        told = settings.loop == "auto" and why is not None and identity is not None and identity.slot == 0
+        if told and importlib.util.find_spec("uvloop") is not None:
+            logger.info("the workers run on asyncio's loop, not uvloop: %s", why)
+        run_on_chosen_loop(self.serve(handler), settings.loop, settings.tells_the_client, mapped_peers)
 
     async def serve(self, worker: object) -> None:
         """Worker only: ``work()`` on the running event loop; returns when this worker has stopped.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 
 import pytest
 from pytest_mock import MockerFixture
 
 from sticky_server import StickyServer
+from sticky_server.listener import takes_mapped_ipv4
 from sticky_server.worker.event_loop import check_loop, chosen_uvloop, run_on_chosen_loop
 
 uvloop = pytest.importorskip("uvloop")
@@ -54,3 +56,21 @@ def test_the_worker_s_coroutine_runs_on_the_chosen_loop(choice: str, expected: s
 
     run_on_chosen_loop(main(), choice, tells_the_client=False)
     assert seen == [expected]
+
+
+def test_auto_stays_on_asyncio_on_a_listener_that_takes_ipv4_clients_on_ipv6() -> None:
+    # uvloop reads the peer from the descriptor: ::ffff:a.b.c.d where the worker's sockets say a.b.c.d.
+    assert chosen_uvloop("auto", tells_the_client=False, mapped_peers=True) is None
+    assert chosen_uvloop("uvloop", tells_the_client=False, mapped_peers=True) is uvloop  # insisted on: honoured
+
+
+@pytest.mark.parametrize(("family", "v6only", "expected"), [("4", None, False), ("6", 0, True), ("6", 1, False)])
+def test_a_listener_takes_mapped_ipv4_clients_only_when_ipv6_and_not_v6only(
+    family: str, v6only: int | None, expected: bool
+) -> None:
+    if family == "6" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with socket.socket(socket.AF_INET6 if family == "6" else socket.AF_INET) as listener:
+        if v6only is not None:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        assert takes_mapped_ipv4(listener) is expected

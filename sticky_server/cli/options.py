@@ -448,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     uvicorn.add_argument("--http", choices=["auto", "h11", "httptools"])
     uvicorn.add_argument("--interface", choices=["auto", "asgi3", "asgi2", "wsgi"])
     uvicorn.add_argument(
-        "--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="(auto: uvloop when installed)"
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="(auto: uvloop when installed, except behind a proxy setting or on a dual-stack bind)",
     )
     uvicorn.add_argument("--h11-max-incomplete-event-size", type=_positive_int, metavar="BYTES")
     uvicorn.add_argument(

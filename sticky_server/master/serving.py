@@ -18,7 +18,8 @@ from typing import Any
 
 from ..balancer import IPHashBalancer
 from ..errors import BindError
-from ..listener import Bind, defer_accept, open_bind
+from ..listener import Bind, defer_accept, open_bind, takes_mapped_ipv4
+from ..protocol.environment import MAPPED_PEERS_ENV
 from ..sessions import SessionBalancer
 from ..settings import ServerSettings
 from ..steering import KernelSteering, kernel_path_unavailable, open_kernel_steering
@@ -47,6 +48,7 @@ class Serving:
         steering = self._steering = self._kernel_steering()
         if steering is not None:
             self.addresses = [group.address for group in steering.groups]
+            self._tell_workers_of_mapped_peers([group.listeners[0] for group in steering.groups])
             return
         settings = self._settings
         for bind in self._binds:
@@ -56,6 +58,14 @@ class Serving:
             self._listeners.append(listener)
         self._warn_about_unix_clients()
         self.addresses = [listener.getsockname() for listener in self._listeners]
+        self._tell_workers_of_mapped_peers(self._listeners)
+
+    def _tell_workers_of_mapped_peers(self, listeners: list[socket.socket]) -> None:
+        # Through the environment every worker inherits (worker.event_loop: uvloop would show them).
+        if any(takes_mapped_ipv4(listener) for listener in listeners):
+            os.environ[MAPPED_PEERS_ENV] = "1"
+        else:
+            os.environ.pop(MAPPED_PEERS_ENV, None)
 
     def dispatcher(self, hooks: Hooks, on_ready: Callable[[], None]) -> Dispatcher:
         """The supervisor and the loop for these listeners."""
@@ -85,6 +95,7 @@ class Serving:
 
     def close(self) -> None:
         """Close every listener, remove each Unix socket's file."""
+        os.environ.pop(MAPPED_PEERS_ENV, None)
         if self._steering is not None:
             self._steering.close()
         for listener, bind in zip(self._listeners, self._binds, strict=False):

@@ -23,7 +23,7 @@ import sys
 from typing import NamedTuple
 
 from ..errors import WrongProcessError
-from ..protocol.environment import CONTROL_FD_ENV, LISTENER_FDS_ENV, WORKER_SLOT_ENV
+from ..protocol.environment import CONTROL_FD_ENV, LISTENER_FDS_ENV, MAPPED_PEERS_ENV, WORKER_SLOT_ENV
 from .lockdown import lock_down_listeners
 
 __all__ = ["WorkerIdentity", "make_undumpable", "worker_identity"]
@@ -56,6 +56,7 @@ class WorkerIdentity(NamedTuple):
     slot: int
     control: socket.socket
     listeners: tuple[socket.socket, ...] = ()  # the slot's own listeners, on the kernel path
+    mapped_peers: bool = False  # a listener takes IPv4 clients on IPv6 (MAPPED_PEERS_ENV)
 
 
 _identity: WorkerIdentity | None = None
@@ -70,6 +71,7 @@ def worker_identity() -> WorkerIdentity | None:
     fd_text = os.environ.pop(CONTROL_FD_ENV, None)
     slot_text = os.environ.pop(WORKER_SLOT_ENV, None)
     listeners_text = os.environ.pop(LISTENER_FDS_ENV, "")
+    mapped_peers = os.environ.pop(MAPPED_PEERS_ENV, "") == "1"
     _read = True
     if fd_text is None:
         return None
@@ -92,7 +94,7 @@ def worker_identity() -> WorkerIdentity | None:
     listeners = tuple(_listener(text, not_ours) for text in listeners_text.split(",") if text)
     make_undumpable()
     lock_down_listeners([listener.fileno() for listener in listeners])  # before any application code runs
-    _identity = WorkerIdentity(slot, control, listeners)
+    _identity = WorkerIdentity(slot, control, listeners, mapped_peers)
     return _identity
 
 

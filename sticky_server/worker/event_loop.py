@@ -1,12 +1,20 @@
 """The event loop an asynchronous worker runs on: uvloop where it is installed, as uvicorn picks.
 
 ``work(worker)`` runs an asynchronous worker on a new loop. With ``loop="auto"``
-(the default) that loop is uvloop's when uvloop imports, unless the program
-has set an event loop policy of its own, or unless handed-off sockets may name
-a client a proxy told (``tells_the_client``): uvloop's transports take the peer
-from the descriptor, not from the socket object the worker was handed, so the
-app would see the proxy's address instead. ``"asyncio"`` is the standard loop
-and ``"uvloop"`` insists (refused where it would lose the client).
+(the default) that loop is uvloop's when uvloop imports, unless the program has
+set an event loop policy of its own, or unless the app would see other clients on
+it. uvloop's transports take the peer from the descriptor, not from the socket
+object the worker was handed, so:
+
+- behind a proxy setting (``tells_the_client``), the app would see the proxy's
+  address instead of the client the proxy named;
+- on a listener that takes IPv4 clients on IPv6 (``mapped_peers``, a dual-stack
+  bind such as ``listen(port)`` on every interface), it would see
+  ``::ffff:a.b.c.d`` where the worker's sockets say ``a.b.c.d``.
+
+``"asyncio"`` is the standard loop. ``"uvloop"`` insists: refused behind a proxy
+setting, honoured on a dual-stack listener (the app then sees ``::ffff:`` addresses,
+as it would under uvicorn alone).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from collections.abc import Coroutine
 from types import ModuleType
 from typing import Any
 
-__all__ = ["LOOPS", "check_loop", "run_on_chosen_loop"]
+__all__ = ["LOOPS", "check_loop", "chosen_uvloop", "run_on_chosen_loop", "why_not_uvloop"]
 
 logger = logging.getLogger("sticky_server.worker")
 
@@ -44,13 +52,26 @@ def check_loop(choice: str, tells_the_client: bool) -> None:
         raise ValueError("loop uvloop needs uvloop: pip install uvloop")
 
 
-def chosen_uvloop(choice: str, tells_the_client: bool) -> ModuleType | None:
+UVLOOP_MAPS_IPV4 = (
+    "a listener takes IPv4 clients on IPv6, and under uvloop the app would see them as ::ffff:a.b.c.d; bind "
+    "0.0.0.0 and [::] apart (or an IPv4 address) for uvloop, or set loop='uvloop' to take those addresses"
+)
+
+
+def why_not_uvloop(tells_the_client: bool, mapped_peers: bool) -> str | None:
+    """Why ``loop="auto"`` stays on asyncio's loop here, or None."""
+    if tells_the_client:
+        return UVLOOP_LOSES_THE_CLIENT
+    if mapped_peers:
+        return UVLOOP_MAPS_IPV4
+    return None
+
+
+def chosen_uvloop(choice: str, tells_the_client: bool, mapped_peers: bool = False) -> ModuleType | None:
     """The uvloop module when ``choice`` (checked) picks it here, else None (asyncio's loop)."""
     if choice == "asyncio" or tells_the_client:
-        if tells_the_client and choice == "auto":
-            logger.debug("the asyncio loop, not uvloop: %s", UVLOOP_LOSES_THE_CLIENT)
         return None
-    if choice == "auto" and _policy_of_its_own():
+    if choice == "auto" and (mapped_peers or _policy_of_its_own()):
         return None
     try:
         import uvloop
@@ -59,9 +80,11 @@ def chosen_uvloop(choice: str, tells_the_client: bool) -> ModuleType | None:
     return uvloop
 
 
-def run_on_chosen_loop(main: Coroutine[Any, Any, None], choice: str, tells_the_client: bool) -> None:
+def run_on_chosen_loop(
+    main: Coroutine[Any, Any, None], choice: str, tells_the_client: bool, mapped_peers: bool = False
+) -> None:
     """``asyncio.run(main)`` on the loop ``choice`` picks (module docstring)."""
-    uvloop = chosen_uvloop(choice, tells_the_client)
+    uvloop = chosen_uvloop(choice, tells_the_client, mapped_peers)
     if uvloop is None:
         asyncio.run(main)
     elif sys.version_info >= (3, 11):

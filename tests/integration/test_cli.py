@@ -180,6 +180,35 @@ def test_asgi_app_with_one_command(start_app: StartApp, steering: str) -> None:
     assert server.stop(TIMEOUT + 10) == 0
 
 
+@pytest.mark.parametrize("loop", ["auto", "uvloop"])
+def test_on_a_dual_stack_bind_an_ipv4_client_is_its_ipv4_address_unless_uvloop_is_insisted_on(
+    start_app: StartApp, loop: str
+) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    port = free_port()
+    # ":PORT" is every interface: one IPv6 socket taking IPv4 clients too.
+    server = start_cli(start_app, ["apps.cli_apps:app", "--asgi", "-w", "2", "-b", f":{port}", "--loop", loop])
+    server.wait_for(LISTENING)
+    replies = []
+    for ip in CLIENT_IPS[:2]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT, source_address=(ip, 0))
+        try:
+            conn.request("GET", "/")
+            replies.append(json.loads(conn.getresponse().read()))
+        finally:
+            conn.close()
+    if loop == "auto":
+        # uvloop reads the peer from the descriptor: "auto" keeps asyncio's loop, and the app sees the IPv4 client.
+        assert [(reply["loop"], reply["client"]) for reply in replies] == [("asyncio", ip) for ip in CLIENT_IPS[:2]]
+        server.wait_for(r"the workers run on asyncio's loop, not uvloop: a listener takes IPv4 clients on IPv6")
+    else:  # the control: what uvloop shows on that socket
+        assert [(reply["loop"], reply["client"]) for reply in replies] == [
+            ("uvloop", f"::ffff:{ip}") for ip in CLIENT_IPS[:2]
+        ]
+    assert server.stop(TIMEOUT + 10) == 0
+
+
 def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=TIMEOUT * 2, cwd=HERE, env=clean_env(**env)
