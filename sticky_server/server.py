@@ -99,8 +99,9 @@ class StickyServer:
     ``"query:NAME"``, ``"path:N"``; see the README, Sticky by session); new sessions are
     placed by IP hash with bounded loads (``session_load_factor``, default 0.25).
     ``loop``: the event loop of an asynchronous worker (``work()``): ``"auto"`` is
-    uvloop when installed (unless the program set an event loop policy, or a proxy
-    setting names clients: uvloop would lose them), ``"asyncio"``, ``"uvloop"``.
+    uvloop when installed, unless the program set an event loop policy or uvloop would
+    show the app other clients (a proxy setting names them; a dual-stack listener's
+    IPv4 clients would read ``::ffff:a.b.c.d``); ``"asyncio"``, ``"uvloop"``.
     ``unix_socket_mode``: the file mode of ``unix:`` binds (default ``0o666``, as
     uvicorn: a proxy running as another user, such as nginx's www-data, can connect).
     """
