@@ -54,7 +54,8 @@ def check_loop(choice: str, tells_the_client: bool) -> None:
 
 UVLOOP_MAPS_IPV4 = (
     "a listener takes IPv4 clients on IPv6, and under uvloop the app would see them as ::ffff:a.b.c.d; bind "
-    "0.0.0.0 and [::] apart (or an IPv4 address) for uvloop, or set loop='uvloop' to take those addresses"
+    "0.0.0.0 and [::] apart (or an IPv4 address) for uvloop, or ask for it (--loop uvloop, loop='uvloop') "
+    "to take those addresses"
 )
 
 
