@@ -9,7 +9,6 @@ master), ``is_master`` is False and ``work(worker)`` serves what the master send
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -37,7 +36,7 @@ from .worker.asyncio_loop import AsyncWorkerRuntime
 from .worker.base import ConnectionHandler, check_worker, is_async_worker
 from .worker.channel import WorkerChannel
 from .worker.environment import worker_identity
-from .worker.event_loop import run_on_chosen_loop, why_not_uvloop
+from .worker.event_loop import run_on_chosen_loop
 from .worker.selector_loop import WorkerRuntime
 from .worker.session import DEFAULT_STOP_SECONDS, WorkerSession, exit_on_boot_failure
 from .working import Runtime, start_runtime
@@ -163,17 +162,7 @@ class StickyServer:
         self._dispatcher: Dispatcher | None = None
         self._identity = worker_identity()
         self._session: WorkerSession | None = None  # this worker's, once it works
-        if self._identity is not None:
-            if StickyServer._current is not None:
-                raise WrongProcessError(
-                    f"worker {self._identity.slot} already has its StickyServer (the sticky-server command, or your "
-                    "code, made one); a second one would not be connected to the master, and what it sends "
-                    "would go nowhere. Use sticky_server.current_server() to reach the first one (StickyManager() "
-                    "with no argument does), or pass it to your worker factory"
-                )
-            StickyServer._current = self
-        elif StickyServer._current is None:
-            StickyServer._current = self
+        _become_current(self)
         # In a worker, an error before work() is ready is a boot failure (see worker.py).
         self._disarm_boot_hook = exit_on_boot_failure() if self._identity is not None else None
         self._channel = WorkerChannel(self._identity.control) if self._identity is not None else None
@@ -306,18 +295,13 @@ class StickyServer:
         """
         handler = self._worker_check(worker)
         if is_async_worker(handler):
-            self._run_on_chosen_loop(handler)
+            assert self._identity is not None
+            settings, identity = self.settings, self._identity
+            run_on_chosen_loop(
+                self.serve(handler), settings.loop, settings.tells_the_client, identity.mapped_peers, identity.slot
+            )
             return
         self._runtime(WorkerRuntime, handler).run()
-
-    def _run_on_chosen_loop(self, handler: ConnectionHandler) -> None:
-        settings, identity = self.settings, self._identity
-        mapped_peers = identity is not None and identity.mapped_peers
-        why = why_not_uvloop(settings.tells_the_client, mapped_peers)
-        told = settings.loop == "auto" and why is not None and identity is not None and identity.slot == 0
-        if told and importlib.util.find_spec("uvloop") is not None:
-            logger.info("the workers run on asyncio's loop, not uvloop: %s", why)
-        run_on_chosen_loop(self.serve(handler), settings.loop, settings.tells_the_client, mapped_peers)
 
     async def serve(self, worker: object) -> None:
         """Worker only: ``work()`` on the running event loop; returns when this worker has stopped.
@@ -422,6 +406,22 @@ class StickyServer:
         if self._dispatcher is None:
             raise RuntimeError("the master is not serving: send messages once listen() runs (e.g. from on_listening)")
         return self._dispatcher
+
+
+def _become_current(sticky: StickyServer) -> None:
+    """Make ``sticky`` this process's ``current_server()``: the first one made; in a worker, the only one."""
+    identity = sticky._identity
+    if identity is not None:
+        if StickyServer._current is not None:
+            raise WrongProcessError(
+                f"worker {identity.slot} already has its StickyServer (the sticky-server command, or your "
+                "code, made one); a second one would not be connected to the master, and what it sends "
+                "would go nowhere. Use sticky_server.current_server() to reach the first one (StickyManager() "
+                "with no argument does), or pass it to your worker factory"
+            )
+        StickyServer._current = sticky
+    elif StickyServer._current is None:
+        StickyServer._current = sticky
 
 
 def current_server() -> StickyServer:

@@ -82,9 +82,17 @@ def chosen_uvloop(choice: str, tells_the_client: bool, mapped_peers: bool = Fals
 
 
 def run_on_chosen_loop(
-    main: Coroutine[Any, Any, None], choice: str, tells_the_client: bool, mapped_peers: bool = False
+    main: Coroutine[Any, Any, None],
+    choice: str,
+    tells_the_client: bool,
+    mapped_peers: bool = False,
+    slot: int | None = None,
 ) -> None:
-    """``asyncio.run(main)`` on the loop ``choice`` picks (module docstring)."""
+    """``asyncio.run(main)`` on the loop ``choice`` picks (module docstring); worker ``slot`` 0 says
+    why "auto" passed over an installed uvloop."""
+    why = why_not_uvloop(tells_the_client, mapped_peers)
+    if choice == "auto" and why is not None and slot == 0 and importlib.util.find_spec("uvloop") is not None:
+        logger.info("the workers run on asyncio's loop, not uvloop: %s", why)
     uvloop = chosen_uvloop(choice, tells_the_client, mapped_peers)
     if uvloop is None:
         asyncio.run(main)
